@@ -1,0 +1,218 @@
+"""Constants at the top of a script, overridable from the command line.
+
+A script declares its settings as UPPER_CASE module constants, one comment each,
+and then calls ``configure(globals())``:
+
+    MODEL_PATH = "models/tiny-gemma2-math"   # local directory of the model
+    LORA_CKPT: Path | None = None            # LoRA checkpoint to load (None = base model)
+    LORA_TARGETS = ("q_proj", "v_proj")      # linear layers that get an adapter
+
+    config = configure(globals())
+
+``python script.py --LR=1e-4 --LORA_TARGETS=q_proj,k_proj`` then overrides them.
+The type of a value comes from the annotation when there is one, else from the
+default (nanoGPT's trick, made strict): int, float, bool, str, Path, None and
+tuples of those.  An unknown name is an error that lists the valid ones; a value
+that does not convert names the constant and the type it wanted.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import re
+import sys
+import tokenize
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A command-line override that cannot be applied."""
+
+
+# Settings whose values must not reach logs or checkpoints (an access token, say).
+_SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|API_KEY)$")
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+_NONE = {"none", "null"}
+
+
+def _is_upper_name(name: str) -> bool:
+    return name.isupper() and not name.startswith("_")
+
+
+def read_declarations(source: str) -> dict[str, dict[str, Any]]:
+    """Top-level UPPER_CASE assignments of a script, in order: annotation and comment.
+
+    Returns {name: {"annotation": str | None, "comment": str}}.  The comment is
+    the one that ends the assignment's last line (``X = 1  # what X is``).
+    """
+    tree = ast.parse(source)
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    declarations: dict[str, dict[str, Any]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names, annotation = [node.target.id], ast.unparse(node.annotation)
+        elif isinstance(node, ast.Assign):
+            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            annotation = None
+        else:
+            continue
+        for name in names:
+            if _is_upper_name(name):
+                declarations[name] = {
+                    "annotation": annotation,
+                    "comment": comments.get(node.end_lineno, ""),
+                }
+    return declarations
+
+
+def _resolve_annotation(annotation: str | None, namespace: dict) -> Any:
+    if annotation is None:
+        return None
+    scope = {"Path": Path, "None": None, "tuple": tuple, "int": int, "float": float,
+             "str": str, "bool": bool, "typing": typing}
+    scope.update({k: v for k, v in namespace.items() if not k.startswith("__")})
+    try:
+        return eval(annotation, scope)  # annotations are the script's own source
+    except Exception as exc:
+        raise ConfigError(f"cannot understand the annotation {annotation!r}: {exc}") from exc
+
+
+def _describe(kind: Any) -> str:
+    if isinstance(kind, type):
+        return kind.__name__
+    return str(kind).replace("typing.", "").replace("pathlib.", "")
+
+
+def convert(raw: str, kind: Any, default: Any, name: str) -> Any:
+    """Convert the command-line string ``raw`` to the type ``kind`` (or the default's type)."""
+    if kind is None:
+        kind = type(default) if default is not None else str
+        if isinstance(default, Path):
+            kind = Path
+        if isinstance(default, tuple):
+            element = type(default[0]) if default else str
+            kind = tuple[element, ...]
+        if default is None:
+            kind = typing.Optional[str]
+
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if type(None) in args and raw.strip().lower() in _NONE:
+            return None
+        for option in options:
+            try:
+                return convert(raw, option, None, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"--{name}={raw!r}: expected {_describe(kind)}")
+    if origin is tuple:
+        element = args[0] if args else str
+        if raw.strip() == "":
+            return ()
+        return tuple(convert(part.strip(), element, None, name) for part in raw.split(","))
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"--{name}={raw!r}: expected bool (true/false, 1/0, yes/no)")
+    if kind in (int, float):
+        try:
+            if kind is int:
+                value = float(raw) if any(c in raw for c in ".eE") else int(raw)
+                if isinstance(value, float):
+                    if not value.is_integer():
+                        raise ValueError
+                    value = int(value)
+                return value
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--{name}={raw!r}: expected {kind.__name__}") from None
+    if kind is Path:
+        return Path(raw)
+    if kind is str:
+        return raw
+    if kind is type(None):
+        if raw.strip().lower() in _NONE:
+            return None
+        raise ConfigError(f"--{name}={raw!r}: expected None")
+    raise ConfigError(f"--{name}: unsupported type {_describe(kind)}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def help_text(script: str, declarations: dict, namespace: dict) -> str:
+    width = max((len(n) for n in declarations), default=0)
+    lines = [f"usage: python {script} [--NAME=value ...]", "", "constants (default, then what it is):"]
+    for name, info in declarations.items():
+        lines.append(f"  --{name:<{width}} = {namespace[name]!r}")
+        if info["comment"]:
+            lines.append(f"      {info['comment']}")
+    return "\n".join(lines)
+
+
+def configure(namespace: dict, argv: list[str] | None = None, source_file: str | None = None,
+              quiet: bool = False) -> dict[str, Any]:
+    """Apply ``--NAME=value`` overrides to the UPPER_CASE constants of ``namespace``.
+
+    Updates ``namespace`` in place (the script's globals), prints the resolved
+    config unless ``quiet``, and returns it as a JSON-friendly dict (paths as
+    strings, tuples as lists) for logs and checkpoints.  Reading ``sys.argv``
+    (``argv`` None), a bad override exits with the message and status 2 instead
+    of a traceback; with an explicit ``argv`` it raises ConfigError.
+    """
+    if argv is None:
+        try:
+            return _configure(namespace, sys.argv[1:], source_file, quiet)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return _configure(namespace, argv, source_file, quiet)
+
+
+def _configure(namespace: dict, argv: list[str], source_file: str | None, quiet: bool) -> dict[str, Any]:
+    source_file = source_file or namespace.get("__file__")
+    if source_file is None:
+        raise ConfigError("configure() needs the script's source file to read its constants")
+    script = Path(source_file).name
+    declarations = read_declarations(Path(source_file).read_text())
+    declarations = {n: d for n, d in declarations.items() if n in namespace}
+
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(help_text(script, declarations, namespace))
+        raise SystemExit(0)
+
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"{script}: arguments are --NAME=value, got {arg!r} (try --help)")
+        name, raw = arg[2:].split("=", 1)
+        if name not in declarations:
+            valid = ", ".join(declarations)
+            raise ConfigError(f"{script}: unknown constant {name!r}; valid names: {valid}")
+        kind = _resolve_annotation(declarations[name]["annotation"], namespace)
+        namespace[name] = convert(raw, kind, namespace[name], name)
+
+    config = {name: "***" if _SECRET_NAME.search(name) and namespace[name] is not None
+              else _jsonable(namespace[name]) for name in declarations}
+    if not quiet:
+        print(f"config of {script}:")
+        print(json.dumps(config, indent=2))
+    return config

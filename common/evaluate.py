@@ -1,0 +1,85 @@
+"""Greedy math evaluation: the code eval_math.py and every trainer's periodic eval share."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from common.model import stop_token_ids
+from common.prompts import encode_prompts
+from common.reward import answers_match, extract_answer
+from common.sampler import sample
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion (better than p ± z·se near 0 or 1)."""
+    if total == 0:
+        return 0.0, 0.0
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half_width = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+@dataclass
+class EvalResult:
+    total: int
+    correct: int
+    seconds: float
+    generated_tokens: int
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    @property
+    def confidence_interval(self) -> tuple[float, float]:
+        return wilson_interval(self.correct, self.total)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        low, high = self.confidence_interval
+        return (f"Total: {self.total}  Correct: {self.correct}  Accuracy: {100 * self.accuracy:.2f}%  "
+                f"(95% CI {100 * low:.1f}-{100 * high:.1f}%)  {self.tokens_per_second:.0f} tokens/s")
+
+    def metrics(self, prefix: str = "eval") -> dict:
+        low, high = self.confidence_interval
+        return {f"{prefix}/accuracy": self.accuracy, f"{prefix}/ci_low": low, f"{prefix}/ci_high": high,
+                f"{prefix}/total": self.total, f"{prefix}/correct": self.correct,
+                f"{prefix}/tokens_per_s": self.tokens_per_second}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 64, max_new_tokens: int = 256,
+             progress: bool = True, desc: str = "eval") -> EvalResult:
+    """Greedy-decode every problem and score the extracted answer against its gold answer."""
+    was_training = model.training
+    model.eval()
+    stop_ids = stop_token_ids(model, tokenizer)
+    records, correct, generated = [], 0, 0
+    start = time.perf_counter()
+    batches = range(0, len(problems), batch_size)
+    for first in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        batch = problems[first:first + batch_size]
+        out = sample(model, encode_prompts(tokenizer, [p["question"] for p in batch]), num_samples=1,
+                     max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=stop_ids,
+                     tokenizer=tokenizer)
+        generated += int(out.completion_mask.sum())
+        for problem, text, cut_off in zip(batch, out.texts, out.truncated.tolist()):
+            prediction = extract_answer(text)
+            is_correct = answers_match(prediction, problem["gold_answer"])
+            correct += is_correct
+            records.append({"question": problem["question"], "gold": problem["gold_answer"], "output": text,
+                            "prediction": prediction, "correct": is_correct, "truncated": cut_off})
+    model.train(was_training)
+    return EvalResult(total=len(problems), correct=correct, seconds=time.perf_counter() - start,
+                      generated_tokens=generated, records=records)

@@ -1,0 +1,48 @@
+"""Greedy math accuracy of a model on a JSONL test file.
+
+    python eval_math.py --MODEL_PATH=models/tiny-gemma2-math --TEST_FILE=data/synth_test.jsonl
+    python eval_math.py --LIMIT=200          # Gemma 2 2B Instruct on the first 200 GSM8K test questions
+
+Prints `Total: N  Correct: M  Accuracy: X.XX%` with a 95% confidence interval
+and tokens/s, and writes one JSONL line per question (question, gold, output,
+prediction, correct) under logs/.
+"""
+
+import json
+import time
+from pathlib import Path
+
+from common.config import configure
+
+# ---------------------------------------------------------------- constants
+MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
+TEST_FILE = "data/gsm8k_test.jsonl"  # JSONL problems {"question", "gold_answer"} (python prepare_gsm8k.py makes it)
+LIMIT = 0  # evaluate the first LIMIT problems (0 = all)
+BATCH_SIZE = 64  # prompts generated together
+MAX_NEW_TOKENS = 256  # answer length limit; an answer cut off here counts as wrong unless its number is right
+DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
+DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+OUT_FILE: Path | None = None  # per-question JSONL (None = logs/eval_<model>_<time>.jsonl)
+
+config = configure(globals())
+# ---------------------------------------------------------------------------
+
+from common.data import load_problems  # noqa: E402
+from common.evaluate import evaluate  # noqa: E402
+from common.model import load_model_and_tokenizer  # noqa: E402
+
+problems = load_problems(TEST_FILE, limit=LIMIT or None)
+model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+print(f"evaluating {MODEL_PATH} on {len(problems)} problems of {TEST_FILE} ({device}, {next(model.parameters()).dtype})")
+
+result = evaluate(model, tokenizer, problems, BATCH_SIZE, MAX_NEW_TOKENS)
+
+out_file = Path(OUT_FILE or f"logs/eval_{Path(MODEL_PATH).name}_{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+out_file.parent.mkdir(parents=True, exist_ok=True)
+with out_file.open("w") as f:
+    for record in result.records:
+        f.write(json.dumps(record) + "\n")
+summary_file = out_file.with_suffix(".summary.json")
+summary_file.write_text(json.dumps({"config": config, **result.metrics()}, indent=2))
+print(result.summary())
+print(f"per-question results: {out_file}  summary: {summary_file}")

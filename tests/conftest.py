@@ -1,0 +1,83 @@
+"""Shared fixtures: micro models (random init, a few thousand parameters) and paths.
+
+Unit tests never need the trained tiny model; scripts' smoke tests run on a
+micro model saved to disk with the tiny model's tokenizer, so they exercise the
+real loading code in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-gemma2-math"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def micro_config(arch: str = "gemma2", vocab_size: int = 64, **overrides):
+    """A transformers config for a micro model of ``arch`` (gemma2, llama or qwen2)."""
+    from transformers import Gemma2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
+                  pad_token_id=0, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True)
+    if arch == "gemma2":
+        config = Gemma2Config(**common, query_pre_attn_scalar=8, sliding_window=128,
+                              final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                              attn_implementation="eager")
+    elif arch == "llama":
+        config = LlamaConfig(**common, attn_implementation="eager")
+    elif arch == "qwen2":
+        config = Qwen2Config(**common, attn_implementation="eager")
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def micro_model(arch: str = "gemma2", vocab_size: int = 64, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(micro_config(arch, vocab_size, **overrides),
+                                             attn_implementation="eager")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory) -> Path:
+    """A micro Gemma 2 saved like a real model, with the built-in tiny model's tokenizer."""
+    from transformers import GenerationConfig
+
+    from common.model import load_tokenizer
+
+    tokenizer = load_tokenizer(TINY_MODEL_DIR)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    model = micro_model("gemma2", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=[tokenizer.eos_token_id, end_of_turn])
+    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, end_of_turn],
+                                               pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path_factory.mktemp("micro-gemma2")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def run_script(args: list[str], timeout: int = 300, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """Run a top-level script as a user would; fail with its output if it fails."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", TQDM_DISABLE="1")
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n"
+                             f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}")
+    return result

@@ -1,0 +1,316 @@
+"""Tests of common/reward.py: extraction, matching, each reward term, the named rewards.
+
+Every expected value is worked out by hand in the tables below (the arithmetic
+is in the comments), never computed by calling the code under test.
+"""
+
+import pytest
+
+from common.reward import (
+    DEFAULT_REWARD_NAME,
+    REWARD_FUNCTIONS,
+    RewardResult,
+    answers_match,
+    correctness_reward,
+    extract_answer,
+    format_reward,
+    get_reward_fn,
+    math_reward,
+    multiple_answers_penalty,
+    parse_number,
+    repetition_penalty,
+    score_batch,
+    truncation_penalty,
+)
+
+UNICODE_MINUS = "\u2212"
+
+EXTRACTION_CASES = [
+    # Answer: lines
+    ("Answer: 12", 12.0),
+    ("answer: 12", 12.0),
+    ("ANSWER: 12", 12.0),
+    ("Answer:12", 12.0),
+    ("Final answer: 7", 7.0),
+    ("**Answer:** 12", 12.0),
+    ("**Final Answer**: 12", 12.0),
+    ("Answer: **12**", 12.0),
+    ("  - **Answer:** 12 apples", 12.0),
+    ("Answer: 12.", 12.0),
+    ("Answer: 12 apples", 12.0),
+    ("Answer: 12 apples and 3 pears", 12.0),
+    ("Answer: 1,234", 1234.0),
+    ("Answer: $1,234.50", 1234.5),
+    ("Answer: 50%", 50.0),
+    ("Answer: -5", -5.0),
+    ("Answer: +5", 5.0),
+    (f"Answer: {UNICODE_MINUS}5", -5.0),
+    ("Answer: -$5", -5.0),
+    ("Answer: 3.5", 3.5),
+    ("Answer: .5", 0.5),
+    ("Answer: 3/4", 0.75),
+    ("Answer: -1/2", -0.5),
+    ("Answer: 3, 4", 3.0),
+    # the last Answer line wins, and beats numbers elsewhere
+    ("Answer: 3\nAnswer: 5", 5.0),
+    ("First 2 + 3 = 5.\nThen 5 * 4 = 20.\nAnswer: 20", 20.0),
+    ("Answer: 8\nCheck: 2 + 2 = 4", 8.0),
+    # Answer: beats "The answer is"; a marker without a number falls through
+    ("The answer is 6.\nAnswer: 5", 5.0),
+    ("Answer: unknown\nThe answer is 9", 9.0),
+    # The answer is
+    ("The answer is 42.", 42.0),
+    ("So the final answer is 42 dollars", 42.0),
+    ("The answer is: 1,000", 1000.0),
+    ("The answer is 6.\n#### 4", 6.0),
+    # ####
+    ("#### 72", 72.0),
+    ("Natalia sold 48 clips.\n#### 72", 72.0),
+    ("\\boxed{4}\n#### 6", 6.0),
+    # \boxed
+    ("\\boxed{18}", 18.0),
+    ("So $\\boxed{-3.5}$.", -3.5),
+    ("\\boxed{\\frac{3}{4}}", 0.75),
+    ("\\boxed{4} and 9 more", 4.0),
+    # last-number fallback
+    ("She has 3 apples and buys 4 more, so 7.", 7.0),
+    ("3, 4", 4.0),
+    ("The total is 1,234", 1234.0),
+    ("10-3=7", 7.0),  # "-" between digits is subtraction, not a sign
+    ("x = -4", -4.0),
+    ("The price rose 5%.", 5.0),
+    # no number at all
+    ("no numbers here", None),
+    ("", None),
+    ("Answer: unknown", None),
+]
+
+
+@pytest.mark.parametrize("text, expected", EXTRACTION_CASES)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("75", 75.0),
+    (" 42 ", 42.0),
+    ("1,234", 1234.0),
+    ("$1,234", 1234.0),
+    ("1,234,567.5", 1234567.5),
+    ("-5", -5.0),
+    (f"{UNICODE_MINUS}2", -2.0),
+    ("0.5", 0.5),
+    (".25", 0.25),
+    ("3/4", 0.75),
+    ("50%", 50.0),
+    ("abc", None),
+    ("", None),
+    ("12 apples", None),  # gold answers must be bare numbers
+    ("3, 4", None),
+    ("1,23", None),  # not a thousands grouping
+    ("1/0", None),
+])
+def test_parse_number(text, expected):
+    assert parse_number(text) == expected
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    (12.0, "12", True),
+    (75.0, "75", True),
+    (0.5, "0.5", True),
+    (1234.0, "1,234", True),
+    (1234.0, "$1,234", True),
+    (12.0, 12, True),
+    (12.0, 12.0, True),
+    (0.0, "0", True),
+    (-5.0, "-5", True),
+    (-5.0, "5", False),
+    (None, "12", False),
+    (None, 0.0, False),
+    (12.0000001, "12", True),  # |diff| 1e-7 is inside both tolerances
+    (12.001, "12", False),  # |diff| 1e-3 > 1e-6 and > 1e-6 * 12
+    (0.3333333, "1/3", True),  # |diff| ~3.3e-8 < 1e-6
+    (0.33, "1/3", False),
+    (1e-7, "0", True),  # only abs_tol can match against 0
+])
+def test_answers_match(pred, gold, expected):
+    assert answers_match(pred, gold) is expected
+
+
+def test_answers_match_custom_tolerance():
+    # |12.5 - 12| = 0.5 <= 0.1 * 12.5 = 1.25
+    assert answers_match(12.5, "12", rel_tol=0.1) is True
+    assert answers_match(12.5, "12") is False
+
+
+def test_answers_match_rejects_non_numeric_gold():
+    with pytest.raises(ValueError, match="twelve"):
+        answers_match(12.0, "twelve")
+
+
+@pytest.mark.parametrize("text, gold, expected", [
+    ("Answer: 12", "12", 1.0),
+    ("Answer: 13", "12", 0.0),
+    ("no number", "12", 0.0),
+    ("The answer is 1,234.", "1234", 1.0),
+    ("Answer: 3\nAnswer: 4\nAnswer: 5", "5", 1.0),  # reads the last line ...
+    ("Answer: 5\nAnswer: 4", "5", 0.0),  # ... and only the last line
+])
+def test_correctness_reward(text, gold, expected):
+    assert correctness_reward(text, gold) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Reasoning.\nAnswer: 12", 1.0),
+    ("Answer: 12", 1.0),
+    ("Answer: 12\n\n", 1.0),  # trailing blank lines do not count
+    ("**Answer:** 12", 1.0),
+    ("Answer: 12 apples", 1.0),
+    ("Answer: 12\nBecause 3 * 4 = 12.", 0.0),  # not the last line
+    ("The answer is 12", 0.0),
+    ("#### 12", 0.0),
+    ("\\boxed{12}", 0.0),
+    ("Answer: 3\nAnswer: 12", 0.0),  # more than one
+    ("Answer: twelve", 0.0),  # no number
+    ("", 0.0),
+])
+def test_format_reward(text, expected):
+    assert format_reward(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a\nb\nc", 0.0),
+    ("", 0.0),
+    ("Answer: 5", 0.0),
+    ("Answer: 5\nAnswer: 5", 0.5),  # 1 duplicate / 2 lines
+    ("Answer: 5\n" * 4, 0.75),  # 3 duplicates / 4 lines
+    ("x\ny\nx\ny", 0.5),  # 2 duplicates / 4 lines
+    ("Answer: 5\n\n\nAnswer: 5\n", 0.5),  # blank lines are ignored
+    ("  same\nsame  ", 0.5),  # surrounding spaces are ignored
+])
+def test_repetition_penalty(text, expected):
+    assert repetition_penalty(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("no answer", 0.0),
+    ("Answer: 5", 0.0),
+    ("The answer is 3\nAnswer: 4", 0.0),  # only Answer: lines count
+    ("Answer: 3\nAnswer: 4", 0.5),  # (2 - 1) / 2
+    ("Answer: 3\nAnswer: 4\nAnswer: 5", 1.0),  # (3 - 1) / 2
+    ("Answer: 1\nAnswer: 2\nAnswer: 3\nAnswer: 4\nAnswer: 5", 1.0),  # capped at 1
+])
+def test_multiple_answers_penalty(text, expected):
+    assert multiple_answers_penalty(text) == expected
+
+
+@pytest.mark.parametrize("truncated, expected", [(True, 1.0), (False, 0.0)])
+def test_truncation_penalty(truncated, expected):
+    assert truncation_penalty(truncated) == expected
+
+
+CLEAN_CORRECT = "3 * 4 = 12\nAnswer: 12"
+
+# "math" = correctness + 0.2 format - 0.5 repetition - 0.5 multiple - 0.5 truncation
+MATH_REWARD_CASES = [
+    # text, truncated, total, correct, format_ok
+    (CLEAN_CORRECT, False, 1.2, True, True),  # 1 + 0.2
+    ("3 * 4 = 13\nAnswer: 13", False, 0.2, False, True),  # 0 + 0.2
+    ("I think 13", False, 0.0, False, False),
+    ("The answer is 12", False, 1.0, True, False),
+    (CLEAN_CORRECT, True, 0.7, True, True),  # 1 + 0.2 - 0.5
+    ("3 * 4 = 12\n3 * 4 = 12\nAnswer: 12", False, 1.2 - 0.5 / 3, True, True),  # rep 1/3
+    ("Answer: 12\nAnswer: 12\nAnswer: 12", False, 1 - 0.5 * 2 / 3 - 0.5, True, False),  # rep 2/3, multi 1
+    ("Answer: 3\nAnswer: 4\nAnswer: 12", False, 0.5, True, False),  # 1 - 0.5 * 1
+    ("Answer: 11\nAnswer: 12", False, 0.75, True, False),  # 1 - 0.5 * 0.5
+    ("3 * 4 = 1", True, -0.5, False, False),  # cut off mid-reasoning
+]
+
+
+@pytest.mark.parametrize("text, truncated, total, correct, format_ok", MATH_REWARD_CASES)
+def test_math_reward_values(text, truncated, total, correct, format_ok):
+    result = math_reward(text, "12", truncated)
+    assert result.total == pytest.approx(total)
+    assert result.correct is correct
+    assert result.format_ok is format_ok
+
+
+def test_math_reward_logs_every_term():
+    result = math_reward("Answer: 11\nAnswer: 12", "12", truncated=True)
+    assert result.terms == pytest.approx({
+        "correctness": 1.0,
+        "format": 0.0,
+        "repetition": 0.0,
+        "multiple_answers": 0.5,
+        "truncation": 1.0,
+    })
+
+
+HACKED_CORRECT_OUTPUTS = [
+    # text, truncated: all end on the right answer, 12
+    ("Answer: 12\n" * 10, False),  # same line repeated
+    ("Answer: 12\nAnswer: 12", False),
+    ("Answer: 3\nAnswer: 4\nAnswer: 12", False),  # answer spam
+    ("Answer: 11\nAnswer: 12", False),
+    ("3 * 4 = 12\n3 * 4 = 12\nAnswer: 12", False),  # repeated reasoning
+    (CLEAN_CORRECT, True),  # cut off
+    ("Answer: 12\n" * 10, True),
+]
+
+
+@pytest.mark.parametrize("text, truncated", HACKED_CORRECT_OUTPUTS)
+def test_math_reward_clean_correct_beats_hacked(text, truncated):
+    assert math_reward(CLEAN_CORRECT, "12").total > math_reward(text, "12", truncated).total
+
+
+@pytest.mark.parametrize("badly_formatted", [
+    "I think 13",
+    "The answer is 13",
+    "#### 13",
+    "\\boxed{13}",
+    "Answer: 13\nso that is it",
+    "Answer: 11\nAnswer: 13",
+])
+def test_math_reward_wrong_formatted_beats_wrong_unformatted(badly_formatted):
+    well_formatted = "3 * 4 = 13\nAnswer: 13"
+    assert math_reward(well_formatted, "12").total > math_reward(badly_formatted, "12").total
+
+
+def test_correctness_reward_fn_ignores_shaping_but_logs_it():
+    result = get_reward_fn("correctness")("Answer: 11\nAnswer: 12", "12", truncated=True)
+    assert result.total == 1.0
+    assert result.terms["multiple_answers"] == 0.5
+    assert result.terms["truncation"] == 1.0
+
+
+def test_registry():
+    assert set(REWARD_FUNCTIONS) == {"correctness", "math"}
+    assert DEFAULT_REWARD_NAME == "math"
+    assert get_reward_fn("math") is math_reward
+
+
+def test_unknown_reward_name_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown reward 'nope'.*correctness, math"):
+        get_reward_fn("nope")
+
+
+def test_score_batch():
+    results = score_batch([CLEAN_CORRECT, CLEAN_CORRECT, "Answer: 5"], ["12", "12", "12"],
+                          [False, True, False], "math")
+    assert all(isinstance(result, RewardResult) for result in results)
+    assert [result.total for result in results] == pytest.approx([1.2, 0.7, 0.2])
+
+
+def test_score_batch_defaults_to_math_without_truncation():
+    results = score_batch([CLEAN_CORRECT], ["12"])
+    assert results[0].total == pytest.approx(1.2)
+
+
+@pytest.mark.parametrize("texts, golds, truncated, reward_name", [
+    (["Answer: 1"], ["1", "2"], None, "math"),
+    (["Answer: 1"], ["1"], [False, True], "math"),
+    (["Answer: 1"], ["1"], None, "nope"),
+])
+def test_score_batch_rejects_bad_arguments(texts, golds, truncated, reward_name):
+    with pytest.raises(ValueError):
+        score_batch(texts, golds, truncated, reward_name)

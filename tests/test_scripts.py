@@ -1,0 +1,93 @@
+"""Every script run for real, as a subprocess, with tiny settings."""
+
+import json
+import re
+
+from tests.conftest import TINY_MODEL_DIR, run_script
+
+ACCURACY_LINE = re.compile(r"Total: (\d+)  Correct: (\d+)  Accuracy: ([\d.]+)%  \(95% CI [\d.]+-[\d.]+%\)  \d+ tokens/s")
+
+
+def check_eval_output(stdout: str, out_file, expected_total: int) -> None:
+    match = ACCURACY_LINE.search(stdout)
+    assert match, stdout
+    total, correct, accuracy = int(match[1]), int(match[2]), float(match[3])
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert total == expected_total == len(records)
+    assert correct == sum(r["correct"] for r in records)
+    assert accuracy == round(100 * correct / total, 2)
+    assert set(records[0]) >= {"question", "gold", "output", "prediction", "correct"}
+
+
+def test_eval_math_on_micro_model(micro_model_dir, tmp_path):
+    out_file = tmp_path / "eval.jsonl"
+    result = run_script(["eval_math.py", f"--MODEL_PATH={micro_model_dir}", "--TEST_FILE=data/synth_test.jsonl",
+                         "--LIMIT=6", "--BATCH_SIZE=4", "--MAX_NEW_TOKENS=6", "--DEVICE=cpu",
+                         f"--OUT_FILE={out_file}"])
+    check_eval_output(result.stdout, out_file, 6)
+    summary = json.loads(out_file.with_suffix(".summary.json").read_text())
+    assert summary["config"]["LIMIT"] == 6 and summary["eval/total"] == 6
+
+
+def test_eval_math_on_tiny_model_is_competent(tmp_path):
+    """The built-in tiny model loads from disk and solves a good share of held-out problems."""
+    out_file = tmp_path / "eval.jsonl"
+    result = run_script(["eval_math.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--TEST_FILE=data/synth_test.jsonl",
+                         "--LIMIT=64", "--MAX_NEW_TOKENS=48", "--DEVICE=cpu", f"--OUT_FILE={out_file}"])
+    check_eval_output(result.stdout, out_file, 64)
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert sum(r["correct"] for r in records) >= 16  # about half right; far above chance
+    assert sum("Answer:" in r["output"] for r in records) >= 56  # it learned the answer format
+
+
+def test_eval_math_base_refuses_lora_checkpoint(micro_model_dir, tmp_path):
+    out_file = tmp_path / "base.jsonl"
+    result = run_script(["eval_math_base.py", f"--MODEL_PATH={micro_model_dir}", "--TEST_FILE=data/synth_test.jsonl",
+                         "--LIMIT=3", "--MAX_NEW_TOKENS=4", "--DEVICE=cpu", f"--OUT_FILE={out_file}"])
+    check_eval_output(result.stdout, out_file, 3)
+    try:
+        run_script(["eval_math_base.py", "--LORA_CKPT=x.pt"])
+    except AssertionError as error:
+        assert "base model only" in str(error)
+    else:
+        raise AssertionError("eval_math_base.py accepted a LoRA checkpoint")
+
+
+def test_make_tiny_model_with_tiny_budget(tmp_path):
+    out_dir = tmp_path / "tiny"
+    result = run_script(["make_tiny_model.py", f"--OUT_DIR={out_dir}", "--TOKENIZER_CORPUS_SIZE=300",
+                         "--VOCAB_SIZE=400", "--HIDDEN_SIZE=16", "--NUM_LAYERS=1", "--NUM_HEADS=2",
+                         "--HEAD_DIM=8", "--INTERMEDIATE_SIZE=32", "--SFT_STEPS=3", "--SFT_BATCH_SIZE=4",
+                         "--EVAL_LIMIT=4"])
+    assert "built" in result.stdout
+    build_info = json.loads((out_dir / "build_info.json").read_text())
+    assert build_info["config"]["SFT_STEPS"] == 3 and build_info["eval_total"] == 4
+    assert len((out_dir / "sft_log.jsonl").read_text().splitlines()) == 4  # 3 steps + the final eval
+    assert not (tmp_path / "tiny.build").exists()
+    # Built once, it is left alone.
+    again = run_script(["make_tiny_model.py", f"--OUT_DIR={out_dir}"])
+    assert "already exists" in again.stdout
+
+    from common.model import load_model_and_tokenizer
+    model, tokenizer, _ = load_model_and_tokenizer(out_dir, "cpu")
+    assert model.config.hidden_size == 16 and model.config.num_hidden_layers == 1
+    assert tokenizer.tokenize("907") == ["9", "0", "7"]
+
+
+def test_run_sft_on_micro_model(micro_model_dir, tmp_path):
+    out_dir = tmp_path / "sft"
+    log_file = tmp_path / "sft.jsonl"
+    run_script(["run_sft.py", f"--MODEL_PATH={micro_model_dir}", f"--OUT_DIR={out_dir}", "--MAX_STEPS=2",
+                "--BATCH_SIZE=4", "--EVAL_LIMIT=2", "--MAX_NEW_TOKENS=4", "--DEVICE=cpu",
+                f"--LOG_FILE={log_file}", "--TRAIN_FILE=data/synth_train.jsonl"])
+    steps = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 2]
+    assert all(s["loss"] > 0 for s in steps[:2])
+    info = json.loads((out_dir / "sft_info.json").read_text())
+    assert info["config"]["MAX_STEPS"] == 2
+    assert (out_dir / "model.safetensors").exists()
+
+
+def test_download_model_help_works_offline():
+    result = run_script(["download_model.py", "--help"])
+    assert "--REPO_ID" in result.stdout and "google/gemma-2-2b-it" in result.stdout
