@@ -95,7 +95,7 @@ def _two_people(rng: random.Random) -> tuple[tuple[str, str], str]:
 def _buy_groups(rng: random.Random) -> dict:
     (name, pronoun), obj = rng.choice(PEOPLE), rng.choice(OBJECTS)
     _, containers = rng.choice(CONTAINERS)
-    have, groups, each = rng.randint(2, 60), rng.randint(2, 9), rng.randint(2, 12)
+    have, groups, each = rng.randint(2, 30), rng.randint(2, 9), rng.randint(2, 10)
     work = _Work()
     bought = work.step(groups, "*", each)
     total = work.step(have, "+", bought)
@@ -106,7 +106,7 @@ def _buy_groups(rng: random.Random) -> dict:
 
 def _lose_some(rng: random.Random) -> dict:
     (name, pronoun), obj, verb = rng.choice(PEOPLE), rng.choice(OBJECTS), rng.choice(LOSS_VERBS)
-    have = rng.randint(10, 99)
+    have = rng.randint(10, 50)
     lost = rng.randint(1, have - 1)
     work = _Work()
     left = work.step(have, "-", lost)
@@ -117,7 +117,7 @@ def _lose_some(rng: random.Random) -> dict:
 
 def _share_equally(rng: random.Random) -> dict:
     (name, _), obj = rng.choice(PEOPLE), rng.choice(OBJECTS)
-    friends, each = rng.randint(2, 9), rng.randint(2, 25)
+    friends, each = rng.randint(2, 9), rng.randint(2, 12)
     work = _Work()
     share = work.step(friends * each, "/", friends)
     question = (f"{name} has {friends * each} {obj} and shares them equally among {friends} "
@@ -129,7 +129,7 @@ def _over_days(rng: random.Random) -> dict:
     (name, _), obj = rng.choice(PEOPLE), rng.choice(OBJECTS)
     verb, verb_base = rng.choice(GAIN_VERBS)
     day_indices = sorted(rng.sample(range(len(DAYS)), rng.randint(2, 3)))
-    amounts = [rng.randint(5, 99) for _ in day_indices]
+    amounts = [rng.randint(2, 30) for _ in day_indices]
     work = _Work()
     total = amounts[0]
     for amount in amounts[1:]:
@@ -142,7 +142,7 @@ def _over_days(rng: random.Random) -> dict:
 
 def _change_from_purchase(rng: random.Random) -> dict:
     (name, _), obj = rng.choice(PEOPLE), rng.choice(OBJECTS)
-    count, price = rng.randint(2, 9), rng.randint(2, 15)
+    count, price = rng.randint(2, 9), rng.randint(2, 10)
     # The smallest round amount above the cost, plus up to three extra tens.
     paid = (count * price // 10 + 1 + rng.randint(0, 3)) * 10
     work = _Work()
@@ -158,10 +158,10 @@ def _buy_give_pack(rng: random.Random) -> dict:
     obj = rng.choice(OBJECTS)
     container, containers = rng.choice(CONTAINERS)
     # Chosen backwards from the answer so that the last division is exact.
-    containers_used, per_container = rng.randint(2, 6), rng.randint(2, 12)
-    given = rng.randint(1, 20)
+    containers_used, per_container = rng.randint(2, 6), rng.randint(2, 10)
+    given = rng.randint(1, 10)
     total = containers_used * per_container + given
-    bought = rng.randint(1, min(30, total - 1))
+    bought = rng.randint(1, min(15, total - 1))
     have = total - bought
     work = _Work()
     after_buying = work.step(have, "+", bought)
@@ -176,7 +176,7 @@ def _buy_give_pack(rng: random.Random) -> dict:
 def _times_as_many(rng: random.Random) -> dict:
     (name, _), friend = _two_people(rng)
     obj = rng.choice(OBJECTS)
-    have, factor = rng.randint(2, 30), rng.randint(2, 6)
+    have, factor = rng.randint(2, 20), rng.randint(2, 5)
     work = _Work()
     friend_has = work.step(have, "*", factor)
     together = work.step(have, "+", friend_has)
@@ -187,8 +187,8 @@ def _times_as_many(rng: random.Random) -> dict:
 
 def _rows_minus(rng: random.Random) -> dict:
     (name, pronoun), obj = rng.choice(PEOPLE), rng.choice(OBJECTS)
-    rows, per_row = rng.randint(2, 12), rng.randint(2, 15)
-    removed = rng.randint(1, min(50, rows * per_row - 1))
+    rows, per_row = rng.randint(2, 9), rng.randint(2, 10)
+    removed = rng.randint(1, min(20, rows * per_row - 1))
     work = _Work()
     total = work.step(rows, "*", per_row)
     left = work.step(total, "-", removed)
@@ -199,7 +199,7 @@ def _rows_minus(rng: random.Random) -> dict:
 
 def _save_and_spend(rng: random.Random) -> dict:
     (name, _), item = rng.choice(PEOPLE), rng.choice(ITEMS)
-    weekly, weeks = rng.randint(2, 20), rng.randint(2, 12)
+    weekly, weeks = rng.randint(2, 10), rng.randint(2, 9)
     spent = rng.randint(1, weekly * weeks - 1)
     work = _Work()
     saved = work.step(weekly, "*", weeks)
@@ -212,7 +212,7 @@ def _save_and_spend(rng: random.Random) -> dict:
 def _fewer_than(rng: random.Random) -> dict:
     (name, _), friend = _two_people(rng)
     obj = rng.choice(OBJECTS)
-    have = rng.randint(10, 99)
+    have = rng.randint(10, 50)
     fewer = rng.randint(1, have - 1)
     work = _Work()
     friend_has = work.step(have, "-", fewer)
@@ -227,7 +227,7 @@ def _packs_shared(rng: random.Random) -> dict:
     _, containers = rng.choice(CONTAINERS)
     # Redraw until the share is exact; about half of all draws qualify.
     while True:
-        packs, per_pack, friends = rng.randint(2, 10), rng.randint(2, 12), rng.randint(2, 8)
+        packs, per_pack, friends = rng.randint(2, 10), rng.randint(2, 10), rng.randint(2, 8)
         if packs * per_pack % friends == 0:
             break
     work = _Work()
@@ -242,7 +242,7 @@ def _packs_shared(rng: random.Random) -> dict:
 def _two_gifts(rng: random.Random) -> dict:
     (name, pronoun), (first, _), (second, _) = rng.sample(PEOPLE, 3)
     obj = rng.choice(OBJECTS)
-    have = rng.randint(10, 99)
+    have = rng.randint(10, 50)
     to_first = rng.randint(1, have - 1)
     to_second = rng.randint(0, have - to_first)
     work = _Work()
