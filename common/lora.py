@@ -1,0 +1,367 @@
+"""LoRA (low-rank adaptation) on the linear layers of a causal LM, written by hand.
+
+A wrapped linear layer with frozen weight W [out, in] (and bias b) computes
+
+    output = base(x) + (alpha / r) · B · A · x        = x Wᵀ + b + (alpha / r) · (x Aᵀ) Bᵀ
+
+with A [r, in] and B [out, r] the only trained parameters (rsLoRA scales by
+alpha / sqrt(r) instead, so the update's size does not shrink as r grows).
+A starts Kaiming-uniform, exactly as PEFT initialises it, and B starts at zero,
+so B·A = 0: training starts from exactly the base model, and the first steps
+move B along the random directions of A.
+
+The adapter parameters are fp32 even when the base runs in bf16: AdamW's updates
+are often smaller than bf16's resolution (8 bits of mantissa) relative to the
+weights, so bf16 adapter weights would round many updates away.  The adapter
+path casts its input to fp32 and its result back to the base output's dtype,
+so the big matmuls of the base stay in bf16.
+
+``disable_lora`` switches every adapter off, which turns the policy into the
+base model: the KL reference policy costs no second copy of the weights.
+``merge_lora`` folds the update into the base weights for fast inference;
+``save_peft_adapter`` exports an adapter that ``peft.PeftModel`` loads.
+This module does not import PEFT; the tests check that its export loads there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+# PEFT names the weights of an adapter "<prefix><module path>.lora_A.weight": its
+# PeftModel wraps the transformers model as base_model (a LoraModel), which holds
+# it as .model.
+PEFT_KEY_PREFIX = "base_model.model."
+
+
+class LoRAStateError(ValueError):
+    """A LoRA state dict that does not fit the model's LoRA layers."""
+
+
+class LoRALinear(nn.Module):
+    """An ``nn.Linear`` (frozen, kept as ``self.base``) plus a low-rank update.
+
+    ``merged``: the update is folded into ``base.weight`` and the adapter path
+    is skipped.  ``enabled`` False: the layer computes the base layer alone; it
+    cannot be set while merged, since the base weight then holds the update.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+        if not alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        self.base = base
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.dropout_p = float(dropout)
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        # On the base weight's device, in fp32 whatever the base dtype (see the module docstring).
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
+        # PEFT's initialisation, so that a given seed gives the same adapter in both.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._enabled = True
+        # A new module is in training mode; follow the layer it replaces, else an
+        # adapter put into an eval-mode model would apply dropout.
+        self.train(base.training)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        if not value and self.merged:
+            raise RuntimeError("cannot disable a merged LoRA layer: its base weight contains the "
+                               "LoRA update; unmerge_lora(model) first")
+        self._enabled = bool(value)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update scaling · B · A that the adapter adds to the base weight, [out, in], fp32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged or not self._enabled:
+            return result
+        adapter_input = self.dropout(x.to(self.lora_A.dtype))
+        update = F.linear(F.linear(adapter_input, self.lora_A), self.lora_B) * self.scaling
+        return result + update.to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update to the base weight (summed in fp32, stored in the base dtype)."""
+        if self.merged:
+            raise RuntimeError("LoRA layer is already merged")
+        if not self._enabled:
+            raise RuntimeError("cannot merge a disabled LoRA layer (inside disable_lora?)")
+        weight = self.base.weight
+        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from the base weight: exact up to the base dtype's rounding."""
+        if not self.merged:
+            raise RuntimeError("LoRA layer is not merged")
+        weight = self.base.weight
+        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout_p}, "
+                f"use_rslora={self.use_rslora}, merged={self.merged}, enabled={self._enabled}")
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Full module name -> LoRALinear, in module order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters: lora_A and lora_B of every LoRA layer."""
+    return [parameter for module in lora_modules(model).values()
+            for parameter in (module.lora_A, module.lora_B)]
+
+
+def _require_lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no LoRA layers; call apply_lora(model, ...) first")
+    return modules
+
+
+def _attribute_name(module_name: str) -> str:
+    return module_name.rsplit(".", 1)[-1]
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, target_modules: Iterable[str], dropout: float = 0.0,
+               use_rslora: bool = False) -> list[str]:
+    """Wrap every ``nn.Linear`` whose attribute name is in ``target_modules`` in a LoRALinear.
+
+    Names are matched against the last part of the module path ("q_proj" matches
+    "model.layers.3.self_attn.q_proj"), as PEFT does with a list of names, so
+    ``lm_head`` gets an adapter only when named.  Every other parameter of the
+    model is frozen.  A name that matches no linear layer is an error (a typo
+    would otherwise silently leave layers untrained).  Returns the sorted full
+    names of the wrapped layers.
+    """
+    if isinstance(target_modules, str):
+        raise TypeError(f"target_modules must be a list of attribute names, got the string {target_modules!r}")
+    targets = set(target_modules)
+    if not targets:
+        raise ValueError("target_modules is empty")
+    existing = lora_modules(model)
+    if existing:
+        raise RuntimeError(f"apply_lora: the model already has {len(existing)} LoRA layers "
+                           f"(e.g. {next(iter(existing))}); apply LoRA once per model")
+
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    to_wrap = sorted(name for name in linear_names if _attribute_name(name) in targets)
+    unmatched = targets - {_attribute_name(name) for name in to_wrap}
+    if unmatched:
+        available = ", ".join(dict.fromkeys(_attribute_name(name) for name in linear_names))
+        raise ValueError(f"no nn.Linear layer named {', '.join(sorted(unmatched))} in "
+                         f"{type(model).__name__}; its linear layers are: {available}")
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name in to_wrap:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attribute, LoRALinear(getattr(parent, attribute), r, alpha, dropout, use_rslora))
+    return to_wrap
+
+
+@contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes exactly its base model (the KL reference
+    policy); on exit, even by an exception, each layer's previous state returns."""
+    modules = _require_lora_modules(model)
+    merged = [name for name, module in modules.items() if module.merged]
+    if merged:
+        raise RuntimeError(f"cannot disable merged LoRA layers ({merged[0]}, ...): their base weights "
+                           f"contain the LoRA update; unmerge_lora(model) first")
+    previous = {name: module.enabled for name, module in modules.items()}
+    try:
+        for module in modules.values():
+            module.enabled = False
+        yield model
+    finally:
+        for name, module in modules.items():
+            module.enabled = previous[name]
+
+
+def _shared_weight_names(model: nn.Module, modules: dict[str, LoRALinear]) -> list[str]:
+    """LoRA layers whose base weight is also used elsewhere (lm_head tied to the embeddings)."""
+    uses: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        uses[id(parameter)] = uses.get(id(parameter), 0) + 1
+    return [name for name, module in modules.items() if uses[id(module.base.weight)] > 1]
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold each layer's update into its base weight; the adapter path is then skipped."""
+    modules = _require_lora_modules(model)
+    merged = [name for name, module in modules.items() if module.merged]
+    if merged:
+        raise RuntimeError(f"LoRA layers already merged: {', '.join(merged)}")
+    shared = _shared_weight_names(model, modules)
+    if shared:
+        # Merging into a tied weight would also change the layer it is tied to
+        # (the input embeddings, for a tied lm_head).
+        raise RuntimeError(f"cannot merge LoRA into weights shared with other layers: {', '.join(shared)}")
+    for module in modules.values():
+        module.merge()
+
+
+def merge_and_unload(model: nn.Module) -> list[str]:
+    """Merge every adapter and put the plain ``nn.Linear`` layers back: the model is then an
+    ordinary transformers model whose ``save_pretrained`` writes the merged weights.
+    Returns the names of the merged layers."""
+    merge_lora(model)
+    names = list(lora_modules(model))
+    for name in names:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attribute, getattr(parent, attribute).base)
+    return names
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Take each layer's update back out of its base weight."""
+    modules = _require_lora_modules(model)
+    unmerged = [name for name, module in modules.items() if not module.merged]
+    if unmerged:
+        raise RuntimeError(f"LoRA layers not merged: {', '.join(unmerged)}")
+    for module in modules.values():
+        module.unmerge()
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``<module name>.lora_A`` / ``.lora_B`` -> detached contiguous CPU tensor.
+
+    The tensors are copies, so the state is a snapshot: on a CPU model ``.cpu()``
+    alone would alias the parameters, and later training steps would change it.
+    """
+    state = {}
+    for name, module in _require_lora_modules(model).items():
+        for kind in ("lora_A", "lora_B"):
+            state[f"{name}.{kind}"] = getattr(module, kind).detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def lora_config(model: nn.Module) -> dict:
+    """The settings apply_lora was called with, read off the LoRA layers."""
+    modules = _require_lora_modules(model)
+    settings = {(module.r, module.alpha, module.dropout_p, module.use_rslora) for module in modules.values()}
+    if len(settings) > 1:
+        raise ValueError(f"LoRA layers have different settings (r, alpha, dropout, use_rslora): {sorted(settings)}")
+    r, alpha, dropout, use_rslora = settings.pop()
+    return {"r": r, "alpha": alpha, "target_modules": sorted({_attribute_name(name) for name in modules}),
+            "dropout": dropout, "use_rslora": use_rslora}
+
+
+def _shape_difference(key: str, expected: torch.Size, got: torch.Size) -> str:
+    message = f"{key}: expected shape {list(expected)}, got {list(got)}"
+    # The rank is dim 0 of lora_A [r, in] and dim 1 of lora_B [out, r].
+    rank_dim = 0 if key.endswith(".lora_A") else 1
+    other_dim = 1 - rank_dim
+    if len(got) == 2 and got[other_dim] == expected[other_dim]:
+        message += f" (rank {got[rank_dim]} in the checkpoint, {expected[rank_dim]} in the model)"
+    return message
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy a ``lora_state_dict`` into the model's LoRA layers, in place.
+
+    The state must fit exactly: otherwise LoRAStateError lists the missing
+    names, the unexpected names and the shape differences, and nothing is
+    loaded.  ``strict`` is there only so that ``strict=False`` fails loudly:
+    a partial load would leave some layers silently at their old values.
+    """
+    if strict is not True:
+        raise ValueError("partial loads are refused; a LoRA state must match the model's LoRA layers exactly")
+    modules = _require_lora_modules(model)
+    merged = [name for name, module in modules.items() if module.merged]
+    if merged:
+        # The base weights hold the current update; unmerging after a load would subtract the new one.
+        raise RuntimeError(f"cannot load into merged LoRA layers ({merged[0]}, ...); unmerge_lora(model) first")
+    parameters = {f"{name}.{kind}": getattr(module, kind)
+                  for name, module in modules.items() for kind in ("lora_A", "lora_B")}
+
+    differences = [f"missing: {key}" for key in parameters if key not in state]
+    differences += [f"unexpected: {key}" for key in state if key not in parameters]
+    for key, parameter in parameters.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            differences.append(f"{key}: expected a tensor, got {type(value).__name__}")
+        elif value.shape != parameter.shape:
+            differences.append(_shape_difference(key, parameter.shape, value.shape))
+    if differences:
+        raise LoRAStateError("LoRA state does not fit the model:\n  " + "\n  ".join(differences))
+
+    with torch.no_grad():
+        for key, parameter in parameters.items():
+            parameter.copy_(state[key])
+
+
+def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | Path) -> Path:
+    """Write the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors),
+    so that ``peft.PeftModel.from_pretrained(base_model, out_dir)`` loads it.  Returns out_dir."""
+    config = lora_config(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # PEFT's saved keys carry no adapter name: <prefix><module path>.lora_A.weight.
+    tensors = {f"{PEFT_KEY_PREFIX}{key}.weight": tensor for key, tensor in lora_state_dict(model).items()}
+    save_file(tensors, str(out_dir / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_path),
+        "r": config["r"],
+        "lora_alpha": config["alpha"],
+        "lora_dropout": config["dropout"],
+        "target_modules": config["target_modules"],
+        "use_rslora": config["use_rslora"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+    }
+    (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return out_dir
