@@ -1,0 +1,214 @@
+"""Per-token log-probabilities (and entropies) of a causal LM without materialising [B, L, V] logits.
+
+For input ids x of shape [B, L] the quantity every RL objective needs is
+
+    logp[b, t] = log softmax(z[b, t] / T)[x[b, t + 1]],   t = 0 .. L - 2,
+
+where z[b, t] = head(h[b, t]) are the model's next-token logits at position t
+(after any post-processing the model applies, e.g. Gemma 2's soft-capping) and
+T is the sampling temperature. The naive route, ``model(x).logits``, holds a
+[B, L, V] tensor; with Gemma 2's V = 256,000 that is 1 GB in fp32 for a single
+1024-token sequence, and log_softmax and its backward hold several more.
+
+Here the transformer body runs once to give hidden states h [B, L, H] (these
+exist anyway), and the output head is applied to chunks of ``chunk_size``
+positions at a time inside a custom autograd Function:
+
+* forward, per chunk: logits -> soft-cap -> / T -> log-sum-exp -> gather the
+  target; what is kept for backward is the hidden states it was given
+  ([B * (L - 1), H], small next to the logits) and one log-sum-exp (and
+  entropy) per position;
+* backward, per chunk: the chunk's logits are recomputed from those hidden
+  states, turned into d loss / d logits, and multiplied into the gradients of
+  the hidden states and (only when it requires grad) of the head weight, which
+  is accumulated over chunks.
+
+So forward and backward both hold O(chunk_size * V) floats for the head, never
+O(B * L * V); the price is a second head matmul in backward.
+
+Gradients, per position, with l = h W^T the head's logits, c = cap * tanh(l / cap)
+the soft-capped ones (c = l without capping), s = c / T and p = softmax(s):
+
+    d logp / d s_j  = [j = target] - p_j
+    d H / d s_j     = -p_j (log p_j + H),   H = -sum_j p_j log p_j = logsumexp(s) - sum_j p_j s_j
+    d s / d c       = 1 / T
+    d c / d l       = 1 - tanh(l / cap)^2
+    d l / d h = W,  d l / d W = h
+
+Gemma 2 specifics, from transformers' Gemma2ForCausalLM: the final RMSNorm is part of the body
+(model.model.norm), the sqrt(H) embedding scale applies to the input embeddings only (not to the
+tied head), and the only step between body and logits besides lm_head is the soft-cap, applied
+before the sampler's temperature.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Model types whose ForCausalLM.forward computes logits = lm_head(body(...).last_hidden_state)
+# and nothing more (checked against transformers' modeling code).
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma"})
+# Model types that then soft-cap: logits = cap * tanh(logits / cap), cap = config.final_logit_softcapping.
+_SOFTCAPPED_HEAD_MODEL_TYPES = frozenset({"gemma2", "gemma3_text"})
+
+
+def _final_logit_softcap(model) -> float | None:
+    """The soft-capping the model applies to its logits, or None; refuses models whose head does
+    something else (Cohere's logit_scale, Granite's logits_scaling, ...), which would silently give
+    wrong log-probs here."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type in _PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if model_type in _SOFTCAPPED_HEAD_MODEL_TYPES:
+        return config.final_logit_softcapping
+    raise NotImplementedError(
+        f"token_logprobs does not know how {model_type!r} post-processes its logits; supported model types: "
+        f"{sorted(_PLAIN_HEAD_MODEL_TYPES | _SOFTCAPPED_HEAD_MODEL_TYPES)}")
+
+
+def _scaled_logits(hidden: torch.Tensor, head_weight: torch.Tensor, softcap: float | None, temperature: float,
+                   keep_tanh: bool = False):
+    """s = softcap(hidden @ W^T) / T, with the same operations in the same order as the model's
+    forward followed by the sampler's division by T, in head_weight's dtype: fp32 (fp64 for an fp64
+    model). With ``keep_tanh`` also returns tanh(logits / cap) (the soft-cap's derivative is
+    1 - tanh^2), None without soft-capping.
+
+    Not bf16, even for a bf16 model, because bf16 keeps 8 significant bits: Gemma's logits of
+    magnitude 16-30 would be rounded to multiples of 0.125, log-probs would be off by as much, and
+    the log-sum-exp over 256k entries accumulates more rounding. Policy ratios and KL terms compare
+    log-probs that differ by far less than that."""
+    logits = hidden.to(head_weight.dtype) @ head_weight.T
+    tanh_of_logits = None
+    if softcap is not None:
+        if keep_tanh:
+            tanh_of_logits = logits.div_(softcap).tanh_()
+            logits = tanh_of_logits * softcap
+        else:
+            logits.div_(softcap).tanh_().mul_(softcap)
+    return logits.div_(temperature), tanh_of_logits
+
+
+def _in_compute_dtype(weight: torch.Tensor) -> torch.Tensor:
+    """The head weight in fp32 (a copy for a bf16/fp16 head: vocab * hidden * 4 bytes, 2.4 GB for
+    Gemma 2 2B, whatever B and L), or as it is when already fp32 or fp64."""
+    return weight.to(torch.promote_types(weight.dtype, torch.float32))
+
+
+class _ChunkedHeadLogprobs(torch.autograd.Function):
+    """log p(target) (and optionally entropy) of N positions from hidden states [N, H] and the head
+    weight [V, H], chunk by chunk in forward and in backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, temperature, chunk_size, with_entropy):
+        head_weight = _in_compute_dtype(weight)
+        num_positions = hidden.shape[0]
+        logprobs = hidden.new_empty(num_positions, dtype=head_weight.dtype)
+        logsumexps = torch.empty_like(logprobs)
+        entropies = torch.empty_like(logprobs) if with_entropy else None
+        for start in range(0, num_positions, chunk_size):
+            end = min(start + chunk_size, num_positions)
+            logits, _ = _scaled_logits(hidden[start:end], head_weight, softcap, temperature)
+            target_logits = logits.gather(-1, targets[start:end, None]).squeeze(-1)
+            # logsumexp(s) = m + log S with S = sum exp(s - m), m = max s; in place, so that one
+            # [chunk, V] buffer (two with entropy) is all the chunk holds.
+            row_max = logits.amax(-1, keepdim=True)
+            shifted = logits.sub_(row_max)
+            if with_entropy:
+                # H = logsumexp(s) - sum p s = log S - sum exp(s - m) (s - m) / S
+                exp_shifted = shifted.exp()
+                sum_exp = exp_shifted.sum(-1)
+                entropies[start:end] = sum_exp.log() - exp_shifted.mul_(shifted).sum(-1) / sum_exp
+            else:
+                sum_exp = shifted.exp_().sum(-1)
+            logsumexp = row_max.squeeze(-1) + sum_exp.log()
+            logsumexps[start:end] = logsumexp
+            logprobs[start:end] = target_logits - logsumexp
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, targets, logsumexps, entropies)
+        ctx.softcap, ctx.temperature, ctx.chunk_size = softcap, temperature, chunk_size
+        return (logprobs, entropies) if with_entropy else logprobs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logprobs, grad_entropies=None):
+        hidden, weight, targets, logsumexps, entropies = ctx.saved_tensors
+        needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[:2]
+        if grad_logprobs is None and grad_entropies is None:
+            return None, None, None, None, None, None, None
+        head_weight = _in_compute_dtype(weight)
+        grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
+        grad_head_weight = torch.zeros_like(head_weight) if needs_weight_grad else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            logits, tanh_of_logits = _scaled_logits(hidden[start:end], head_weight, ctx.softcap,
+                                                    ctx.temperature, keep_tanh=True)
+            log_probs = logits.sub_(logsumexps[start:end, None])
+            # d loss / d s_j = -p_j * (g_logp + g_H * (log p_j + H)), plus g_logp at the target.
+            if grad_entropies is not None:
+                grad_logits = log_probs.exp()
+                coefficient = log_probs.add_(entropies[start:end, None]).mul_(grad_entropies[start:end, None])
+                if grad_logprobs is not None:
+                    coefficient.add_(grad_logprobs[start:end, None])
+                grad_logits.mul_(coefficient).neg_()
+            else:
+                grad_logits = log_probs.exp_().mul_(grad_logprobs[start:end, None]).neg_()
+            if grad_logprobs is not None:
+                grad_logits.scatter_add_(-1, targets[start:end, None], grad_logprobs[start:end, None])
+            grad_logits.div_(ctx.temperature)  # d loss / d c
+            if tanh_of_logits is not None:
+                grad_logits.mul_(tanh_of_logits.square_().neg_().add_(1))  # d loss / d l
+            if needs_hidden_grad:
+                grad_hidden[start:end] = grad_logits @ head_weight
+            if needs_weight_grad:
+                grad_head_weight.addmm_(grad_logits.T, hidden[start:end].to(head_weight.dtype))
+        grad_weight = grad_head_weight.to(weight.dtype) if needs_weight_grad else None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                   chunk_size: int = 1024, position_ids: torch.Tensor | None = None,
+                   return_entropy: bool = False):
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) under softmax(logits / temperature), [B, L-1].
+
+    ``temperature`` divides the model's final (for Gemma 2, already soft-capped) logits, as the
+    sampler does, so these are the log-probs of the distribution the tokens were drawn from.
+    Every position is computed, padding included; callers mask. Computed and returned in fp32
+    whatever the model's dtype (fp64 for an fp64 model). With ``return_entropy`` returns
+    (logprobs, entropy), entropy [B, L-1] being that of the same per-position distribution.
+    Both are differentiable w.r.t. the body's parameters and the head weight (tied or not); the
+    head's peak memory grows with ``chunk_size * vocab``, not with ``B * L * vocab``.
+
+    Without ``position_ids``, positions count the attended tokens, so a left-padded row gets the
+    positions it would have unpadded.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    softcap = _final_logit_softcap(model)
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("token_logprobs supports output heads without bias only")
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    hidden_states = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=False).last_hidden_state
+    batch_size, length, hidden_size = hidden_states.shape
+    # The hidden state at position t predicts token t + 1; the last position predicts nothing here.
+    predicting_hidden = hidden_states[:, :-1].reshape(-1, hidden_size)
+    targets = input_ids[:, 1:].reshape(-1)
+    outputs = _ChunkedHeadLogprobs.apply(predicting_hidden, head.weight, targets, softcap, float(temperature),
+                                         chunk_size, return_entropy)
+    if return_entropy:
+        logprobs, entropy = outputs
+        return logprobs.view(batch_size, length - 1), entropy.view(batch_size, length - 1)
+    return outputs.view(batch_size, length - 1)
+
+
+def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_t mask[:, t] * token_logps[:, t], [B]: the log-probability of each row's masked tokens
+    (e.g. a DPO response). Masked-out entries are dropped, not multiplied by 0, so a non-finite
+    value there cannot turn the sum into NaN."""
+    return torch.where(mask.bool(), token_logps, torch.zeros_like(token_logps)).sum(-1)

@@ -1,0 +1,318 @@
+"""token_logprobs against the naive full-logits computation: values, entropies and gradients on
+micro Gemma 2 / Llama / Qwen 2 models with left padding, soft-capping, and the memory bound with
+Gemma's 256k vocabulary."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.logprobs import sequence_logprobs, token_logprobs
+from tests.conftest import REPO_ROOT, micro_model
+
+VOCAB_SIZE = 97
+# "gemma2-capped": final_logit_softcapping = 2 and a head scaled so that logits reach well past 2,
+# so the soft-cap (and its derivative) changes the result; the default cap of 30 is never reached
+# by a random micro model's logits.
+VARIANTS = ("gemma2", "gemma2-capped", "llama", "qwen2")
+LENGTHS = (9, 6, 3)  # one unpadded row and two left-padded ones
+
+
+def build_model(variant: str, seed: int = 0, **overrides):
+    if variant == "gemma2-capped":
+        model = micro_model("gemma2", VOCAB_SIZE, seed, final_logit_softcapping=2.0, **overrides)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(100.0)
+        return model
+    return micro_model(variant, VOCAB_SIZE, seed, **overrides)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_model(variant: str):
+    """One model per variant for the tests that never call backward (so never change it)."""
+    return build_model(variant)
+
+
+def left_padded_batch(lengths=LENGTHS, seed: int = 0):
+    """input_ids (pad id 0) and attention_mask [len(lengths), max(lengths)], row i holding lengths[i]
+    random tokens at its right end."""
+    generator = torch.Generator().manual_seed(seed)
+    total_length = max(lengths)
+    input_ids = torch.zeros(len(lengths), total_length, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        input_ids[row, total_length - length:] = torch.randint(3, VOCAB_SIZE, (length,), generator=generator)
+        attention_mask[row, total_length - length:] = 1
+    return input_ids, attention_mask
+
+
+def naive_logprobs_and_entropy(model, input_ids, attention_mask, temperature):
+    """The reference: the model's own full [B, L, V] logits, log_softmax, gather."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_probs = torch.log_softmax(logits / temperature, dim=-1)[:, :-1]
+    token_logps = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return token_logps, entropy
+
+
+def assert_close(actual, expected, tolerance=1e-5):
+    torch.testing.assert_close(actual, expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1024])
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_naive_logprobs_at_every_position(variant, temperature, chunk_size):
+    # All positions are compared, padding included: both paths run the same body on the same inputs.
+    model = shared_model(variant)
+    input_ids, attention_mask = left_padded_batch()
+    logps = token_logprobs(model, input_ids, attention_mask, temperature=temperature, chunk_size=chunk_size)
+    expected, _ = naive_logprobs_and_entropy(model, input_ids, attention_mask, temperature)
+    assert logps.shape == (len(LENGTHS), max(LENGTHS) - 1) and logps.dtype is torch.float32
+    assert_close(logps, expected)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 1024])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_entropy_matches_naive(variant, chunk_size):
+    model = shared_model(variant)
+    input_ids, attention_mask = left_padded_batch()
+    logps, entropy = token_logprobs(model, input_ids, attention_mask, temperature=0.7, chunk_size=chunk_size,
+                                    return_entropy=True)
+    expected_logps, expected_entropy = naive_logprobs_and_entropy(model, input_ids, attention_mask, 0.7)
+    assert_close(logps, expected_logps)
+    assert_close(entropy, expected_entropy)
+
+
+def test_softcapping_is_applied_like_the_model():
+    model = shared_model("gemma2-capped")
+    input_ids, attention_mask = left_padded_batch()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        capped_logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids).logits
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids).last_hidden_state
+        uncapped_logits = hidden @ model.get_output_embeddings().weight.T
+        logps = token_logprobs(model, input_ids, attention_mask, temperature=1.3, chunk_size=4)
+    assert capped_logits.abs().max() <= 2.0 < uncapped_logits.abs().max() / 5  # the cap binds
+
+    def gathered(logits):
+        return torch.log_softmax(logits / 1.3, -1)[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+    assert_close(logps, gathered(capped_logits))
+    assert (logps - gathered(uncapped_logits)).abs().max() > 1.0
+
+
+def trainable_grads(model) -> dict[str, torch.Tensor]:
+    """Gradients by parameter name (a tied head weight appears once, as the embedding)."""
+    return {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def grads_of_objective(model, objective, compute_logps_and_entropy):
+    """Gradients of sum(w1 * logps) and/or sum(w2 * entropy), fixed random weights w1, w2."""
+    model.zero_grad(set_to_none=True)
+    logps, entropy = compute_logps_and_entropy()
+    generator = torch.Generator().manual_seed(1)
+    logp_weights = torch.randn(logps.shape, generator=generator)
+    entropy_weights = torch.randn(entropy.shape, generator=generator)
+    loss = {"logprobs": (logp_weights * logps).sum(),
+            "entropy": (entropy_weights * entropy).sum(),
+            "both": (logp_weights * logps).sum() + (entropy_weights * entropy).sum()}[objective]
+    loss.backward()
+    return trainable_grads(model)
+
+
+def assert_grads_match_naive(model, objective, temperature=0.7, chunk_size=5):
+    """Every trainable parameter's gradient equals the naive path's to 1e-5 relative to that
+    gradient's largest entry: the two paths add the same products in different orders, so fp32
+    rounding differs by ~1e-7 of the gradient's scale (which reaches ~100 with the scaled head)."""
+    input_ids, attention_mask = left_padded_batch()
+    chunked = grads_of_objective(model, objective, lambda: token_logprobs(
+        model, input_ids, attention_mask, temperature=temperature, chunk_size=chunk_size, return_entropy=True))
+    naive = grads_of_objective(model, objective, lambda: naive_logprobs_and_entropy(
+        model, input_ids, attention_mask, temperature))
+    assert chunked.keys() == naive.keys() and chunked
+    for name in naive:
+        scale = naive[name].abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(chunked[name], naive[name], atol=1e-5 * max(1.0, scale), rtol=1e-5,
+                                   msg=lambda message: f"{name}: {message}")
+    return chunked
+
+
+@pytest.mark.parametrize("objective", ["logprobs", "entropy", "both"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_match_naive_with_tied_head(variant, objective):
+    model = build_model(variant)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    grads = assert_grads_match_naive(model, objective)
+    assert "model.embed_tokens.weight" in grads  # the tied weight's grad: input embedding + head
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_match_naive_with_untied_head(variant):
+    model = build_model(variant, tie_word_embeddings=False)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    grads = assert_grads_match_naive(model, "both", temperature=1.3, chunk_size=3)
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= grads.keys()
+
+
+@pytest.mark.parametrize("objective", ["logprobs", "entropy", "both"])
+@pytest.mark.parametrize("variant", ["gemma2-capped", "llama"])
+def test_head_gradients_match_naive_in_fp64_to_rounding(variant, objective):
+    """In fp64 only rounding separates the two paths, which pins the backward's formulas (soft-cap
+    derivative, entropy term, temperature) far below fp32's resolution. Compared where the head
+    starts, at the body's output and the head weight: inside the body RMSNorm computes in fp32
+    even in an fp64 model, which would blur everything upstream to fp32 resolution. No padding:
+    transformers' fp64 eager attention turns fully-masked (padding) query rows into NaN."""
+    model = build_model(variant, tie_word_embeddings=False).double()
+    input_ids, attention_mask = left_padded_batch(lengths=(9, 9))
+    body_outputs = []
+
+    def keep_body_output(module, args, output):
+        output.last_hidden_state.retain_grad()
+        body_outputs.append(output.last_hidden_state)
+
+    model.get_decoder().register_forward_hook(keep_body_output)
+
+    def head_grads(compute_logps_and_entropy):
+        grads = grads_of_objective(model, objective, compute_logps_and_entropy)
+        return body_outputs[-1].grad, grads["lm_head.weight"]
+
+    chunked = head_grads(lambda: token_logprobs(model, input_ids, attention_mask, temperature=1.3, chunk_size=4,
+                                                return_entropy=True))
+    naive = head_grads(lambda: naive_logprobs_and_entropy(model, input_ids, attention_mask, 1.3))
+    for chunked_grad, naive_grad in zip(chunked, naive):
+        assert chunked_grad.dtype is torch.float64 and naive_grad.abs().max() > 0
+        torch.testing.assert_close(chunked_grad, naive_grad, atol=1e-12, rtol=1e-10)
+
+
+def test_frozen_head_gets_no_gradient_and_body_gradients_still_match():
+    model = build_model("gemma2-capped")
+    model.get_output_embeddings().weight.requires_grad_(False)  # tied: the input embedding too
+    grads = assert_grads_match_naive(model, "both")
+    assert model.get_output_embeddings().weight.grad is None
+    assert "model.embed_tokens.weight" not in grads and grads
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_rows_equal_the_same_rows_unpadded(variant):
+    model = shared_model(variant)
+    input_ids, attention_mask = left_padded_batch()
+    batched = token_logprobs(model, input_ids, attention_mask, chunk_size=4)
+    for row, length in enumerate(LENGTHS):
+        alone_ids = input_ids[row:row + 1, -length:]
+        alone = token_logprobs(model, alone_ids, torch.ones_like(alone_ids), chunk_size=4)
+        # Output t predicts token t + 1: the row's own predictions start at its first real token.
+        assert_close(batched[row:row + 1, -(length - 1):], alone)
+
+
+def test_no_grad_reference_pass():
+    model = shared_model("gemma2")
+    input_ids, attention_mask = left_padded_batch()
+    with_grad = token_logprobs(model, input_ids, attention_mask, chunk_size=3)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        logps, entropy = token_logprobs(model, input_ids, attention_mask, chunk_size=3, return_entropy=True)
+    assert not logps.requires_grad and not entropy.requires_grad
+    torch.testing.assert_close(logps, with_grad.detach(), atol=0, rtol=0)
+
+
+def test_bf16_model_gives_fp32_logprobs_and_bf16_gradients():
+    model = build_model("gemma2").to(torch.bfloat16)
+    input_ids, attention_mask = left_padded_batch()
+    logps = token_logprobs(model, input_ids, attention_mask, chunk_size=5)
+    assert logps.dtype is torch.float32
+    expected, _ = naive_logprobs_and_entropy(model, input_ids, attention_mask, 1.0)
+    # The naive path rounds its logits to bf16; this one does not, hence the loose tolerance.
+    assert_close(logps, expected, tolerance=5e-2)
+    logps.sum().backward()
+    head_grad = model.get_output_embeddings().weight.grad
+    assert head_grad.dtype is torch.bfloat16 and head_grad.abs().max() > 0
+
+
+def test_unsupported_logit_postprocessing_and_bad_arguments_raise():
+    from transformers import AutoModelForCausalLM, CohereConfig
+
+    cohere = AutoModelForCausalLM.from_config(CohereConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=0, bos_token_id=2, eos_token_id=1))  # logits *= logit_scale
+    input_ids, attention_mask = left_padded_batch()
+    with pytest.raises(NotImplementedError, match="cohere"):
+        token_logprobs(cohere, input_ids, attention_mask)
+    model = shared_model("llama")
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(model, input_ids, attention_mask, temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_logprobs(model, input_ids, attention_mask, chunk_size=0)
+
+
+def test_sequence_logprobs_sums_masked_positions_only():
+    token_logps = torch.tensor([[-1.0, -2.0, -float("inf")], [float("nan"), -0.5, -0.25]])
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    torch.testing.assert_close(sequence_logprobs(token_logps, mask), torch.tensor([-3.0, -0.75]))
+    torch.testing.assert_close(sequence_logprobs(token_logps, mask.bool()), torch.tensor([-3.0, -0.75]))
+
+
+# Runs in a fresh process so that RSS is this computation's alone: torch's CPU allocator is
+# invisible to tracemalloc, RSS is not. Writing 5 to /proc/self/clear_refs resets the peak RSS
+# (VmHWM), so one process measures both paths. The fixed mmap threshold makes glibc return every
+# freed buffer of 1 MB or more to the OS at once; glibc otherwise raises the threshold up to 32 MB
+# as buffers are freed and keeps the freed chunk-sized buffers on its heap, and RSS would measure
+# that caching rather than the tensors alive at once.
+MEMORY_PROBE = r"""
+import json
+import torch
+from common.logprobs import token_logprobs
+from tests.conftest import micro_model
+
+torch.set_num_threads(1)
+model = micro_model("gemma2", vocab_size=256000, num_hidden_layers=1).train()
+input_ids = torch.randint(3, 256000, (4, 64), generator=torch.Generator().manual_seed(0))
+attention_mask = torch.ones_like(input_ids)
+
+def memory_mb(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+
+def forward_backward(path, input_ids, attention_mask):
+    if path == "naive":
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        logps = torch.log_softmax(logits, -1)[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    else:
+        logps = token_logprobs(model, input_ids, attention_mask, chunk_size=32)
+    logps.sum().backward()
+    model.zero_grad(set_to_none=True)
+
+increments = {}
+for path in ("chunked", "naive"):
+    forward_backward(path, input_ids[:1, :4], attention_mask[:1, :4])  # warm-up: kernels, thread pool
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    baseline = memory_mb("VmRSS")
+    forward_backward(path, input_ids, attention_mask)
+    increments[path] = memory_mb("VmHWM") - baseline
+print(json.dumps(increments))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc peak-RSS reset")
+def test_peak_memory_is_bounded_by_the_chunk_not_the_batch():
+    # vocab 256,000 x hidden 16: a 16 MB head, and [4, 64, 256000] fp32 logits = 262 MB on the naive
+    # path, several times over with soft-capping, log_softmax and the backward; one chunk of 32
+    # positions is 33 MB, a few of which are alive at once.
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    increments = json.loads(result.stdout.splitlines()[-1])
+    assert increments["naive"] > 500, increments
+    assert increments["chunked"] < 0.25 * increments["naive"], increments
