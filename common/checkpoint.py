@@ -1,0 +1,197 @@
+"""LoRA training checkpoints: one ``.pt`` dict, written atomically, read without pickled code.
+
+A checkpoint holds
+
+    lora            the lora_state_dict (adapter weights only: a few MB even for Gemma 2B)
+    lora_config     r, alpha, target_modules, dropout, use_rslora
+    base_model      the MODEL_PATH it was trained on, and a fingerprint of that model's shape
+    optimizer       optimizer state (and ``scheduler``), for an exact resume
+    epoch, step     where training was
+    rng             python, numpy and torch generator states (and named extra generators)
+    config          the run's resolved config
+    extra           anything a trainer adds (a critic's weights, say)
+
+It is written to a temporary file in the same directory, flushed, fsync'ed and
+renamed into place, so a crash mid-write leaves the previous checkpoint intact.
+It is read with ``torch.load(weights_only=True)``: a file that would run code
+when unpickled is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.lora import apply_lora, load_lora_state_dict, lora_config, lora_modules, lora_state_dict
+
+CHECKPOINT_KEYS = ("lora", "lora_config", "base_model", "optimizer", "scheduler", "epoch", "step", "rng",
+                   "config", "extra")
+_NAME = re.compile(r"lora_epoch(\d+)_step(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the model it is loaded into."""
+
+
+def checkpoint_path(checkpoint_dir: str | Path, run_name: str, epoch: int, step: int) -> Path:
+    return Path(checkpoint_dir) / run_name / f"lora_epoch{epoch}_step{step}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoints, oldest first (by step, then epoch)."""
+    found = [(int(m[2]), int(m[1]), p) for p in Path(run_dir).glob("lora_epoch*_step*.pt")
+             if (m := _NAME.search(p.name))]
+    return [p for _, _, p in sorted(found)]
+
+
+def model_fingerprint(model) -> dict:
+    """What must match between the model a checkpoint was made for and the one it is loaded into."""
+    config = model.config
+    return {key: getattr(config, key, None)
+            for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                        "num_attention_heads", "num_key_value_heads")}
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Every random state a run draws from, as plain types and tensors (loadable with weights_only)."""
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": numpy_state[0], "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+                  "pos": int(numpy_state[2]), "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, generator in (generators or {}).items():
+        if name not in state["generators"]:
+            raise CheckpointError(f"checkpoint has no state for the random generator {name!r}")
+        generator.set_state(state["generators"][name])
+
+
+def atomic_torch_save(obj, path: str | Path) -> Path:
+    """torch.save to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    # Make the rename itself durable: fsync the directory entry.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def save_checkpoint(path: str | Path, model, base_model_path: str | Path, config: dict, optimizer=None,
+                    scheduler=None, epoch: int = 0, step: int = 0,
+                    generators: dict[str, torch.Generator] | None = None, extra: dict | None = None) -> Path:
+    """Write a checkpoint of the model's LoRA and the training state to ``path``, atomically."""
+    checkpoint = {
+        "lora": lora_state_dict(model),
+        "lora_config": lora_config(model),
+        "base_model": {"path": str(base_model_path), "fingerprint": model_fingerprint(model)},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": int(epoch),
+        "step": int(step),
+        "rng": rng_state(generators),
+        "config": config,
+        "extra": extra or {},
+    }
+    return atomic_torch_save(checkpoint, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint on the CPU, refusing anything but tensors and plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain data "
+                              f"(loading it would run code). Details: {str(exc).splitlines()[0]}") from None
+    except (RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from None
+    if not isinstance(checkpoint, dict) or "lora" not in checkpoint or "lora_config" not in checkpoint:
+        raise CheckpointError(f"{path}: not a LoRA checkpoint of this project (expected keys {CHECKPOINT_KEYS})")
+    return checkpoint
+
+
+def check_base_model(checkpoint: dict, model, where: str = "checkpoint") -> None:
+    """Refuse a checkpoint made for a model of another shape, naming what differs."""
+    saved = checkpoint["base_model"]["fingerprint"]
+    current = model_fingerprint(model)
+    differences = [f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} in the model"
+                   for key in current if saved.get(key) != current.get(key)]
+    if differences:
+        raise CheckpointError(
+            f"{where} was made for another base model ({checkpoint['base_model']['path']}):\n  "
+            + "\n  ".join(differences))
+
+
+def restore_lora(model, checkpoint: dict, where: str = "checkpoint") -> list[str]:
+    """Put the checkpoint's LoRA on ``model``: apply_lora with its settings when the model has
+    no adapters yet, else check the layout matches; then load the weights strictly."""
+    check_base_model(checkpoint, model, where)
+    settings = checkpoint["lora_config"]
+    if lora_modules(model):
+        current = lora_config(model)
+        differences = [f"{key}: {settings[key]!r} in the checkpoint, {current[key]!r} in the model"
+                       for key in ("r", "alpha", "target_modules", "use_rslora") if settings[key] != current[key]]
+        if differences:
+            raise CheckpointError(f"{where} has another LoRA layout:\n  " + "\n  ".join(differences))
+        wrapped = sorted(lora_modules(model))
+    else:
+        wrapped = apply_lora(model, r=settings["r"], alpha=settings["alpha"],
+                             target_modules=settings["target_modules"], dropout=settings["dropout"],
+                             use_rslora=settings["use_rslora"])
+    load_lora_state_dict(model, checkpoint["lora"])
+    return wrapped
+
+
+def load_lora_checkpoint(model, path: str | Path) -> dict:
+    """Load a checkpoint's adapter into ``model`` (for evaluation or export); returns the checkpoint."""
+    checkpoint = load_checkpoint(path)
+    restore_lora(model, checkpoint, where=str(path))
+    return checkpoint
+
+
+def restore_training_state(checkpoint: dict, optimizer=None, scheduler=None,
+                           generators: dict[str, torch.Generator] | None = None) -> None:
+    """Optimizer, scheduler and random states, so that a resumed run continues exactly."""
+    if optimizer is not None:
+        if checkpoint["optimizer"] is None:
+            raise CheckpointError("checkpoint has no optimizer state to resume from")
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    if scheduler is not None and checkpoint["scheduler"] is not None:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    restore_rng_state(checkpoint["rng"], generators)

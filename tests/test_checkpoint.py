@@ -1,0 +1,125 @@
+"""Checkpoints: exact round trip, atomic writes, refusing code and mismatched models."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import common.checkpoint as checkpoint_module
+from common.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
+                               load_lora_checkpoint, restore_lora, restore_training_state, save_checkpoint)
+from common.lora import LoRAStateError, apply_lora, lora_parameters
+from tests.conftest import micro_model
+
+INPUT_IDS = torch.tensor([[2, 5, 9, 11, 4, 7]])
+
+
+def trained_lora_model(arch="gemma2", r=4, targets=("q_proj", "v_proj")):
+    model = micro_model(arch)
+    apply_lora(model, r=r, alpha=8, target_modules=targets)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    for _ in range(2):
+        loss = model(INPUT_IDS).logits.square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer
+
+
+def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
+    model, optimizer = trained_lora_model()
+    generator = torch.Generator().manual_seed(3)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    path = save_checkpoint(tmp_path / "run" / "lora_epoch0_step2.pt", model, "models/micro", {"LR": 1e-2},
+                           optimizer=optimizer, epoch=0, step=2, generators={"sampler": generator})
+    expected_draws = (random.random(), float(np.random.rand()), float(torch.rand(1)),
+                      float(torch.rand(1, generator=generator)))
+    with torch.no_grad():
+        expected_logits = model(INPUT_IDS).logits
+
+    fresh = micro_model("gemma2")
+    checkpoint = load_lora_checkpoint(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(INPUT_IDS).logits, expected_logits)
+    fresh_optimizer = torch.optim.AdamW(lora_parameters(fresh), lr=1e-2)
+    fresh_generator = torch.Generator()
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    restore_training_state(checkpoint, fresh_optimizer, generators={"sampler": fresh_generator})
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1)),
+            float(torch.rand(1, generator=fresh_generator))) == expected_draws
+    saved_state, restored_state = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+    assert saved_state.keys() == restored_state.keys()
+    for index in saved_state:
+        assert torch.equal(saved_state[index]["exp_avg"], restored_state[index]["exp_avg"])
+        assert torch.equal(saved_state[index]["exp_avg_sq"], restored_state[index]["exp_avg_sq"])
+    assert checkpoint["step"] == 2 and checkpoint["config"] == {"LR": 1e-2}
+    assert checkpoint["lora_config"] == {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                         "dropout": 0.0, "use_rslora": False}
+
+
+def test_torn_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, _ = trained_lora_model()
+    path = tmp_path / "lora_epoch0_step1.pt"
+    save_checkpoint(path, model, "models/micro", {"version": 1}, step=1)
+
+    def crash_before_rename(*args):
+        raise OSError("simulated crash before rename")
+
+    with torch.no_grad():
+        for parameter in lora_parameters(model):
+            parameter.add_(1.0)
+    monkeypatch.setattr(checkpoint_module.os, "replace", crash_before_rename)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(path, model, "models/micro", {"version": 2}, step=1)
+    monkeypatch.undo()
+    previous = load_checkpoint(path)
+    assert previous["config"] == {"version": 1}
+    assert os.listdir(tmp_path) == [path.name]  # the temporary file is gone too
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_checkpoint",))
+
+
+def test_pickle_holding_code_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "evil.pt"
+    torch.save({"lora": {}, "lora_config": {}, "payload": RunsCode()}, path)
+    monkeypatch.chdir(tmp_path)  # where the payload would drop its marker file
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned_by_checkpoint").exists()
+
+
+def test_checkpoint_for_another_model_is_refused(tmp_path):
+    model, _ = trained_lora_model("llama")
+    path = save_checkpoint(tmp_path / "c.pt", model, "models/llama-micro", {})
+    with pytest.raises(CheckpointError) as error:
+        load_lora_checkpoint(micro_model("gemma2"), path)
+    assert "model_type: 'llama' in the checkpoint, 'gemma2' in the model" in str(error.value)
+    assert "models/llama-micro" in str(error.value)
+
+
+def test_checkpoint_with_another_lora_layout_is_refused(tmp_path):
+    model, _ = trained_lora_model(r=4)
+    checkpoint = load_checkpoint(save_checkpoint(tmp_path / "c.pt", model, "m", {}))
+    other_rank = micro_model("gemma2")
+    apply_lora(other_rank, r=8, alpha=8, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(CheckpointError, match="r: 4 in the checkpoint, 8 in the model"):
+        restore_lora(other_rank, checkpoint)
+    # A state whose tensors were tampered with to another rank is refused by the strict loader.
+    checkpoint["lora_config"]["r"] = 8
+    with pytest.raises(LoRAStateError, match="rank 4 in the checkpoint, 8 in the model"):
+        restore_lora(other_rank, checkpoint)
+
+
+def test_checkpoint_names_and_listing(tmp_path):
+    assert checkpoint_path("checkpoints", "grpo-1", 2, 30) == checkpoint_module.Path(
+        "checkpoints/grpo-1/lora_epoch2_step30.pt")
+    model, _ = trained_lora_model()
+    for epoch, step in [(0, 5), (1, 20), (0, 10)]:
+        save_checkpoint(checkpoint_path(tmp_path, "run", epoch, step), model, "m", {}, epoch=epoch, step=step)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == [
+        "lora_epoch0_step5.pt", "lora_epoch0_step10.pt", "lora_epoch1_step20.pt"]
