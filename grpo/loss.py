@@ -1,0 +1,213 @@
+"""The GRPO loss: PPO's clipped surrogate per token, an optional KL penalty to a reference policy,
+and a choice of how the per-token losses of a batch are averaged.
+
+Notation: completion i of the batch (B completions, padded to T tokens), token t, completion_mask
+m_{i,t} (1 on the completion's tokens, EOS included; 0 on padding), A_i the completion's advantage
+(grpo.advantage), and per token logp = log pi_theta (the policy being trained), old_logp = log
+pi_old (the policy that sampled the completions), ref_logp = log pi_ref (the frozen reference).
+
+Importance ratio r_{i,t}, by importance_level:
+
+    "token"     r_{i,t} = exp(logp_{i,t} - old_logp_{i,t})
+                GRPO (DeepSeekMath, Shao et al. 2024), as in PPO
+    "sequence"  r_{i,t} = s_i = exp(sum_t m_{i,t} (logp_{i,t} - old_logp_{i,t}) / |y_i|),  |y_i| = sum_t m_{i,t}
+                the length-normalised sequence ratio of GSPO (Zheng et al. 2025)
+
+"sequence" uses s_i for every token of completion i, and the gradient flows through the mean of
+the log-ratios: d s_i / d logp_{i,t} = s_i / |y_i|, GSPO's gradient. GSPO also gives a token-level
+form, sg[s_i] * pi_theta(y_t) / sg[pi_theta(y_t)], for per-token advantages; with one advantage
+per completion, as here, it has the same value and the same gradient as broadcasting s_i under
+every aggregation below, so the simpler form is used. GSPO's ratios stay much closer to 1 than
+token ratios: its paper clips at eps_low = 3e-4, eps_high = 4e-4.
+
+Per-token loss (minimised, so it is minus the objective):
+
+    L_{i,t} = -min(r_{i,t} A_i, clip(r_{i,t}, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_{i,t}
+
+The min is PPO's pessimistic bound (Schulman et al. 2017): a token whose ratio has already moved
+past the clip range in the direction its advantage pushes (r > 1 + eps_high with A > 0, or
+r < 1 - eps_low with A < 0) contributes the constant clipped value and no gradient; moved the other
+way it stays unclipped, so a step that went wrong can always be undone. eps_high > eps_low is DAPO's
+"clip-higher" (Yu et al. 2025, 0.2 and 0.28): low-probability tokens can grow more before
+clipping, which keeps the policy's entropy from collapsing. KL_{i,t} = kl_estimate(logp, ref_logp,
+kl_estimator) (common.kl); DeepSeekMath's GRPO adds the k3 estimate to the loss, not the reward.
+
+Aggregation over the batch, by loss_agg:
+
+    "token_mean"     sum_i sum_t L m / sum_i sum_t m                 DAPO: every token weighs the same
+    "seq_mean"       (1 / B) sum_i (sum_t L m / sum_t m)             DeepSeekMath's GRPO (and GSPO)
+    "seq_sum_const"  sum_i sum_t L m / (B * max_tokens)              Dr. GRPO (Liu et al. 2025)
+
+"seq_mean" weighs every completion the same, so a token of a long completion counts less: short
+right answers are rewarded more per token, long wrong answers penalised less per token, a length
+bias that Dr. GRPO blames for wrong answers growing ever longer. "token_mean" weighs tokens
+equally within a batch; "seq_sum_const" also makes the denominator independent of the sampled
+lengths (max_tokens is the generation limit, a constant).
+With "sequence" importance and "seq_mean" the loss is exactly GSPO's objective, every token of a
+completion carrying the same L.
+
+Gradient accumulation: ``normalizer`` replaces the denominator computed from the given batch
+(sum_i sum_t m for "token_mean", B for "seq_mean", B * max_tokens for "seq_sum_const"). Passing,
+for every micro-batch, the denominator of the whole step (its token count, its number of
+completions, or that number times max_tokens) makes the micro-batches' losses, and their
+gradients, add up to those of the whole step computed at once.
+
+Log-ratios are clamped to [-20, 20] before the exponential, as in verl: a ratio of e^20 means the
+policy has long left the trust region, and without the clamp exp overflows to inf beyond 88,
+where inf * 0 (a zero advantage) would make the loss NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.kl import KL_ESTIMATORS, kl_estimate
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_const")
+IMPORTANCE_LEVELS = ("token", "sequence")
+LOG_RATIO_LIMIT = 20.0
+
+
+def _check_arguments(logp, old_logp, advantages, completion_mask, ref_logp, beta, eps_low, eps_high,
+                     loss_agg, importance_level, normalizer, max_tokens, kl_estimator) -> None:
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; valid: {list(LOSS_AGGREGATIONS)}")
+    if importance_level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"unknown importance_level {importance_level!r}; valid: {list(IMPORTANCE_LEVELS)}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; valid: {sorted(KL_ESTIMATORS)}")
+
+    if logp.dim() != 2 or logp.shape[0] < 1 or logp.shape[1] < 1:
+        raise ValueError(f"logp must have shape [B, T] with B, T >= 1, got {tuple(logp.shape)}")
+    if not logp.is_floating_point():
+        raise ValueError(f"logp must be floating point, got {logp.dtype}")
+    named_tensors = {"old_logp": old_logp, "completion_mask": completion_mask}
+    if ref_logp is not None:
+        named_tensors["ref_logp"] = ref_logp
+    for name, tensor in named_tensors.items():
+        if tensor.shape != logp.shape:
+            raise ValueError(f"{name} must have the shape of logp {tuple(logp.shape)}, got {tuple(tensor.shape)}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must have shape [B] = [{logp.shape[0]}] (one per completion), "
+                         f"got {tuple(advantages.shape)}")
+    if not ((completion_mask == 0) | (completion_mask == 1)).all():
+        raise ValueError("completion_mask must contain only 0 and 1")
+
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"beta = {beta} > 0 needs ref_logp, the reference policy's log-probs")
+    if not 0 <= eps_low < 1 or eps_high < 0:
+        raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    if normalizer is not None and not normalizer > 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    if loss_agg == "seq_sum_const" and normalizer is None and max_tokens is None:
+        raise ValueError("loss_agg 'seq_sum_const' needs max_tokens (the generation limit) or a normalizer")
+    if max_tokens is not None and not 0 < logp.shape[1] <= max_tokens:
+        raise ValueError(f"max_tokens = {max_tokens} is less than the completions' padded length {logp.shape[1]}")
+
+
+def _aggregate(per_token_loss: torch.Tensor, completion_mask: torch.Tensor, loss_agg: str,
+               normalizer: float | None, max_tokens: int | None) -> torch.Tensor:
+    """The batch loss from per-token losses [B, T] (see the module docstring). A completion with an
+    empty mask contributes 0; so does a batch with no tokens at all."""
+    sum_per_completion = (per_token_loss * completion_mask).sum(dim=1)
+    num_completions = completion_mask.shape[0]
+    if loss_agg == "token_mean":
+        denominator = completion_mask.sum().clamp_min(1.0) if normalizer is None else normalizer
+        return sum_per_completion.sum() / denominator
+    if loss_agg == "seq_mean":
+        mean_per_completion = sum_per_completion / completion_mask.sum(dim=1).clamp_min(1.0)
+        return mean_per_completion.sum() / (num_completions if normalizer is None else normalizer)
+    denominator = num_completions * max_tokens if normalizer is None else normalizer
+    return sum_per_completion.sum() / denominator
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+              completion_mask: torch.Tensor, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
+              eps_low: float = 0.2, eps_high: float = 0.2, loss_agg: str = "token_mean",
+              importance_level: str = "token", normalizer: float | None = None,
+              max_tokens: int | None = None, kl_estimator: str = "k3") -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss of a batch (or micro-batch) of completions, and statistics for logging.
+
+    logp, old_logp, ref_logp [B, T]: per-token log-probs of the completions' tokens under the
+    policy being trained, the sampling policy and the reference; completion_mask [B, T]: 1 on the
+    completion's tokens (EOS included), 0 on padding (bool or 0/1 numbers); advantages [B]: one per
+    completion. Only logp receives gradients; the others are detached.
+
+    beta > 0 adds beta * kl_estimate(logp, ref_logp, kl_estimator) per token and needs ref_logp.
+    eps_low, eps_high: the clip range [1 - eps_low, 1 + eps_high]. loss_agg: "token_mean",
+    "seq_mean" or "seq_sum_const" (needs max_tokens, the generation limit, unless normalizer is
+    given). importance_level: "token" or "sequence" (GSPO). normalizer, when given, replaces the
+    aggregation's denominator computed from this batch: the step's token count ("token_mean"), its
+    number of completions ("seq_mean") or that number times max_tokens ("seq_sum_const"), so that
+    micro-batch losses add up to the step's loss. Formulas and sources: the module docstring.
+
+    Padding positions may hold anything (even inf or NaN): they are zeroed before use and
+    contribute nothing to the loss, the gradient or the statistics. Computed in at least fp32.
+
+    Returns (loss, stats). loss is a scalar; stats are floats over this batch's masked tokens:
+      clip_frac       fraction of tokens whose clipped term is the active min (no gradient):
+                      (r < 1 - eps_low and A < 0) or (r > 1 + eps_high and A > 0)
+      clip_frac_low   the first kind alone;  clip_frac_high  the second kind alone
+      ratio_mean      mean of r
+      approx_kl       mean of (logp - old_logp)^2 / 2, the k2 estimate of KL(pi_old || pi_theta)
+      kl              mean of the KL estimate to the reference; only when ref_logp is given
+      policy_loss     the clipped-surrogate part of the loss alone, aggregated like the loss
+      tokens          number of masked tokens
+    """
+    _check_arguments(logp, old_logp, advantages, completion_mask, ref_logp, beta, eps_low, eps_high,
+                     loss_agg, importance_level, normalizer, max_tokens, kl_estimator)
+    compute_dtype = torch.promote_types(logp.dtype, torch.float32)
+    is_completion_token = completion_mask.bool()
+    completion_mask = is_completion_token.to(compute_dtype)
+
+    def completion_tokens_only(tensor: torch.Tensor) -> torch.Tensor:
+        # torch.where, unlike multiplying by the mask, gives padding exactly 0 even when it holds
+        # inf or NaN, and exactly 0 gradient.
+        return torch.where(is_completion_token, tensor.to(compute_dtype), 0.0)
+
+    logp = completion_tokens_only(logp)
+    old_logp = completion_tokens_only(old_logp.detach())
+    advantages = advantages.detach().to(compute_dtype).unsqueeze(1)
+
+    token_log_ratio = logp - old_logp
+    if importance_level == "token":
+        log_ratio = token_log_ratio
+    else:
+        tokens_per_completion = completion_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+        sequence_log_ratio = token_log_ratio.sum(dim=1, keepdim=True) / tokens_per_completion
+        log_ratio = sequence_log_ratio.expand_as(token_log_ratio)
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    policy_loss_per_token = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+
+    per_token_loss = policy_loss_per_token
+    kl_per_token = None
+    if ref_logp is not None:
+        kl_per_token = kl_estimate(logp, completion_tokens_only(ref_logp.detach()), kl_estimator)
+        if beta > 0:
+            per_token_loss = per_token_loss + beta * kl_per_token
+    loss = _aggregate(per_token_loss, completion_mask, loss_agg, normalizer, max_tokens)
+
+    with torch.no_grad():
+        num_tokens = completion_mask.sum()
+
+        def masked_mean(per_token: torch.Tensor) -> float:
+            return float((per_token * completion_mask).sum() / num_tokens.clamp_min(1.0))
+
+        clipped_low = (ratio < 1.0 - eps_low) & (advantages < 0)
+        clipped_high = (ratio > 1.0 + eps_high) & (advantages > 0)
+        stats = {
+            "clip_frac": masked_mean((clipped_low | clipped_high).to(compute_dtype)),
+            "clip_frac_low": masked_mean(clipped_low.to(compute_dtype)),
+            "clip_frac_high": masked_mean(clipped_high.to(compute_dtype)),
+            "ratio_mean": masked_mean(ratio),
+            "approx_kl": masked_mean(0.5 * token_log_ratio.square()),
+            "policy_loss": float(_aggregate(policy_loss_per_token, completion_mask, loss_agg, normalizer,
+                                            max_tokens)),
+            "tokens": float(num_tokens),
+        }
+        if kl_per_token is not None:
+            stats["kl"] = masked_mean(kl_per_token)
+    return loss, stats
