@@ -2,6 +2,7 @@
 
     python eval_math.py --MODEL_PATH=models/tiny-gemma2-math --TEST_FILE=data/synth_test.jsonl
     python eval_math.py --LIMIT=200          # Gemma 2 2B Instruct on the first 200 GSM8K test questions
+    python eval_math.py --LORA_CKPT=checkpoints/grpo/lora_epoch1_step100.pt   # base + a trained LoRA
 
 Prints `Total: N  Correct: M  Accuracy: X.XX%` with a 95% confidence interval
 and tokens/s, and writes one JSONL line per question (question, gold, output,
@@ -16,6 +17,7 @@ from common.config import configure
 
 # ---------------------------------------------------------------- constants
 MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
+LORA_CKPT: Path | None = None  # LoRA checkpoint (.pt, or a run directory: its newest) to evaluate on MODEL_PATH
 TEST_FILE = "data/gsm8k_test.jsonl"  # JSONL problems {"question", "gold_answer"} (python prepare_gsm8k.py makes it)
 LIMIT = 0  # evaluate the first LIMIT problems (0 = all)
 BATCH_SIZE = 64  # prompts generated together
@@ -23,21 +25,28 @@ MAX_NEW_TOKENS = 256  # answer length limit; an answer cut off here counts as wr
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 OUT_FILE: Path | None = None  # per-question JSONL (None = logs/eval_<model>_<time>.jsonl)
+COMPARE_TO: Path | None = None  # summary JSON of an earlier eval (e.g. the base model's) to print before -> after
 
 config = configure(globals())
 # ---------------------------------------------------------------------------
 
+from common.checkpoint import load_lora_checkpoint, resolve_checkpoint  # noqa: E402
 from common.data import load_problems  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.model import load_model_and_tokenizer  # noqa: E402
 
 problems = load_problems(TEST_FILE, limit=LIMIT or None)
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
-print(f"evaluating {MODEL_PATH} on {len(problems)} problems of {TEST_FILE} ({device}, {next(model.parameters()).dtype})")
+if LORA_CKPT is not None:
+    LORA_CKPT = resolve_checkpoint(LORA_CKPT)
+    checkpoint = load_lora_checkpoint(model, LORA_CKPT)
+    print(f"loaded LoRA {LORA_CKPT} (step {checkpoint['step']}, trained on {checkpoint['base_model']['path']})")
+print(f"evaluating {MODEL_PATH}{' + ' + str(LORA_CKPT) if LORA_CKPT else ''} on {len(problems)} problems of {TEST_FILE} ({device}, {next(model.parameters()).dtype})")
 
 result = evaluate(model, tokenizer, problems, BATCH_SIZE, MAX_NEW_TOKENS)
 
-out_file = Path(OUT_FILE or f"logs/eval_{Path(MODEL_PATH).name}_{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+run_name = Path(LORA_CKPT).stem if LORA_CKPT else Path(MODEL_PATH).name
+out_file = Path(OUT_FILE or f"logs/eval_{run_name}_{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
 out_file.parent.mkdir(parents=True, exist_ok=True)
 with out_file.open("w") as f:
     for record in result.records:
@@ -46,3 +55,9 @@ summary_file = out_file.with_suffix(".summary.json")
 summary_file.write_text(json.dumps({"config": config, **result.metrics()}, indent=2))
 print(result.summary())
 print(f"per-question results: {out_file}  summary: {summary_file}")
+if COMPARE_TO is not None:
+    before = json.loads(Path(COMPARE_TO).read_text())
+    change = 100 * (result.accuracy - before["eval/accuracy"])
+    print(f"before -> after: {100 * before['eval/accuracy']:.2f}% ({before['eval/total']} problems, "
+          f"{before['config'].get('LORA_CKPT') or before['config']['MODEL_PATH']}) -> {100 * result.accuracy:.2f}% "
+          f"({result.total} problems): {change:+.2f} points")

@@ -28,16 +28,16 @@ OUT_DIR = "models/tiny-gemma2-math"  # where the finished model goes
 FORCE = False  # rebuild even if OUT_DIR exists
 SEED = 0  # seed of the tokenizer corpus, the initial weights and SFT
 TOKENIZER_CORPUS_SIZE = 20000  # synthetic problems the tokenizer is trained on
-VOCAB_SIZE = 1024  # BPE vocabulary limit (the synthetic corpus saturates near 760; Gemma 2 has 256,000)
+VOCAB_SIZE = 1024  # BPE vocabulary size (Gemma 2 has 256,000)
 HIDDEN_SIZE = 128  # model width
 NUM_LAYERS = 4  # transformer blocks (Gemma 2 alternates sliding-window and global attention)
 NUM_HEADS = 4  # attention heads (and key/value heads)
 HEAD_DIM = 32  # width of one head
 INTERMEDIATE_SIZE = 512  # MLP width
 MAX_POSITIONS = 512  # longest sequence; the sliding window covers all of it
-SFT_STEPS = 700  # supervised steps of run_sft.py
-SFT_BATCH_SIZE = 64  # examples per SFT step
-SFT_LR = 2e-3  # SFT learning rate
+SFT_STEPS = 1000  # supervised steps of run_sft.py
+SFT_BATCH_SIZE = 32  # examples per SFT step
+SFT_LR = 3e-3  # SFT peak learning rate (cosine decay to 10%)
 EVAL_LIMIT = 500  # held-out problems for the final accuracy (0 = all)
 
 config = configure(globals())
@@ -63,12 +63,17 @@ def train_tokenizer(out_dir: Path):
     from common.prompts import user_message
 
     problems = synth.make_problems(TOKENIZER_CORPUS_SIZE, seed=SEED + 1)
-    corpus = [f"{user_message(p['question'])}\nmodel\n{p['solution']}" for p in problems]
+    # The text exactly as training shows it, turn markers included, so "user" and
+    # "model" get merged like every other frequent word.
+    corpus = [f"<start_of_turn>user\n{user_message(p['question'])}<end_of_turn>\n<start_of_turn>model\n"
+              f"{p['solution']}<end_of_turn>" for p in problems]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    # Digits first, one per pre-token: merges never cross them, so "125" is 1 2 5.
+    # Digits first, one per pre-token: merges never cross them, so "125" is 1 2 5.  Words are
+    # not pre-split (use_regex=False), so BPE merges frequent phrases ("How many", the
+    # instruction) into single tokens: sequences are 40% shorter and SFT that much faster.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
@@ -117,15 +122,17 @@ build_dir = out_dir.with_name(out_dir.name + ".build")
 shutil.rmtree(build_dir, ignore_errors=True)
 initial_dir, trained_dir = build_dir / "initial", build_dir / "trained"
 
-print(f"[1/3] training a {VOCAB_SIZE}-token BPE tokenizer on {TOKENIZER_CORPUS_SIZE} synthetic problems")
+print(f"[1/3] training a {VOCAB_SIZE}-token BPE tokenizer on {TOKENIZER_CORPUS_SIZE} synthetic problems", flush=True)
 tokenizer = train_tokenizer(initial_dir)
-print(f"[2/3] building a random Gemma 2 model: ", end="")
 num_parameters = build_initial_model(tokenizer, initial_dir)
-print(f"{num_parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
-print(f"[3/3] supervised fine-tuning for {SFT_STEPS} steps (run_sft.py)")
+print(f"[2/3] built a random Gemma 2 model: {num_parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
+print(f"[3/3] supervised fine-tuning for {SFT_STEPS} steps (run_sft.py)", flush=True)
+# On the CPU in fp32 whatever the machine has: the same seed then gives the same model
+# everywhere, and a 1M-parameter model gains nothing from a GPU.
 subprocess.run(
     [sys.executable, "run_sft.py", f"--MODEL_PATH={initial_dir}", f"--OUT_DIR={trained_dir}",
-     f"--MAX_STEPS={SFT_STEPS}", f"--BATCH_SIZE={SFT_BATCH_SIZE}", f"--LR={SFT_LR}", f"--SEED={SEED}",
+     f"--MAX_STEPS={SFT_STEPS}", f"--BATCH_SIZE={SFT_BATCH_SIZE}", f"--LR={SFT_LR}", "--LR_SCHEDULE=cosine",
+     "--WARMUP_STEPS=30", f"--SEED={SEED}",
      f"--EVAL_LIMIT={EVAL_LIMIT}", "--DEVICE=cpu", "--DTYPE=float32",
      f"--LOG_FILE={build_dir / 'sft_log.jsonl'}"],
     check=True,

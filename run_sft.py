@@ -1,11 +1,16 @@
 """Supervised fine-tuning on worked solutions; the loss counts the answer tokens only.
 
     python run_sft.py --MODEL_PATH=models/tiny-gemma2-math --OUT_DIR=checkpoints/sft-tiny --MAX_STEPS=200
+    python run_sft.py --MODEL_PATH=models/gemma-2-2b-it --TRAIN_FILE=data/gsm8k_train.jsonl \
+        --EVAL_FILE=data/gsm8k_test.jsonl --LORA_R=16 --LR=2e-4 --BATCH_SIZE=8 --MAX_STEPS=300
 
 Each example is  prompt (chat template) + solution + end-of-answer token.  The
 prompt is context, not target: only the solution and the token that ends it
 (EOS / <end_of_turn>, so the model learns to stop) are in the loss.
-make_tiny_model.py uses this script to teach the built-in tiny model.
+make_tiny_model.py uses this script to teach the built-in tiny model (all
+weights).  With LORA_R > 0 only a LoRA is trained (a warm-up on worked solutions
+before RL, as the original project did) and saved as a checkpoint in the same
+format as the RL trainers', which eval_math.py --LORA_CKPT and RESUME accept.
 """
 
 import json
@@ -21,7 +26,7 @@ from common.config import configure
 
 # ---------------------------------------------------------------- constants
 MODEL_PATH = "models/tiny-gemma2-math"  # local directory of the model to fine-tune
-OUT_DIR = "checkpoints/sft"  # where the fine-tuned model is saved (save_pretrained format)
+OUT_DIR = "checkpoints/sft"  # full fine-tune: the model (save_pretrained); LoRA: OUT_DIR/lora_epoch0_step{N}.pt
 TRAIN_FILE: Path | None = None  # JSONL with "question" and "solution"; None = an endless stream of fresh synthetic problems
 EVAL_FILE = "data/synth_test.jsonl"  # held-out problems for greedy eval (never in the synthetic training stream)
 EVAL_LIMIT = 500  # how many eval problems (0 = all)
@@ -29,9 +34,15 @@ EVAL_EVERY = 0  # steps between evals (0 = only after training)
 MAX_STEPS = 700  # optimizer steps
 BATCH_SIZE = 64  # examples per step
 LR = 2e-3  # peak learning rate of AdamW
-WARMUP_STEPS = 30  # linear warm-up from 0 to LR, then constant
+WARMUP_STEPS = 30  # linear warm-up from 0 to LR
+LR_SCHEDULE = "cosine"  # after warm-up: constant, or cosine decay to 10% of LR at the last step
 WEIGHT_DECAY = 0.0  # AdamW weight decay
 GRAD_CLIP = 1.0  # max global gradient norm
+LORA_R = 0  # 0 = train every weight; > 0 = train only a LoRA of this rank
+LORA_ALPHA = 32.0  # LoRA scaling numerator: the update is (LORA_ALPHA / LORA_R) * B @ A
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # layers with an adapter
+LORA_DROPOUT = 0.0  # dropout on the adapter's input
+CHUNK_SIZE = 1024  # positions per chunk of the output head (bounds the [positions, vocab] logits in memory)
 MAX_NEW_TOKENS = 64  # eval generation length
 EVAL_BATCH_SIZE = 128  # prompts per eval batch
 SEED = 0  # python / torch seed: the same seed gives the same model
@@ -43,38 +54,48 @@ config = configure(globals())
 # ---------------------------------------------------------------------------
 
 from common import synth  # noqa: E402  (after configure: --help stays fast)
+from common.checkpoint import save_checkpoint  # noqa: E402
 from common.data import load_problems  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
+from common.logprobs import token_logprobs  # noqa: E402
+from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
+from common.schedule import lr_factor  # noqa: E402
 
 random.seed(SEED)
 torch.manual_seed(SEED)
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+if LORA_R > 0:
+    wrapped = apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
+    print(f"LoRA r={LORA_R} alpha={LORA_ALPHA} on {len(wrapped)} layers")
+trainable = lora_parameters(model) if LORA_R > 0 else [p for p in model.parameters() if p.requires_grad]
+print(f"training {sum(p.numel() for p in trainable) / 1e6:.3f}M of "
+      f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters")
 model.train()
 # The token that ends an answer: <end_of_turn> under a chat template, else EOS.
 answer_end_id = stop_token_ids(model, tokenizer)[-1]
 eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None)
-eval_questions = {synth.normalise_question(p["question"]) for p in eval_problems}
+held_out_questions = {synth.normalise_question(p["question"]) for p in load_problems(EVAL_FILE)}
 
+data_rng = random.Random(SEED)
 if TRAIN_FILE is not None:
     train_problems = [p for p in load_problems(TRAIN_FILE) if "solution" in p]
     if not train_problems:
         raise SystemExit(f"{TRAIN_FILE}: no line has a 'solution' field to train on")
-    data_rng = random.Random(SEED)
 
-    def next_batch():
-        return data_rng.sample(train_problems, min(BATCH_SIZE, len(train_problems)))
-else:
-    data_rng = random.Random(SEED)
 
-    def next_batch():
-        batch = []
-        while len(batch) < BATCH_SIZE:
-            problem = synth.make_problem(data_rng)
-            if synth.normalise_question(problem["question"]) not in eval_questions:
-                batch.append(problem)
-        return batch
+def draw_problem() -> dict:
+    if TRAIN_FILE is not None:
+        return data_rng.choice(train_problems)
+    while True:
+        problem = synth.make_problem(data_rng)
+        if synth.normalise_question(problem["question"]) not in held_out_questions:
+            return problem
+
+
+def next_batch() -> list[dict]:
+    return [draw_problem() for _ in range(BATCH_SIZE)]
 
 
 def collate(problems):
@@ -99,9 +120,9 @@ def run_eval(step):
     return result
 
 
-optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
-                              weight_decay=WEIGHT_DECAY)
-scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, WARMUP_STEPS)))
+optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
+scheduler = torch.optim.lr_scheduler.LambdaLR(
+    optimizer, lambda s: lr_factor(s, WARMUP_STEPS, MAX_STEPS, LR_SCHEDULE))
 log_path = Path(LOG_FILE or f"logs/sft_{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
 log_path.parent.mkdir(parents=True, exist_ok=True)
 log_file = log_path.open("a")
@@ -110,14 +131,13 @@ bar = tqdm(range(1, MAX_STEPS + 1), desc="sft", unit="step")
 for step in bar:
     step_start = time.perf_counter()
     input_ids, attention_mask, answer_mask = collate(next_batch())
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-    # Logits at position t predict token t+1: drop the last logit, shift the targets and mask by one.
-    token_logp = logits[:, :-1].log_softmax(dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    # Entry t of token_logp is log p(token t+1 | tokens <= t): the answer mask shifts by one with it.
+    token_logp = token_logprobs(model, input_ids, attention_mask, chunk_size=CHUNK_SIZE)
     target_mask = answer_mask[:, 1:]
     loss = -(token_logp * target_mask).sum() / target_mask.sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
     optimizer.step()
     scheduler.step()
     seconds = time.perf_counter() - step_start
@@ -136,15 +156,20 @@ final = run_eval(MAX_STEPS)
 log_file.write(json.dumps({"step": MAX_STEPS, **final.metrics()}) + "\n")
 log_file.close()
 
-# Save to a staging directory and rename it into place, so an interrupted save
-# never leaves a half-written model where a loader would find it.
 out_dir = Path(OUT_DIR)
-staging = out_dir.with_name(out_dir.name + ".saving")
-model.save_pretrained(staging)
-tokenizer.save_pretrained(staging)
-(staging / "sft_info.json").write_text(json.dumps(
-    {"config": config, "train_seconds": train_seconds, **final.metrics()}, indent=2))
-if out_dir.exists():
-    shutil.rmtree(out_dir)
-staging.rename(out_dir)
-print(f"saved {out_dir}  ({train_seconds:.0f} s of training, {MAX_STEPS} steps)")
+if LORA_R > 0:
+    saved = save_checkpoint(out_dir / f"lora_epoch0_step{MAX_STEPS}.pt", model, MODEL_PATH, config, optimizer,
+                            scheduler, epoch=0, step=MAX_STEPS, extra={"final_eval": final.metrics()})
+else:
+    # Save to a staging directory and rename it into place, so an interrupted save
+    # never leaves a half-written model where a loader would find it.
+    staging = out_dir.with_name(out_dir.name + ".saving")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "sft_info.json").write_text(json.dumps(
+        {"config": config, "train_seconds": train_seconds, **final.metrics()}, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    saved = out_dir
+print(f"saved {saved}  ({train_seconds:.0f} s of training, {MAX_STEPS} steps)")

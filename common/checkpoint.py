@@ -50,6 +50,17 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself, or for a run directory its newest checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"no lora_epoch*_step*.pt checkpoint in {path}")
+        return found[-1]
+    return path
+
+
 def model_fingerprint(model) -> dict:
     """What must match between the model a checkpoint was made for and the one it is loaded into."""
     config = model.config
@@ -130,8 +141,9 @@ def save_checkpoint(path: str | Path, model, base_model_path: str | Path, config
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint on the CPU, refusing anything but tensors and plain data."""
-    path = Path(path)
+    """Read a checkpoint (a file, or a run directory's newest) on the CPU, refusing anything but
+    tensors and plain data."""
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

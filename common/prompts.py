@@ -7,10 +7,7 @@ Instruct and the built-in tiny model do), else a plain question/solution prompt.
 
 from __future__ import annotations
 
-INSTRUCTION = (
-    "Solve the math problem step by step. "
-    "Write the final answer on the last line as 'Answer: <number>'."
-)
+INSTRUCTION = "Solve step by step. End with the line 'Answer: <number>'."
 
 
 def user_message(question: str) -> str:

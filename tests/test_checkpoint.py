@@ -123,3 +123,6 @@ def test_checkpoint_names_and_listing(tmp_path):
         save_checkpoint(checkpoint_path(tmp_path, "run", epoch, step), model, "m", {}, epoch=epoch, step=step)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == [
         "lora_epoch0_step5.pt", "lora_epoch0_step10.pt", "lora_epoch1_step20.pt"]
+    assert load_checkpoint(tmp_path / "run")["step"] == 20  # a run directory means its newest checkpoint
+    with pytest.raises(FileNotFoundError, match="no lora_epoch"):
+        load_checkpoint(tmp_path)
