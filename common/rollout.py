@@ -1,0 +1,98 @@
+"""Sampled completions laid out for training: prompt + completion rows and their log-probs.
+
+Each row is its left-padded prompt followed by its completion (right-padded), the layout the
+sampler generated it in, so position ids (counted from each row's first real token) are the
+same in training as in sampling:
+
+    [pad pad p p p p | c c c EOS pad pad]
+     <- prompt_width -> <- completion_width ->
+
+The completion token j of a row sits at column prompt_width + j and is predicted by the logits
+at column prompt_width + j - 1: its log-prob is entry prompt_width - 1 + j of token_logprobs.
+A micro-batch is cut down to the columns its rows use (drop columns that are padding in every
+row), which changes no value: masked positions get exactly zero attention weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.logprobs import token_logprobs
+from common.sampler import SampleOutput, left_pad
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor        # [N, prompt_width + completion_width], on the CPU
+    attention_mask: torch.Tensor   # [N, prompt_width + completion_width]
+    completion_mask: torch.Tensor  # [N, completion_width] float, 1 up to and including the stop token
+    prompt_width: int
+    rows: torch.Tensor             # [N] the rows of the SampleOutput these came from
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.input_ids.size(0))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    @property
+    def completion_width(self) -> int:
+        return int(self.completion_mask.size(1))
+
+    def micro_batches(self, size: int) -> list[torch.Tensor]:
+        """Row indices of consecutive micro-batches of at most ``size`` rows."""
+        return [torch.arange(start, min(start + size, self.num_rows)) for start in range(0, self.num_rows, size)]
+
+    def completion_logprobs_for(self, model, rows: torch.Tensor, temperature: float, chunk_size: int,
+                                with_entropy: bool = False):
+        """Log-probs [n, completion_width] of the completion tokens of ``rows`` under ``model`` at
+        ``temperature`` (and their entropies), 0 past each completion's end.  Differentiable."""
+        device = next(model.parameters()).device
+        attention_mask = self.attention_mask[rows]
+        first_column = int(attention_mask.float().argmax(dim=1).min())  # first real token of any row
+        last_column = self.prompt_width + int(self.completion_mask[rows].sum(dim=1).max())
+        input_ids = self.input_ids[rows, first_column:last_column].to(device)
+        attention_mask = attention_mask[:, first_column:last_column].to(device)
+        result = token_logprobs(model, input_ids, attention_mask, temperature=temperature,
+                                chunk_size=chunk_size, return_entropy=with_entropy)
+        start = self.prompt_width - first_column - 1
+        missing = self.completion_width - (last_column - self.prompt_width)
+
+        def completion_part(per_position: torch.Tensor) -> torch.Tensor:
+            return F.pad(per_position[:, start:], (0, missing))
+
+        if with_entropy:
+            logp, entropy = result
+            return completion_part(logp), completion_part(entropy)
+        return completion_part(result)
+
+    def completion_logprobs(self, model, temperature: float, micro_batch_size: int, chunk_size: int) -> torch.Tensor:
+        """Log-probs of every row's completion, computed micro-batch by micro-batch (call under no_grad)."""
+        return torch.cat([self.completion_logprobs_for(model, rows, temperature, chunk_size).cpu()
+                          for rows in self.micro_batches(micro_batch_size)])
+
+
+def rollout_batch(samples: SampleOutput, keep: torch.Tensor | None, pad_token_id: int) -> RolloutBatch:
+    """The rows of ``samples`` selected by the bool mask ``keep`` (all when None), laid out for training."""
+    rows = torch.arange(len(samples.prompt_ids)) if keep is None else keep.nonzero().flatten()
+    completion_mask = samples.completion_mask[rows].cpu()
+    completion_ids = samples.completion_ids[rows].cpu()
+    if len(rows) == 0:
+        empty = torch.zeros(0, 0, dtype=torch.long)
+        return RolloutBatch(empty, empty, completion_mask, 0, rows)
+    prompt_ids, prompt_mask = left_pad([samples.prompt_ids[i] for i in rows.tolist()], pad_token_id,
+                                       torch.device("cpu"))
+    # Past a completion's stop token the ids are padding: masked out, never attended to.
+    completion_ids = torch.where(completion_mask.bool(), completion_ids, torch.full_like(completion_ids, pad_token_id))
+    return RolloutBatch(
+        input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, completion_mask.long()], dim=1),
+        completion_mask=completion_mask.float(),
+        prompt_width=prompt_ids.size(1),
+        rows=rows,
+    )

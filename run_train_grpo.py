@@ -1,0 +1,262 @@
+"""GRPO with a LoRA: sample a group of answers per question, reward them, push up the better ones.
+
+    python run_train_grpo.py | tee logs/grpo.log                       # Gemma 2 2B Instruct on GSM8K
+    python run_train_grpo.py --MODEL_PATH=models/tiny-gemma2-math \\
+        --TRAIN_FILE=data/synth_train.jsonl --EVAL_FILE=data/synth_test.jsonl --MAX_STEPS=60
+    python run_train_grpo.py --RESUME=checkpoints/grpo/lora_epoch0_step40.pt   # continue that run
+
+One step (DeepSeekMath's GRPO, Shao et al. 2024, with the DAPO / Dr. GRPO options):
+  1. sample NUM_SAMPLES_PER_PROMPT (G) completions for each of PROMPTS_PER_STEP questions, one batch;
+  2. reward each completion (REWARD), and give it the group-relative advantage
+     A = (r - mean of its group) [/ std] (grpo/advantage.py); a group whose answers all scored the
+     same has A = 0: it is dropped from the update (no gradient, no tokens in the normaliser);
+  3. reference log-probs with the adapters switched off (only when KL_COEF > 0);
+  4. NUM_ITERATIONS passes of: per micro-batch, policy log-probs -> grpo_loss (clipped ratio x A,
+     + KL_COEF x KL) -> backward; then clip the gradient and take an AdamW step on the LoRA.
+With NUM_ITERATIONS = 1 the policy's own forward, detached, is the "old" policy: ratio = 1 exactly
+and the update is the plain policy gradient (no extra forward pass).
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common.config import configure
+
+# ---------------------------------------------------------------- constants
+# model and data
+MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
+TRAIN_FILE = "data/gsm8k_train.jsonl"  # training questions {"question", "gold_answer"}
+EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval
+NUM_PROMPTS = 0  # use the first NUM_PROMPTS training questions (0 = all)
+EVAL_LIMIT = 200  # held-out questions per eval (0 = all)
+EVAL_EVERY = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
+EVAL_BATCH_SIZE = 64  # prompts per eval generation batch
+# rollouts
+NUM_EPOCHS = 1  # passes over the training questions
+MAX_STEPS = 0  # stop after this many steps (0 = run the epochs)
+PROMPTS_PER_STEP = 16  # questions per step
+NUM_SAMPLES_PER_PROMPT = 8  # group size G: completions sampled per question
+MAX_NEW_TOKENS = 256  # completion length limit (a cut-off answer is flagged truncated)
+TEMPERATURE = 1.0  # sampling temperature; the training log-probs use the same one
+TOP_P = 1.0  # nucleus sampling (1.0 = off)
+TOP_K = 0  # top-k sampling (0 = off)
+GENERATION_BATCH_SIZE = 0  # rows sampled together (0 = all PROMPTS_PER_STEP x G at once)
+REWARD = "math"  # reward function of common/reward.py: math (correctness + format - hacks) or correctness
+# objective
+ADVANTAGE = "std"  # group advantage: mean (r - mean), std ((r - mean) / std), rank (centred ranks)
+LOSS_AGG = "token_mean"  # token_mean (DAPO), seq_mean (original GRPO), seq_sum_const (Dr. GRPO)
+IMPORTANCE_LEVEL = "token"  # ratio per token, or per sequence (GSPO)
+CLIP_EPS_LOW = 0.2  # ratio clipped below at 1 - CLIP_EPS_LOW
+CLIP_EPS_HIGH = 0.28  # ratio clipped above at 1 + CLIP_EPS_HIGH (DAPO's clip-higher)
+KL_COEF = 0.0  # beta: weight of the KL penalty to the base model (0 = no reference pass)
+KL_ESTIMATOR = "k3"  # k1, k2 or k3 estimate of KL(policy || reference)
+NUM_ITERATIONS = 1  # updates per batch of rollouts (1 = on-policy, ratio = 1)
+# optimisation
+LR = 2e-4  # peak learning rate of AdamW on the LoRA parameters
+WARMUP_STEPS = 5  # linear warm-up steps
+LR_SCHEDULE = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
+WEIGHT_DECAY = 0.0  # AdamW weight decay
+GRAD_CLIP = 1.0  # max global gradient norm
+MICRO_BATCH_SIZE = 16  # sequences per forward/backward (gradient accumulation over the step)
+LOGPROB_CHUNK_SIZE = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
+# LoRA
+LORA_R = 16  # adapter rank
+LORA_ALPHA = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # wrapped layers
+LORA_DROPOUT = 0.0  # dropout on the adapters' input (0 keeps sampling and training the same policy)
+# bookkeeping
+SAVE_EVERY = 0  # steps between checkpoints (0 = only at the end of each epoch and of the run)
+CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
+RUN_NAME = "grpo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
+LOG_DIR = "logs"  # where the metrics JSONL goes
+RESUME: Path | None = None  # checkpoint of this run to continue from (same config)
+SAMPLE_EVERY = 10  # print one sampled completion with its reward every this many steps (0 = never)
+SEED = 0  # data order, sampling and initialisation
+DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
+DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+
+config = configure(globals())
+# ---------------------------------------------------------------------------
+
+from common.checkpoint import (checkpoint_path, load_checkpoint, restore_lora,  # noqa: E402
+                               restore_training_state, save_checkpoint)
+from common.data import load_problems  # noqa: E402
+from common.evaluate import evaluate  # noqa: E402
+from common.logprobs import token_logprobs  # noqa: E402
+from common.lora import apply_lora, disable_lora, lora_parameters  # noqa: E402
+from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
+from common.prompts import encode_prompts  # noqa: E402
+from common.reward import get_reward_fn  # noqa: E402
+from common.rollout import rollout_batch  # noqa: E402
+from common.sampler import sample  # noqa: E402
+from common.schedule import lr_factor  # noqa: E402
+from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
+from grpo.loss import grpo_loss  # noqa: E402
+
+torch.manual_seed(SEED)
+reward_fn = get_reward_fn(REWARD)
+problems = load_problems(TRAIN_FILE, limit=NUM_PROMPTS or None)
+eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None) if EVAL_EVERY else []
+if len(problems) < PROMPTS_PER_STEP:
+    raise SystemExit(f"error: {TRAIN_FILE} has {len(problems)} questions, fewer than PROMPTS_PER_STEP={PROMPTS_PER_STEP}")
+steps_per_epoch = len(problems) // PROMPTS_PER_STEP
+total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
+
+model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+stop_ids = stop_token_ids(model, tokenizer)
+sampling_generator = torch.Generator(device=device).manual_seed(SEED)
+resume_checkpoint = load_checkpoint(RESUME) if RESUME else None
+if resume_checkpoint is not None:
+    restore_lora(model, resume_checkpoint, where=str(RESUME))
+else:
+    apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
+trainable = lora_parameters(model)
+optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
+scheduler = torch.optim.lr_scheduler.LambdaLR(
+    optimizer, lambda s: lr_factor(s, WARMUP_STEPS, total_steps, LR_SCHEDULE))
+start_step = 0
+if resume_checkpoint is not None:
+    restore_training_state(resume_checkpoint, optimizer, scheduler, generators={"sampling": sampling_generator})
+    start_step = resume_checkpoint["step"]
+    print(f"resumed {RESUME} at step {start_step}")
+print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
+      f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}")
+
+
+def epoch_order(epoch: int) -> list[int]:
+    """The question order of an epoch: a function of SEED and the epoch alone, so a resumed run
+    sees exactly the questions the uninterrupted run would have."""
+    return torch.randperm(len(problems), generator=torch.Generator().manual_seed(SEED + epoch)).tolist()
+
+
+def save(step: int) -> Path:
+    path = checkpoint_path(CHECKPOINT_DIR, RUN_NAME, step // steps_per_epoch, step)
+    return save_checkpoint(path, model, MODEL_PATH, config, optimizer, scheduler, epoch=step // steps_per_epoch,
+                           step=step, generators={"sampling": sampling_generator})
+
+
+def run_eval(step: int) -> dict:
+    result = evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, desc=f"eval@{step}")
+    tqdm.write(f"step {step} eval: {result.summary()}")
+    return result.metrics()
+
+
+log_path = Path(LOG_DIR) / f"{RUN_NAME}.jsonl"
+log_path.parent.mkdir(parents=True, exist_ok=True)
+log_file = log_path.open("a" if RESUME else "w")  # a resumed run continues its metrics file
+skipped_steps = 0
+if EVAL_EVERY and start_step == 0:
+    log_file.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")
+
+bar = tqdm(range(start_step, total_steps), desc="grpo", unit="step", initial=start_step, total=total_steps)
+for step in bar:
+    step_start = time.perf_counter()
+    epoch, index_in_epoch = divmod(step, steps_per_epoch)
+    first = index_in_epoch * PROMPTS_PER_STEP
+    batch = [problems[i] for i in epoch_order(epoch)[first:first + PROMPTS_PER_STEP]]
+
+    # 1. Rollouts: G completions per question in one batch.
+    model.eval()
+    prompt_ids = encode_prompts(tokenizer, [p["question"] for p in batch])
+    samples = sample(model, prompt_ids, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
+                     eos_token_ids=stop_ids, tokenizer=tokenizer, generator=sampling_generator,
+                     max_rows_per_chunk=GENERATION_BATCH_SIZE or None)
+    generate_seconds = time.perf_counter() - step_start
+
+    # 2. Rewards and group advantages.
+    golds = [batch[i]["gold_answer"] for i in samples.prompt_index.tolist()]
+    scores = [reward_fn(text, gold, bool(cut)) for text, gold, cut in zip(samples.texts, golds, samples.truncated)]
+    rewards = torch.tensor([s.total for s in scores]).view(len(batch), NUM_SAMPLES_PER_PROMPT)
+    advantages = group_advantages(rewards, ADVANTAGE).flatten()
+    informative = ~zero_advantage_groups(rewards).repeat_interleave(NUM_SAMPLES_PER_PROMPT)
+    rollouts = rollout_batch(samples, informative, tokenizer.pad_token_id)
+
+    # 3. Reference (adapters off) and, for several iterations, old log-probs: once, before any update.
+    reference_start = time.perf_counter()
+    ref_logp = old_logp = None
+    with torch.no_grad():
+        if KL_COEF > 0 and rollouts.num_rows:
+            with disable_lora(model):
+                ref_logp = rollouts.completion_logprobs(model, TEMPERATURE, MICRO_BATCH_SIZE, LOGPROB_CHUNK_SIZE)
+        if NUM_ITERATIONS > 1 and rollouts.num_rows:
+            old_logp = rollouts.completion_logprobs(model, TEMPERATURE, MICRO_BATCH_SIZE, LOGPROB_CHUNK_SIZE)
+    reference_seconds = time.perf_counter() - reference_start
+
+    # 4. Policy update(s), accumulated over micro-batches with the whole step's normaliser.
+    policy_start = time.perf_counter()
+    model.train()
+    row_advantages = advantages[rollouts.rows].to(device)
+    normalizer = {"token_mean": rollouts.num_tokens, "seq_mean": rollouts.num_rows,
+                  "seq_sum_const": rollouts.num_rows * MAX_NEW_TOKENS}[LOSS_AGG]
+    loss_stats, entropy_sum, grad_norm = [], 0.0, None  # grad_norm stays None when no group had an advantage
+    for _ in range(NUM_ITERATIONS if rollouts.num_rows else 0):
+        optimizer.zero_grad(set_to_none=True)
+        for micro in rollouts.micro_batches(MICRO_BATCH_SIZE):
+            logp, entropy = rollouts.completion_logprobs_for(model, micro, TEMPERATURE, LOGPROB_CHUNK_SIZE,
+                                                             with_entropy=True)
+            mask = rollouts.completion_mask[micro].to(device)
+            loss, stats = grpo_loss(
+                logp, logp.detach() if old_logp is None else old_logp[micro].to(device), row_advantages[micro],
+                mask, ref_logp=None if ref_logp is None else ref_logp[micro].to(device), beta=KL_COEF,
+                eps_low=CLIP_EPS_LOW, eps_high=CLIP_EPS_HIGH, loss_agg=LOSS_AGG,
+                importance_level=IMPORTANCE_LEVEL, normalizer=normalizer, max_tokens=MAX_NEW_TOKENS,
+                kl_estimator=KL_ESTIMATOR)
+            loss.backward()
+            loss_stats.append((stats, float(loss)))
+            entropy_sum += float((entropy.detach() * mask).sum())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
+        # A non-finite loss or gradient never reaches the weights (nor, so, a checkpoint).
+        if not (math.isfinite(grad_norm) and all(math.isfinite(value) for _, value in loss_stats)):
+            optimizer.zero_grad(set_to_none=True)
+            skipped_steps += 1
+            tqdm.write(f"step {step + 1}: non-finite loss or gradient; update skipped ({skipped_steps} so far)")
+            break
+        optimizer.step()
+    scheduler.step()
+    policy_seconds = time.perf_counter() - policy_start
+    step_seconds = time.perf_counter() - step_start
+
+    # Metrics of the step (over all rollouts; loss statistics over the updated rows' tokens).
+    def token_weighted(key: str) -> float:
+        weights = [s["tokens"] for s, _ in loss_stats if key in s]
+        values = [s[key] * s["tokens"] for s, _ in loss_stats if key in s]
+        return sum(values) / sum(weights) if sum(weights) else 0.0
+
+    lengths = samples.completion_lengths.float()
+    metrics = {
+        "step": step + 1, "epoch": epoch,
+        "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+        "accuracy": sum(s.correct for s in scores) / len(scores),
+        "format_rate": sum(s.format_ok for s in scores) / len(scores),
+        "loss": sum(value for _, value in loss_stats) / max(1, NUM_ITERATIONS),
+        "kl": token_weighted("kl"), "clip_frac": token_weighted("clip_frac"),
+        "approx_kl": token_weighted("approx_kl"),
+        "entropy": entropy_sum / max(1, rollouts.num_tokens * NUM_ITERATIONS),
+        "completion_len": lengths.mean().item(), "truncated": samples.truncated.float().mean().item(),
+        "zero_adv_groups": zero_advantage_groups(rewards).float().mean().item(),
+        "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped_steps,
+        "generate_s": generate_seconds, "reference_s": reference_seconds, "policy_s": policy_seconds,
+        "step_s": step_seconds, "tokens_per_s": float(lengths.sum()) / generate_seconds,
+    }
+    if EVAL_EVERY and ((step + 1) % EVAL_EVERY == 0 or step + 1 == total_steps):
+        metrics.update(run_eval(step + 1))
+    log_file.write(json.dumps(metrics) + "\n")
+    log_file.flush()
+    bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}")
+    tqdm.write(f"step {step + 1}/{total_steps} reward {metrics['reward']:.3f} acc {metrics['accuracy']:.3f} "
+               f"fmt {metrics['format_rate']:.2f} kl {metrics['kl']:.4f} clip {metrics['clip_frac']:.3f} "
+               f"ent {metrics['entropy']:.3f} len {metrics['completion_len']:.1f} trunc {metrics['truncated']:.2f} "
+               f"zero-adv {metrics['zero_adv_groups']:.2f} gnorm {'-' if grad_norm is None else f'{grad_norm:.3f}'} | gen {generate_seconds:.1f}s "
+               f"ref {reference_seconds:.1f}s policy {policy_seconds:.1f}s | {metrics['tokens_per_s']:.0f} tok/s")
+    if SAMPLE_EVERY and (step + 1) % SAMPLE_EVERY == 0:
+        tqdm.write(f"--- sample (reward {scores[0].total:.2f}, gold {golds[0]}):\n{samples.texts[0]}\n---")
+    end_of_epoch = (step + 1) % steps_per_epoch == 0
+    if (SAVE_EVERY and (step + 1) % SAVE_EVERY == 0) or end_of_epoch or step + 1 == total_steps:
+        tqdm.write(f"saved {save(step + 1)}")
+log_file.close()
+print(f"done: {total_steps} steps, {skipped_steps} skipped; metrics in {log_path}")

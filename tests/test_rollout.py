@@ -1,0 +1,59 @@
+"""Rollout layout: completion log-probs read at the right columns, zero-advantage rows dropped."""
+
+import torch
+
+from common.rollout import rollout_batch
+from common.sampler import sample
+from tests.conftest import micro_model
+
+PROMPTS = [[2, 5, 9, 11, 4], [2, 7, 3], [2, 13, 6, 8]]
+EOS, PAD = 1, 0
+
+
+def sampled(model, temperature=1.0):
+    return sample(model, PROMPTS, num_samples=2, max_new_tokens=7, temperature=temperature, eos_token_ids=[EOS, 17],
+                  pad_token_id=PAD, generator=torch.Generator().manual_seed(2))
+
+
+def test_layout_and_logprobs_match_the_sampler():
+    model = micro_model("gemma2")
+    samples = sampled(model, temperature=0.8)
+    batch = rollout_batch(samples, None, PAD)
+    assert batch.num_rows == 6 and batch.prompt_width == 5
+    assert batch.num_tokens == int(samples.completion_mask.sum())
+    for row in range(6):
+        prompt = samples.prompt_ids[row]
+        assert batch.input_ids[row, 5 - len(prompt):5].tolist() == prompt
+        length = int(samples.completion_lengths[row])
+        assert batch.input_ids[row, 5:5 + length].tolist() == samples.completion_ids[row, :length].tolist()
+        assert batch.attention_mask[row].sum() == len(prompt) + length
+    with torch.no_grad():
+        for rows in batch.micro_batches(4):
+            logp = batch.completion_logprobs_for(model, rows, 0.8, chunk_size=3)
+            assert logp.shape == (len(rows), batch.completion_width)
+            torch.testing.assert_close(logp * batch.completion_mask[rows], samples.logprobs[rows],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_old_logprobs_equal_training_logprobs_exactly():
+    """With no update in between, the stored old log-probs and the differentiable forward agree
+    bit for bit: the first ratio of every iteration scheme is exactly 1."""
+    model = micro_model("llama")
+    batch = rollout_batch(sampled(model), None, PAD)
+    with torch.no_grad():
+        old = batch.completion_logprobs(model, 1.0, micro_batch_size=4, chunk_size=5)
+    new = torch.cat([batch.completion_logprobs_for(model, rows, 1.0, chunk_size=5)
+                     for rows in batch.micro_batches(4)])
+    assert new.requires_grad
+    assert torch.equal(torch.exp(new.detach() - old), torch.ones_like(old))
+
+
+def test_rows_of_zero_advantage_groups_are_dropped():
+    model = micro_model("gemma2")
+    samples = sampled(model)
+    keep = torch.tensor([True, True, False, False, True, True])  # the second prompt's group scored all equal
+    batch = rollout_batch(samples, keep, PAD)
+    assert batch.rows.tolist() == [0, 1, 4, 5]
+    assert batch.num_tokens == int(samples.completion_mask[[0, 1, 4, 5]].sum())
+    empty = rollout_batch(samples, torch.zeros(6, dtype=torch.bool), PAD)
+    assert empty.num_rows == 0 and empty.num_tokens == 0
