@@ -1,11 +1,16 @@
-# make demo : set up .venv, build the built-in tiny model if absent, evaluate it
+# make demo : set up .venv, build the built-in tiny model if absent, evaluate it, train it with GRPO, evaluate again
 # make test : set up .venv (with test tools) and run the test suite
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TINY   := models/tiny-gemma2-math
+SYNTH  := --TRAIN_FILE=data/synth_train.jsonl --EVAL_FILE=data/synth_test.jsonl
+# The GRPO demo: the constants of run_train_grpo.py set for the tiny model (see README, "The demo").
+DEMO_GRPO := --MODEL_PATH=$(TINY) $(SYNTH) --EVAL_LIMIT=0 --EVAL_EVERY=25 --MAX_STEPS=150 \
+             --PROMPTS_PER_STEP=16 --NUM_SAMPLES_PER_PROMPT=8 --MAX_NEW_TOKENS=40 --LR=2e-4 \
+             --RUN_NAME=demo-grpo --SAMPLE_EVERY=25
 
-.PHONY: demo test venv clean-venv
+.PHONY: demo test venv tiny-model clean-venv
 
 # A stamp per requirements file: re-installs only when the file changes.
 $(VENV)/.runtime-installed: requirements.txt
@@ -21,11 +26,19 @@ $(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.runtime-installed
 
 venv: $(VENV)/.runtime-installed
 
-demo: $(VENV)/.runtime-installed
+tiny-model: $(VENV)/.runtime-installed
 	@echo ">> built-in tiny model: $(TINY) (built by make_tiny_model.py when absent)"
 	$(PY) make_tiny_model.py --OUT_DIR=$(TINY)
-	@echo ">> greedy evaluation of the tiny model on the held-out synthetic test set"
-	$(PY) eval_math.py --MODEL_PATH=$(TINY) --TEST_FILE=data/synth_test.jsonl
+
+demo: tiny-model
+	@echo ">> [1/3] baseline: greedy accuracy of the tiny model on the 500 held-out synthetic problems"
+	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --TEST_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 \
+	    --OUT_FILE=logs/demo/base.jsonl
+	@echo ">> [2/3] GRPO with a LoRA on the tiny model (checkpoints/demo-grpo/, metrics logs/demo-grpo.jsonl)"
+	$(PY) run_train_grpo.py $(DEMO_GRPO)
+	@echo ">> [3/3] the trained LoRA on the same held-out problems, before -> after"
+	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-grpo --TEST_FILE=data/synth_test.jsonl \
+	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/grpo.jsonl --COMPARE_TO=logs/demo/base.summary.json
 
 test: $(VENV)/.dev-installed
 	@echo ">> running the test suite"

@@ -11,7 +11,10 @@
    the solution tokens), then saves it with save_pretrained, so common/model.py
    loads it exactly as it loads Gemma 2 2B.
 Deterministic for a seed.  The trained model is a competent-but-imperfect
-policy (roughly half the held-out problems right), so RL has room to show gains.
+policy (57% of the held-out problems right), so RL has room to show gains.
+SFT keeps a constant learning rate on purpose: decaying it at the end (cosine)
+sharpens the model the way RL would, and left GRPO nothing to gain (a cosine-SFT
+model at 57% stayed at 57% over 80 GRPO steps; this one gains ~9 points in 60).
 """
 
 import json
@@ -35,9 +38,9 @@ NUM_HEADS = 4  # attention heads (and key/value heads)
 HEAD_DIM = 32  # width of one head
 INTERMEDIATE_SIZE = 512  # MLP width
 MAX_POSITIONS = 512  # longest sequence; the sliding window covers all of it
-SFT_STEPS = 1000  # supervised steps of run_sft.py
+SFT_STEPS = 1200  # supervised steps of run_sft.py
 SFT_BATCH_SIZE = 32  # examples per SFT step
-SFT_LR = 3e-3  # SFT peak learning rate (cosine decay to 10%)
+SFT_LR = 2e-3  # SFT learning rate, constant after warm-up (see the docstring)
 EVAL_LIMIT = 500  # held-out problems for the final accuracy (0 = all)
 
 config = configure(globals())
@@ -131,7 +134,7 @@ print(f"[3/3] supervised fine-tuning for {SFT_STEPS} steps (run_sft.py)", flush=
 # everywhere, and a 1M-parameter model gains nothing from a GPU.
 subprocess.run(
     [sys.executable, "run_sft.py", f"--MODEL_PATH={initial_dir}", f"--OUT_DIR={trained_dir}",
-     f"--MAX_STEPS={SFT_STEPS}", f"--BATCH_SIZE={SFT_BATCH_SIZE}", f"--LR={SFT_LR}", "--LR_SCHEDULE=cosine",
+     f"--MAX_STEPS={SFT_STEPS}", f"--BATCH_SIZE={SFT_BATCH_SIZE}", f"--LR={SFT_LR}", "--LR_SCHEDULE=constant",
      "--WARMUP_STEPS=30", f"--SEED={SEED}",
      f"--EVAL_LIMIT={EVAL_LIMIT}", "--DEVICE=cpu", "--DTYPE=float32",
      f"--LOG_FILE={build_dir / 'sft_log.jsonl'}"],

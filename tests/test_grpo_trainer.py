@@ -70,3 +70,22 @@ def test_micro_batches_give_the_same_update_as_one_batch(tmp_path):
     assert any(tensor.abs().sum() > 0 for key, tensor in whole.items() if key.endswith("lora_B"))
     for key in whole:
         torch.testing.assert_close(micro[key], whole[key], atol=1e-6, rtol=0)
+
+
+def test_non_finite_gradient_skips_the_update(tmp_path):
+    """A NaN gradient norm (simulated) is counted and never reaches the weights or a checkpoint."""
+    launcher = (
+        "import runpy, sys, torch\n"
+        "torch.nn.utils.clip_grad_norm_ = lambda *args, **kwargs: torch.tensor(float('nan'))\n"
+        "sys.argv = ['run_train_grpo.py'] + sys.argv[1:]\n"
+        "runpy.run_path('run_train_grpo.py', run_name='__main__')\n"
+    )
+    result = run_script(["-c", launcher, *TINY_RUN, "--PROMPTS_PER_STEP=8", "--MAX_STEPS=2", "--EVAL_EVERY=0",
+                         f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", "--RUN_NAME=nan"])
+    metrics = [json.loads(line) for line in (tmp_path / "nan.jsonl").read_text().splitlines()]
+    updated_steps = [m for m in metrics if m["grad_norm"] is not None]
+    assert updated_steps, "no step had an advantage; the test needs one"
+    assert metrics[-1]["skipped_steps"] == len(updated_steps)
+    assert "update skipped" in result.stdout
+    lora = lora_of(tmp_path / "nan" / "lora_epoch0_step2.pt")
+    assert all(torch.count_nonzero(tensor) == 0 for key, tensor in lora.items() if key.endswith("lora_B"))
