@@ -308,7 +308,7 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], stric
 
     The state must fit exactly: otherwise LoRAStateError lists the missing
     names, the unexpected names and the shape differences, and nothing is
-    loaded.  ``strict`` is there only so that ``strict=False`` fails loudly:
+    loaded.  ``strict`` is there only so that a non-strict load fails loudly:
     a partial load would leave some layers silently at their old values.
     """
     if strict is not True:

@@ -25,7 +25,7 @@ REF_REJECTED = torch.tensor([-11.0, -11.0])
     ("sigmoid", 0.0, 0.598139),
     # 0.9 * 0.598138869 + 0.1 * 0.798138869 = 0.538324982 + 0.079813887 = 0.618138869
     ("sigmoid", 0.1, 0.618139),
-    # eps = 0: (1 * 0.598138869 + 0) / 1, plain DPO
+    # with eps 0: (1 * 0.598138869 + 0) / 1, plain DPO
     ("robust", 0.0, 0.598139),
     # (0.9 * 0.598138869 - 0.1 * 0.798138869) / (1 - 0.2) = (0.538324982 - 0.079813887) / 0.8
     # = 0.458511095 / 0.8 = 0.573138869
@@ -46,7 +46,7 @@ def test_each_loss_type_hand_worked_at_margin_two(loss_type, label_smoothing, ex
 
 
 def test_hinge_is_zero_past_the_margin():
-    # h = 20: beta * h = 2 > 1, relu(1 - 2) = 0. h = 8: relu(1 - 0.8) = 0.2.
+    # For h 20: beta * h = 2 > 1, relu(1 - 2) = 0. For h 8: relu(1 - 0.8) = 0.2.
     losses, _, _ = dpo_loss(torch.tensor([0.0, 0.0]), torch.tensor([-20.0, -8.0]), torch.zeros(2), torch.zeros(2),
                             beta=BETA, loss_type="hinge")
     torch.testing.assert_close(losses, torch.tensor([0.0, 0.2]))
@@ -56,7 +56,7 @@ def test_ipo_hand_worked_on_per_token_log_probs():
     # The caller passes sequence sums divided by answer length: chosen 3 tokens summing to -3.0 under
     # the policy and -4.5 under the reference -> -1.0 and -1.5; rejected 2 tokens, -4.0 and -3.0 ->
     # -2.0 and -1.5. h = (-1.0 + 1.5) - (-2.0 + 1.5) = 0.5 + 0.5 = 1.0.
-    # beta = 0.25: target 1 / (2 * 0.25) = 2; loss (1 - 2)^2 = 1; d loss / d pi_c = 2 (h - 2) = -2.
+    # With beta 0.25: target 1 / (2 * 0.25) = 2; loss (1 - 2)^2 = 1; d loss / d pi_c = 2 (h - 2) = -2.
     policy_chosen = torch.tensor([-3.0 / 3], requires_grad=True)
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, torch.tensor([-4.0 / 2]),
                                                         torch.tensor([-4.5 / 3]), torch.tensor([-3.0 / 2]),
@@ -71,7 +71,7 @@ def test_ipo_hand_worked_on_per_token_log_probs():
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.3])
 def test_sigmoid_at_policy_equal_to_reference_is_log_two_and_pushes_chosen_up_rejected_down(label_smoothing):
-    # h = 0: -(1 - eps) log(1/2) - eps log(1/2) = log 2 = 0.693147 for every eps.
+    # By hand: h = 0: -(1 - eps) log(1/2) - eps log(1/2) = log 2 = 0.693147 for every eps.
     # d/d pi_c [-(1 - eps) log sigma(beta h) - eps log sigma(-beta h)]
     #   = -(1 - eps) beta sigma(-beta h) + eps beta sigma(beta h) = beta (-(1 - eps) / 2 + eps / 2)
     # at h = 0; for eps = 0 that is -beta / 2 = -0.05, and d/d pi_r is its opposite, +0.05.

@@ -6,11 +6,11 @@ from common.evaluate import EvalResult, wilson_interval
 
 
 @pytest.mark.parametrize("correct, total, low, high", [
-    # p = 0.5, n = 100: centre 0.5, half-width 1.96*sqrt(0.0025 + 1.96^2/40000)/(1 + 1.96^2/100) = 0.0962
+    # By hand: p = 0.5, n = 100: centre 0.5, half-width 1.96*sqrt(0.0025 + 1.96^2/40000)/(1 + 1.96^2/100) = 0.0962
     (50, 100, 0.4038, 0.5962),
-    # p = 0: low 0, high = z^2/(n + z^2) = 3.8416/13.8416
+    # By hand: p = 0: low 0, high = z^2/(n + z^2) = 3.8416/13.8416
     (0, 10, 0.0, 0.2775),
-    # p = 1: symmetric to p = 0
+    # By hand: p = 1: symmetric to p = 0
     (10, 10, 0.7225, 1.0),
     (0, 0, 0.0, 0.0),
 ])

@@ -100,7 +100,7 @@ ADVANTAGES = torch.tensor([1.0, -2.0])
 
 def test_first_step_ratio_is_one_and_loss_is_minus_token_weighted_mean_advantage():
     loss, stats, grad = loss_and_logp_grad(LOGP, LOGP.clone(), ADVANTAGES, COMPLETION_MASK)
-    # ratio = exp(0) = 1 inside the clip range, so every token's loss is -A:
+    # By hand: ratio = exp(0) = 1 inside the clip range, so every token's loss is -A:
     # (3 tokens * -1 + 1 token * +2) / 4 tokens = -1/4.
     assert loss.item() == pytest.approx(-0.25, abs=1e-7)
     # d/dlogp (-ratio * A * m / N) = -A * m / N: -1/4 on the first completion's tokens, +2/4 on the
@@ -124,7 +124,7 @@ def test_clipping_on_both_sides_and_the_unclipped_cases():
     #   A=-1, r=0.5: min(-0.5, -0.8) = -0.8 clipped   -> +0.8, no gradient
     #   A=+1, r=0.5: min(0.5, 0.8)   = 0.5  unclipped -> -0.5, d/dlogp = -A r / N = -0.5 / 4 = -0.125
     #   A=-1, r=1.5: min(-1.5, -1.2) = -1.5 unclipped -> +1.5, d/dlogp = -A r / N = 1.5 / 4 = 0.375
-    # loss = (-1.2 + 0.8 - 0.5 + 1.5) / 4 = 0.6 / 4 = 0.15.
+    # By hand: loss = (-1.2 + 0.8 - 0.5 + 1.5) / 4 = 0.6 / 4 = 0.15.
     assert loss.item() == pytest.approx(0.15, abs=1e-6)
     torch.testing.assert_close(grad, torch.tensor([[0.0], [0.0], [-0.125], [0.375]]))
     assert stats["clip_frac"] == 0.5  # tokens 1 and 2 of 4
@@ -231,7 +231,7 @@ def test_kl_term_adds_beta_times_mean_k3():
     logp = torch.log(torch.full((1, 2), 0.5))
     loss, stats, grad = loss_and_logp_grad(logp, logp.clone(), torch.tensor([1.0]), torch.ones(1, 2),
                                            ref_logp=torch.log(torch.full((1, 2), 0.25)), beta=0.1)
-    # loss = -1 + 0.1 * 0.193147 = -0.9806853
+    # By hand: loss = -1 + 0.1 * 0.193147 = -0.9806853
     assert loss.item() == pytest.approx(-0.9806853, abs=1e-6)
     assert stats["kl"] == pytest.approx(0.193147, abs=1e-6)
     assert stats["policy_loss"] == pytest.approx(-1.0, abs=1e-6)
@@ -268,7 +268,7 @@ def test_sequence_level_ratio_is_exp_of_the_mean_log_ratio():
     # ratio_mean over the 5 tokens: (3 * 1.1051709 + 2 * 1.4918247) / 5 = 6.2991621 / 5 = 1.2598324.
     assert stats["ratio_mean"] == pytest.approx(1.2598324, abs=1e-6)
     assert stats["clip_frac"] == 0.0
-    # loss = (-s_0 + s_1) / 2 and d s_i / d logp_{i,t} = s_i / |y_i|: every token of completion 0
+    # By hand: loss = (-s_0 + s_1) / 2 and d s_i / d logp_{i,t} = s_i / |y_i|: every token of completion 0
     # gets -s_0 / (2 * 3) = -0.1841952, of completion 1 s_1 / (2 * 2) = 0.3729562; padding 0.
     expected_grad = torch.tensor([[-0.1841952, -0.1841952, -0.1841952], [0.3729562, 0.3729562, 0.0]])
     torch.testing.assert_close(grad, expected_grad)
@@ -278,7 +278,7 @@ def test_sequence_level_at_the_first_step_matches_token_level():
     token_results = loss_and_logp_grad(LOGP, LOGP.clone(), ADVANTAGES, COMPLETION_MASK)
     loss, stats, grad = loss_and_logp_grad(LOGP, LOGP.clone(), ADVANTAGES, COMPLETION_MASK,
                                            importance_level="sequence")
-    # s = exp(mean of zeros) = 1 exactly; each token's gradient (1/|y|) * sum over the completion's
+    # By hand: s = exp(mean of zeros) = 1 exactly; each token's gradient (1/|y|) * sum over the completion's
     # |y| tokens of -A / N is -A / N, as at token level.
     assert stats["ratio_mean"] == 1.0
     assert loss.item() == pytest.approx(-0.25, abs=1e-7)

@@ -57,16 +57,16 @@ def test_gae_matches_a_per_row_loop_on_mixed_lengths_and_endings():
 
 
 def test_gae_hand_worked_eos_row_and_truncated_row():
-    # gamma = 0.9, lam = 0.8, gamma * lam = 0.72.
+    # By hand: gamma = 0.9, lam = 0.8, gamma * lam = 0.72.
     # Row 0 ended with EOS at t = 1: r = [0, 1], V = [0.5, 0.6], V after the end 0.
     #   delta_1 = 1 + 0.9 * 0 - 0.6 = 0.4            A_1 = 0.4
     #   delta_0 = 0 + 0.9 * 0.6 - 0.5 = 0.04         A_0 = 0.04 + 0.72 * 0.4 = 0.328
-    #   returns = A + V = [0.828, 1.0]
+    # By hand: returns = A + V = [0.828, 1.0]
     # Row 1 was cut off after t = 2: r = [0.1, 0, -0.1], V = [0.5, 0.6, 0.7], bootstrap 0.5.
     #   delta_2 = -0.1 + 0.9 * 0.5 - 0.7 = -0.35     A_2 = -0.35
     #   delta_1 = 0 + 0.9 * 0.7 - 0.6 = 0.03         A_1 = 0.03 + 0.72 * -0.35 = -0.222
     #   delta_0 = 0.1 + 0.9 * 0.6 - 0.5 = 0.14       A_0 = 0.14 + 0.72 * -0.222 = -0.01984
-    #   returns = [0.48016, 0.378, 0.35]
+    # By hand: returns = [0.48016, 0.378, 0.35]
     rewards = torch.tensor([[0.0, 1.0, 0.0], [0.1, 0.0, -0.1]])
     values = torch.tensor([[0.5, 0.6, 0.0], [0.5, 0.6, 0.7]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
@@ -138,7 +138,7 @@ def test_gae_returns_fp32_without_gradient_for_bf16_inputs_with_gradient():
                                       torch.ones(1, 2), 1.0, 1.0)
     assert advantages.dtype is torch.float32 and returns.dtype is torch.float32
     assert not advantages.requires_grad and not returns.requires_grad
-    # gamma = lam = 1, EOS end: A = reward-to-go - V = [1 - 0.5, 1 - 0.25].
+    # By hand: gamma = lam = 1, EOS end: A = reward-to-go - V = [1 - 0.5, 1 - 0.25].
     torch.testing.assert_close(advantages, torch.tensor([[0.5, 0.75]]))
 
 
@@ -264,7 +264,7 @@ def test_policy_loss_at_ratio_one_is_minus_the_mean_advantage():
     advantages = torch.tensor([[1.0, -0.5, 2.0], [-1.0, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     loss, stats, grad = policy_loss_and_grad(logp, logp.clone(), advantages, mask)
-    # ratio = 1 on every token: loss = -(1 - 0.5 + 2 - 1) / 4 = -1.5 / 4 = -0.375, and
+    # By hand: ratio = 1 on every token: loss = -(1 - 0.5 + 2 - 1) / 4 = -1.5 / 4 = -0.375, and
     # d/dlogp (-ratio A / N) = -A / 4 on the answer tokens.
     assert loss.item() == pytest.approx(-0.375)
     torch.testing.assert_close(grad, torch.tensor([[-0.25, 0.125, -0.5], [0.25, 0.0, 0.0]]))
@@ -282,12 +282,12 @@ def test_policy_loss_clipping_on_both_signs_of_the_advantage():
     #   A=-1, r=0.5: min(-0.5, -0.8) = -0.8 clipped   -> +0.8, no gradient
     #   A=+1, r=0.5: min(0.5, 0.8)   = 0.5  unclipped -> -0.5, d/dlogp = -A r / N = -0.5 / 4 = -0.125
     #   A=-1, r=1.5: min(-1.5, -1.2) = -1.5 unclipped -> +1.5, d/dlogp = -A r / N = +1.5 / 4 = 0.375
-    # loss = (-1.2 + 0.8 - 0.5 + 1.5) / 4 = 0.15.
+    # By hand: loss = (-1.2 + 0.8 - 0.5 + 1.5) / 4 = 0.15.
     assert loss.item() == pytest.approx(0.15, abs=1e-6)
     torch.testing.assert_close(grad, torch.tensor([[0.0, 0.0, -0.125, 0.375]]))
     # CleanRL's clip_frac counts |r - 1| > 0.2 whatever the sign of A: all four tokens.
     assert stats["clip_frac"] == 1.0
-    # approx_kl = mean of (r - 1) - log r: r = 1.5 -> 0.5 - 0.405465 = 0.094535; r = 0.5 ->
+    # By hand: approx_kl = mean of (r - 1) - log r: r = 1.5 -> 0.5 - 0.405465 = 0.094535; r = 0.5 ->
     # -0.5 + 0.693147 = 0.193147; (2 * 0.094535 + 2 * 0.193147) / 4 = 0.143841.
     assert stats["approx_kl"] == pytest.approx(0.143841, abs=1e-6)
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # (1.5 + 0.5 + 0.5 + 1.5) / 4
