@@ -153,6 +153,7 @@ skipped_steps = 0
 if EVAL_EVERY and start_step == 0:
     log_file.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")
 
+run_start = time.perf_counter()
 bar = tqdm(range(start_step, total_steps), desc="grpo", unit="step", initial=start_step, total=total_steps)
 for step in bar:
     step_start = time.perf_counter()
@@ -245,6 +246,7 @@ for step in bar:
     }
     if EVAL_EVERY and ((step + 1) % EVAL_EVERY == 0 or step + 1 == total_steps):
         metrics.update(run_eval(step + 1))
+    metrics["elapsed_s"] = time.perf_counter() - run_start  # wall clock of the run so far, evals included
     log_file.write(json.dumps(metrics) + "\n")
     log_file.flush()
     bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}")
