@@ -124,6 +124,12 @@ if resume_checkpoint is not None:
     restore_training_state(resume_checkpoint, optimizer, scheduler, generators={"sampling": sampling_generator})
     start_step = resume_checkpoint["step"]
     print(f"resumed {RESUME} at step {start_step}")
+    # A resumed run equals the uninterrupted one only under the same settings: say what differs.
+    differing = {name: (resume_checkpoint["config"].get(name), value) for name, value in config.items()
+                 if name not in ("RESUME", "RUN_NAME", "CHECKPOINT_DIR", "LOG_DIR")
+                 and resume_checkpoint["config"].get(name) != value}
+    for name, (saved, now) in differing.items():
+        print(f"warning: {name} was {saved!r} in the checkpoint's run, now {now!r}")
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}")
 
