@@ -1,0 +1,84 @@
+"""run_train_ppo.py for real: smoke run with a reference, exact resume, the non-finite guard."""
+
+import json
+
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+from tests.conftest import TINY_MODEL_DIR, run_script
+
+TINY_RUN = [f"--MODEL_PATH={TINY_MODEL_DIR}", "--TRAIN_FILE=data/synth_train.jsonl",
+            "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=64", "--PROMPTS_PER_STEP=4",
+            "--NUM_SAMPLES_PER_PROMPT=4", "--MAX_NEW_TOKENS=40", "--LORA_R=4", "--LR=5e-3", "--CRITIC_LR=1e-2",
+            "--WARMUP_STEPS=1", "--KL_COEF=0.05", "--MINI_BATCH_SIZE=8", "--MICRO_BATCH_SIZE=4", "--CRITIC_HIDDEN=16",
+            "--DEVICE=cpu", "--SAMPLE_EVERY=1"]
+
+
+def trained_weights(path) -> dict[str, torch.Tensor]:
+    """The LoRA and the value head of a checkpoint, in one dict."""
+    checkpoint = load_checkpoint(path)
+    return {**checkpoint["lora"], **{f"value_head.{k}": v for k, v in checkpoint["extra"]["value_head"].items()}}
+
+
+def test_smoke_two_steps_on_micro_model(micro_model_dir, tmp_path):
+    result = run_script(["run_train_ppo.py", f"--MODEL_PATH={micro_model_dir}", "--TRAIN_FILE=data/synth_train.jsonl",
+                         "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=8", "--PROMPTS_PER_STEP=2",
+                         "--NUM_SAMPLES_PER_PROMPT=3", "--MAX_NEW_TOKENS=6", "--MAX_STEPS=2", "--EVAL_EVERY=2",
+                         "--EVAL_LIMIT=2", "--DEVICE=cpu", "--KL_COEF=0.05", "--MINI_BATCH_SIZE=4",
+                         "--MICRO_BATCH_SIZE=2", "--CRITIC_HIDDEN=8", "--TARGET_KL=10.0",
+                         f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", "--RUN_NAME=smoke"])
+    assert "step 2/2" in result.stdout
+    checkpoint = load_checkpoint(tmp_path / "smoke" / "lora_epoch0_step2.pt")
+    assert checkpoint["step"] == 2 and checkpoint["config"]["KL_COEF"] == 0.05
+    assert set(checkpoint["extra"]["value_head"]) == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
+    assert len(checkpoint["optimizer"]["param_groups"]) == 2  # LoRA and value head, one optimizer
+    metrics = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2]  # the baseline eval, then one line per step
+    assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[2]
+    for key in ("reward", "accuracy", "format_rate", "approx_kl", "clip_frac", "value_loss", "explained_variance",
+                "returns_mean", "kl", "entropy", "completion_len", "truncated", "grad_norm", "generate_s",
+                "reference_s", "policy_s", "tokens_per_s", "elapsed_s"):
+        assert key in metrics[1], key
+    assert metrics[1]["ppo_epochs"] == 2 and metrics[1]["grad_norm"] is not None
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """Four steps in one go on the tiny model, saving at step 2 and step 4."""
+    out = tmp_path_factory.mktemp("ppo")
+    run_script(["run_train_ppo.py", *TINY_RUN, "--MAX_STEPS=4", "--SAVE_EVERY=2", "--EVAL_EVERY=0",
+                f"--CHECKPOINT_DIR={out}", f"--LOG_DIR={out}", "--RUN_NAME=straight"])
+    return out
+
+
+def test_resume_equals_uninterrupted_run(straight_run):
+    run_script(["run_train_ppo.py", *TINY_RUN, "--MAX_STEPS=4", "--SAVE_EVERY=2", "--EVAL_EVERY=0",
+                f"--CHECKPOINT_DIR={straight_run}", f"--LOG_DIR={straight_run}", "--RUN_NAME=resumed",
+                f"--RESUME={straight_run / 'straight' / 'lora_epoch0_step2.pt'}"])
+    straight = trained_weights(straight_run / "straight" / "lora_epoch0_step4.pt")
+    resumed = trained_weights(straight_run / "resumed" / "lora_epoch0_step4.pt")
+    halfway = trained_weights(straight_run / "straight" / "lora_epoch0_step2.pt")
+    for prefix in ("value_head.", "model."):  # steps 3-4 updated both the critic and the LoRA
+        assert any(not torch.equal(straight[key], halfway[key]) for key in straight if key.startswith(prefix)), prefix
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0)
+
+
+def test_non_finite_gradient_skips_the_update(tmp_path):
+    """A NaN gradient norm (simulated) is counted and never reaches the weights or a checkpoint."""
+    launcher = (
+        "import runpy, sys, torch\n"
+        "torch.nn.utils.clip_grad_norm_ = lambda *args, **kwargs: torch.tensor(float('nan'))\n"
+        "sys.argv = ['run_train_ppo.py'] + sys.argv[1:]\n"
+        "runpy.run_path('run_train_ppo.py', run_name='__main__')\n"
+    )
+    result = run_script(["-c", launcher, *TINY_RUN, "--MAX_STEPS=1", "--EVAL_EVERY=0",
+                         f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", "--RUN_NAME=nan"])
+    metrics = [json.loads(line) for line in (tmp_path / "nan.jsonl").read_text().splitlines()]
+    assert metrics[-1]["skipped_updates"] == 4  # 16 rows / MINI_BATCH_SIZE 8, PPO_EPOCHS 2
+    assert metrics[-1]["grad_norm"] is None
+    assert "update skipped" in result.stdout
+    checkpoint = load_checkpoint(tmp_path / "nan" / "lora_epoch0_step1.pt")
+    assert all(torch.count_nonzero(tensor) == 0 for key, tensor in checkpoint["lora"].items() if key.endswith("lora_B"))
