@@ -1,0 +1,139 @@
+"""Preference pairs: building them from scored samples, and laying them out for DPO training.
+
+Building (make_dpo_pairs.py). For each question K sampled answers are scored; the pair is
+
+    chosen   = the correct answer with the HIGHEST reward,
+    rejected = the incorrect answer with the LOWEST reward,
+
+ties broken by sample order (the earliest sample wins), so the same samples always give the
+same pairs. A blank answer (e.g. an immediate end-of-turn) is never picked: a pairs file may
+not hold empty text (common.data.load_pairs). A question with no eligible correct answer is
+skipped as all-wrong, one with no eligible incorrect answer as all-correct: such a group
+carries no preference.
+
+Layout (run_train_dpo.py). A batch of n pairs is ONE tensor of 2n rows, the n chosen
+sequences then the n rejected ones, each  prompt + answer + answer-end token, RIGHT-padded:
+
+    [p p p p a a a END pad pad]
+
+The answer mask is built from the lengths, never from pad ids (the pad id may also be a real
+token). token_logprobs' entry t is the log-prob of token t + 1, so answer token j (at column
+prompt_len + j) is entry prompt_len + j - 1: the mask over entries is the mask over tokens
+shifted left by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.logprobs import sequence_logprobs, token_logprobs
+from common.synth import normalise_question
+
+
+def exclude_eval_questions(problems: list[dict], eval_problems: list[dict]) -> tuple[list[dict], int]:
+    """(the problems whose question is not an eval question, how many were dropped); questions are
+    compared normalised (case, spacing, end punctuation), so a reworded copy is still caught."""
+    held_out = {normalise_question(p["question"]) for p in eval_problems}
+    kept = [p for p in problems if normalise_question(p["question"]) not in held_out]
+    return kept, len(problems) - len(kept)
+
+
+def _first_extreme(candidates: list[int], rewards: list[float], highest: bool) -> int:
+    """The candidate with the highest (or lowest) reward, the earliest one on ties."""
+    best = candidates[0]
+    for index in candidates[1:]:
+        if (rewards[index] > rewards[best]) if highest else (rewards[index] < rewards[best]):
+            best = index
+    return best
+
+
+def build_pairs(questions: list[str], golds: list[str], texts_per_question: list[list[str]],
+                correct_per_question: list[list[bool]],
+                rewards_per_question: list[list[float]]) -> tuple[list[dict], dict[str, int]]:
+    """One {"prompt", "chosen", "rejected", "gold_answer"} pair per question with both a correct and
+    an incorrect answer (chosen/rejected as in the module docstring), and the counts
+    {"questions", "pairs", "skipped_all_correct", "skipped_all_wrong"}."""
+    if not (len(questions) == len(golds) == len(texts_per_question) == len(correct_per_question)
+            == len(rewards_per_question)):
+        raise ValueError("build_pairs needs one gold, text list, correctness list and reward list per question")
+    pairs: list[dict] = []
+    counts = {"questions": len(questions), "pairs": 0, "skipped_all_correct": 0, "skipped_all_wrong": 0}
+    for question, gold, texts, correct, rewards in zip(questions, golds, texts_per_question,
+                                                       correct_per_question, rewards_per_question):
+        if not len(texts) == len(correct) == len(rewards):
+            raise ValueError(f"question {question!r}: {len(texts)} texts, {len(correct)} correctness flags, "
+                             f"{len(rewards)} rewards")
+        eligible = [i for i, text in enumerate(texts) if text.strip()]
+        right = [i for i in eligible if correct[i]]
+        wrong = [i for i in eligible if not correct[i]]
+        if not right:
+            counts["skipped_all_wrong"] += 1
+            continue
+        if not wrong:
+            counts["skipped_all_correct"] += 1
+            continue
+        chosen = _first_extreme(right, rewards, highest=True)
+        rejected = _first_extreme(wrong, rewards, highest=False)
+        pairs.append({"prompt": question, "chosen": texts[chosen], "rejected": texts[rejected],
+                      "gold_answer": gold})
+    counts["pairs"] = len(pairs)
+    return pairs, counts
+
+
+def tokenize_pair(tokenizer, prompt_ids: list[int], chosen: str, rejected: str,
+                  answer_end_id: int) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen ids, rejected ids): each answer without special tokens, then the token that
+    ends an answer, which is in the loss so the model learns where to stop (as in run_sft.py)."""
+    chosen_ids, rejected_ids = tokenizer([chosen, rejected], add_special_tokens=False)["input_ids"]
+    return list(prompt_ids), chosen_ids + [answer_end_id], rejected_ids + [answer_end_id]
+
+
+@dataclass
+class PairBatch:
+    input_ids: torch.Tensor       # [2n, L] chosen rows then rejected rows, right-padded
+    attention_mask: torch.Tensor  # [2n, L]
+    answer_mask: torch.Tensor     # [2n, L - 1] float, aligned with token_logprobs: 1 where entry t
+                                  # predicts an answer token (t + 1 in the answer)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.size(0) // 2
+
+    @property
+    def answer_lengths(self) -> torch.Tensor:
+        return self.answer_mask.sum(dim=1)
+
+
+def pack_pairs(tokenized: list[tuple[list[int], list[int], list[int]]], pad_token_id: int) -> PairBatch:
+    """The 2n-row right-padded batch of n tokenized pairs (see the module docstring)."""
+    prompts = [prompt for prompt, _, _ in tokenized] * 2
+    answers = [chosen for _, chosen, _ in tokenized] + [rejected for _, _, rejected in tokenized]
+    width = max(len(prompt) + len(answer) for prompt, answer in zip(prompts, answers))
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    answer_mask = torch.zeros((len(prompts), width - 1), dtype=torch.float32)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        length = len(prompt) + len(answer)
+        input_ids[row, :length] = torch.tensor(prompt + answer, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        answer_mask[row, len(prompt) - 1:length - 1] = 1.0  # entry t predicts token t + 1
+    return PairBatch(input_ids, attention_mask, answer_mask)
+
+
+def pair_logprobs(model, batch: PairBatch, chunk_size: int = 1024,
+                  length_normalise: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen [n], rejected [n], token log-probs [2n, L-1]) under ``model`` in one forward pass.
+
+    The sequence log-prob is the sum of the answer tokens' log-probs, the answer-end token
+    included; with ``length_normalise`` (IPO) it is divided by the answer's token count.
+    Differentiable; the token log-probs are returned for RPO's SFT term on the chosen rows."""
+    device = next(model.parameters()).device
+    token_logps = token_logprobs(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                 chunk_size=chunk_size)
+    answer_mask = batch.answer_mask.to(device)
+    sequence_logps = sequence_logprobs(token_logps, answer_mask)
+    if length_normalise:
+        sequence_logps = sequence_logps / answer_mask.sum(dim=1)
+    return sequence_logps[:batch.num_pairs], sequence_logps[batch.num_pairs:], token_logps

@@ -1,0 +1,244 @@
+"""DPO with a LoRA: raise the chosen answer's likelihood over the rejected one's, relative to the base model.
+
+    python make_dpo_pairs.py && python run_train_dpo.py | tee logs/dpo.log     # Gemma 2 2B Instruct on GSM8K
+    python run_train_dpo.py --MODEL_PATH=models/tiny-gemma2-math --TRAIN_FILE=data/dpo_pairs_tiny.jsonl \\
+        --EVAL_FILE=data/synth_test.jsonl --MAX_STEPS=60
+    python run_train_dpo.py --RESUME=checkpoints/dpo/lora_epoch0_step40.pt     # continue that run
+
+One step (Rafailov et al. 2023; the loss family and RPO in dpo/loss.py):
+  1. BATCH_SIZE pairs, in an order that depends on SEED and the epoch alone;
+  2. per micro-batch of MICRO_BATCH_SIZE pairs, ONE forward pass over chosen and rejected rows
+     (2n rows, dpo/pairs.py) gives the policy's sequence log-probs of both answers;
+  3. the reference's (adapters off): cached for the whole dataset before training
+     (PRECOMPUTE_REF), or computed for the micro-batch;
+  4. dpo_loss (+ RPO_ALPHA x sft_loss on the chosen answers), scaled by the micro-batch's share
+     of the step, backward; then clip the gradient and take an AdamW step on the LoRA.
+The LoRA starts at B = 0, so at step 0 the policy is the reference and the sigmoid loss is log 2.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common.config import configure
+
+# ---------------------------------------------------------------- constants
+# model and data
+MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
+TRAIN_FILE = "data/dpo_pairs.jsonl"  # preference pairs {"prompt", "chosen", "rejected"} (make_dpo_pairs.py)
+EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval
+EVAL_LIMIT = 200  # held-out questions per eval (0 = all)
+EVAL_EVERY = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
+EVAL_BATCH_SIZE = 64  # prompts per eval generation batch
+MAX_NEW_TOKENS = 256  # eval generation length limit
+# objective
+BETA = 0.1  # strength of the implicit KL to the reference: reward = BETA x (policy - reference log-prob)
+LOSS_TYPE = "sigmoid"  # sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo (IPO; length-normalised log-probs)
+LABEL_SMOOTHING = 0.0  # assumed label-flip rate, for sigmoid and robust only
+RPO_ALPHA = 0.0  # weight of the chosen answers' NLL per token (RPO; 0 = off)
+PRECOMPUTE_REF = True  # reference log-probs of the whole dataset once before training (else per batch)
+# optimisation
+NUM_EPOCHS = 1  # passes over the pairs
+MAX_STEPS = 0  # stop after this many steps (0 = run the epochs)
+BATCH_SIZE = 16  # pairs per step
+MICRO_BATCH_SIZE = 4  # pairs per forward/backward (2 x MICRO_BATCH_SIZE rows; gradient accumulation over the step)
+LR = 5e-6  # peak AdamW learning rate of the LoRA (untuned for Gemma 2B; the tiny model learns at 1e-4)
+WARMUP_STEPS = 5  # linear warm-up steps
+LR_SCHEDULE = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
+WEIGHT_DECAY = 0.0  # AdamW weight decay
+GRAD_CLIP = 1.0  # max global gradient norm
+LOGPROB_CHUNK_SIZE = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
+# LoRA
+LORA_R = 16  # adapter rank
+LORA_ALPHA = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # wrapped layers
+LORA_DROPOUT = 0.0  # dropout on the adapters' input
+# bookkeeping
+SAVE_EVERY = 0  # steps between checkpoints (0 = only at the end of each epoch and of the run)
+CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
+RUN_NAME = "dpo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
+LOG_DIR = "logs"  # where the metrics JSONL goes
+RESUME: Path | None = None  # checkpoint of this run to continue from (same config)
+SEED = 0  # data order and initialisation
+DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
+DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+
+config = configure(globals())
+# ---------------------------------------------------------------------------
+
+from common.checkpoint import (checkpoint_path, load_checkpoint, restore_lora,  # noqa: E402
+                               restore_training_state, save_checkpoint)
+from common.data import load_pairs, load_problems  # noqa: E402
+from common.evaluate import evaluate  # noqa: E402
+from common.lora import apply_lora, disable_lora, lora_parameters  # noqa: E402
+from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
+from common.prompts import encode_prompts  # noqa: E402
+from common.schedule import lr_factor  # noqa: E402
+from dpo.loss import dpo_loss, dpo_stats, sft_loss  # noqa: E402
+from dpo.pairs import pack_pairs, pair_logprobs, tokenize_pair  # noqa: E402
+
+torch.manual_seed(SEED)
+pairs = load_pairs(TRAIN_FILE)
+eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None) if EVAL_EVERY else []
+if len(pairs) < BATCH_SIZE:
+    raise SystemExit(f"error: {TRAIN_FILE} has {len(pairs)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")
+steps_per_epoch = len(pairs) // BATCH_SIZE
+total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
+length_normalise = LOSS_TYPE == "ipo"  # IPO's target 1 / (2 beta) is per token, not per answer
+
+model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+answer_end_id = stop_token_ids(model, tokenizer)[-1]  # <end_of_turn> under a chat template, else EOS
+prompt_ids = encode_prompts(tokenizer, [pair["prompt"] for pair in pairs])
+tokenized = [tokenize_pair(tokenizer, prompt, pair["chosen"], pair["rejected"], answer_end_id)
+             for prompt, pair in zip(prompt_ids, pairs)]
+resume_checkpoint = load_checkpoint(RESUME) if RESUME else None
+if resume_checkpoint is not None:
+    restore_lora(model, resume_checkpoint, where=str(RESUME))
+else:
+    apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
+trainable = lora_parameters(model)
+optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
+scheduler = torch.optim.lr_scheduler.LambdaLR(
+    optimizer, lambda s: lr_factor(s, WARMUP_STEPS, total_steps, LR_SCHEDULE))
+start_step = 0
+if resume_checkpoint is not None:
+    restore_training_state(resume_checkpoint, optimizer, scheduler)
+    start_step = resume_checkpoint["step"]
+    print(f"resumed {RESUME} at step {start_step}")
+    # A resumed run equals the uninterrupted one only under the same settings: say what differs.
+    differing = {name: (resume_checkpoint["config"].get(name), value) for name, value in config.items()
+                 if name not in ("RESUME", "RUN_NAME", "CHECKPOINT_DIR", "LOG_DIR")
+                 and resume_checkpoint["config"].get(name) != value}
+    for name, (saved, now) in differing.items():
+        print(f"warning: {name} was {saved!r} in the checkpoint's run, now {now!r}")
+print(f"{len(pairs)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
+      f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}")
+
+
+def epoch_order(epoch: int) -> list[int]:
+    """The pair order of an epoch: a function of SEED and the epoch alone, so a resumed run
+    sees exactly the pairs the uninterrupted run would have."""
+    return torch.randperm(len(pairs), generator=torch.Generator().manual_seed(SEED + epoch)).tolist()
+
+
+@torch.no_grad()
+def reference_logprobs(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen [n], rejected [n]) sequence log-probs of the pairs ``indices`` under the base model,
+    on the CPU, MICRO_BATCH_SIZE pairs per forward."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    with disable_lora(model):
+        for first in range(0, len(indices), MICRO_BATCH_SIZE):
+            batch = pack_pairs([tokenized[i] for i in indices[first:first + MICRO_BATCH_SIZE]],
+                               tokenizer.pad_token_id)
+            chosen_logps, rejected_logps, _ = pair_logprobs(model, batch, LOGPROB_CHUNK_SIZE, length_normalise)
+            chosen.append(chosen_logps.cpu())
+            rejected.append(rejected_logps.cpu())
+    model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def save(step: int) -> Path:
+    path = checkpoint_path(CHECKPOINT_DIR, RUN_NAME, step // steps_per_epoch, step)
+    return save_checkpoint(path, model, MODEL_PATH, config, optimizer, scheduler, epoch=step // steps_per_epoch,
+                           step=step)
+
+
+def run_eval(step: int) -> dict:
+    result = evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, desc=f"eval@{step}")
+    tqdm.write(f"step {step} eval: {result.summary()}")
+    return result.metrics()
+
+
+cached_reference = None
+if PRECOMPUTE_REF:
+    reference_start = time.perf_counter()
+    cached_reference = reference_logprobs(list(range(len(pairs))))
+    print(f"reference log-probs of {len(pairs)} pairs in {time.perf_counter() - reference_start:.1f}s")
+
+log_path = Path(LOG_DIR) / f"{RUN_NAME}.jsonl"
+log_path.parent.mkdir(parents=True, exist_ok=True)
+log_file = log_path.open("a" if RESUME else "w")  # a resumed run continues its metrics file
+skipped_steps = 0
+if EVAL_EVERY and start_step == 0:
+    log_file.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")
+
+run_start = time.perf_counter()
+bar = tqdm(range(start_step, total_steps), desc="dpo", unit="step", initial=start_step, total=total_steps)
+for step in bar:
+    step_start = time.perf_counter()
+    epoch, index_in_epoch = divmod(step, steps_per_epoch)
+    first = index_in_epoch * BATCH_SIZE
+    batch_indices = epoch_order(epoch)[first:first + BATCH_SIZE]
+    # RPO's per-token mean is over the whole step's chosen tokens, so micro-batching changes nothing.
+    chosen_tokens = sum(len(tokenized[i][1]) for i in batch_indices)
+
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = [], [], [], [], []
+    step_loss, step_sft = 0.0, 0.0
+    for micro_first in range(0, len(batch_indices), MICRO_BATCH_SIZE):
+        micro = batch_indices[micro_first:micro_first + MICRO_BATCH_SIZE]
+        if cached_reference is not None:
+            ref_chosen, ref_rejected = (logps[micro] for logps in cached_reference)
+        else:
+            ref_chosen, ref_rejected = reference_logprobs(micro)
+        batch = pack_pairs([tokenized[i] for i in micro], tokenizer.pad_token_id)
+        policy_chosen, policy_rejected, token_logps = pair_logprobs(model, batch, LOGPROB_CHUNK_SIZE,
+                                                                    length_normalise)
+        pair_losses, micro_chosen_rewards, micro_rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen.to(device), ref_rejected.to(device), beta=BETA,
+            loss_type=LOSS_TYPE, label_smoothing=LABEL_SMOOTHING)
+        # Each micro-batch contributes its share of the step's mean, so the gradient is the whole batch's.
+        loss = pair_losses.sum() / len(batch_indices)
+        if RPO_ALPHA:
+            chosen_mask = batch.answer_mask[:len(micro)].to(device)
+            sft = sft_loss(token_logps[:len(micro)], chosen_mask) * (chosen_mask.sum() / chosen_tokens)
+            loss = loss + RPO_ALPHA * sft
+            step_sft += float(sft)
+        loss.backward()
+        step_loss += float(loss)
+        losses.append(pair_losses.detach().cpu())
+        chosen_rewards.append(micro_chosen_rewards.cpu())
+        rejected_rewards.append(micro_rejected_rewards.cpu())
+        chosen_logps.append(policy_chosen.detach().cpu())
+        rejected_logps.append(policy_rejected.detach().cpu())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
+    # A non-finite loss or gradient never reaches the weights (nor, so, a checkpoint).
+    if math.isfinite(grad_norm) and math.isfinite(step_loss):
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        skipped_steps += 1
+        tqdm.write(f"step {step + 1}: non-finite loss or gradient; update skipped ({skipped_steps} so far)")
+    scheduler.step()
+    step_seconds = time.perf_counter() - step_start
+
+    stats = dpo_stats(torch.cat(losses), torch.cat(chosen_rewards), torch.cat(rejected_rewards))
+    metrics = {
+        "step": step + 1, "epoch": epoch, **stats, "total_loss": step_loss, "sft_loss": step_sft,
+        "chosen_logp": float(torch.cat(chosen_logps).mean()), "rejected_logp": float(torch.cat(rejected_logps).mean()),
+        "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped_steps,
+        "step_s": step_seconds,
+    }
+    if EVAL_EVERY and ((step + 1) % EVAL_EVERY == 0 or step + 1 == total_steps):
+        metrics.update(run_eval(step + 1))
+    metrics["elapsed_s"] = time.perf_counter() - run_start  # wall clock of the run so far, evals included
+    log_file.write(json.dumps(metrics) + "\n")
+    log_file.flush()
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['reward_accuracy']:.2f}")
+    tqdm.write(f"step {step + 1}/{total_steps} loss {metrics['loss']:.4f} acc {metrics['reward_accuracy']:.3f} "
+               f"margin {metrics['reward_margin']:.4f} chosen {metrics['chosen_reward']:.4f} "
+               f"rejected {metrics['rejected_reward']:.4f} | logp chosen {metrics['chosen_logp']:.2f} "
+               f"rejected {metrics['rejected_logp']:.2f} sft {step_sft:.3f} gnorm {grad_norm:.3f} "
+               f"| {step_seconds:.1f}s")
+    end_of_epoch = (step + 1) % steps_per_epoch == 0
+    if (SAVE_EVERY and (step + 1) % SAVE_EVERY == 0) or end_of_epoch or step + 1 == total_steps:
+        tqdm.write(f"saved {save(step + 1)}")
+log_file.close()
+print(f"done: {total_steps} steps, {skipped_steps} skipped; metrics in {log_path}")

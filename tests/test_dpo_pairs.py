@@ -1,0 +1,51 @@
+"""dpo/pairs.py's pair building and eval-question exclusion, and make_dpo_pairs.py for real."""
+
+import json
+
+from common.data import load_pairs
+from dpo.pairs import build_pairs, exclude_eval_questions
+from tests.conftest import TINY_MODEL_DIR, run_script
+
+
+def test_build_pairs_picks_best_correct_and_worst_incorrect_and_counts_skips():
+    questions = ["mixed", "all right", "all wrong", "ties"]
+    golds = ["1", "2", "3", "4"]
+    texts = [["c low", "w high", "c high", "w low"], ["a", "b"], ["x", "y"], ["c1", "c2", "w1", "w2"]]
+    correct = [[True, False, True, False], [True, True], [False, False], [True, True, False, False]]
+    rewards = [[1.0, 0.2, 1.2, -0.5], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
+    pairs, counts = build_pairs(questions, golds, texts, correct, rewards)
+    assert pairs == [
+        {"prompt": "mixed", "chosen": "c high", "rejected": "w low", "gold_answer": "1"},
+        {"prompt": "ties", "chosen": "c1", "rejected": "w1", "gold_answer": "4"},  # ties: earliest sample
+    ]
+    assert counts == {"questions": 4, "pairs": 2, "skipped_all_correct": 1, "skipped_all_wrong": 1}
+
+
+def test_build_pairs_never_picks_a_blank_answer():
+    pairs, counts = build_pairs(["q", "r"], ["1", "2"], [["right", "  "], ["right", "", "wrong"]],
+                                [[True, False], [True, False, False]], [[1.0, -1.0], [1.0, -1.0, 0.0]])
+    assert pairs == [{"prompt": "r", "chosen": "right", "rejected": "wrong", "gold_answer": "2"}]
+    assert counts["skipped_all_correct"] == 1
+
+
+def test_eval_questions_are_excluded_by_normalised_text():
+    problems = [{"question": "Tom has 3 apples.  How many?", "gold_answer": "3"},
+                {"question": "Ann has 4 pears. How many?", "gold_answer": "4"}]
+    eval_problems = [{"question": "tom HAS 3 apples. how\nmany", "gold_answer": "3"}]
+    kept, excluded = exclude_eval_questions(problems, eval_problems)
+    assert kept == [problems[1]] and excluded == 1
+
+
+def test_make_dpo_pairs_on_the_tiny_model(tmp_path):
+    out_file = tmp_path / "pairs.jsonl"
+    result = run_script(["make_dpo_pairs.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--TRAIN_FILE=data/synth_train.jsonl",
+                         "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=8", "--NUM_SAMPLES_PER_PROMPT=4",
+                         "--MAX_NEW_TOKENS=48", "--BATCH_SIZE=4", "--TEMPERATURE=1.5", "--DEVICE=cpu",
+                         f"--OUT_FILE={out_file}"])
+    pairs = load_pairs(out_file)
+    summary = json.loads((tmp_path / "pairs.summary.json").read_text())
+    assert summary["questions"] == 8 and summary["pairs"] == len(pairs) > 0
+    assert summary["pairs"] + summary["skipped_all_correct"] + summary["skipped_all_wrong"] == 8
+    assert summary["excluded_eval_questions"] >= 0
+    assert all(pair["gold_answer"] for pair in pairs)
+    assert f"{len(pairs)} pairs from 8 questions" in result.stdout
