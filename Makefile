@@ -10,7 +10,14 @@ DEMO_GRPO := --MODEL_PATH=$(TINY) $(SYNTH) --EVAL_LIMIT=0 --EVAL_EVERY=25 --MAX_
              --PROMPTS_PER_STEP=16 --NUM_SAMPLES_PER_PROMPT=8 --MAX_NEW_TOKENS=40 --LR=2e-4 \
              --RUN_NAME=demo-grpo --SAMPLE_EVERY=25
 
-.PHONY: demo test venv tiny-model clean-venv
+# The DPO demo: on-policy pairs from the tiny model, then DPO with an SFT term on the chosen answers (RPO).
+DEMO_PAIRS := --MODEL_PATH=$(TINY) $(SYNTH) --NUM_PROMPTS=1500 --MAX_NEW_TOKENS=40 --BATCH_SIZE=32 \
+              --OUT_FILE=logs/demo/dpo_pairs.jsonl
+DEMO_DPO := --MODEL_PATH=$(TINY) --TRAIN_FILE=logs/demo/dpo_pairs.jsonl --EVAL_FILE=data/synth_test.jsonl \
+            --EVAL_LIMIT=0 --EVAL_EVERY=20 --MAX_NEW_TOKENS=40 --NUM_EPOCHS=2 --LR=1e-4 --RPO_ALPHA=1.0 \
+            --MICRO_BATCH_SIZE=16 --RUN_NAME=demo-dpo
+
+.PHONY: demo demo-dpo test venv tiny-model clean-venv
 
 # A stamp per requirements file: re-installs only when the file changes.
 $(VENV)/.runtime-installed: requirements.txt
@@ -39,6 +46,18 @@ demo: tiny-model
 	@echo ">> [3/3] the trained LoRA on the same held-out problems, before -> after"
 	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-grpo --TEST_FILE=data/synth_test.jsonl \
 	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/grpo.jsonl --COMPARE_TO=logs/demo/base.summary.json
+
+demo-dpo: tiny-model
+	@echo ">> [1/4] baseline: greedy accuracy of the tiny model on the 500 held-out synthetic problems"
+	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --TEST_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 \
+	    --OUT_FILE=logs/demo/base.jsonl
+	@echo ">> [2/4] preference pairs sampled from the tiny model itself (logs/demo/dpo_pairs.jsonl)"
+	$(PY) make_dpo_pairs.py $(DEMO_PAIRS)
+	@echo ">> [3/4] DPO with a LoRA on those pairs (checkpoints/demo-dpo/, metrics logs/demo-dpo.jsonl)"
+	$(PY) run_train_dpo.py $(DEMO_DPO)
+	@echo ">> [4/4] the trained LoRA on the same held-out problems, before -> after"
+	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-dpo --TEST_FILE=data/synth_test.jsonl \
+	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/dpo.jsonl --COMPARE_TO=logs/demo/base.summary.json
 
 test: $(VENV)/.dev-installed
 	@echo ">> running the test suite"
