@@ -84,8 +84,8 @@ config = configure(globals())
 # ---------------------------------------------------------------------------
 
 from common.checkpoint import (checkpoint_path, load_checkpoint, restore_lora,  # noqa: E402
-                               restore_training_state, save_checkpoint)
-from common.data import load_problems  # noqa: E402
+                               restore_training_state, save_checkpoint, warn_config_differences)
+from common.data import epoch_order, load_problems  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.logprobs import token_logprobs  # noqa: E402
 from common.lora import apply_lora, disable_lora, lora_parameters  # noqa: E402
@@ -124,20 +124,10 @@ if resume_checkpoint is not None:
     restore_training_state(resume_checkpoint, optimizer, scheduler, generators={"sampling": sampling_generator})
     start_step = resume_checkpoint["step"]
     print(f"resumed {RESUME} at step {start_step}")
-    # A resumed run equals the uninterrupted one only under the same settings: say what differs.
-    differing = {name: (resume_checkpoint["config"].get(name), value) for name, value in config.items()
-                 if name not in ("RESUME", "RUN_NAME", "CHECKPOINT_DIR", "LOG_DIR")
-                 and resume_checkpoint["config"].get(name) != value}
-    for name, (saved, now) in differing.items():
-        print(f"warning: {name} was {saved!r} in the checkpoint's run, now {now!r}")
+    warn_config_differences(resume_checkpoint, config)
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}")
 
-
-def epoch_order(epoch: int) -> list[int]:
-    """The question order of an epoch: a function of SEED and the epoch alone, so a resumed run
-    sees exactly the questions the uninterrupted run would have."""
-    return torch.randperm(len(problems), generator=torch.Generator().manual_seed(SEED + epoch)).tolist()
 
 
 def save(step: int) -> Path:
@@ -165,7 +155,7 @@ for step in bar:
     step_start = time.perf_counter()
     epoch, index_in_epoch = divmod(step, steps_per_epoch)
     first = index_in_epoch * PROMPTS_PER_STEP
-    batch = [problems[i] for i in epoch_order(epoch)[first:first + PROMPTS_PER_STEP]]
+    batch = [problems[i] for i in epoch_order(len(problems), SEED, epoch)[first:first + PROMPTS_PER_STEP]]
 
     # 1. Rollouts: G completions per question in one batch.
     model.eval()

@@ -94,8 +94,8 @@ config = configure(globals())
 # ---------------------------------------------------------------------------
 
 from common.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, restore_lora,  # noqa: E402
-                               restore_training_state, save_checkpoint)
-from common.data import load_problems  # noqa: E402
+                               restore_training_state, save_checkpoint, warn_config_differences)
+from common.data import epoch_order, load_problems  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.kl import kl_estimate  # noqa: E402
 from common.lora import apply_lora, disable_lora, lora_parameters  # noqa: E402
@@ -143,15 +143,11 @@ if resume_checkpoint is not None:
     restore_training_state(resume_checkpoint, optimizer, scheduler, generators={"sampling": sampling_generator})
     start_step = resume_checkpoint["step"]
     print(f"resumed {RESUME} at step {start_step}")
+    warn_config_differences(resume_checkpoint, config)
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in actor_parameters) / 1e6:.3f}M + value head "
       f"{sum(p.numel() for p in critic_parameters) / 1e6:.3f}M trainable parameters on {device}")
 
-
-def epoch_order(epoch: int) -> list[int]:
-    """The question order of an epoch: a function of SEED and the epoch alone, so a resumed run
-    sees exactly the questions the uninterrupted run would have."""
-    return torch.randperm(len(problems), generator=torch.Generator().manual_seed(SEED + epoch)).tolist()
 
 
 def mini_batch_generator(step: int) -> torch.Generator:
@@ -193,7 +189,7 @@ for step in bar:
     step_start = time.perf_counter()
     epoch, index_in_epoch = divmod(step, steps_per_epoch)
     first = index_in_epoch * PROMPTS_PER_STEP
-    batch = [problems[i] for i in epoch_order(epoch)[first:first + PROMPTS_PER_STEP]]
+    batch = [problems[i] for i in epoch_order(len(problems), SEED, epoch)[first:first + PROMPTS_PER_STEP]]
 
     # 1. Rollouts and their task rewards.
     model.eval()

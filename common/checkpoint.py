@@ -197,6 +197,22 @@ def load_lora_checkpoint(model, path: str | Path) -> dict:
     return checkpoint
 
 
+# Settings that name a run's files rather than its computation: they may differ on resume.
+_RUN_LOCATION_SETTINGS = ("RESUME", "RUN_NAME", "CHECKPOINT_DIR", "LOG_DIR")
+
+
+def warn_config_differences(checkpoint: dict, config: dict) -> list[str]:
+    """Print (and return) every setting that differs from the checkpoint's run: a resumed run
+    equals the uninterrupted one only under the same settings."""
+    saved = checkpoint["config"]
+    warnings = [f"warning: {name} was {saved.get(name)!r} in the checkpoint's run, now {value!r}"
+                for name, value in config.items()
+                if name not in _RUN_LOCATION_SETTINGS and saved.get(name) != value]
+    for warning in warnings:
+        print(warning)
+    return warnings
+
+
 def restore_training_state(checkpoint: dict, optimizer=None, scheduler=None,
                            generators: dict[str, torch.Generator] | None = None) -> None:
     """Optimizer, scheduler and random states, so that a resumed run continues exactly."""

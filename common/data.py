@@ -16,6 +16,8 @@ import secrets
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import torch
+
 # Scripts that create the data files, named in the error for a missing file.
 _GENERATORS = {"gsm8k": "prepare_gsm8k.py", "synth": "make_synth_data.py"}
 
@@ -150,3 +152,9 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
         temporary.unlink(missing_ok=True)
         raise
     return count
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
+    """The order of the items in an epoch: a function of the seed and the epoch alone, so a
+    resumed run sees exactly the items the uninterrupted run would have."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()

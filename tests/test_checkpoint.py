@@ -9,7 +9,8 @@ import torch
 
 import common.checkpoint as checkpoint_module
 from common.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
-                               load_lora_checkpoint, restore_lora, restore_training_state, save_checkpoint)
+                               load_lora_checkpoint, restore_lora, restore_training_state, save_checkpoint,
+                               warn_config_differences)
 from common.lora import LoRAStateError, apply_lora, lora_parameters
 from tests.conftest import micro_model
 
@@ -126,3 +127,10 @@ def test_checkpoint_names_and_listing(tmp_path):
     assert load_checkpoint(tmp_path / "run")["step"] == 20  # a run directory means its newest checkpoint
     with pytest.raises(FileNotFoundError, match="no lora_epoch"):
         load_checkpoint(tmp_path)
+
+
+def test_config_differences_are_reported(capsys):
+    checkpoint = {"config": {"LR": 1e-4, "RUN_NAME": "a", "SEED": 0}}
+    warnings = warn_config_differences(checkpoint, {"LR": 2e-4, "RUN_NAME": "b", "SEED": 0})
+    assert warnings == ["warning: LR was 0.0001 in the checkpoint's run, now 0.0002"]  # RUN_NAME may differ
+    assert "LR was 0.0001" in capsys.readouterr().out

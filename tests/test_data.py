@@ -174,3 +174,13 @@ def test_write_jsonl_failure_mid_write_keeps_the_old_file(tmp_path):
         write_jsonl(path, [{"question": "new?", "gold_answer": "2"}, {"not json": object()}])
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    from common.data import epoch_order
+
+    first = epoch_order(50, seed=3, epoch=0)
+    assert sorted(first) == list(range(50))  # a permutation: every item once
+    assert epoch_order(50, seed=3, epoch=0) == first
+    assert epoch_order(50, seed=3, epoch=1) != first
+    assert epoch_order(50, seed=4, epoch=0) != first
