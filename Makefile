@@ -17,7 +17,11 @@ DEMO_DPO := --MODEL_PATH=$(TINY) --TRAIN_FILE=logs/demo/dpo_pairs.jsonl --EVAL_F
             --EVAL_LIMIT=0 --EVAL_EVERY=20 --MAX_NEW_TOKENS=40 --NUM_EPOCHS=2 --LR=1e-4 --RPO_ALPHA=1.0 \
             --MICRO_BATCH_SIZE=16 --RUN_NAME=demo-dpo
 
-.PHONY: demo demo-dpo test venv tiny-model clean-venv
+# The PPO demo: LoRA actor + value-head critic, KL penalty in the token rewards.
+DEMO_PPO := --MODEL_PATH=$(TINY) $(SYNTH) --EVAL_LIMIT=0 --EVAL_EVERY=20 --MAX_STEPS=100 --MAX_NEW_TOKENS=40 \
+            --LR=2e-4 --RUN_NAME=demo-ppo --SAMPLE_EVERY=50
+
+.PHONY: demo demo-dpo demo-ppo test venv tiny-model clean-venv
 
 # A stamp per requirements file: re-installs only when the file changes.
 $(VENV)/.runtime-installed: requirements.txt
@@ -58,6 +62,16 @@ demo-dpo: tiny-model
 	@echo ">> [4/4] the trained LoRA on the same held-out problems, before -> after"
 	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-dpo --TEST_FILE=data/synth_test.jsonl \
 	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/dpo.jsonl --COMPARE_TO=logs/demo/base.summary.json
+
+demo-ppo: tiny-model
+	@echo ">> [1/3] baseline: greedy accuracy of the tiny model on the 500 held-out synthetic problems"
+	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --TEST_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 \
+	    --OUT_FILE=logs/demo/base.jsonl
+	@echo ">> [2/3] PPO with a LoRA actor and a value-head critic (checkpoints/demo-ppo/, metrics logs/demo-ppo.jsonl)"
+	$(PY) run_train_ppo.py $(DEMO_PPO)
+	@echo ">> [3/3] the trained LoRA on the same held-out problems, before -> after"
+	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-ppo --TEST_FILE=data/synth_test.jsonl \
+	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/ppo.jsonl --COMPARE_TO=logs/demo/base.summary.json
 
 test: $(VENV)/.dev-installed
 	@echo ">> running the test suite"
