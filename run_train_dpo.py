@@ -114,7 +114,6 @@ print(f"{len(pairs)} pairs, {steps_per_epoch} steps per epoch, {total_steps} ste
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}")
 
 
-
 @torch.no_grad()
 def reference_logprobs(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen [n], rejected [n]) sequence log-probs of the pairs ``indices`` under the base model,

@@ -129,7 +129,6 @@ print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}")
 
 
-
 def save(step: int) -> Path:
     path = checkpoint_path(CHECKPOINT_DIR, RUN_NAME, step // steps_per_epoch, step)
     return save_checkpoint(path, model, MODEL_PATH, config, optimizer, scheduler, epoch=step // steps_per_epoch,

@@ -149,7 +149,6 @@ print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {
       f"{sum(p.numel() for p in critic_parameters) / 1e6:.3f}M trainable parameters on {device}")
 
 
-
 def mini_batch_generator(step: int) -> torch.Generator:
     """The generator of a step's mini-batch shuffles: a function of SEED and the step alone, so a
     resumed run shuffles exactly as the uninterrupted run did."""
