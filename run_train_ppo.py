@@ -8,14 +8,15 @@
 One step (PPO, Schulman et al. 2017, in the RLHF form of InstructGPT / TRL's PPOTrainer):
   1. sample NUM_SAMPLES_PER_PROMPT completions for each of PROMPTS_PER_STEP questions, one batch,
      and reward each one (REWARD, common/reward.py);
-  2. with the sampling policy, once: old log-probs and values (ppo/critic.py: a value head on the
-     actor's detached hidden states), and reference log-probs with the adapters off (KL_COEF > 0);
+  2. with the sampling policy, once: old log-probs and values (ppo/critic.py: a value head on
+     hidden states, their source set by CRITIC_FEATURES), and reference log-probs with the
+     adapters off (KL_COEF > 0);
   3. per-token rewards: -KL_COEF x KL(policy || reference) on every answer token, the task reward
      on the last one (ppo.loss.token_rewards); GAE advantages and returns (ppo.gae.compute_gae),
      bootstrapping rows cut off at MAX_NEW_TOKENS with the value of the state after their last
      token; advantages whitened over all answer tokens of the step;
   4. PPO_EPOCHS passes over the rollouts in shuffled mini-batches of MINI_BATCH_SIZE sequences,
-     one AdamW step per mini-batch (LoRA and value head together, each its own learning rate) on
+     one AdamW step per mini-batch (actor and critic together, each its own learning rate) on
      clipped surrogate + VF_COEF x clipped value loss - ENT_COEF x entropy, accumulated over
      micro-batches of MICRO_BATCH_SIZE with the mini-batch's token count as the normaliser;
      stopped early when the mean approx KL of an epoch exceeds TARGET_KL.
@@ -66,12 +67,14 @@ ENT_COEF = 0.0  # weight of the entropy bonus
 TARGET_KL: float | None = None  # stop a step's PPO epochs once an epoch's mean approx KL exceeds this (None = off)
 # optimisation
 LR = 2e-5  # peak AdamW learning rate of the LoRA (a cautious start for Gemma 2B, untuned)
+CRITIC_FEATURES = "detached"  # value head reads: the actor's hidden states with a stop-gradient (detached),
+#                               a second LoRA of its own on the same base (adapter), or the actor's, trained (shared)
 CRITIC_LR = 1e-3  # peak AdamW learning rate of the value head (untuned)
 CRITIC_HIDDEN = 256  # width of the value head's hidden layer
 WARMUP_STEPS = 5  # linear warm-up steps (both learning rates)
 LR_SCHEDULE = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
 WEIGHT_DECAY = 0.0  # AdamW weight decay
-GRAD_CLIP = 1.0  # max gradient norm, of the LoRA and of the value head separately
+GRAD_CLIP = 1.0  # max gradient norm, of the actor's LoRA and of the critic separately
 MICRO_BATCH_SIZE = 8  # sequences per forward/backward (gradient accumulation over a mini-batch)
 LOGPROB_CHUNK_SIZE = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
 # LoRA
@@ -105,7 +108,7 @@ from common.reward import get_reward_fn  # noqa: E402
 from common.rollout import rollout_batch  # noqa: E402
 from common.sampler import sample  # noqa: E402
 from common.schedule import lr_factor  # noqa: E402
-from ppo.critic import ValueHead, completion_logprobs_and_values  # noqa: E402
+from ppo.critic import Critic, completion_logprobs_and_values  # noqa: E402
 from ppo.gae import compute_gae, explained_variance, masked_mean, masked_whiten  # noqa: E402
 from ppo.loss import entropy_bonus, ppo_policy_loss, ppo_total_loss, ppo_value_loss, token_rewards  # noqa: E402
 
@@ -126,16 +129,24 @@ if resume_checkpoint is not None:
     restore_lora(model, resume_checkpoint, where=str(RESUME))
 else:
     apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
-value_head = ValueHead(model.config.hidden_size, CRITIC_HIDDEN).to(device)
+critic = Critic(model, CRITIC_FEATURES, CRITIC_HIDDEN).to(device)
 if resume_checkpoint is not None:
-    if "value_head" not in resume_checkpoint["extra"]:
-        raise CheckpointError(f"{RESUME} has no value head: not a checkpoint of run_train_ppo.py")
-    value_head.load_state_dict(resume_checkpoint["extra"]["value_head"])
+    if "critic" not in resume_checkpoint["extra"]:
+        raise CheckpointError(f"{RESUME} has no critic: not a checkpoint of run_train_ppo.py")
+    saved_features = resume_checkpoint["extra"]["critic_features"]
+    if saved_features != CRITIC_FEATURES:
+        raise CheckpointError(f"{RESUME} holds a critic with CRITIC_FEATURES={saved_features!r}, this run asks "
+                              f"for {CRITIC_FEATURES!r}: resume with the run's own setting")
+    critic.load_state_dict(resume_checkpoint["extra"]["critic"])
 actor_parameters = lora_parameters(model)
-critic_parameters = list(value_head.parameters())
-# One optimizer, two groups: the critic's moments then live in the same checkpointed state.
-optimizer = torch.optim.AdamW([{"params": actor_parameters, "lr": LR}, {"params": critic_parameters, "lr": CRITIC_LR}],
-                              weight_decay=WEIGHT_DECAY)
+critic_parameters = list(critic.parameters())
+# One optimizer, a group each: the critic's moments then live in the same checkpointed state. The
+# critic's adapter (CRITIC_FEATURES = "adapter") is a LoRA like the actor's and trains at its rate.
+parameter_groups = [{"params": actor_parameters, "lr": LR},
+                    {"params": list(critic.value_head.parameters()), "lr": CRITIC_LR}]
+if critic.adapter is not None:
+    parameter_groups.append({"params": list(critic.adapter.parameters()), "lr": LR})
+optimizer = torch.optim.AdamW(parameter_groups, weight_decay=WEIGHT_DECAY)
 scheduler = torch.optim.lr_scheduler.LambdaLR(
     optimizer, lambda s: lr_factor(s, WARMUP_STEPS, total_steps, LR_SCHEDULE))
 start_step = 0
@@ -145,7 +156,7 @@ if resume_checkpoint is not None:
     print(f"resumed {RESUME} at step {start_step}")
     warn_config_differences(resume_checkpoint, config)
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
-      f"LoRA {sum(p.numel() for p in actor_parameters) / 1e6:.3f}M + value head "
+      f"LoRA {sum(p.numel() for p in actor_parameters) / 1e6:.3f}M + critic ({CRITIC_FEATURES}) "
       f"{sum(p.numel() for p in critic_parameters) / 1e6:.3f}M trainable parameters on {device}")
 
 
@@ -159,7 +170,7 @@ def save(step: int) -> Path:
     path = checkpoint_path(CHECKPOINT_DIR, RUN_NAME, step // steps_per_epoch, step)
     return save_checkpoint(path, model, MODEL_PATH, config, optimizer, scheduler, epoch=step // steps_per_epoch,
                            step=step, generators={"sampling": sampling_generator},
-                           extra={"value_head": value_head.state_dict()})
+                           extra={"critic": critic.state_dict(), "critic_features": CRITIC_FEATURES})
 
 
 def run_eval(step: int) -> dict:
@@ -170,7 +181,7 @@ def run_eval(step: int) -> dict:
 
 def rollout_logprobs_and_values(rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Old log-probs, values [N, T] and bootstrap values [N] of every rollout, on the CPU (call under no_grad)."""
-    parts = [completion_logprobs_and_values(model, value_head, rollouts, rows, TEMPERATURE, LOGPROB_CHUNK_SIZE)
+    parts = [completion_logprobs_and_values(model, critic, rollouts, rows, TEMPERATURE, LOGPROB_CHUNK_SIZE)
              for rows in rollouts.micro_batches(MICRO_BATCH_SIZE)]
     return tuple(torch.cat([part[index].cpu() for part in parts]) for index in (0, 2, 3))
 
@@ -236,7 +247,7 @@ for step in bar:
             loss_values = []
             for micro in mini_batch.split(MICRO_BATCH_SIZE):
                 logp, entropy, values, _ = completion_logprobs_and_values(
-                    model, value_head, rollouts, micro, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
+                    model, critic, rollouts, micro, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
                 micro_mask = mask[micro].to(device)
                 policy_loss, policy_stats = ppo_policy_loss(logp, old_logp[micro].to(device),
                                                             advantages[micro].to(device), micro_mask, CLIP_EPS,
@@ -256,7 +267,7 @@ for step in bar:
                 approx_kl_sum += policy_stats["approx_kl"] * micro_tokens
                 epoch_approx_kl_sum += policy_stats["approx_kl"] * micro_tokens
                 clip_sum += policy_stats["clip_frac"] * micro_tokens
-            # Separately: the value head's gradient would otherwise dominate the LoRA's norm and shrink its step.
+            # Separately: the critic's gradient would otherwise dominate the LoRA's norm and shrink its step.
             lora_grad_norm = float(torch.nn.utils.clip_grad_norm_(actor_parameters, GRAD_CLIP))
             value_grad_norm = float(torch.nn.utils.clip_grad_norm_(critic_parameters, GRAD_CLIP))
             # A non-finite loss or gradient never reaches the weights (nor, so, a checkpoint).

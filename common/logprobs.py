@@ -166,6 +166,49 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
+def _check_arguments(temperature: float, chunk_size: int) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def body_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The transformer body's last hidden states [B, L, H] (for Gemma 2 after the final RMSNorm):
+    what the output head reads, and what a value head can read too.
+
+    Without ``position_ids``, positions count the attended tokens, so a left-padded row gets the
+    positions it would have unpadded."""
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state
+
+
+def head_token_logprobs(model, hidden_states: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
+                        chunk_size: int = 1024, return_entropy: bool = False):
+    """token_logprobs from hidden states the caller already has (``body_hidden_states`` of
+    ``input_ids``): the chunked output head alone, so that one body pass can feed both the
+    log-probs and something else (PPO's value head). Same results and gradients as
+    token_logprobs, [B, L-1]."""
+    _check_arguments(temperature, chunk_size)
+    softcap = _final_logit_softcap(model)
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("token_logprobs supports output heads without bias only")
+    batch_size, length, hidden_size = hidden_states.shape
+    # The hidden state at position t predicts token t + 1; the last position predicts nothing here.
+    predicting_hidden = hidden_states[:, :-1].reshape(-1, hidden_size)
+    targets = input_ids[:, 1:].reshape(-1)
+    outputs = _ChunkedHeadLogprobs.apply(predicting_hidden, head.weight, targets, softcap, float(temperature),
+                                         chunk_size, return_entropy)
+    if return_entropy:
+        logprobs, entropy = outputs
+        return logprobs.view(batch_size, length - 1), entropy.view(batch_size, length - 1)
+    return outputs.view(batch_size, length - 1)
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
                    chunk_size: int = 1024, position_ids: torch.Tensor | None = None,
                    return_entropy: bool = False):
@@ -182,29 +225,11 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     Without ``position_ids``, positions count the attended tokens, so a left-padded row gets the
     positions it would have unpadded.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    softcap = _final_logit_softcap(model)
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise NotImplementedError("token_logprobs supports output heads without bias only")
-    if position_ids is None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-    hidden_states = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=position_ids, use_cache=False).last_hidden_state
-    batch_size, length, hidden_size = hidden_states.shape
-    # The hidden state at position t predicts token t + 1; the last position predicts nothing here.
-    predicting_hidden = hidden_states[:, :-1].reshape(-1, hidden_size)
-    targets = input_ids[:, 1:].reshape(-1)
-    outputs = _ChunkedHeadLogprobs.apply(predicting_hidden, head.weight, targets, softcap, float(temperature),
-                                         chunk_size, return_entropy)
-    if return_entropy:
-        logprobs, entropy = outputs
-        return logprobs.view(batch_size, length - 1), entropy.view(batch_size, length - 1)
-    return outputs.view(batch_size, length - 1)
+    # Refuse bad arguments and an unknown head before running the body.
+    _check_arguments(temperature, chunk_size)
+    _final_logit_softcap(model)
+    hidden_states = body_hidden_states(model, input_ids, attention_mask, position_ids)
+    return head_token_logprobs(model, hidden_states, input_ids, temperature, chunk_size, return_entropy)
 
 
 def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

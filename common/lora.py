@@ -223,6 +223,49 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
             module.enabled = previous[name]
 
 
+class LoRAWeights(nn.Module):
+    """A second set of LoRA factors for the LoRA layers of a model: for each layer an A [r, in]
+    and a B [out, r] of the same shapes, initialised as a new LoRALinear is (A Kaiming-uniform,
+    B zero, so it starts as the base model). ``use_lora_weights`` switches them in place of the
+    layers' own factors: two adapters over one copy of the frozen base (PPO's critic adapter).
+    ``layer_names`` ties entry i of ``lora_A`` / ``lora_B`` to its layer."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        modules = _require_lora_modules(model)
+        self.layer_names = list(modules)
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        for module in modules.values():
+            lora_A = nn.Parameter(torch.empty_like(module.lora_A))
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+            self.lora_A.append(lora_A)
+            self.lora_B.append(nn.Parameter(torch.zeros_like(module.lora_B)))
+
+
+@contextmanager
+def use_lora_weights(model: nn.Module, weights: LoRAWeights) -> Iterator[nn.Module]:
+    """Inside the block every LoRA layer computes with the factors of ``weights`` (same scaling,
+    dropout and base); gradients of what is computed there go to ``weights``. On exit, even by
+    an exception, the layers' own factors return. Refused on merged layers (their base weight
+    holds their own update) and on weights made for other layers."""
+    modules = _require_lora_modules(model)
+    if list(modules) != weights.layer_names:
+        differ = sorted(set(modules) ^ set(weights.layer_names)) or ["(the same layers in another order)"]
+        raise LoRAStateError(f"LoRA weights made for other layers: {', '.join(differ[:5])}")
+    merged = [name for name, module in modules.items() if module.merged]
+    if merged:
+        raise RuntimeError(f"cannot switch the factors of merged LoRA layers ({merged[0]}, ...); unmerge_lora first")
+    own_factors = [(module.lora_A, module.lora_B) for module in modules.values()]
+    try:
+        for module, lora_A, lora_B in zip(modules.values(), weights.lora_A, weights.lora_B):
+            module.lora_A, module.lora_B = lora_A, lora_B
+        yield model
+    finally:
+        for module, (lora_A, lora_B) in zip(modules.values(), own_factors):
+            module.lora_A, module.lora_B = lora_A, lora_B
+
+
 def _shared_weight_names(model: nn.Module, modules: dict[str, LoRALinear]) -> list[str]:
     """LoRA layers whose base weight is also used elsewhere (lm_head tied to the embeddings)."""
     uses: dict[int, int] = {}

@@ -48,28 +48,35 @@ class RolloutBatch:
         """Row indices of consecutive micro-batches of at most ``size`` rows."""
         return [torch.arange(start, min(start + size, self.num_rows)) for start in range(0, self.num_rows, size)]
 
+    def model_inputs(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """input_ids and attention_mask of ``rows`` on ``device``, cut to the columns they use (from
+        the first real token of any row to the end of the longest completion), and the first
+        column kept. Per-position results of these inputs go back through ``completion_part``."""
+        attention_mask = self.attention_mask[rows]
+        first_column = int(attention_mask.float().argmax(dim=1).min())
+        last_column = self.prompt_width + int(self.completion_mask[rows].sum(dim=1).max())
+        return (self.input_ids[rows, first_column:last_column].to(device),
+                attention_mask[:, first_column:last_column].to(device), first_column)
+
+    def completion_part(self, per_position: torch.Tensor, first_column: int) -> torch.Tensor:
+        """[n, completion_width]: entry j is ``per_position[:, prompt_width - first_column - 1 + j]``,
+        i.e. of the position that predicts completion token j (for log-probs, whose index t is the
+        prediction of column first_column + t + 1; for hidden states, the state before token j),
+        zero-padded on the right to the full completion width."""
+        part = per_position[:, self.prompt_width - first_column - 1:]
+        return F.pad(part, (0, self.completion_width - part.size(1)))
+
     def completion_logprobs_for(self, model, rows: torch.Tensor, temperature: float, chunk_size: int,
                                 with_entropy: bool = False):
         """Log-probs [n, completion_width] of the completion tokens of ``rows`` under ``model`` at
         ``temperature`` (and their entropies), 0 past each completion's end.  Differentiable."""
-        device = next(model.parameters()).device
-        attention_mask = self.attention_mask[rows]
-        first_column = int(attention_mask.float().argmax(dim=1).min())  # first real token of any row
-        last_column = self.prompt_width + int(self.completion_mask[rows].sum(dim=1).max())
-        input_ids = self.input_ids[rows, first_column:last_column].to(device)
-        attention_mask = attention_mask[:, first_column:last_column].to(device)
+        input_ids, attention_mask, first_column = self.model_inputs(rows, next(model.parameters()).device)
         result = token_logprobs(model, input_ids, attention_mask, temperature=temperature,
                                 chunk_size=chunk_size, return_entropy=with_entropy)
-        start = self.prompt_width - first_column - 1
-        missing = self.completion_width - (last_column - self.prompt_width)
-
-        def completion_part(per_position: torch.Tensor) -> torch.Tensor:
-            return F.pad(per_position[:, start:], (0, missing))
-
         if with_entropy:
             logp, entropy = result
-            return completion_part(logp), completion_part(entropy)
-        return completion_part(result)
+            return self.completion_part(logp, first_column), self.completion_part(entropy, first_column)
+        return self.completion_part(result, first_column)
 
     def completion_logprobs(self, model, temperature: float, micro_batch_size: int, chunk_size: int) -> torch.Tensor:
         """Log-probs of every row's completion, computed micro-batch by micro-batch (call under no_grad)."""

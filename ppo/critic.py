@@ -1,36 +1,37 @@
-"""PPO's critic: a value head on the actor's hidden states, and one call that gives the actor's
-log-probs together with the critic's values for a micro-batch of rollouts.
+"""PPO's critic: a value head on hidden states, and one call that gives the actor's log-probs
+together with the critic's values for a micro-batch of rollouts.
 
-Design (choice (a) of the critic design discussion): the value head is a small fp32 MLP reading
-the LoRA actor's last hidden states with a stop-gradient, so the value loss trains the head only
-and cannot reshape the features the policy uses (a value loss whose scale differs wildly from the
-policy loss's would otherwise pull the shared LoRA towards predicting returns). The price is a
-critic limited to what the policy's features already encode. Not implemented:
+Where the value head's features come from (CRITIC_FEATURES of run_train_ppo.py):
 
-  (b) a second LoRA on the same frozen base for the critic (its own features; a second body
-      pass per micro-batch, the adapters switched between the two);
-  (c) a shared trunk, the value loss back-propagating into the actor's LoRA (one pass, features
-      shaped by both losses, VF_COEF then balancing the two).
+  "detached"  the actor's last hidden states with a stop-gradient: the value loss trains the head
+              only and cannot reshape the features the policy uses. One body pass gives both the
+              log-probs and the values. The critic is limited to what the policy's features
+              already encode.
+  "adapter"   a second LoRA on the same frozen base (common.lora.LoRAWeights, switched in for
+              the critic's pass): a critic with features of its own, still one copy of the base
+              in memory. Costs a second body pass, with its backward, per micro-batch.
+  "shared"    the actor's hidden states without a stop-gradient: one pass, the value loss
+              back-propagates into the actor's LoRA (VF_COEF then balances the two losses).
+
+The README's PPO section gives the measurement that chose the default.
 
 Positions, in RolloutBatch's layout ([pads | prompt | completion | pads], the completion's
 token j at column prompt_width + j): the value of the state before completion token j is read at
 the hidden state of column prompt_width + j - 1, the same position whose logits predict token j.
 The state after a row's last token (L tokens) is column prompt_width + L - 1: its value is the
 bootstrap GAE needs for a row cut off at the generation limit.
-
-Cost: common/logprobs.py exposes token_logprobs(model, input_ids, ...), which runs the body
-itself, and no function taking hidden states, so the values come from a second body pass (under
-no_grad: the stop-gradient makes its activations useless to keep). One pass would do once the
-chunked head is exposed for hidden states.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from common.logprobs import body_hidden_states, head_token_logprobs
+from common.lora import LoRAWeights, use_lora_weights
 from common.rollout import RolloutBatch
+
+CRITIC_FEATURES = ("detached", "adapter", "shared")
 
 
 class ValueHead(nn.Module):
@@ -45,7 +46,20 @@ class ValueHead(nn.Module):
         return self.mlp(hidden_states.float()).squeeze(-1)
 
 
-def completion_logprobs_and_values(model, value_head: ValueHead, batch: RolloutBatch, rows: torch.Tensor,
+class Critic(nn.Module):
+    """The value head and, for features "adapter", the critic's own LoRA factors: everything the
+    critic trains, in one state dict for the checkpoint."""
+
+    def __init__(self, model: nn.Module, features: str, mlp_hidden: int):
+        super().__init__()
+        if features not in CRITIC_FEATURES:
+            raise ValueError(f"critic features must be one of {CRITIC_FEATURES}, got {features!r}")
+        self.features = features
+        self.value_head = ValueHead(model.config.hidden_size, mlp_hidden)
+        self.adapter = LoRAWeights(model) if features == "adapter" else None
+
+
+def completion_logprobs_and_values(model, critic: Critic, batch: RolloutBatch, rows: torch.Tensor,
                                    temperature: float, chunk_size: int, with_entropy: bool = False):
     """The actor's log-probs (and entropies) of the completion tokens of ``rows``, as
     RolloutBatch.completion_logprobs_for gives them, with the critic's values.
@@ -53,31 +67,30 @@ def completion_logprobs_and_values(model, value_head: ValueHead, batch: RolloutB
     Returns (logp, entropy or None, values, bootstrap_values): logp, entropy and values
     [n, completion_width], 0 past each completion's end; values[:, j] is the value of the state
     before completion token j; bootstrap_values [n] the value of the state after each row's last
-    token. logp and entropy are differentiable w.r.t. the LoRA, values w.r.t. the value head only.
+    token. logp and entropy are differentiable w.r.t. the actor's LoRA; values w.r.t. the critic
+    (and, for features "shared", the actor's LoRA too).
     """
-    result = batch.completion_logprobs_for(model, rows, temperature, chunk_size, with_entropy=with_entropy)
+    input_ids, attention_mask, first_column = batch.model_inputs(rows, next(model.parameters()).device)
+    hidden_states = body_hidden_states(model, input_ids, attention_mask)
+    result = head_token_logprobs(model, hidden_states, input_ids, temperature, chunk_size, with_entropy)
     logp, entropy = result if with_entropy else (result, None)
+    logp = batch.completion_part(logp, first_column)
+    if entropy is not None:
+        entropy = batch.completion_part(entropy, first_column)
 
-    # The same column trimming as completion_logprobs_for, so that positions (counted from each
-    # row's first real token) and hence hidden states are those of its pass.
-    device = next(model.parameters()).device
-    attention_mask = batch.attention_mask[rows]
-    completion_mask = batch.completion_mask[rows].to(device)
-    lengths = completion_mask.sum(dim=1).long()
-    first_column = int(attention_mask.float().argmax(dim=1).min())
-    last_column = batch.prompt_width + int(lengths.max())
-    input_ids = batch.input_ids[rows, first_column:last_column].to(device)
-    attention_mask = attention_mask[:, first_column:last_column].to(device)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():  # the stop-gradient of design (a)
-        hidden_states = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                            position_ids=position_ids, use_cache=False).last_hidden_state
-    # Columns prompt_width - 1 .. last_column - 1: the state before each completion token, and
-    # (at index L of a row) the state after its last one.
-    start = batch.prompt_width - first_column - 1
-    state_values = value_head(hidden_states[:, start:])
-    bootstrap_values = state_values.gather(1, lengths.unsqueeze(1)).squeeze(1)
-    missing = batch.completion_width - (last_column - batch.prompt_width)
-    values = F.pad(state_values[:, :-1], (0, missing))
-    values = torch.where(completion_mask.bool(), values, 0.0)
+    if critic.features == "adapter":
+        with use_lora_weights(model, critic.adapter):
+            critic_states = body_hidden_states(model, input_ids, attention_mask)
+    elif critic.features == "detached":
+        critic_states = hidden_states.detach()
+    else:
+        critic_states = hidden_states
+    state_values = critic.value_head(critic_states)
+    # completion_part reads from the state before token 0; one column further than a row's
+    # length L is the state after its last token.
+    lengths = batch.completion_mask[rows].sum(dim=1).long().to(state_values.device)
+    from_first_state = state_values[:, batch.prompt_width - first_column - 1:]
+    bootstrap_values = from_first_state.gather(1, lengths.unsqueeze(1)).squeeze(1)
+    values = batch.completion_part(state_values[:, :-1], first_column)
+    values = torch.where(batch.completion_mask[rows].to(values.device).bool(), values, 0.0)
     return logp, entropy, values, bootstrap_values

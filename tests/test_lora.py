@@ -17,6 +17,7 @@ from torch import nn
 from common.lora import (
     LoRALinear,
     LoRAStateError,
+    LoRAWeights,
     apply_lora,
     disable_lora,
     load_lora_state_dict,
@@ -27,6 +28,7 @@ from common.lora import (
     merge_lora,
     save_peft_adapter,
     unmerge_lora,
+    use_lora_weights,
 )
 from tests.conftest import micro_model
 
@@ -147,6 +149,57 @@ def test_disable_lora_gives_the_base_model_and_restores_the_adapters(arch):
             raise KeyError("inside the block")
     assert all(module.enabled for module in lora_modules(model).values())
     assert torch.equal(logits_of(model), adapter_logits)
+
+
+def test_lora_weights_start_as_the_base_model_and_switch_in_exactly():
+    """A fresh LoRAWeights (B = 0) computes the base model; with its factors set, the switched-in
+    model equals a copy whose own LoRA holds those factors; on exit (even by an exception) the
+    layers' own factors return."""
+    torch.manual_seed(0)
+    model, base = adapted_model("gemma2")
+    own_logits = logits_of(model)
+    weights = LoRAWeights(model)
+    assert [tuple(a.shape) for a in weights.lora_A] == [tuple(m.lora_A.shape) for m in lora_modules(model).values()]
+    with use_lora_weights(model, weights):
+        torch.testing.assert_close(logits_of(model), logits_of(base), atol=1e-6, rtol=0)
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for module, lora_A, lora_B in zip(lora_modules(twin).values(), weights.lora_A, weights.lora_B):
+            lora_B.normal_(std=0.1)
+            module.lora_A.copy_(lora_A)
+            module.lora_B.copy_(lora_B)
+    with pytest.raises(KeyError):
+        with use_lora_weights(model, weights):
+            torch.testing.assert_close(logits_of(model), logits_of(twin), atol=1e-6, rtol=0)
+            raise KeyError("inside the block")
+    assert torch.equal(logits_of(model), own_logits)
+
+
+def test_gradients_under_switched_weights_reach_those_weights_only():
+    model, _ = adapted_model("llama")
+    weights = LoRAWeights(model)
+    with torch.no_grad():
+        for lora_B in weights.lora_B:
+            lora_B.normal_(std=0.1)
+    with use_lora_weights(model, weights):
+        output = model(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK).logits
+    output.square().mean().backward()  # after the block: the graph kept the switched-in factors
+    assert all(parameter.grad is None for parameter in lora_parameters(model))
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in weights.parameters())
+
+
+def test_lora_weights_of_other_layers_or_a_merged_model_are_refused():
+    model, _ = adapted_model("llama")
+    other, _ = adapted_model("llama", targets=("q_proj", "v_proj"))
+    with pytest.raises(LoRAStateError, match="k_proj"):
+        with use_lora_weights(model, LoRAWeights(other)):
+            pass
+    weights = LoRAWeights(model)
+    merge_lora(model)
+    with pytest.raises(RuntimeError, match="merged"):
+        with use_lora_weights(model, weights):
+            pass
 
 
 def test_disable_lora_restores_each_layers_previous_state():

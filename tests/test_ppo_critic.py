@@ -1,10 +1,14 @@
-"""ppo/critic.py: the value head's shape, its stop-gradient, and the positions values are read at."""
+"""ppo/critic.py: the value head's shape, where each kind of critic's gradient goes, and the positions values
+are read at."""
 
+import contextlib
+
+import pytest
 import torch
 
-from common.lora import apply_lora, lora_parameters
+from common.lora import apply_lora, lora_parameters, use_lora_weights
 from common.rollout import RolloutBatch
-from ppo.critic import ValueHead, completion_logprobs_and_values
+from ppo.critic import Critic, ValueHead, completion_logprobs_and_values
 from ppo.loss import ppo_value_loss
 from tests.conftest import micro_model
 
@@ -40,41 +44,66 @@ def test_value_head_shape_and_dtype():
     assert values.shape == (3, 7) and values.dtype == torch.float32
 
 
-def test_value_loss_trains_the_head_only():
+def critic_for(model, features: str) -> Critic:
+    critic = Critic(model, features, mlp_hidden=8)
+    if critic.adapter is not None:  # a nonzero critic adapter, unlike the actor's
+        for parameter in critic.adapter.parameters():
+            torch.nn.init.normal_(parameter, std=0.1)
+    return critic
+
+
+@pytest.mark.parametrize("features", ["detached", "adapter", "shared"])
+def test_where_the_value_loss_gradient_goes(features):
+    """detached: the value head only; adapter: the head and the critic's own LoRA, never the actor's;
+    shared: the head and the actor's LoRA. The policy's log-probs never depend on the critic."""
     torch.manual_seed(0)
     model = lora_micro_model().train()
-    head = ValueHead(model.config.hidden_size, 8)
+    critic = critic_for(model, features)
     batch = handmade_batch()
-    _, _, values, _ = completion_logprobs_and_values(model, head, batch, batch.rows, 1.0, 4)
+    logp, _, values, _ = completion_logprobs_and_values(model, critic, batch, batch.rows, 1.0, 4)
     loss, _ = ppo_value_loss(values, torch.zeros_like(values), torch.ones_like(values), batch.completion_mask)
     loss.backward()
-    assert all(parameter.grad is None for parameter in lora_parameters(model))
-    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in head.parameters())
+    actor_grads = [parameter.grad for parameter in lora_parameters(model)]
+    if features == "shared":
+        assert all(grad is not None and grad.abs().sum() > 0 for grad in actor_grads[1::2])  # every lora_B
+    else:
+        assert all(grad is None for grad in actor_grads)
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0
+               for parameter in critic.value_head.parameters())
+    if features == "adapter":
+        assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0
+                   for parameter in critic.adapter.lora_B)
+    with torch.no_grad():
+        torch.testing.assert_close(logp, batch.completion_logprobs_for(model, batch.rows, 1.0, 4))
 
 
-def test_values_are_read_before_each_token_and_after_the_last():
+@pytest.mark.parametrize("features", ["detached", "adapter"])
+def test_values_are_read_before_each_token_and_after_the_last(features):
     torch.manual_seed(0)
     model = lora_micro_model().eval()
-    head = ValueHead(model.config.hidden_size, 8)
+    critic = critic_for(model, features)
     batch = handmade_batch()
     with torch.no_grad():
-        logp, entropy, values, bootstrap = completion_logprobs_and_values(model, head, batch, batch.rows, 1.0, 4,
+        logp, entropy, values, bootstrap = completion_logprobs_and_values(model, critic, batch, batch.rows, 1.0, 4,
                                                                           with_entropy=True)
         expected_logp, expected_entropy = batch.completion_logprobs_for(model, batch.rows, 1.0, 4, with_entropy=True)
         torch.testing.assert_close(logp, expected_logp)
         torch.testing.assert_close(entropy, expected_entropy)
         for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
-            # The row alone, unpadded: its hidden state at p + j - 1 precedes completion token j.
+            # The row alone, unpadded: its hidden state at p + j - 1 precedes completion token j. The adapter
+            # critic's states are those of the model with the critic's factors in place of the actor's.
             ids = torch.tensor([prompt + completion])
-            hidden = model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                         use_cache=False).last_hidden_state[0]
-            state_values = head(hidden)
+            critic_factors = use_lora_weights(model, critic.adapter) if critic.adapter else contextlib.nullcontext()
+            with critic_factors:
+                hidden = model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                             use_cache=False).last_hidden_state[0]
+            state_values = critic.value_head(hidden)
             length = len(completion)
             before_tokens = state_values[len(prompt) - 1:len(prompt) - 1 + length]
             torch.testing.assert_close(values[row, :length], before_tokens, atol=1e-5, rtol=1e-5)
             assert torch.all(values[row, length:] == 0)
             torch.testing.assert_close(bootstrap[row], state_values[len(prompt) + length - 1], atol=1e-5, rtol=1e-5)
         # A micro-batch of one row (other column trimming) reads the same values.
-        _, _, alone, alone_bootstrap = completion_logprobs_and_values(model, head, batch, torch.tensor([1]), 1.0, 4)
+        _, _, alone, alone_bootstrap = completion_logprobs_and_values(model, critic, batch, torch.tensor([1]), 1.0, 4)
         torch.testing.assert_close(alone, values[1:], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(alone_bootstrap, bootstrap[1:], atol=1e-5, rtol=1e-5)

@@ -16,13 +16,19 @@ TINY_RUN = [f"--MODEL_PATH={TINY_MODEL_DIR}", "--TRAIN_FILE=data/synth_train.jso
 
 
 def trained_weights(path) -> dict[str, torch.Tensor]:
-    """The LoRA and the value head of a checkpoint, in one dict."""
+    """The actor's LoRA and the critic of a checkpoint, in one dict."""
     checkpoint = load_checkpoint(path)
-    return {**checkpoint["lora"], **{f"value_head.{k}": v for k, v in checkpoint["extra"]["value_head"].items()}}
+    return {**checkpoint["lora"], **{f"critic.{k}": v for k, v in checkpoint["extra"]["critic"].items()}}
 
 
-def test_smoke_two_steps_on_micro_model(micro_model_dir, tmp_path):
-    result = run_script(["run_train_ppo.py", f"--MODEL_PATH={micro_model_dir}", "--TRAIN_FILE=data/synth_train.jsonl",
+VALUE_HEAD_KEYS = {"value_head.mlp.0.weight", "value_head.mlp.0.bias", "value_head.mlp.2.weight",
+                   "value_head.mlp.2.bias"}
+
+
+@pytest.mark.parametrize("features,groups", [("detached", 2), ("adapter", 3), ("shared", 2)])
+def test_smoke_two_steps_on_micro_model(micro_model_dir, tmp_path, features, groups):
+    result = run_script(["run_train_ppo.py", f"--MODEL_PATH={micro_model_dir}", f"--CRITIC_FEATURES={features}",
+                         "--TRAIN_FILE=data/synth_train.jsonl",
                          "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=8", "--PROMPTS_PER_STEP=2",
                          "--NUM_SAMPLES_PER_PROMPT=3", "--MAX_NEW_TOKENS=6", "--MAX_STEPS=2", "--EVAL_EVERY=2",
                          "--EVAL_LIMIT=2", "--DEVICE=cpu", "--KL_COEF=0.05", "--MINI_BATCH_SIZE=4",
@@ -31,8 +37,12 @@ def test_smoke_two_steps_on_micro_model(micro_model_dir, tmp_path):
     assert "step 2/2" in result.stdout
     checkpoint = load_checkpoint(tmp_path / "smoke" / "lora_epoch0_step2.pt")
     assert checkpoint["step"] == 2 and checkpoint["config"]["KL_COEF"] == 0.05
-    assert set(checkpoint["extra"]["value_head"]) == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
-    assert len(checkpoint["optimizer"]["param_groups"]) == 2  # LoRA and value head, one optimizer
+    critic_keys = set(checkpoint["extra"]["critic"])
+    assert VALUE_HEAD_KEYS <= critic_keys
+    # The adapter critic also saves its own LoRA factors: as many as the actor's (an A and a B per layer).
+    adapter_keys = critic_keys - VALUE_HEAD_KEYS
+    assert len(adapter_keys) == (len(checkpoint["lora"]) if features == "adapter" else 0)
+    assert len(checkpoint["optimizer"]["param_groups"]) == groups  # LoRA, value head (, critic adapter)
     metrics = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2]  # the baseline eval, then one line per step
     assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[2]
@@ -43,27 +53,33 @@ def test_smoke_two_steps_on_micro_model(micro_model_dir, tmp_path):
     assert metrics[1]["ppo_epochs"] == 2 and metrics[1]["grad_norm"] is not None
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    """Four steps in one go on the tiny model, saving at step 2 and step 4."""
-    out = tmp_path_factory.mktemp("ppo")
-    run_script(["run_train_ppo.py", *TINY_RUN, "--MAX_STEPS=4", "--SAVE_EVERY=2", "--EVAL_EVERY=0",
-                f"--CHECKPOINT_DIR={out}", f"--LOG_DIR={out}", "--RUN_NAME=straight"])
-    return out
-
-
-def test_resume_equals_uninterrupted_run(straight_run):
-    run_script(["run_train_ppo.py", *TINY_RUN, "--MAX_STEPS=4", "--SAVE_EVERY=2", "--EVAL_EVERY=0",
-                f"--CHECKPOINT_DIR={straight_run}", f"--LOG_DIR={straight_run}", "--RUN_NAME=resumed",
-                f"--RESUME={straight_run / 'straight' / 'lora_epoch0_step2.pt'}"])
-    straight = trained_weights(straight_run / "straight" / "lora_epoch0_step4.pt")
-    resumed = trained_weights(straight_run / "resumed" / "lora_epoch0_step4.pt")
-    halfway = trained_weights(straight_run / "straight" / "lora_epoch0_step2.pt")
-    for prefix in ("value_head.", "model."):  # steps 3-4 updated both the critic and the LoRA
+@pytest.mark.parametrize("features", ["detached", "adapter"])
+def test_resume_equals_uninterrupted_run(tmp_path, features):
+    """Four steps in one go, saving at steps 2 and 4, against steps 3-4 resumed from step 2."""
+    run = [*TINY_RUN, f"--CRITIC_FEATURES={features}", "--MAX_STEPS=4", "--SAVE_EVERY=2", "--EVAL_EVERY=0",
+           f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}"]
+    run_script(["run_train_ppo.py", *run, "--RUN_NAME=straight"])
+    run_script(["run_train_ppo.py", *run, "--RUN_NAME=resumed",
+                f"--RESUME={tmp_path / 'straight' / 'lora_epoch0_step2.pt'}"])
+    straight = trained_weights(tmp_path / "straight" / "lora_epoch0_step4.pt")
+    resumed = trained_weights(tmp_path / "resumed" / "lora_epoch0_step4.pt")
+    halfway = trained_weights(tmp_path / "straight" / "lora_epoch0_step2.pt")
+    prefixes = ("critic.value_head.", "model.") + (("critic.adapter.",) if features == "adapter" else ())
+    for prefix in prefixes:  # steps 3-4 updated the critic (head and adapter) and the LoRA
         assert any(not torch.equal(straight[key], halfway[key]) for key in straight if key.startswith(prefix)), prefix
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0)
+
+
+def test_resume_refuses_another_critic(tmp_path):
+    """A checkpoint of a detached-feature critic cannot continue as an adapter critic (it has no adapter)."""
+    run = [*TINY_RUN, "--MAX_STEPS=1", "--EVAL_EVERY=0", f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}"]
+    run_script(["run_train_ppo.py", *run, "--RUN_NAME=detached"])
+    result = run_script(["run_train_ppo.py", *run, "--RUN_NAME=adapter", "--CRITIC_FEATURES=adapter", "--MAX_STEPS=2",
+                         f"--RESUME={tmp_path / 'detached' / 'lora_epoch0_step1.pt'}"], check=False)
+    assert result.returncode != 0
+    assert "holds a critic with CRITIC_FEATURES='detached', this run asks for 'adapter'" in result.stderr
 
 
 def test_non_finite_gradient_skips_the_update(tmp_path):
