@@ -22,12 +22,15 @@ class ModelNotFoundError(FileNotFoundError):
 def get_device(name: str = "auto") -> torch.device:
     """cuda > mps > cpu when ``name`` is "auto"; otherwise the device asked for.
 
-    Under torchrun each rank takes the GPU of its LOCAL_RANK.
+    Under torchrun each rank takes the GPU of its LOCAL_RANK (for "auto" and for "cuda" without an
+    index), one GPU per process.
     """
     if name != "auto":
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("DEVICE=cuda asked for, but torch.cuda.is_available() is False")
+        if device.type == "cuda" and device.index is None:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise RuntimeError("DEVICE=mps asked for, but torch.backends.mps.is_available() is False")
         return device
