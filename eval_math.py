@@ -7,6 +7,11 @@
 Prints `Total: N  Correct: M  Accuracy: X.XX%` with a 95% confidence interval
 and tokens/s, and writes one JSONL line per question (question, gold, output,
 prediction, correct) under logs/.
+
+    torchrun --standalone --nproc_per_node=4 eval_math.py ...   # the problems sharded across 4 processes
+
+Under torchrun each process greedy-decodes its share of the problems, the records are gathered,
+and rank 0 alone prints and writes them. The accuracy and the records are the single process's.
 """
 
 import json
@@ -14,6 +19,7 @@ import time
 from pathlib import Path
 
 from common.config import configure
+from common.distributed import is_main_process
 
 # ---------------------------------------------------------------- constants
 MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
@@ -27,14 +33,16 @@ DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 OUT_FILE: Path | None = None  # per-question JSONL (None = logs/eval_<model>_<time>.jsonl)
 COMPARE_TO: Path | None = None  # summary JSON of an earlier eval (e.g. the base model's) to print before -> after
 
-config = configure(globals())
+config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
 from common.checkpoint import load_lora_checkpoint, resolve_checkpoint  # noqa: E402
 from common.data import load_problems  # noqa: E402
+from common.distributed import cleanup, setup_distributed  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.model import load_model_and_tokenizer  # noqa: E402
 
+distributed = setup_distributed(DEVICE)
 problems = load_problems(TEST_FILE, limit=LIMIT or None)
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
 if LORA_CKPT is not None:
@@ -43,7 +51,10 @@ if LORA_CKPT is not None:
     print(f"loaded LoRA {LORA_CKPT} (step {checkpoint['step']}, trained on {checkpoint['base_model']['path']})")
 print(f"evaluating {MODEL_PATH}{' + ' + str(LORA_CKPT) if LORA_CKPT else ''} on {len(problems)} problems of {TEST_FILE} ({device}, {next(model.parameters()).dtype})")
 
-result = evaluate(model, tokenizer, problems, BATCH_SIZE, MAX_NEW_TOKENS)
+result = evaluate(model, tokenizer, problems, BATCH_SIZE, MAX_NEW_TOKENS)  # sharded across the ranks
+cleanup()
+if not distributed.is_main:  # rank 0 alone writes: every rank holds the same gathered result
+    raise SystemExit(0)
 
 run_name = Path(LORA_CKPT).stem if LORA_CKPT else Path(MODEL_PATH).name
 out_file = Path(OUT_FILE or f"logs/eval_{run_name}_{time.strftime('%Y%m%d-%H%M%S')}.jsonl")

@@ -1,4 +1,11 @@
-"""Greedy math evaluation: the code eval_math.py and every trainer's periodic eval share."""
+"""Greedy math evaluation: the code eval_math.py and every trainer's periodic eval share.
+
+Under torchrun the problems are sharded across the ranks (each greedy-decodes its contiguous
+share) and the per-problem records gathered, in order, on every rank: the result is the one
+process's, N times faster. Greedy decoding does not depend on which problems share a batch
+(left padding is masked and position ids count from each row's first token), so the accuracy
+and the records are those of a single process.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from common.distributed import all_gather_objects, is_main_process, shard
 from common.model import stop_token_ids
 from common.prompts import encode_prompts
 from common.reward import answers_match, extract_answer
@@ -61,25 +69,32 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 64, max_new_tokens: int = 256,
              progress: bool = True, desc: str = "eval") -> EvalResult:
-    """Greedy-decode every problem and score the extracted answer against its gold answer."""
+    """Greedy-decode every problem and score the extracted answer against its gold answer.
+
+    Under torchrun every rank must call it (it shards ``problems`` and gathers the records); each
+    gets the whole result.
+    """
     was_training = model.training
     model.eval()
     stop_ids = stop_token_ids(model, tokenizer)
-    records, correct, generated = [], 0, 0
+    own_problems = shard(problems)
+    records, generated = [], 0
     start = time.perf_counter()
-    batches = range(0, len(problems), batch_size)
-    for first in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        batch = problems[first:first + batch_size]
+    batches = range(0, len(own_problems), batch_size)
+    for first in tqdm(batches, desc=desc, disable=not (progress and is_main_process()), unit="batch"):
+        batch = own_problems[first:first + batch_size]
         out = sample(model, encode_prompts(tokenizer, [p["question"] for p in batch]), num_samples=1,
                      max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=stop_ids,
                      tokenizer=tokenizer)
         generated += int(out.completion_mask.sum())
         for problem, text, cut_off in zip(batch, out.texts, out.truncated.tolist()):
             prediction = extract_answer(text)
-            is_correct = answers_match(prediction, problem["gold_answer"])
-            correct += is_correct
             records.append({"question": problem["question"], "gold": problem["gold_answer"], "output": text,
-                            "prediction": prediction, "correct": is_correct, "truncated": cut_off})
+                            "prediction": prediction, "correct": answers_match(prediction, problem["gold_answer"]),
+                            "truncated": cut_off})
     model.train(was_training)
-    return EvalResult(total=len(problems), correct=correct, seconds=time.perf_counter() - start,
-                      generated_tokens=generated, records=records)
+    every_rank = all_gather_objects((records, generated))
+    records = [record for rank_records, _ in every_rank for record in rank_records]
+    return EvalResult(total=len(problems), correct=sum(record["correct"] for record in records),
+                      seconds=time.perf_counter() - start,
+                      generated_tokens=sum(rank_generated for _, rank_generated in every_rank), records=records)
