@@ -11,9 +11,14 @@ make_tiny_model.py uses this script to teach the built-in tiny model (all
 weights).  With LORA_R > 0 only a LoRA is trained (a warm-up on worked solutions
 before RL, as the original project did) and saved as a checkpoint in the same
 format as the RL trainers', which eval_math.py --LORA_CKPT and RESUME accept.
+
+Under torchrun every process draws the same batch and trains on its 1/N share of it; the loss is
+divided by the whole batch's answer tokens and the gradients summed over the processes
+(common/distributed.py), so the update is the one process's; rank 0 alone writes.
 """
 
 import json
+import os
 import random
 import shutil
 import time
@@ -23,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from common.config import configure
+from common.distributed import is_main_process
 
 # ---------------------------------------------------------------- constants
 MODEL_PATH = "models/tiny-gemma2-math"  # local directory of the model to fine-tune
@@ -50,12 +56,13 @@ DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 LOG_FILE: Path | None = None  # metrics JSONL (None = logs/sft_<time>.jsonl)
 
-config = configure(globals())
+config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
 from common import synth  # noqa: E402  (after configure: --help stays fast)
 from common.checkpoint import save_checkpoint  # noqa: E402
 from common.data import load_problems  # noqa: E402
+from common.distributed import all_reduce_sum, cleanup, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.logprobs import token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
@@ -63,8 +70,12 @@ from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
 from common.schedule import lr_factor  # noqa: E402
 
+distributed = setup_distributed(DEVICE)
+if BATCH_SIZE % distributed.world_size:
+    raise SystemExit(f"error: BATCH_SIZE={BATCH_SIZE} does not divide between {distributed.world_size} processes; "
+                     f"make it a multiple of the number of processes")
 random.seed(SEED)
-torch.manual_seed(SEED)
+torch.manual_seed(SEED)  # the same on every rank: the same initialisation
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
 if LORA_R > 0:
     wrapped = apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
@@ -125,25 +136,29 @@ scheduler = torch.optim.lr_scheduler.LambdaLR(
     optimizer, lambda s: lr_factor(s, WARMUP_STEPS, MAX_STEPS, LR_SCHEDULE))
 log_path = Path(LOG_FILE or f"logs/sft_{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
 log_path.parent.mkdir(parents=True, exist_ok=True)
-log_file = log_path.open("a")
+log_file = log_path.open("a") if distributed.is_main else open(os.devnull, "w")  # rank 0 alone writes
 start = time.perf_counter()
-bar = tqdm(range(1, MAX_STEPS + 1), desc="sft", unit="step")
+bar = tqdm(range(1, MAX_STEPS + 1), desc="sft", unit="step", disable=not distributed.is_main)
 for step in bar:
     step_start = time.perf_counter()
-    input_ids, attention_mask, answer_mask = collate(next_batch())
+    # Every rank draws the same batch (same seed) and trains on its share of it.
+    input_ids, attention_mask, answer_mask = collate(shard(next_batch()))
     # Entry t of token_logp is log p(token t+1 | tokens <= t): the answer mask shifts by one with it.
     token_logp = token_logprobs(model, input_ids, attention_mask, chunk_size=CHUNK_SIZE)
     target_mask = answer_mask[:, 1:]
-    loss = -(token_logp * target_mask).sum() / target_mask.sum()
+    answer_tokens = all_reduce_sum(target_mask.sum())  # the whole batch's, over every rank
+    loss = -(token_logp * target_mask).sum() / answer_tokens
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    sum_gradients(trainable)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
     optimizer.step()
     scheduler.step()
     seconds = time.perf_counter() - step_start
-    metrics = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
-               "answer_tokens": int(target_mask.sum()), "step_s": seconds,
-               "tokens_per_s": int(attention_mask.sum()) / seconds, "elapsed_s": time.perf_counter() - start}
+    totals = all_reduce_sum({"loss": loss.item(), "tokens": attention_mask.sum()})  # the step's: every rank's share
+    metrics = {"step": step, "loss": totals["loss"], "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+               "answer_tokens": int(answer_tokens), "step_s": seconds,
+               "tokens_per_s": totals["tokens"] / seconds, "elapsed_s": time.perf_counter() - start}
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", gnorm=f"{metrics['grad_norm']:.2f}")
     if EVAL_EVERY and step % EVAL_EVERY == 0 and step < MAX_STEPS:
         metrics.update(run_eval(step).metrics())
@@ -157,19 +172,21 @@ log_file.write(json.dumps({"step": MAX_STEPS, **final.metrics()}) + "\n")
 log_file.close()
 
 out_dir = Path(OUT_DIR)
-if LORA_R > 0:
-    saved = save_checkpoint(out_dir / f"lora_epoch0_step{MAX_STEPS}.pt", model, MODEL_PATH, config, optimizer,
-                            scheduler, epoch=0, step=MAX_STEPS, extra={"final_eval": final.metrics()})
-else:
-    # Save to a staging directory and rename it into place, so an interrupted save
-    # never leaves a half-written model where a loader would find it.
-    staging = out_dir.with_name(out_dir.name + ".saving")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "sft_info.json").write_text(json.dumps(
-        {"config": config, "train_seconds": train_seconds, **final.metrics()}, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    saved = out_dir
-print(f"saved {saved}  ({train_seconds:.0f} s of training, {MAX_STEPS} steps)")
+if distributed.is_main:  # rank 0 alone saves; every rank holds the same weights
+    if LORA_R > 0:
+        saved = save_checkpoint(out_dir / f"lora_epoch0_step{MAX_STEPS}.pt", model, MODEL_PATH, config, optimizer,
+                                scheduler, epoch=0, step=MAX_STEPS, extra={"final_eval": final.metrics()})
+    else:
+        # Save to a staging directory and rename it into place, so an interrupted save
+        # never leaves a half-written model where a loader would find it.
+        staging = out_dir.with_name(out_dir.name + ".saving")
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "sft_info.json").write_text(json.dumps(
+            {"config": config, "train_seconds": train_seconds, **final.metrics()}, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+        saved = out_dir
+    print(f"saved {saved}  ({train_seconds:.0f} s of training, {MAX_STEPS} steps)")
+cleanup()

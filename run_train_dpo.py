@@ -14,10 +14,16 @@ One step (Rafailov et al. 2023; the loss family and RPO in dpo/loss.py):
   4. dpo_loss (+ RPO_ALPHA x sft_loss on the chosen answers), scaled by the micro-batch's share
      of the step, backward; then clip the gradient and take an AdamW step on the LoRA.
 The LoRA starts at B = 0, so at step 0 the policy is the reference and the sigmoid loss is log 2.
+
+Under torchrun each of the N processes takes BATCH_SIZE / N of the step's pairs (and 1/N of the
+cached reference pass); the losses are divided by the whole step's counts and the LoRA gradients
+summed over the processes (common/distributed.py), so the update is the one process's; rank 0
+alone prints, writes the metrics and saves checkpoints.
 """
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from common.config import configure
+from common.distributed import is_main_process
 
 # ---------------------------------------------------------------- constants
 # model and data
@@ -67,12 +74,14 @@ SEED = 0  # data order and initialisation
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 
-config = configure(globals())
+config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
 from common.checkpoint import (checkpoint_path, load_checkpoint, restore_lora,  # noqa: E402
                                restore_training_state, save_checkpoint, warn_config_differences)
 from common.data import epoch_order, load_pairs, load_problems  # noqa: E402
+from common.distributed import (all_gather_objects, all_reduce_sum, cleanup, gather_rank_states,  # noqa: E402
+                                restore_rank_state, setup_distributed, shard, sum_gradients)
 from common.evaluate import evaluate  # noqa: E402
 from common.lora import apply_lora, disable_lora, lora_parameters  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
@@ -81,11 +90,15 @@ from common.schedule import lr_factor  # noqa: E402
 from dpo.loss import dpo_loss, dpo_stats, sft_loss  # noqa: E402
 from dpo.pairs import pack_pairs, pair_logprobs, tokenize_pair  # noqa: E402
 
-torch.manual_seed(SEED)
+distributed = setup_distributed(DEVICE)
+torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
 pairs = load_pairs(TRAIN_FILE)
 eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None) if EVAL_EVERY else []
 if len(pairs) < BATCH_SIZE:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(pairs)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")
+if BATCH_SIZE % distributed.world_size:
+    raise SystemExit(f"error: BATCH_SIZE={BATCH_SIZE} does not divide between {distributed.world_size} processes; "
+                     f"make it a multiple of the number of processes")
 steps_per_epoch = len(pairs) // BATCH_SIZE
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 length_normalise = LOSS_TYPE == "ipo"  # IPO's target 1 / (2 beta) is per token, not per answer
@@ -107,11 +120,13 @@ scheduler = torch.optim.lr_scheduler.LambdaLR(
 start_step = 0
 if resume_checkpoint is not None:
     restore_training_state(resume_checkpoint, optimizer, scheduler)
+    restore_rank_state(resume_checkpoint, distributed)
     start_step = resume_checkpoint["step"]
     print(f"resumed {RESUME} at step {start_step}")
     warn_config_differences(resume_checkpoint, config)
 print(f"{len(pairs)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
-      f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}")
+      f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
+      f"{distributed.world_size} process(es) x {BATCH_SIZE // distributed.world_size} pairs per step")
 
 
 @torch.no_grad()
@@ -132,10 +147,14 @@ def reference_logprobs(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def save(step: int) -> Path:
+def save(step: int) -> Path | None:
+    """Rank 0 writes the checkpoint, with every rank's random state (gathered: every rank calls this)."""
+    rank_states = gather_rank_states(distributed)
+    if not distributed.is_main:
+        return None
     path = checkpoint_path(CHECKPOINT_DIR, RUN_NAME, step // steps_per_epoch, step)
     return save_checkpoint(path, model, MODEL_PATH, config, optimizer, scheduler, epoch=step // steps_per_epoch,
-                           step=step)
+                           step=step, extra={"ranks": rank_states})
 
 
 def run_eval(step: int) -> dict:
@@ -147,25 +166,30 @@ def run_eval(step: int) -> dict:
 cached_reference = None
 if PRECOMPUTE_REF:
     reference_start = time.perf_counter()
-    cached_reference = reference_logprobs(list(range(len(pairs))))
+    # Each rank computes its share of the dataset; every rank gets all of it, in order.
+    every_rank = all_gather_objects(reference_logprobs(shard(list(range(len(pairs))))))
+    cached_reference = tuple(torch.cat(parts) for parts in zip(*every_rank))
     print(f"reference log-probs of {len(pairs)} pairs in {time.perf_counter() - reference_start:.1f}s")
 
 log_path = Path(LOG_DIR) / f"{RUN_NAME}.jsonl"
 log_path.parent.mkdir(parents=True, exist_ok=True)
-log_file = log_path.open("a" if RESUME else "w")  # a resumed run continues its metrics file
+# A resumed run continues its metrics file; ranks other than 0 write their (identical, reduced) metrics nowhere.
+log_file = log_path.open("a" if RESUME else "w") if distributed.is_main else open(os.devnull, "w")
 skipped_steps = 0
 if EVAL_EVERY and start_step == 0:
     log_file.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")
 
 run_start = time.perf_counter()
-bar = tqdm(range(start_step, total_steps), desc="dpo", unit="step", initial=start_step, total=total_steps)
+bar = tqdm(range(start_step, total_steps), desc="dpo", unit="step", initial=start_step, total=total_steps,
+           disable=not distributed.is_main)
 for step in bar:
     step_start = time.perf_counter()
     epoch, index_in_epoch = divmod(step, steps_per_epoch)
     first = index_in_epoch * BATCH_SIZE
-    batch_indices = epoch_order(len(pairs), SEED, epoch)[first:first + BATCH_SIZE]
-    # RPO's per-token mean is over the whole step's chosen tokens, so micro-batching changes nothing.
-    chosen_tokens = sum(len(tokenized[i][1]) for i in batch_indices)
+    batch_indices = shard(epoch_order(len(pairs), SEED, epoch)[first:first + BATCH_SIZE])  # this rank's share
+    # RPO's per-token mean is over the whole step's chosen tokens (every rank's), so neither
+    # micro-batching nor the number of processes changes the update.
+    chosen_tokens = all_reduce_sum(sum(len(tokenized[i][1]) for i in batch_indices))
 
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -183,8 +207,9 @@ for step in bar:
         pair_losses, micro_chosen_rewards, micro_rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen.to(device), ref_rejected.to(device), beta=BETA,
             loss_type=LOSS_TYPE, label_smoothing=LABEL_SMOOTHING)
-        # Each micro-batch contributes its share of the step's mean, so the gradient is the whole batch's.
-        loss = pair_losses.sum() / len(batch_indices)
+        # Each micro-batch contributes its share of the step's mean over all BATCH_SIZE pairs (every
+        # rank's), so the gradients summed over micro-batches and ranks are the whole batch's.
+        loss = pair_losses.sum() / BATCH_SIZE
         if RPO_ALPHA:
             chosen_mask = batch.answer_mask[:len(micro)].to(device)
             sft = sft_loss(token_logps[:len(micro)], chosen_mask) * (chosen_mask.sum() / chosen_tokens)
@@ -197,8 +222,12 @@ for step in bar:
         rejected_rewards.append(micro_rejected_rewards.cpu())
         chosen_logps.append(policy_chosen.detach().cpu())
         rejected_logps.append(policy_rejected.detach().cpu())
+    step_totals = all_reduce_sum({"loss": step_loss, "sft": step_sft})  # the step's: every rank's share
+    step_loss, step_sft = step_totals["loss"], step_totals["sft"]
+    sum_gradients(trainable)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
-    # A non-finite loss or gradient never reaches the weights (nor, so, a checkpoint).
+    # A non-finite loss or gradient never reaches the weights (nor, so, a checkpoint). The loss and
+    # the gradients are the same on every rank, so every rank makes the same decision.
     if math.isfinite(grad_norm) and math.isfinite(step_loss):
         optimizer.step()
     else:
@@ -208,10 +237,15 @@ for step in bar:
     scheduler.step()
     step_seconds = time.perf_counter() - step_start
 
-    stats = dpo_stats(torch.cat(losses), torch.cat(chosen_rewards), torch.cat(rejected_rewards))
+    # Metrics over the whole step's pairs: every rank's per-pair values, gathered.
+    every_rank = all_gather_objects([torch.cat(values) for values in
+                                     (losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)])
+    losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = (
+        torch.cat(parts) for parts in zip(*every_rank))
+    stats = dpo_stats(losses, chosen_rewards, rejected_rewards)
     metrics = {
         "step": step + 1, "epoch": epoch, **stats, "total_loss": step_loss, "sft_loss": step_sft,
-        "chosen_logp": float(torch.cat(chosen_logps).mean()), "rejected_logp": float(torch.cat(rejected_logps).mean()),
+        "chosen_logp": float(chosen_logps.mean()), "rejected_logp": float(rejected_logps.mean()),
         "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped_steps,
         "step_s": step_seconds,
     }
@@ -231,3 +265,4 @@ for step in bar:
         tqdm.write(f"saved {save(step + 1)}")
 log_file.close()
 print(f"done: {total_steps} steps, {skipped_steps} skipped; metrics in {log_path}")
+cleanup()

@@ -15,10 +15,16 @@ One step (DeepSeekMath's GRPO, Shao et al. 2024, with the DAPO / Dr. GRPO option
      + KL_COEF x KL) -> backward; then clip the gradient and take an AdamW step on the LoRA.
 With NUM_ITERATIONS = 1 the policy's own forward, detached, is the "old" policy: ratio = 1 exactly
 and the update is the plain policy gradient (no extra forward pass).
+
+Under torchrun (torchrun --nproc_per_node=N run_train_grpo.py ...) each of the N processes samples
+PROMPTS_PER_STEP / N of the step's questions with its own seed; the normaliser is the whole step's
+and the LoRA gradients are summed over the processes (common/distributed.py), so the update is the
+one process's; rank 0 alone prints, writes the metrics and saves checkpoints.
 """
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -26,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from common.config import configure
+from common.distributed import is_main_process
 
 # ---------------------------------------------------------------- constants
 # model and data
@@ -80,12 +87,14 @@ SEED = 0  # data order, sampling and initialisation
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 
-config = configure(globals())
+config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
 from common.checkpoint import (checkpoint_path, load_checkpoint, restore_lora,  # noqa: E402
                                restore_training_state, save_checkpoint, warn_config_differences)
 from common.data import epoch_order, load_problems  # noqa: E402
+from common.distributed import (all_reduce_sum, cleanup, gather_rank_states, restore_rank_state,  # noqa: E402
+                                setup_distributed, shard, sum_gradients)
 from common.evaluate import evaluate  # noqa: E402
 from common.logprobs import token_logprobs  # noqa: E402
 from common.lora import apply_lora, disable_lora, lora_parameters  # noqa: E402
@@ -98,18 +107,22 @@ from common.schedule import lr_factor  # noqa: E402
 from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
 from grpo.loss import grpo_loss  # noqa: E402
 
-torch.manual_seed(SEED)
+distributed = setup_distributed(DEVICE)
+torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
 reward_fn = get_reward_fn(REWARD)
 problems = load_problems(TRAIN_FILE, limit=NUM_PROMPTS or None)
 eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None) if EVAL_EVERY else []
 if len(problems) < PROMPTS_PER_STEP:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(problems)} questions, fewer than PROMPTS_PER_STEP={PROMPTS_PER_STEP}")
+if PROMPTS_PER_STEP % distributed.world_size:
+    raise SystemExit(f"error: PROMPTS_PER_STEP={PROMPTS_PER_STEP} does not divide between {distributed.world_size} "
+                     f"processes; make it a multiple of the number of processes")
 steps_per_epoch = len(problems) // PROMPTS_PER_STEP
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
 stop_ids = stop_token_ids(model, tokenizer)
-sampling_generator = torch.Generator(device=device).manual_seed(SEED)
+sampling_generator = torch.Generator(device=device).manual_seed(SEED + distributed.rank)  # each rank its own samples
 resume_checkpoint = load_checkpoint(RESUME) if RESUME else None
 if resume_checkpoint is not None:
     restore_lora(model, resume_checkpoint, where=str(RESUME))
@@ -121,18 +134,24 @@ scheduler = torch.optim.lr_scheduler.LambdaLR(
     optimizer, lambda s: lr_factor(s, WARMUP_STEPS, total_steps, LR_SCHEDULE))
 start_step = 0
 if resume_checkpoint is not None:
-    restore_training_state(resume_checkpoint, optimizer, scheduler, generators={"sampling": sampling_generator})
+    restore_training_state(resume_checkpoint, optimizer, scheduler)
+    restore_rank_state(resume_checkpoint, distributed, generators={"sampling": sampling_generator})
     start_step = resume_checkpoint["step"]
     print(f"resumed {RESUME} at step {start_step}")
     warn_config_differences(resume_checkpoint, config)
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
-      f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}")
+      f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
+      f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step")
 
 
-def save(step: int) -> Path:
+def save(step: int) -> Path | None:
+    """Rank 0 writes the checkpoint, with every rank's random state (gathered: every rank calls this)."""
+    rank_states = gather_rank_states(distributed, {"sampling": sampling_generator})
+    if not distributed.is_main:
+        return None
     path = checkpoint_path(CHECKPOINT_DIR, RUN_NAME, step // steps_per_epoch, step)
     return save_checkpoint(path, model, MODEL_PATH, config, optimizer, scheduler, epoch=step // steps_per_epoch,
-                           step=step, generators={"sampling": sampling_generator})
+                           step=step, generators={"sampling": sampling_generator}, extra={"ranks": rank_states})
 
 
 def run_eval(step: int) -> dict:
@@ -143,18 +162,21 @@ def run_eval(step: int) -> dict:
 
 log_path = Path(LOG_DIR) / f"{RUN_NAME}.jsonl"
 log_path.parent.mkdir(parents=True, exist_ok=True)
-log_file = log_path.open("a" if RESUME else "w")  # a resumed run continues its metrics file
+# A resumed run continues its metrics file; ranks other than 0 write their (identical, reduced) metrics nowhere.
+log_file = log_path.open("a" if RESUME else "w") if distributed.is_main else open(os.devnull, "w")
 skipped_steps = 0
 if EVAL_EVERY and start_step == 0:
     log_file.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")
 
 run_start = time.perf_counter()
-bar = tqdm(range(start_step, total_steps), desc="grpo", unit="step", initial=start_step, total=total_steps)
+bar = tqdm(range(start_step, total_steps), desc="grpo", unit="step", initial=start_step, total=total_steps,
+           disable=not distributed.is_main)
 for step in bar:
     step_start = time.perf_counter()
     epoch, index_in_epoch = divmod(step, steps_per_epoch)
     first = index_in_epoch * PROMPTS_PER_STEP
-    batch = [problems[i] for i in epoch_order(len(problems), SEED, epoch)[first:first + PROMPTS_PER_STEP]]
+    step_indices = epoch_order(len(problems), SEED, epoch)[first:first + PROMPTS_PER_STEP]
+    batch = [problems[i] for i in shard(step_indices)]  # this rank's share of the step's questions
 
     # 1. Rollouts: G completions per question in one batch.
     model.eval()
@@ -183,15 +205,18 @@ for step in bar:
             old_logp = rollouts.completion_logprobs(model, TEMPERATURE, MICRO_BATCH_SIZE, LOGPROB_CHUNK_SIZE)
     reference_seconds = time.perf_counter() - reference_start
 
-    # 4. Policy update(s), accumulated over micro-batches with the whole step's normaliser.
+    # 4. Policy update(s), accumulated over micro-batches with the whole step's normaliser, counted
+    #    over every rank; the gradients are then summed over the ranks (see sum_gradients).
     policy_start = time.perf_counter()
     model.train()
     row_advantages = advantages[rollouts.rows].to(device)
-    normalizer = {"token_mean": rollouts.num_tokens, "seq_mean": rollouts.num_rows,
-                  "seq_sum_const": rollouts.num_rows * MAX_NEW_TOKENS}[LOSS_AGG]
-    loss_stats, entropy_sum, grad_norm = [], 0.0, None  # grad_norm stays None when no group had an advantage
-    for _ in range(NUM_ITERATIONS if rollouts.num_rows else 0):
+    step_counts = all_reduce_sum({"rows": rollouts.num_rows, "tokens": rollouts.num_tokens})
+    normalizer = {"token_mean": step_counts["tokens"], "seq_mean": step_counts["rows"],
+                  "seq_sum_const": step_counts["rows"] * MAX_NEW_TOKENS}[LOSS_AGG]
+    loss_stats, loss_sum, entropy_sum, grad_norm = [], 0.0, 0.0, None  # grad_norm: None when no group had an advantage
+    for _ in range(NUM_ITERATIONS if step_counts["rows"] else 0):
         optimizer.zero_grad(set_to_none=True)
+        iteration_loss = 0.0
         for micro in rollouts.micro_batches(MICRO_BATCH_SIZE):
             logp, entropy = rollouts.completion_logprobs_for(model, micro, TEMPERATURE, LOGPROB_CHUNK_SIZE,
                                                              with_entropy=True)
@@ -203,11 +228,16 @@ for step in bar:
                 importance_level=IMPORTANCE_LEVEL, normalizer=normalizer, max_tokens=MAX_NEW_TOKENS,
                 kl_estimator=KL_ESTIMATOR)
             loss.backward()
-            loss_stats.append((stats, float(loss)))
+            loss_stats.append(stats)
+            iteration_loss += loss.item()
             entropy_sum += float((entropy.detach() * mask).sum())
+        iteration_loss = all_reduce_sum(iteration_loss)  # the step's loss: every rank's share
+        loss_sum += iteration_loss
+        sum_gradients(trainable)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
-        # A non-finite loss or gradient never reaches the weights (nor, so, a checkpoint).
-        if not (math.isfinite(grad_norm) and all(math.isfinite(value) for _, value in loss_stats)):
+        # A non-finite loss or gradient never reaches the weights (nor, so, a checkpoint). The loss and
+        # the gradients are the same on every rank, so every rank makes the same decision.
+        if not (math.isfinite(grad_norm) and math.isfinite(iteration_loss)):
             optimizer.zero_grad(set_to_none=True)
             skipped_steps += 1
             tqdm.write(f"step {step + 1}: non-finite loss or gradient; update skipped ({skipped_steps} so far)")
@@ -217,27 +247,38 @@ for step in bar:
     policy_seconds = time.perf_counter() - policy_start
     step_seconds = time.perf_counter() - step_start
 
-    # Metrics of the step (over all rollouts; loss statistics over the updated rows' tokens).
-    def token_weighted(key: str) -> float:
-        weights = [s["tokens"] for s, _ in loss_stats if key in s]
-        values = [s[key] * s["tokens"] for s, _ in loss_stats if key in s]
-        return sum(values) / sum(weights) if sum(weights) else 0.0
-
+    # Metrics of the step, over every rank's rollouts (sums in one all-reduce, then the means); loss
+    # statistics are weighted by the updated rows' tokens. Times are rank 0's.
     lengths = samples.completion_lengths.float()
+    updated_tokens = sum(s["tokens"] for s in loss_stats)
+    totals = all_reduce_sum({
+        "completions": len(scores), "groups": len(batch), "reward": rewards.sum(), "reward_sq": rewards.square().sum(),
+        "correct": sum(s.correct for s in scores), "format_ok": sum(s.format_ok for s in scores),
+        "length": lengths.sum(), "truncated": samples.truncated.sum(),
+        "zero_adv_groups": zero_advantage_groups(rewards).sum(), "entropy": entropy_sum,
+        "updated_tokens": updated_tokens,
+        **{key: sum(s.get(key, 0.0) * s["tokens"] for s in loss_stats) for key in ("kl", "clip_frac", "approx_kl")},
+    })
+
+    def token_weighted(key: str) -> float:
+        return totals[key] / totals["updated_tokens"] if totals["updated_tokens"] else 0.0
+
+    completions = totals["completions"]
+    reward_mean = totals["reward"] / completions
+    reward_variance = max(0.0, totals["reward_sq"] - completions * reward_mean ** 2) / max(1.0, completions - 1)
     metrics = {
         "step": step + 1, "epoch": epoch,
-        "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-        "accuracy": sum(s.correct for s in scores) / len(scores),
-        "format_rate": sum(s.format_ok for s in scores) / len(scores),
-        "loss": sum(value for _, value in loss_stats) / max(1, NUM_ITERATIONS),
+        "reward": reward_mean, "reward_std": math.sqrt(reward_variance),  # unbiased, as torch.std
+        "accuracy": totals["correct"] / completions, "format_rate": totals["format_ok"] / completions,
+        "loss": loss_sum / max(1, NUM_ITERATIONS),
         "kl": token_weighted("kl"), "clip_frac": token_weighted("clip_frac"),
         "approx_kl": token_weighted("approx_kl"),
-        "entropy": entropy_sum / max(1, rollouts.num_tokens * NUM_ITERATIONS),
-        "completion_len": lengths.mean().item(), "truncated": samples.truncated.float().mean().item(),
-        "zero_adv_groups": zero_advantage_groups(rewards).float().mean().item(),
+        "entropy": totals["entropy"] / max(1, step_counts["tokens"] * NUM_ITERATIONS),
+        "completion_len": totals["length"] / completions, "truncated": totals["truncated"] / completions,
+        "zero_adv_groups": totals["zero_adv_groups"] / totals["groups"],
         "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped_steps,
         "generate_s": generate_seconds, "reference_s": reference_seconds, "policy_s": policy_seconds,
-        "step_s": step_seconds, "tokens_per_s": float(lengths.sum()) / generate_seconds,
+        "step_s": step_seconds, "tokens_per_s": totals["length"] / generate_seconds,
     }
     if EVAL_EVERY and ((step + 1) % EVAL_EVERY == 0 or step + 1 == total_steps):
         metrics.update(run_eval(step + 1))
@@ -257,3 +298,4 @@ for step in bar:
         tqdm.write(f"saved {save(step + 1)}")
 log_file.close()
 print(f"done: {total_steps} steps, {skipped_steps} skipped; metrics in {log_path}")
+cleanup()
