@@ -8,7 +8,12 @@ SYNTH  := --TRAIN_FILE=data/synth_train.jsonl --EVAL_FILE=data/synth_test.jsonl
 # The GRPO demo: the constants of run_train_grpo.py set for the tiny model (see README, "The demo").
 DEMO_GRPO := --MODEL_PATH=$(TINY) $(SYNTH) --EVAL_LIMIT=0 --EVAL_EVERY=25 --MAX_STEPS=150 \
              --PROMPTS_PER_STEP=16 --NUM_SAMPLES_PER_PROMPT=8 --MAX_NEW_TOKENS=40 --LR=2e-4 \
-             --RUN_NAME=demo-grpo --SAMPLE_EVERY=25
+             --RUN_NAME=demo-grpo --SAMPLE_EVERY=25 --SAVE_EVERY=50
+
+# The soup demo: the GRPO demo's checkpoints at steps 50, 100 and 150, souped (see README, "Model soup").
+DEMO_SOUP_RUN := checkpoints/demo-grpo
+DEMO_SOUP := --MODEL_PATH=$(TINY) --MAX_NEW_TOKENS=40 \
+             --CKPTS=$(DEMO_SOUP_RUN)/lora_epoch0_step50.pt,$(DEMO_SOUP_RUN)/lora_epoch0_step100.pt,$(DEMO_SOUP_RUN)/lora_epoch0_step150.pt
 
 # The DPO demo: on-policy pairs from the tiny model, then DPO with an SFT term on the chosen answers (RPO).
 DEMO_PAIRS := --MODEL_PATH=$(TINY) $(SYNTH) --NUM_PROMPTS=1500 --MAX_NEW_TOKENS=40 --BATCH_SIZE=32 \
@@ -21,7 +26,7 @@ DEMO_DPO := --MODEL_PATH=$(TINY) --TRAIN_FILE=logs/demo/dpo_pairs.jsonl --EVAL_F
 DEMO_PPO := --MODEL_PATH=$(TINY) $(SYNTH) --EVAL_LIMIT=0 --EVAL_EVERY=20 --MAX_STEPS=100 --MAX_NEW_TOKENS=40 \
             --LR=2e-4 --RUN_NAME=demo-ppo --SAMPLE_EVERY=50
 
-.PHONY: demo demo-dpo demo-ppo test venv tiny-model clean-venv
+.PHONY: demo demo-dpo demo-ppo demo-soup test venv tiny-model clean-venv
 
 # A stamp per requirements file: re-installs only when the file changes.
 $(VENV)/.runtime-installed: requirements.txt
@@ -72,6 +77,15 @@ demo-ppo: tiny-model
 	@echo ">> [3/3] the trained LoRA on the same held-out problems, before -> after"
 	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-ppo --TEST_FILE=data/synth_test.jsonl \
 	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/ppo.jsonl --COMPARE_TO=logs/demo/base.summary.json
+
+demo-soup: tiny-model
+	@test -f $(DEMO_SOUP_RUN)/lora_epoch0_step50.pt || { \
+	    echo ">> [0/2] no checkpoints of the GRPO demo yet: running it ($(DEMO_SOUP_RUN)/)"; \
+	    $(PY) run_train_grpo.py $(DEMO_GRPO); }
+	@echo ">> [1/2] uniform soup of the GRPO demo's last 3 checkpoints (mean of the LoRA updates): dev and test accuracy"
+	$(PY) model_soup.py $(DEMO_SOUP) --RECIPE=uniform --OUT=checkpoints/demo-soup/uniform.pt
+	@echo ">> [2/2] greedy soup: best on data/synth_dev.jsonl first, the next kept if dev accuracy does not drop"
+	$(PY) model_soup.py $(DEMO_SOUP) --RECIPE=greedy --OUT=checkpoints/demo-soup/greedy.pt
 
 test: $(VENV)/.dev-installed
 	@echo ">> running the test suite"
