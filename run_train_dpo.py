@@ -70,6 +70,8 @@ CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
 RUN_NAME = "dpo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
 LOG_DIR = "logs"  # where the metrics JSONL goes
 RESUME: Path | None = None  # checkpoint of this run to continue from (same config)
+INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an SFT warm-up, a model_soup.py soup):
+#                                its layout replaces LORA_*; the KL reference stays the base model (RESUME wins)
 SEED = 0  # data order and initialisation
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
@@ -111,6 +113,8 @@ tokenized = [tokenize_pair(tokenizer, prompt, pair["chosen"], pair["rejected"], 
 resume_checkpoint = load_checkpoint(RESUME) if RESUME else None
 if resume_checkpoint is not None:
     restore_lora(model, resume_checkpoint, where=str(RESUME))
+elif INIT_LORA is not None:
+    restore_lora(model, load_checkpoint(INIT_LORA), where=str(INIT_LORA))
 else:
     apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 trainable = lora_parameters(model)

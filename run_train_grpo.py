@@ -82,6 +82,8 @@ CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
 RUN_NAME = "grpo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
 LOG_DIR = "logs"  # where the metrics JSONL goes
 RESUME: Path | None = None  # checkpoint of this run to continue from (same config)
+INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an SFT warm-up, a model_soup.py soup):
+#                                its layout replaces LORA_*; the KL reference stays the base model (RESUME wins)
 SAMPLE_EVERY = 10  # print one sampled completion with its reward every this many steps (0 = never)
 SEED = 0  # data order, sampling and initialisation
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
@@ -126,6 +128,8 @@ sampling_generator = torch.Generator(device=device).manual_seed(SEED + distribut
 resume_checkpoint = load_checkpoint(RESUME) if RESUME else None
 if resume_checkpoint is not None:
     restore_lora(model, resume_checkpoint, where=str(RESUME))
+elif INIT_LORA is not None:
+    restore_lora(model, load_checkpoint(INIT_LORA), where=str(INIT_LORA))
 else:
     apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 trainable = lora_parameters(model)

@@ -21,10 +21,17 @@ One step (PPO, Schulman et al. 2017, in the RLHF form of InstructGPT / TRL's PPO
      micro-batches of MICRO_BATCH_SIZE with the mini-batch's token count as the normaliser;
      stopped early when the mean approx KL of an epoch exceeds TARGET_KL.
 The rollout buffer stays on the CPU; micro-batches move to the device as they are used.
+
+Under torchrun (torchrun --nproc_per_node=N run_train_ppo.py ...) each of the N processes samples
+PROMPTS_PER_STEP / N of the step's questions with its own seed and keeps its own buffer; advantages
+are whitened with the statistics of the whole step, every mini-batch is MINI_BATCH_SIZE / N rows
+of each process with the whole mini-batch's token count as normaliser, and the gradients are summed
+over the processes (common/distributed.py); rank 0 alone prints, writes metrics and checkpoints.
 """
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from common.config import configure
+from common.distributed import is_main_process
 
 # ---------------------------------------------------------------- constants
 # model and data
@@ -88,17 +96,21 @@ CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
 RUN_NAME = "ppo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
 LOG_DIR = "logs"  # where the metrics JSONL goes
 RESUME: Path | None = None  # checkpoint of this run to continue from (same config)
+INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an SFT warm-up, a model_soup.py soup):
+#                                its layout replaces LORA_*; the KL reference stays the base model (RESUME wins)
 SAMPLE_EVERY = 10  # print one sampled completion with its reward every this many steps (0 = never)
 SEED = 0  # data order, sampling, mini-batch order and initialisation
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 
-config = configure(globals())
+config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
 from common.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, restore_lora,  # noqa: E402
                                restore_training_state, save_checkpoint, warn_config_differences)
 from common.data import epoch_order, load_problems  # noqa: E402
+from common.distributed import (all_reduce_sum, cleanup, gather_rank_states, restore_rank_state,  # noqa: E402
+                                setup_distributed, shard, sum_gradients)
 from common.evaluate import evaluate  # noqa: E402
 from common.kl import kl_estimate  # noqa: E402
 from common.lora import apply_lora, disable_lora, lora_parameters  # noqa: E402
@@ -109,24 +121,31 @@ from common.rollout import rollout_batch  # noqa: E402
 from common.sampler import sample  # noqa: E402
 from common.schedule import lr_factor  # noqa: E402
 from ppo.critic import Critic, completion_logprobs_and_values  # noqa: E402
-from ppo.gae import compute_gae, explained_variance, masked_mean, masked_whiten  # noqa: E402
+from ppo.gae import compute_gae, explained_variance, masked_sums, masked_whiten  # noqa: E402
 from ppo.loss import entropy_bonus, ppo_policy_loss, ppo_total_loss, ppo_value_loss, token_rewards  # noqa: E402
 
-torch.manual_seed(SEED)
+distributed = setup_distributed(DEVICE)
+torch.manual_seed(SEED)  # the same on every rank: the same LoRA and critic initialisation
 reward_fn = get_reward_fn(REWARD)
 problems = load_problems(TRAIN_FILE, limit=NUM_PROMPTS or None)
 eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None) if EVAL_EVERY else []
 if len(problems) < PROMPTS_PER_STEP:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(problems)} questions, fewer than PROMPTS_PER_STEP={PROMPTS_PER_STEP}")
+for name, value in {"PROMPTS_PER_STEP": PROMPTS_PER_STEP, "MINI_BATCH_SIZE": MINI_BATCH_SIZE}.items():
+    if value % distributed.world_size:
+        raise SystemExit(f"error: {name}={value} does not divide between {distributed.world_size} processes; "
+                         f"make it a multiple of the number of processes")
 steps_per_epoch = len(problems) // PROMPTS_PER_STEP
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
 stop_ids = stop_token_ids(model, tokenizer)
-sampling_generator = torch.Generator(device=device).manual_seed(SEED)
+sampling_generator = torch.Generator(device=device).manual_seed(SEED + distributed.rank)  # each rank its own samples
 resume_checkpoint = load_checkpoint(RESUME) if RESUME else None
 if resume_checkpoint is not None:
     restore_lora(model, resume_checkpoint, where=str(RESUME))
+elif INIT_LORA is not None:
+    restore_lora(model, load_checkpoint(INIT_LORA), where=str(INIT_LORA))
 else:
     apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 critic = Critic(model, CRITIC_FEATURES, CRITIC_HIDDEN).to(device)
@@ -151,13 +170,15 @@ scheduler = torch.optim.lr_scheduler.LambdaLR(
     optimizer, lambda s: lr_factor(s, WARMUP_STEPS, total_steps, LR_SCHEDULE))
 start_step = 0
 if resume_checkpoint is not None:
-    restore_training_state(resume_checkpoint, optimizer, scheduler, generators={"sampling": sampling_generator})
+    restore_training_state(resume_checkpoint, optimizer, scheduler)
+    restore_rank_state(resume_checkpoint, distributed, generators={"sampling": sampling_generator})
     start_step = resume_checkpoint["step"]
     print(f"resumed {RESUME} at step {start_step}")
     warn_config_differences(resume_checkpoint, config)
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in actor_parameters) / 1e6:.3f}M + critic ({CRITIC_FEATURES}) "
-      f"{sum(p.numel() for p in critic_parameters) / 1e6:.3f}M trainable parameters on {device}")
+      f"{sum(p.numel() for p in critic_parameters) / 1e6:.3f}M trainable parameters on {device}; "
+      f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step")
 
 
 def mini_batch_generator(step: int) -> torch.Generator:
@@ -166,11 +187,16 @@ def mini_batch_generator(step: int) -> torch.Generator:
     return torch.Generator().manual_seed(SEED * 1_000_003 + step)
 
 
-def save(step: int) -> Path:
+def save(step: int) -> Path | None:
+    """Rank 0 writes the checkpoint, with every rank's random state (gathered: every rank calls this)."""
+    rank_states = gather_rank_states(distributed, {"sampling": sampling_generator})
+    if not distributed.is_main:
+        return None
     path = checkpoint_path(CHECKPOINT_DIR, RUN_NAME, step // steps_per_epoch, step)
     return save_checkpoint(path, model, MODEL_PATH, config, optimizer, scheduler, epoch=step // steps_per_epoch,
                            step=step, generators={"sampling": sampling_generator},
-                           extra={"critic": critic.state_dict(), "critic_features": CRITIC_FEATURES})
+                           extra={"critic": critic.state_dict(), "critic_features": CRITIC_FEATURES,
+                                  "ranks": rank_states})
 
 
 def run_eval(step: int) -> dict:
@@ -188,18 +214,21 @@ def rollout_logprobs_and_values(rollouts) -> tuple[torch.Tensor, torch.Tensor, t
 
 log_path = Path(LOG_DIR) / f"{RUN_NAME}.jsonl"
 log_path.parent.mkdir(parents=True, exist_ok=True)
-log_file = log_path.open("a" if RESUME else "w")  # a resumed run continues its metrics file
+# A resumed run continues its metrics file; ranks other than 0 write their (identical, reduced) metrics nowhere.
+log_file = log_path.open("a" if RESUME else "w") if distributed.is_main else open(os.devnull, "w")
 skipped_updates = 0
 if EVAL_EVERY and start_step == 0:
     log_file.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")
 
 run_start = time.perf_counter()
-bar = tqdm(range(start_step, total_steps), desc="ppo", unit="step", initial=start_step, total=total_steps)
+bar = tqdm(range(start_step, total_steps), desc="ppo", unit="step", initial=start_step, total=total_steps,
+           disable=not distributed.is_main)
 for step in bar:
     step_start = time.perf_counter()
     epoch, index_in_epoch = divmod(step, steps_per_epoch)
     first = index_in_epoch * PROMPTS_PER_STEP
-    batch = [problems[i] for i in epoch_order(len(problems), SEED, epoch)[first:first + PROMPTS_PER_STEP]]
+    step_indices = epoch_order(len(problems), SEED, epoch)[first:first + PROMPTS_PER_STEP]
+    batch = [problems[i] for i in shard(step_indices)]  # this rank's share of the step's questions
 
     # 1. Rollouts and their task rewards.
     model.eval()
@@ -231,9 +260,10 @@ for step in bar:
     truncated = samples.truncated[rollouts.rows].cpu()
     last_values = torch.where(truncated, bootstrap_values, 0.0)
     advantages, returns = compute_gae(rewards, old_values, mask, GAMMA, LAM, last_values)
-    advantages = masked_whiten(advantages, mask)
+    advantages = masked_whiten(advantages, mask, combine=all_reduce_sum)  # the whole step's statistics
 
-    # 4. PPO epochs over shuffled mini-batches, one optimizer step each.
+    # 4. PPO epochs over shuffled mini-batches, one optimizer step each. Every rank has as many rows,
+    #    so MINI_BATCH_SIZE / N rows each make the same number of mini-batches (and collectives).
     policy_start = time.perf_counter()
     model.train()
     shuffle_generator = mini_batch_generator(step)
@@ -241,9 +271,10 @@ for step in bar:
     lora_grad_norms, value_grad_norms, epochs_run = [], [], 0
     for _ in range(PPO_EPOCHS):
         epoch_tokens = epoch_approx_kl_sum = 0.0
-        for mini_batch in torch.randperm(rollouts.num_rows, generator=shuffle_generator).split(MINI_BATCH_SIZE):
+        for mini_batch in torch.randperm(rollouts.num_rows, generator=shuffle_generator).split(
+                MINI_BATCH_SIZE // distributed.world_size):
             optimizer.zero_grad(set_to_none=True)
-            normalizer = float(mask[mini_batch].sum())
+            normalizer = all_reduce_sum(mask[mini_batch].sum())  # the tokens of the mini-batch on every rank
             loss_values = []
             for micro in mini_batch.split(MICRO_BATCH_SIZE):
                 logp, entropy, values, _ = completion_logprobs_and_values(
@@ -267,11 +298,14 @@ for step in bar:
                 approx_kl_sum += policy_stats["approx_kl"] * micro_tokens
                 epoch_approx_kl_sum += policy_stats["approx_kl"] * micro_tokens
                 clip_sum += policy_stats["clip_frac"] * micro_tokens
+            sum_gradients(actor_parameters + critic_parameters)
             # Separately: the critic's gradient would otherwise dominate the LoRA's norm and shrink its step.
             lora_grad_norm = float(torch.nn.utils.clip_grad_norm_(actor_parameters, GRAD_CLIP))
             value_grad_norm = float(torch.nn.utils.clip_grad_norm_(critic_parameters, GRAD_CLIP))
-            # A non-finite loss or gradient never reaches the weights (nor, so, a checkpoint).
-            if not all(math.isfinite(v) for v in (lora_grad_norm, value_grad_norm, *loss_values)):
+            # A non-finite loss or gradient never reaches the weights (nor, so, a checkpoint). Loss and
+            # gradients are sums over the ranks, the same on each, so every rank makes the same decision.
+            mini_batch_loss = all_reduce_sum(sum(loss_values))
+            if not all(math.isfinite(v) for v in (lora_grad_norm, value_grad_norm, mini_batch_loss)):
                 optimizer.zero_grad(set_to_none=True)
                 skipped_updates += 1
                 tqdm.write(f"step {step + 1}: non-finite loss or gradient; update skipped ({skipped_updates} so far)")
@@ -280,32 +314,46 @@ for step in bar:
             lora_grad_norms.append(lora_grad_norm)
             value_grad_norms.append(value_grad_norm)
         epochs_run += 1
-        if TARGET_KL is not None and epoch_approx_kl_sum / max(1.0, epoch_tokens) > TARGET_KL:
+        epoch_kl = all_reduce_sum({"approx_kl": epoch_approx_kl_sum, "tokens": epoch_tokens})  # same stop on every rank
+        if TARGET_KL is not None and epoch_kl["approx_kl"] / max(1.0, epoch_kl["tokens"]) > TARGET_KL:
             break
     scheduler.step()
     policy_seconds = time.perf_counter() - policy_start
     step_seconds = time.perf_counter() - step_start
 
-    # Metrics of the step: rollout statistics over all answers, update statistics over the tokens trained on.
+    # Metrics of the step: rollout statistics over all answers, update statistics over the tokens trained
+    # on, both over every rank (sums in one all-reduce, then the means). Times are rank 0's.
     lengths = samples.completion_lengths.float()
-    updates = max(1.0, tokens_seen)
+    token_sums = {f"{name}_{key}": value for name, tensor in
+                  (("kl", kl_estimate(old_logp, ref_logp, KL_ESTIMATOR)), ("returns", returns), ("values", old_values))
+                  for key, value in masked_sums(tensor, mask).items()}
+    totals = all_reduce_sum({
+        "completions": len(scores), "reward": task_rewards.sum(), "reward_sq": task_rewards.square().sum(),
+        "correct": sum(s.correct for s in scores), "format_ok": sum(s.format_ok for s in scores),
+        "length": lengths.sum(), "truncated": samples.truncated.sum(), "updated_tokens": tokens_seen,
+        "approx_kl": approx_kl_sum, "clip_frac": clip_sum, "value_loss": value_loss_sum, "entropy": entropy_sum,
+        **token_sums,
+    })
+    completions, updates = totals["completions"], max(1.0, totals["updated_tokens"])
+    reward_mean = totals["reward"] / completions
+    reward_variance = max(0.0, totals["reward_sq"] - completions * reward_mean ** 2) / max(1.0, completions - 1)
     metrics = {
         "step": step + 1, "epoch": epoch,
-        "reward": task_rewards.mean().item(), "reward_std": task_rewards.std().item(),
-        "accuracy": sum(s.correct for s in scores) / len(scores),
-        "format_rate": sum(s.format_ok for s in scores) / len(scores),
-        "kl": float(masked_mean(kl_estimate(old_logp, ref_logp, KL_ESTIMATOR), mask)),
-        "approx_kl": approx_kl_sum / updates, "clip_frac": clip_sum / updates,
-        "value_loss": value_loss_sum / updates, "entropy": entropy_sum / updates,
-        "explained_variance": explained_variance(old_values, returns, mask),
-        "returns_mean": float(masked_mean(returns, mask)), "values_mean": float(masked_mean(old_values, mask)),
-        "completion_len": lengths.mean().item(), "truncated": samples.truncated.float().mean().item(),
+        "reward": reward_mean, "reward_std": math.sqrt(reward_variance),  # unbiased, as torch.std
+        "accuracy": totals["correct"] / completions, "format_rate": totals["format_ok"] / completions,
+        "kl": totals["kl_sum"] / totals["kl_count"],
+        "approx_kl": totals["approx_kl"] / updates, "clip_frac": totals["clip_frac"] / updates,
+        "value_loss": totals["value_loss"] / updates, "entropy": totals["entropy"] / updates,
+        "explained_variance": explained_variance(old_values, returns, mask, combine=all_reduce_sum),
+        "returns_mean": totals["returns_sum"] / totals["returns_count"],
+        "values_mean": totals["values_sum"] / totals["values_count"],
+        "completion_len": totals["length"] / completions, "truncated": totals["truncated"] / completions,
         "grad_norm": sum(lora_grad_norms) / len(lora_grad_norms) if lora_grad_norms else None,
         "value_grad_norm": sum(value_grad_norms) / len(value_grad_norms) if value_grad_norms else None,
         "ppo_epochs": epochs_run, "lr": scheduler.get_last_lr()[0], "critic_lr": scheduler.get_last_lr()[1],
         "skipped_updates": skipped_updates,
         "generate_s": generate_seconds, "reference_s": reference_seconds, "policy_s": policy_seconds,
-        "step_s": step_seconds, "tokens_per_s": float(lengths.sum()) / generate_seconds,
+        "step_s": step_seconds, "tokens_per_s": totals["length"] / generate_seconds,
     }
     if EVAL_EVERY and ((step + 1) % EVAL_EVERY == 0 or step + 1 == total_steps):
         metrics.update(run_eval(step + 1))
@@ -328,3 +376,4 @@ for step in bar:
         tqdm.write(f"saved {save(step + 1)}")
 log_file.close()
 print(f"done: {total_steps} steps, {skipped_updates} mini-batch updates skipped; metrics in {log_path}")
+cleanup()

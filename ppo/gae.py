@@ -38,6 +38,9 @@ result.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 
@@ -82,39 +85,68 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return deviations.square().sum() / (count - 1 if unbiased else count)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+def masked_sums(x: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """{"count", "sum", "sum_sq"} of x over the positions where mask is 1, in float64: the
+    statistics that add up across processes (common.distributed.all_reduce_sum sums such a dict),
+    from which mean and variance follow."""
+    _check_mask(x, mask)
+    selected = x.detach().to(torch.float64)[mask.bool()]
+    return {"count": float(selected.numel()), "sum": float(selected.sum()), "sum_sq": float(selected.square().sum())}
+
+
+def _mean_and_variance(sums: dict[str, float], unbiased: bool) -> tuple[float, float]:
+    """Mean and variance from masked_sums: var = (sum_sq - n mean^2) / (n - 1 or n), in float64."""
+    count = sums["count"]
+    needed = 2 if unbiased else 1
+    if count < needed:
+        raise ValueError(f"need at least {needed} masked position(s), got {int(count)}")
+    mean = sums["sum"] / count
+    squared_deviations = max(0.0, sums["sum_sq"] - count * mean * mean)
+    return mean, squared_deviations / (count - 1 if unbiased else count)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  combine: Callable[[dict], dict] | None = None) -> torch.Tensor:
     """x normalised to mean 0 and (unbiased) variance 1 over the positions where mask is 1.
 
     (x - mean) / sqrt(var + eps) with the masked mean and unbiased variance of the whole tensor;
     shift_mean=False adds the mean back (only rescales), as TRL's masked_whiten. Positions outside
     the mask are 0 in the result and take no part in the statistics. eps keeps a constant x from
-    dividing by 0. Needs at least 2 masked positions."""
+    dividing by 0. Needs at least 2 masked positions. ``combine`` sums the masked_sums dict over
+    processes (common.distributed.all_reduce_sum), so that several processes whiten their parts of
+    one buffer with the statistics of the whole; None: this tensor is the whole buffer."""
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    mean = masked_mean(x, mask)
-    variance = masked_var(x, mask, unbiased=True)
-    whitened = (x.to(mean.dtype) - mean) * torch.rsqrt(variance + eps)
+    sums = masked_sums(x, mask)
+    mean, variance = _mean_and_variance(combine(sums) if combine else sums, unbiased=True)
+    whitened = (x.to(_compute_dtype(x)) - mean) / math.sqrt(variance + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, 0.0)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       combine: Callable[[dict], dict] | None = None) -> float:
     """1 - Var[returns - values] / Var[returns] over the positions where mask is 1 (CleanRL's definition).
 
     Population variances (divisor n, numpy's default as in CleanRL; the divisor cancels in the
     ratio anyway). Returns NaN when Var[returns] == 0: the returns are constant, so no prediction
-    explains any of their variance, and CleanRL reports NaN too."""
+    explains any of their variance, and CleanRL reports NaN too. ``combine``: as in masked_whiten,
+    for a buffer split between processes."""
     if values.shape != returns.shape:
         raise ValueError(f"values must have the shape of returns {tuple(returns.shape)}, got {tuple(values.shape)}")
-    with torch.no_grad():
-        returns_variance = masked_var(returns, mask, unbiased=False)
-        if returns_variance == 0:
-            return float("nan")
-        compute_dtype = _compute_dtype(returns, values)
-        residual = returns.to(compute_dtype) - values.to(compute_dtype)
-        return float(1.0 - masked_var(residual, mask, unbiased=False) / returns_variance)
+    residual = returns.detach().to(torch.float64) - values.detach().to(torch.float64)
+    sums = {**{f"returns_{k}": v for k, v in masked_sums(returns, mask).items()},
+            **{f"residual_{k}": v for k, v in masked_sums(residual, mask).items()}}
+    if combine is not None:
+        sums = combine(sums)
+    _, returns_variance = _mean_and_variance({k: sums[f"returns_{k}"] for k in ("count", "sum", "sum_sq")},
+                                             unbiased=False)
+    if returns_variance == 0:
+        return float("nan")
+    _, residual_variance = _mean_and_variance({k: sums[f"residual_{k}"] for k in ("count", "sum", "sum_sq")},
+                                              unbiased=False)
+    return 1.0 - residual_variance / returns_variance
 
 
 def _check_gae_arguments(rewards, values, completion_mask, gamma, lam, last_values) -> None:

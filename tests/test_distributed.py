@@ -118,8 +118,6 @@ def test_sft_two_ranks_two_steps(micro_model_dir, tmp_path):
     assert steps[2]["eval/total"] == 3
 
 
-@pytest.mark.skip(reason="run_train_ppo.py is not ported to torchrun yet (common/distributed.py); remove this mark "
-                         "when it is")
 def test_ppo_two_ranks_two_steps(micro_model_dir, tmp_path):
     result = launch(["run_train_ppo.py", f"--MODEL_PATH={micro_model_dir}", "--TRAIN_FILE=data/synth_train.jsonl",
                      "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=8", "--PROMPTS_PER_STEP=2",
@@ -131,7 +129,7 @@ def test_ppo_two_ranks_two_steps(micro_model_dir, tmp_path):
     assert load_checkpoint(tmp_path / "smoke" / "lora_epoch0_step2.pt")["extra"]["ranks"]["world_size"] == 2
 
 
-# run_train_grpo.py with its sampler replaced by fixed completions: the same answers for a question
+# A trainer (the first argument) with its sampler replaced by fixed completions: the same answers for a question
 # whatever the rank and its seed, so that 1 and 2 processes train on exactly the same rollouts. A
 # group answers with 3 of the 4 ANSWERS, chosen by the prompt's length (so groups differ in tokens);
 # a prompt whose length is a multiple of 4 gets ANSWERS[0] 3 times: no advantage, a dropped group.
@@ -162,8 +160,8 @@ def fixed_sample(model, prompt_ids, num_samples, max_new_tokens, *args, eos_toke
 
 
 common.sampler.sample = fixed_sample
-sys.argv = ["run_train_grpo.py"] + sys.argv[1:]
-runpy.run_path("run_train_grpo.py", run_name="__main__")
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
@@ -181,8 +179,8 @@ def test_grpo_updates_with_two_ranks_equal_one_process(micro_model_dir, tmp_path
                 "--SAVE_EVERY=1", "--EVAL_EVERY=0", "--KL_COEF=0.05", "--MICRO_BATCH_SIZE=4", "--LORA_R=4",
                 "--LR=1e-3", "--WARMUP_STEPS=0", "--DEVICE=cpu", f"--CHECKPOINT_DIR={tmp_path}",
                 f"--LOG_DIR={tmp_path}"]
-    launch([str(launcher), *settings, "--RUN_NAME=one"], processes=None)
-    launch([str(launcher), *settings, "--RUN_NAME=two"], processes=2)
+    launch([str(launcher), "run_train_grpo.py", *settings, "--RUN_NAME=one"], processes=None)
+    launch([str(launcher), "run_train_grpo.py", *settings, "--RUN_NAME=two"], processes=2)
     one_metrics, two_metrics = metrics_of(tmp_path / "one.jsonl"), metrics_of(tmp_path / "two.jsonl")
     assert [m["zero_adv_groups"] for m in one_metrics] == [0.0, 0.5]
     for step, (one_step, two_step) in enumerate(zip(one_metrics, two_metrics, strict=True), start=1):
@@ -194,6 +192,36 @@ def test_grpo_updates_with_two_ranks_equal_one_process(micro_model_dir, tmp_path
         for key in ("reward", "reward_std", "accuracy", "format_rate", "loss", "kl", "clip_frac", "entropy",
                     "completion_len", "zero_adv_groups", "grad_norm"):
             assert two_step[key] == pytest.approx(one_step[key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_ppo_update_with_two_ranks_equals_one_process(micro_model_dir, tmp_path):
+    """One PPO epoch over one mini-batch holding the whole buffer (so the shuffle cannot matter), on
+    4 questions x 3 fixed completions: 2 ranks x 2 questions (advantages whitened and explained variance
+    computed with the whole step's statistics, normaliser summed, gradients of the LoRA and the critic
+    summed) give the weights and the metrics of 1 process x 4 questions."""
+    launcher = tmp_path / "fixed_completions.py"
+    launcher.write_text(FIXED_COMPLETIONS_LAUNCHER.format(repo=str(REPO_ROOT)))
+    settings = [f"--MODEL_PATH={micro_model_dir}", "--TRAIN_FILE=data/synth_train.jsonl", "--NUM_PROMPTS=16",
+                "--PROMPTS_PER_STEP=4", "--NUM_SAMPLES_PER_PROMPT=3", "--MAX_NEW_TOKENS=24", "--MAX_STEPS=2",
+                "--SAVE_EVERY=1", "--EVAL_EVERY=0", "--KL_COEF=0.05", "--PPO_EPOCHS=1", "--MINI_BATCH_SIZE=12",
+                "--MICRO_BATCH_SIZE=4", "--LORA_R=4", "--CRITIC_HIDDEN=8", "--LR=1e-3", "--WARMUP_STEPS=0",
+                "--DEVICE=cpu", f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}"]
+    launch([str(launcher), "run_train_ppo.py", *settings, "--RUN_NAME=one"], processes=None)
+    launch([str(launcher), "run_train_ppo.py", *settings, "--RUN_NAME=two"], processes=2)
+    for step, (one_step, two_step) in enumerate(zip(metrics_of(tmp_path / "one.jsonl"),
+                                                    metrics_of(tmp_path / "two.jsonl"), strict=True), start=1):
+        one = load_checkpoint(tmp_path / "one" / f"lora_epoch0_step{step}.pt")
+        two = load_checkpoint(tmp_path / "two" / f"lora_epoch0_step{step}.pt")
+        assert any(key.endswith("lora_B") and tensor.abs().sum() > 0 for key, tensor in one["lora"].items())
+        for part in ("lora", "critic"):
+            weights_one = one["lora"] if part == "lora" else one["extra"]["critic"]
+            weights_two = two["lora"] if part == "lora" else two["extra"]["critic"]
+            for key in weights_one:
+                torch.testing.assert_close(weights_two[key], weights_one[key], atol=1e-5, rtol=0)
+        for key in ("reward", "reward_std", "accuracy", "kl", "approx_kl", "clip_frac", "value_loss", "entropy",
+                    "explained_variance", "returns_mean", "values_mean", "completion_len", "grad_norm",
+                    "value_grad_norm"):
+            assert two_step[key] == pytest.approx(one_step[key], rel=1e-4, abs=1e-6), (step, key)
 
 
 def test_grpo_resume_with_two_ranks_equals_uninterrupted_run(tmp_path):

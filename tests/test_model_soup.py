@@ -8,7 +8,6 @@ import torch
 
 from common.checkpoint import (CheckpointError, load_checkpoint, load_lora_checkpoint, model_fingerprint,
                                restore_lora, save_checkpoint)
-from common.config import read_declarations
 from common.data import load_problems
 from common.lora import apply_lora, lora_config, lora_modules, lora_parameters, lora_state_dict, merge_lora
 from common.model import load_model_and_tokenizer
@@ -282,11 +281,10 @@ def test_training_continues_from_the_soup(uniform_soup, micro_model_dir):
     assert all(not torch.equal(after[name], before[name]) for name in before)
 
 
-@pytest.mark.skipif("INIT_LORA" not in read_declarations((REPO_ROOT / "run_train_grpo.py").read_text()),
-                    reason="run_train_grpo.py has no INIT_LORA constant to start a run from a soup")
-def test_grpo_starts_a_run_from_the_soup(uniform_soup, micro_model_dir, tmp_path):
+@pytest.mark.parametrize("trainer", ["run_train_grpo.py", "run_train_ppo.py"])
+def test_a_trainer_starts_a_run_from_the_soup(uniform_soup, micro_model_dir, tmp_path, trainer):
     out, _ = uniform_soup
-    run_script(["run_train_grpo.py", f"--MODEL_PATH={micro_model_dir}", "--TRAIN_FILE=data/synth_train.jsonl",
+    run_script([trainer, f"--MODEL_PATH={micro_model_dir}", "--TRAIN_FILE=data/synth_train.jsonl",
                 "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=4", "--PROMPTS_PER_STEP=2",
                 "--NUM_SAMPLES_PER_PROMPT=3", "--MAX_NEW_TOKENS=6", "--MAX_STEPS=1", "--EVAL_EVERY=0",
                 "--DEVICE=cpu", f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", "--RUN_NAME=from-soup",

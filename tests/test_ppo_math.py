@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ppo.gae import compute_gae, explained_variance, masked_mean, masked_var, masked_whiten
+from ppo.gae import compute_gae, explained_variance, masked_mean, masked_sums, masked_var, masked_whiten
 from ppo.loss import entropy_bonus, ppo_policy_loss, ppo_total_loss, ppo_value_loss, token_rewards
 
 
@@ -490,3 +490,35 @@ def test_token_rewards_invalid_arguments_raise_clear_errors(overrides, message):
 def test_losses_invalid_arguments_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_whitening_and_explained_variance_of_a_split_buffer_use_the_whole_buffers_statistics():
+    """Two halves of a buffer (as two processes hold it), each with `combine` adding the other half's
+    masked sums, give exactly what the whole buffer gives; without it, each half's own statistics."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=generator, dtype=torch.float64) * 3 + 1
+    returns = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    values = returns + 0.5 * torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    mask = (torch.arange(5) < torch.tensor([5, 3, 4, 1, 2, 5]).unsqueeze(1)).double()
+    halves = [slice(0, 2), slice(2, 6)]
+
+    def adding(other_sums: dict):
+        """A stand-in for all_reduce_sum over two processes: this half's sums plus the other half's."""
+        return lambda sums: {key: value + other_sums[key] for key, value in sums.items()}
+
+    whole = masked_whiten(x, mask)
+    whole_ev = explained_variance(values, returns, mask)
+    for part, other in (halves, halves[::-1]):
+        whiten_sums = masked_sums(x[other], mask[other])
+        torch.testing.assert_close(masked_whiten(x[part], mask[part], combine=adding(whiten_sums)), whole[part])
+        ev_sums = {**{f"returns_{k}": v for k, v in masked_sums(returns[other], mask[other]).items()},
+                   **{f"residual_{k}": v for k, v in masked_sums((returns - values)[other], mask[other]).items()}}
+        split_ev = explained_variance(values[part], returns[part], mask[part], combine=adding(ev_sums))
+        assert split_ev == pytest.approx(whole_ev, rel=1e-12)
+    assert not torch.allclose(masked_whiten(x[halves[0]], mask[halves[0]]), whole[halves[0]])
+
+
+def test_masked_sums_hand_worked():
+    x = torch.tensor([[1.0, 2.0, 99.0], [3.0, float("nan"), float("inf")]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert masked_sums(x, mask) == {"count": 3.0, "sum": 6.0, "sum_sq": 14.0}
