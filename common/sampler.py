@@ -7,6 +7,16 @@ padded so every row's next token sits in the last column; position ids are
 counted from each row's first real token (left padding would otherwise shift
 them), and a row stops at its first stop token (EOS or the chat template's
 end-of-turn).  The loop ends when every row has stopped.
+
+Two things make it faster than ``generate`` on the same rows without changing
+what is sampled: the K rows of a prompt share its prefix, so each distinct
+prompt is run through the model once and its KV cache copied to its rows; and
+a row that has stopped leaves the batch (its cache and mask rows are dropped),
+so later steps compute only the rows still going.  Sampling draws, like
+``torch.multinomial``, an Exp(1) variable per row and token and keeps the
+argmax of p / E (the exponential race: the winner is token j with probability
+p_j), for every row of the batch, stopped ones included, so a seed gives the
+same tokens as sampling all rows to the end would.
 """
 
 from __future__ import annotations
@@ -64,49 +74,66 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> t
 @torch.no_grad()
 def _sample_rows(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id, generator):
     device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompt_rows, pad_id, device)
-    num_rows = input_ids.size(0)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    num_rows = len(prompt_rows)
+    # Prefill: each distinct prompt once, then its cache, mask and positions copied to each of its rows.
+    distinct_prompts: dict[tuple[int, ...], int] = {}
+    row_prompt = torch.tensor([distinct_prompts.setdefault(tuple(row), len(distinct_prompts)) for row in prompt_rows],
+                              device=device)
+    prompt_ids, prompt_mask = left_pad([list(prompt) for prompt in distinct_prompts], pad_id, device)
+    prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    outputs = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
+                    logits_to_keep=1)  # only the last position is needed: no [N, L, vocab] tensor at prefill
+    cache = outputs.past_key_values
+    cache.batch_select_indices(row_prompt)
+    logits = outputs.logits[row_prompt, -1]
+    attention_mask = prompt_mask[row_prompt]
+    positions = prompt_positions[row_prompt, -1:]
     stop_ids_tensor = torch.tensor(stop_ids, device=device)
 
-    tokens, logprobs, alive_masks = [], [], []
-    alive = torch.ones(num_rows, dtype=torch.bool, device=device)
-    past_key_values = None
-    next_positions = position_ids[:, -1:]
-    step_input, step_positions = input_ids, position_ids
-    for _ in range(max_new_tokens):
-        outputs = model(
-            input_ids=step_input,
-            attention_mask=attention_mask,
-            position_ids=step_positions,
-            past_key_values=past_key_values,
-            use_cache=True,
-            logits_to_keep=1,  # only the last position is needed: no [N, L, vocab] tensor at prefill
-        )
-        past_key_values = outputs.past_key_values
-        logits = outputs.logits[:, -1, :].float()  # soft-capping (Gemma 2) is already applied inside the model
+    completion_ids = torch.full((num_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    completion_mask = torch.zeros((num_rows, max_new_tokens), device=device)
+    logprobs = torch.zeros((num_rows, max_new_tokens), device=device)
+    truncated = torch.ones(num_rows, dtype=torch.bool, device=device)
+    batch_rows = torch.arange(num_rows, device=device)  # the rows still in the batch, in batch order
+    steps_taken = 0
+    for step in range(max_new_tokens):
+        if step:
+            positions = positions + 1
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            logits = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
+                           past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = logits.float()  # soft-capping (Gemma 2) is already applied inside the model
         if temperature == 0:
             next_token = logits.argmax(dim=-1)
             token_logprob = logits.log_softmax(dim=-1).gather(-1, next_token[:, None]).squeeze(-1)
         else:
             log_dist = filter_logits(logits / temperature, top_k, top_p).log_softmax(dim=-1)
-            next_token = torch.multinomial(log_dist.exp(), 1, generator=generator).squeeze(-1)
+            # torch.multinomial(p, 1) is argmax(p / E), E ~ Exp(1) drawn for all its rows; drawn here for every
+            # row, stopped ones too, the random stream (and so each seed's tokens) is what multinomial's was.
+            race = torch.empty((num_rows, log_dist.size(-1)), dtype=log_dist.dtype, device=device)
+            race.exponential_(generator=generator)
+            next_token = (log_dist.exp() / race[batch_rows]).argmax(dim=-1)
             token_logprob = log_dist.gather(-1, next_token[:, None]).squeeze(-1)
-        next_token = torch.where(alive, next_token, torch.full_like(next_token, pad_id))
-        tokens.append(next_token)
-        logprobs.append(torch.where(alive, token_logprob, torch.zeros_like(token_logprob)))
-        alive_masks.append(alive.clone())
-        alive = alive & ~torch.isin(next_token, stop_ids_tensor)
-        if not alive.any():
-            break
-        step_input = next_token[:, None]
-        next_positions = next_positions + 1
-        step_positions = next_positions
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-
-    completion_ids = torch.stack(tokens, dim=1)
-    completion_mask = torch.stack(alive_masks, dim=1).float()
-    return completion_ids, completion_mask, torch.stack(logprobs, dim=1), alive
+        completion_ids[batch_rows, step] = next_token
+        logprobs[batch_rows, step] = token_logprob
+        completion_mask[batch_rows, step] = 1.0
+        steps_taken = step + 1
+        finished = torch.isin(next_token, stop_ids_tensor)
+        num_finished = int(finished.sum())
+        if num_finished:
+            truncated[batch_rows[finished]] = False
+            if num_finished == len(batch_rows):
+                break
+            going = (~finished).nonzero().squeeze(-1)
+            batch_rows, next_token, positions = batch_rows[going], next_token[going], positions[going]
+            attention_mask = attention_mask[going]
+            cache.batch_select_indices(going)
+    # A token drawn from NaN or +inf logits has a NaN log-prob; torch.multinomial refused such distributions, and
+    # so does this, once at the end rather than with a host sync at every step.
+    if torch.isnan(logprobs).any():
+        raise ValueError("the model's logits are not finite (NaN or inf) at some sampled position")
+    return (completion_ids[:, :steps_taken], completion_mask[:, :steps_taken], logprobs[:, :steps_taken],
+            truncated)
 
 
 def sample(
