@@ -1,0 +1,88 @@
+"""Every benchmark (bench/) and plot_metrics.py run for real, as subprocesses, with tiny sizes:
+they keep working and write what they promise. No timing is asserted."""
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.conftest import TINY_MODEL_DIR, run_script
+
+
+def read_results(path, benchmark: str) -> dict:
+    record = json.loads(path.read_text())
+    assert record["benchmark"] == benchmark
+    assert record["machine"]["torch"] and record["config"]
+    return record["results"]
+
+
+def test_bench_sampling_on_micro_model(micro_model_dir, tmp_path):
+    out_file = tmp_path / "sampling.json"
+    result = run_script(["bench/bench_sampling.py", f"--MODEL_PATH={micro_model_dir}", "--NUM_PROMPTS=2",
+                         "--NUM_SAMPLES_PER_PROMPT=3", "--MAX_NEW_TOKENS=5", "--REPEATS=2", "--DEVICE=cpu",
+                         f"--OUT_FILE={out_file}"])
+    assert "| model.generate |" in result.stdout and "shared sampler / generate" in result.stdout
+    results = read_results(out_file, "sampling")
+    assert results["rows"] == 6 and len(results["methods"]) == 2
+    for method in results["methods"].values():
+        assert len(method["tokens"]) == len(method["seconds"]) == 2
+        assert all(6 <= tokens <= 6 * 5 for tokens in method["tokens"])  # at least one token per row, at most 5
+        assert method["tokens_per_s"] > 0
+    assert results["speedup"] > 0
+
+
+def test_bench_logprobs_tiny_sizes(tmp_path):
+    out_file = tmp_path / "logprobs.json"
+    result = run_script(["bench/bench_logprobs.py", "--VOCAB_SIZE=500", "--HIDDEN_SIZE=16", "--NUM_LAYERS=1",
+                         "--BATCH_SIZE=2", "--SEQ_LEN=16", "--CHUNK_SIZE=8", "--DEVICE=cpu",
+                         f"--OUT_FILE={out_file}"])
+    assert "token_logprobs (chunk 8)" in result.stdout
+    results = read_results(out_file, "logprobs")
+    assert set(results["paths"]) == {"naive", "chunked"}
+    for path in results["paths"].values():
+        assert path["peak_bytes"] >= 0 and path["forward_s"] > 0 and path["backward_s"] > 0
+    assert results["max_abs_diff_logprobs"] < 1e-5
+    assert results["max_abs_diff_grads"] < 1e-5 and results["max_abs_grad"] > 0
+
+
+def test_bench_grpo_step_on_tiny_model_with_every_phase(tmp_path):
+    """KL and two iterations, so the reference and old log-prob passes run too."""
+    out_file = tmp_path / "grpo_step.json"
+    result = run_script(["bench/bench_grpo_step.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--PROMPTS_PER_STEP=4",
+                         "--NUM_SAMPLES_PER_PROMPT=4", "--MAX_NEW_TOKENS=24", "--KL_COEF=0.05", "--NUM_ITERATIONS=2",
+                         "--MICRO_BATCH_SIZE=4", "--LORA_R=2", "--WARMUP_STEPS=1", "--STEPS=1", "--DEVICE=cpu",
+                         f"--OUT_FILE={out_file}"])
+    assert "| whole step |" in result.stdout
+    results = read_results(out_file, "grpo_step")
+    assert len(results["steps"]) == 1
+    passes = results["phase_forward_passes"]
+    assert passes["generation"] >= 2  # the prompts, then one pass per new token
+    assert passes["reference"] >= 1 and passes["old logprobs"] >= 1
+    assert passes["policy"] == 2 * passes["old logprobs"]  # two iterations over the same micro-batches
+    assert all(results["phase_seconds"][phase] > 0 for phase in ("generation", "reference", "policy"))
+    assert results["tokens_per_step"] >= 16 and results["generation_tokens_per_s"] > 0
+
+
+def write_metrics(path) -> None:
+    lines = [{"step": 0, "eval/accuracy": 0.5}]
+    lines += [{"step": step, "reward": 0.1 * step, "accuracy": 0.05 * step} for step in range(1, 6)]
+    lines += [{"step": 5, "eval/accuracy": 0.6}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
+def test_plot_metrics_without_matplotlib_says_how_to_install_it(tmp_path):
+    write_metrics(tmp_path / "run.jsonl")
+    with pytest.raises(AssertionError, match="needs matplotlib.*pip install matplotlib"):
+        run_script(["plot_metrics.py", f"--RUNS={tmp_path / 'run.jsonl'}", f"--OUT_FILE={tmp_path / 'm.png'}"])
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_plot_metrics_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_metrics(tmp_path / "run.jsonl")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    out_file = tmp_path / "plots" / "metrics.png"
+    result = run_script(["plot_metrics.py", f"--LOG_DIR={tmp_path}", "--SMOOTHING=2", f"--OUT_FILE={out_file}"])
+    assert "from 1 metric files: run\n" in result.stdout  # the pairs file has no metrics and is left out
+    assert out_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
