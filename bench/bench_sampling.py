@@ -1,6 +1,7 @@
 """Sampling throughput: the shared sampler (common/sampler.py) against transformers' model.generate.
 
-    python bench/bench_sampling.py                                   # tiny model, 8 prompts x 8 samples, 40 new tokens
+    python bench/bench_sampling.py                      # tiny model, the demo's GRPO batch: 16 x 8 rows, 40 new tokens
+    python bench/bench_sampling.py --NUM_PROMPTS=8      # a smaller batch: 8 prompts x 8 samples
     python bench/bench_sampling.py --MODEL_PATH=models/gemma-2-2b-it --MAX_NEW_TOKENS=256 \\
         --PROMPTS_FILE=data/gsm8k_test.jsonl
 
@@ -28,8 +29,8 @@ from common.config import configure  # noqa: E402
 # ---------------------------------------------------------------- constants
 MODEL_PATH = "models/tiny-gemma2-math"  # local model directory
 PROMPTS_FILE = "data/synth_test.jsonl"  # questions {"question", ...}; the first NUM_PROMPTS are used
-NUM_PROMPTS = 8  # distinct prompts per call
-NUM_SAMPLES_PER_PROMPT = 8  # completions per prompt: NUM_PROMPTS x NUM_SAMPLES_PER_PROMPT rows in one batch
+NUM_PROMPTS = 16  # distinct prompts per call (the demo's PROMPTS_PER_STEP)
+NUM_SAMPLES_PER_PROMPT = 8  # completions per prompt (the demo's group size); all rows go in one batch
 MAX_NEW_TOKENS = 40  # limit of new tokens per row (the demo's)
 TEMPERATURE = 1.0  # sampling temperature (0 = greedy)
 TOP_P = 1.0  # nucleus sampling (1.0 = off)
