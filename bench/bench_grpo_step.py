@@ -180,16 +180,17 @@ for step in range(total_steps):
         steps.append({"seconds": timer.seconds, "forward_passes": timer.forward_passes, "tokens": tokens,
                       "step_s": sum(timer.seconds.values())})
 
-step_seconds = statistics.median(s["step_s"] for s in steps)
-phase_seconds = {name: statistics.median(s["seconds"][name] for s in steps) for name in PHASES}
+# Means, not medians: the phases then add up to the step.
+step_seconds = statistics.mean(s["step_s"] for s in steps)
+phase_seconds = {name: statistics.mean(s["seconds"][name] for s in steps) for name in PHASES}
 phase_forwards = {name: statistics.mean(s["forward_passes"][name] for s in steps) for name in PHASES}
 tokens_per_step = statistics.mean(s["tokens"] for s in steps)
-generation_tokens_per_s = statistics.median(s["tokens"] / s["seconds"]["generation"] for s in steps)
-step_tokens_per_s = statistics.median(s["tokens"] / s["step_s"] for s in steps)
+generation_tokens_per_s = tokens_per_step / phase_seconds["generation"]
+step_tokens_per_s = tokens_per_step / step_seconds
 
 print(f"\nGRPO step on {device}: {PROMPTS_PER_STEP} questions x {NUM_SAMPLES_PER_PROMPT} samples, up to "
       f"{MAX_NEW_TOKENS} new tokens, LoRA r={LORA_R}, KL_COEF {KL_COEF}, NUM_ITERATIONS {NUM_ITERATIONS}; "
-      f"medians of {STEPS} steps after {WARMUP_STEPS} untimed:\n")
+      f"means of {STEPS} steps after {WARMUP_STEPS} untimed:\n")
 print(markdown_table(
     ["phase", "seconds per step", "share of the step", "model forward passes per step"],
     [[name, f"{phase_seconds[name]:.3f}", f"{100 * phase_seconds[name] / step_seconds:.0f}%",
