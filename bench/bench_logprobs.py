@@ -37,7 +37,7 @@ from common.config import configure  # noqa: E402
 VOCAB_SIZE = 256000  # output vocabulary (Gemma 2's)
 HIDDEN_SIZE = 64  # hidden size of the tiny body
 NUM_LAYERS = 2  # decoder layers (Gemma 2 alternates sliding-window and full attention)
-BATCH_SIZE = 4  # sequences; the naive path holds several [BATCH_SIZE, SEQ_LEN, VOCAB_SIZE] fp32 tensors
+BATCH_SIZE = 8  # sequences; the naive path holds [BATCH_SIZE, SEQ_LEN, VOCAB_SIZE] fp32 tensors: ~17 GB at 8 x 512
 SEQ_LEN = 512  # tokens per sequence
 CHUNK_SIZE = 1024  # positions per output-head chunk of token_logprobs (its default)
 TEMPERATURE = 1.0  # the log-probs are of softmax(logits / TEMPERATURE)
