@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))  # run as `python bench/learning_table.py`: `common` lives at the repository root
+# Run as `python bench/learning_table.py`, Python puts bench/ on the path, not the repository root with common/.
+repo_root = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(repo_root))
 
 from common.config import configure  # noqa: E402
 
@@ -41,9 +42,10 @@ OUT_FILE = "logs/bench/learning_table.json"  # the table as JSON
 config = configure(globals())
 # ---------------------------------------------------------------------------
 
+from bench import markdown_table, write_results  # noqa: E402
 from common.evaluate import wilson_interval  # noqa: E402
 
-NUM_TEST_PROBLEMS = sum(1 for line in (REPO_ROOT / TEST_FILE).read_text().splitlines() if line.strip())
+NUM_TEST_PROBLEMS = sum(1 for line in (repo_root / TEST_FILE).read_text().splitlines() if line.strip())
 # Row -> (label, command, where its accuracy is read from after the run).
 MAKE_TINY_MODEL = [sys.executable, "make_tiny_model.py", "--FORCE=true", *REBUILD_ARGS]
 COMMANDS = {
@@ -59,12 +61,12 @@ COMMANDS = {
 def accuracy_of(row: str) -> tuple[int, int]:
     """(correct, total) of a finished row, from the files its run wrote."""
     if row in ("base", "sft"):
-        info = json.loads((REPO_ROOT / REBUILD_DIR / row / "build_info.json").read_text())
+        info = json.loads((repo_root / REBUILD_DIR / row / "build_info.json").read_text())
         return round(info["accuracy"] * info["eval_total"]), info["eval_total"]
     if row == "soup":
-        soup = json.loads((REPO_ROOT / "checkpoints/demo-soup/uniform.summary.json").read_text())["soup"]
+        soup = json.loads((repo_root / "checkpoints/demo-soup/uniform.summary.json").read_text())["soup"]
         return round(soup["test_accuracy"] * NUM_TEST_PROBLEMS), NUM_TEST_PROBLEMS
-    summary = json.loads((REPO_ROOT / f"logs/demo/{row}.summary.json").read_text())
+    summary = json.loads((repo_root / f"logs/demo/{row}.summary.json").read_text())
     return round(summary["eval/accuracy"] * summary["eval/total"]), summary["eval/total"]
 
 
@@ -77,7 +79,7 @@ def same_weights(model_dir: Path, other_dir: Path) -> bool:
 unknown = [row for row in ROWS if row not in COMMANDS]
 if unknown:
     raise SystemExit(f"error: unknown rows {unknown}; the rows are {list(COMMANDS)}")
-log_dir = REPO_ROOT / LOG_DIR
+log_dir = repo_root / LOG_DIR
 log_dir.mkdir(parents=True, exist_ok=True)
 table = []
 for row in ROWS:
@@ -86,7 +88,7 @@ for row in ROWS:
     print(f">> {label}: {' '.join(command)} (output in {log_path})", flush=True)
     start = time.perf_counter()
     with log_path.open("w") as log:
-        result = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, cwd=repo_root, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"error: {' '.join(command)} exited {result.returncode}; see {log_path}")
@@ -95,19 +97,17 @@ for row in ROWS:
     entry = {"row": row, "label": label, "accuracy": correct / total, "correct": correct, "total": total,
              "ci_low": low, "ci_high": high, "seconds": seconds}
     if row == "sft":
-        entry["equals_committed_model"] = same_weights(REPO_ROOT / REBUILD_DIR / "sft", REPO_ROOT / COMMITTED_MODEL)
+        entry["equals_committed_model"] = same_weights(repo_root / REBUILD_DIR / "sft", repo_root / COMMITTED_MODEL)
     table.append(entry)
     print(f"   {100 * entry['accuracy']:.1f}% ({correct}/{total}) in {seconds / 60:.1f} min", flush=True)
 
-header = f"| {'run':<56} | accuracy | 95% CI      | wall time |"
-print("\n" + header + "\n|" + "-" * 58 + "|---------:|-------------|----------:|")
-for entry in table:
-    print(f"| {entry['label']:<56} | {100 * entry['accuracy']:7.1f}% | {100 * entry['ci_low']:4.1f}-"
-          f"{100 * entry['ci_high']:4.1f}% | {entry['seconds'] / 60:6.1f} min |")
+print("\n" + markdown_table(
+    ["run", "accuracy", "95% CI", "wall time"],
+    [[entry["label"], f"{100 * entry['accuracy']:.1f}%", f"{100 * entry['ci_low']:.1f}-{100 * entry['ci_high']:.1f}%",
+      f"{entry['seconds'] / 60:.1f} min"] for entry in table]))
 sft = next((entry for entry in table if entry["row"] == "sft"), None)
 if sft is not None:
     print(f"rebuilt SFT model {'equals' if sft['equals_committed_model'] else 'DIFFERS FROM'} {COMMITTED_MODEL}")
-out_path = REPO_ROOT / OUT_FILE
-out_path.parent.mkdir(parents=True, exist_ok=True)
-out_path.write_text(json.dumps({"config": config, "test_problems": NUM_TEST_PROBLEMS, "rows": table}, indent=2))
+out_path = write_results(repo_root / OUT_FILE, "learning_table", config,
+                         {"test_problems": NUM_TEST_PROBLEMS, "rows": table})
 print(f"table written to {out_path}")

@@ -10,7 +10,7 @@ def test_base_and_sft_rows_on_a_shrunk_rebuild(tmp_path):
     result = run_script(["bench/learning_table.py", "--ROWS=base,sft", f"--REBUILD_ARGS={shrunk}",
                          f"--REBUILD_DIR={tmp_path / 'rebuild'}", f"--LOG_DIR={tmp_path / 'logs'}",
                          f"--OUT_FILE={tmp_path / 'table.json'}"])
-    table = json.loads((tmp_path / "table.json").read_text())
+    table = json.loads((tmp_path / "table.json").read_text())["results"]
     assert [row["row"] for row in table["rows"]] == ["base", "sft"]
     for row in table["rows"]:
         assert row["total"] == 4 and 0 <= row["correct"] <= 4 and row["seconds"] > 0
@@ -19,4 +19,4 @@ def test_base_and_sft_rows_on_a_shrunk_rebuild(tmp_path):
     # The base row trained nothing; a 2-step rebuild with another vocabulary is not the committed model.
     assert "0 steps" in (tmp_path / "logs" / "base.log").read_text()
     assert table["rows"][1]["equals_committed_model"] is False
-    assert "| base (random init)" in result.stdout and "DIFFERS FROM" in result.stdout
+    assert "| base (random init) |" in result.stdout and "DIFFERS FROM" in result.stdout
