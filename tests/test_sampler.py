@@ -143,3 +143,38 @@ def test_sampler_logprobs_equal_recomputed_token_logprobs(arch, temperature):
         recomputed = token_logprobs(model, input_ids, attention_mask, temperature=temperature, chunk_size=5)
     for row, n in enumerate(out.completion_lengths.tolist()):
         torch.testing.assert_close(recomputed[row, -n:], out.logprobs[row, :n], atol=1e-5, rtol=1e-5)
+
+
+def naive_multinomial_sample(model, prompts, num_samples, max_new_tokens, temperature, generator):
+    """The plainest sampler: the whole sequence through the model at every step (no cache), every row
+    in the batch to the end (stopped rows draw too, their tokens are thrown away), torch.multinomial."""
+    sequences = [list(prompt) for prompt in prompts for _ in range(num_samples)]
+    completions = [[] for _ in sequences]
+    for _ in range(max_new_tokens):
+        input_ids, attention_mask = left_pad(sequences, PAD, torch.device("cpu"))
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        probabilities = (logits[:, -1].float() / temperature).softmax(dim=-1)
+        tokens = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1).tolist()
+        for row, token in enumerate(tokens):
+            if not completions[row] or completions[row][-1] != EOS:
+                completions[row].append(token)
+                sequences[row].append(token)
+        if all(completion[-1] == EOS for completion in completions):
+            break
+    return completions
+
+
+@pytest.mark.parametrize("arch,temperature", [("gemma2", 1.0), ("llama", 0.7)])
+def test_sampled_tokens_equal_a_naive_multinomial_loop_with_the_same_seed(arch, temperature):
+    """The KV cache, the prompt prefilled once per distinct prompt, stopped rows leaving the batch: none
+    of it changes which tokens a seed gives."""
+    torch.manual_seed(0)
+    model = micro_model(arch)
+    ours = sample(model, PROMPTS, num_samples=4, max_new_tokens=12, temperature=temperature, eos_token_ids=[EOS],
+                  pad_token_id=PAD, generator=torch.Generator().manual_seed(3))
+    reference = naive_multinomial_sample(model, PROMPTS, 4, 12, temperature, torch.Generator().manual_seed(3))
+    lengths = ours.completion_lengths.tolist()
+    assert [ours.completion_ids[row, :length].tolist() for row, length in enumerate(lengths)] == reference
+    assert 0 < sum(ours.truncated.tolist()) < len(lengths)  # rows stopped at different steps, some never
