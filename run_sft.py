@@ -18,7 +18,6 @@ divided by the whole batch's answer tokens and the gradients summed over the pro
 """
 
 import json
-import os
 import random
 import shutil
 import time
@@ -61,7 +60,7 @@ config = configure(globals(), quiet=not is_main_process())
 
 from common import synth  # noqa: E402  (after configure: --help stays fast)
 from common.checkpoint import save_checkpoint  # noqa: E402
-from common.data import load_problems  # noqa: E402
+from common.data import load_problems, open_metrics_log  # noqa: E402
 from common.distributed import all_reduce_sum, cleanup, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.logprobs import token_logprobs  # noqa: E402
@@ -135,8 +134,7 @@ optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
 scheduler = torch.optim.lr_scheduler.LambdaLR(
     optimizer, lambda s: lr_factor(s, WARMUP_STEPS, MAX_STEPS, LR_SCHEDULE))
 log_path = Path(LOG_FILE or f"logs/sft_{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-log_path.parent.mkdir(parents=True, exist_ok=True)
-log_file = log_path.open("a") if distributed.is_main else open(os.devnull, "w")  # rank 0 alone writes
+log_file = open_metrics_log(log_path, append=True, is_main=distributed.is_main)  # rank 0 alone writes
 start = time.perf_counter()
 bar = tqdm(range(1, MAX_STEPS + 1), desc="sft", unit="step", disable=not distributed.is_main)
 for step in bar:

@@ -23,7 +23,6 @@ alone prints, writes the metrics and saves checkpoints.
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -81,7 +80,7 @@ config = configure(globals(), quiet=not is_main_process())
 
 from common.checkpoint import (checkpoint_path, load_checkpoint, restore_lora,  # noqa: E402
                                restore_training_state, save_checkpoint, warn_config_differences)
-from common.data import epoch_order, load_pairs, load_problems  # noqa: E402
+from common.data import epoch_order, load_pairs, load_problems, open_metrics_log  # noqa: E402
 from common.distributed import (all_gather_objects, all_reduce_sum, cleanup, gather_rank_states,  # noqa: E402
                                 restore_rank_state, setup_distributed, shard, sum_gradients)
 from common.evaluate import evaluate  # noqa: E402
@@ -176,9 +175,7 @@ if PRECOMPUTE_REF:
     print(f"reference log-probs of {len(pairs)} pairs in {time.perf_counter() - reference_start:.1f}s")
 
 log_path = Path(LOG_DIR) / f"{RUN_NAME}.jsonl"
-log_path.parent.mkdir(parents=True, exist_ok=True)
-# A resumed run continues its metrics file; ranks other than 0 write their (identical, reduced) metrics nowhere.
-log_file = log_path.open("a" if RESUME else "w") if distributed.is_main else open(os.devnull, "w")
+log_file = open_metrics_log(log_path, append=RESUME is not None, is_main=distributed.is_main)  # rank 0 writes
 skipped_steps = 0
 if EVAL_EVERY and start_step == 0:
     log_file.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")

@@ -24,7 +24,6 @@ one process's; rank 0 alone prints, writes the metrics and saves checkpoints.
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -94,11 +93,10 @@ config = configure(globals(), quiet=not is_main_process())
 
 from common.checkpoint import (checkpoint_path, load_checkpoint, restore_lora,  # noqa: E402
                                restore_training_state, save_checkpoint, warn_config_differences)
-from common.data import epoch_order, load_problems  # noqa: E402
+from common.data import epoch_order, load_problems, open_metrics_log  # noqa: E402
 from common.distributed import (all_reduce_sum, cleanup, gather_rank_states, restore_rank_state,  # noqa: E402
                                 setup_distributed, shard, sum_gradients)
 from common.evaluate import evaluate  # noqa: E402
-from common.logprobs import token_logprobs  # noqa: E402
 from common.lora import apply_lora, disable_lora, lora_parameters  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
@@ -165,9 +163,7 @@ def run_eval(step: int) -> dict:
 
 
 log_path = Path(LOG_DIR) / f"{RUN_NAME}.jsonl"
-log_path.parent.mkdir(parents=True, exist_ok=True)
-# A resumed run continues its metrics file; ranks other than 0 write their (identical, reduced) metrics nowhere.
-log_file = log_path.open("a" if RESUME else "w") if distributed.is_main else open(os.devnull, "w")
+log_file = open_metrics_log(log_path, append=RESUME is not None, is_main=distributed.is_main)  # rank 0 writes
 skipped_steps = 0
 if EVAL_EVERY and start_step == 0:
     log_file.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")

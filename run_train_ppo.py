@@ -31,7 +31,6 @@ over the processes (common/distributed.py); rank 0 alone prints, writes metrics 
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -108,7 +107,7 @@ config = configure(globals(), quiet=not is_main_process())
 
 from common.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, restore_lora,  # noqa: E402
                                restore_training_state, save_checkpoint, warn_config_differences)
-from common.data import epoch_order, load_problems  # noqa: E402
+from common.data import epoch_order, load_problems, open_metrics_log  # noqa: E402
 from common.distributed import (all_reduce_sum, cleanup, gather_rank_states, restore_rank_state,  # noqa: E402
                                 setup_distributed, shard, sum_gradients)
 from common.evaluate import evaluate  # noqa: E402
@@ -213,9 +212,7 @@ def rollout_logprobs_and_values(rollouts) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 log_path = Path(LOG_DIR) / f"{RUN_NAME}.jsonl"
-log_path.parent.mkdir(parents=True, exist_ok=True)
-# A resumed run continues its metrics file; ranks other than 0 write their (identical, reduced) metrics nowhere.
-log_file = log_path.open("a" if RESUME else "w") if distributed.is_main else open(os.devnull, "w")
+log_file = open_metrics_log(log_path, append=RESUME is not None, is_main=distributed.is_main)  # rank 0 writes
 skipped_updates = 0
 if EVAL_EVERY and start_step == 0:
     log_file.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")

@@ -148,7 +148,8 @@ from bench import markdown_table, write_results  # noqa: E402
 
 with tempfile.TemporaryDirectory() as scratch:
     measured = {path: run_in_fresh_process(path, Path(scratch) / f"{path}.pt") for path in PATHS}
-    naive_tensors, chunked_tensors = (torch.load(Path(scratch) / f"{path}.pt") for path in ("naive", "chunked"))
+    naive_tensors, chunked_tensors = (torch.load(Path(scratch) / f"{path}.pt", weights_only=True)
+                                      for path in ("naive", "chunked"))
 logprob_difference = float((naive_tensors["logprobs"] - chunked_tensors["logprobs"]).abs().max())
 grad_difference = max(float((naive_tensors["grads"][name] - grad).abs().max())
                       for name, grad in chunked_tensors["grads"].items())

@@ -14,7 +14,7 @@ import math
 import os
 import secrets
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, TextIO
 
 import torch
 
@@ -158,3 +158,14 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
     """The order of the items in an epoch: a function of the seed and the epoch alone, so a
     resumed run sees exactly the items the uninterrupted run would have."""
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def open_metrics_log(path: str | Path, append: bool, is_main: bool) -> TextIO:
+    """The metrics JSONL of a run, open for writing: appended to when ``append`` (a resumed run
+    continues its file), else written anew; folders created. On ranks other than 0 a sink: their
+    metrics are the same reduced numbers, and rank 0 alone writes them."""
+    if not is_main:
+        return open(os.devnull, "w")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("a" if append else "w")

@@ -58,7 +58,7 @@ def test_delta_soup_stacks_along_the_rank_with_the_weights_folded_into_b():
     states = [{"l.lora_A": a1, "l.lora_B": b1}, {"l.lora_A": a2, "l.lora_B": b2}]
     soup = delta_soup(states, [0.25, 0.75], [2.0, 1.0], scaling_out=0.5)
     assert torch.equal(soup["l.lora_A"], torch.cat([a1, a2]))
-    # c_i = w_i · s_i / s_soup: 0.25 · 2 / 0.5 = 1 and 0.75 · 1 / 0.5 = 1.5.
+    # Each B_i is scaled by w_i times s_i over the soup's scaling: 0.25 x 2 / 0.5 = 1, 0.75 x 1 / 0.5 = 1.5.
     assert torch.equal(soup["l.lora_B"], torch.cat([b1, 1.5 * b2], dim=1))
     expected = 0.25 * 2.0 * b1 @ a1 + 0.75 * 1.0 * b2 @ a2
     torch.testing.assert_close(0.5 * soup["l.lora_B"] @ soup["l.lora_A"], expected, rtol=0, atol=1e-6)
