@@ -200,6 +200,11 @@ def restore_rank_state(checkpoint: dict, context: DistributedContext,
 
 
 def cleanup() -> None:
-    """Leave the process group (at the end of a script; nothing to do in one process)."""
+    """Leave the process group (at the end of a script; nothing to do in one process).
+
+    All ranks meet at a barrier first: a rank that tears its connections down while another is
+    still writing its checkpoint makes gloo abort the other at exit (seen once in a PPO test:
+    "terminate called without an active exception", SIGABRT after the run had finished)."""
     if _is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
