@@ -78,13 +78,13 @@ DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
-from common.checkpoint import (checkpoint_path, load_checkpoint, restore_lora,  # noqa: E402
+from common.checkpoint import (checkpoint_path, load_checkpoint, start_lora,  # noqa: E402
                                restore_training_state, save_checkpoint, warn_config_differences)
-from common.data import epoch_order, load_pairs, load_problems, open_metrics_log  # noqa: E402
+from common.data import load_pairs, load_problems, open_metrics_log, step_items  # noqa: E402
 from common.distributed import (all_gather_objects, all_reduce_sum, cleanup, gather_rank_states,  # noqa: E402
                                 restore_rank_state, setup_distributed, shard, sum_gradients)
 from common.evaluate import evaluate  # noqa: E402
-from common.lora import apply_lora, disable_lora, lora_parameters  # noqa: E402
+from common.lora import disable_lora, lora_parameters  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
 from common.schedule import lr_factor  # noqa: E402
@@ -110,12 +110,7 @@ prompt_ids = encode_prompts(tokenizer, [pair["prompt"] for pair in pairs])
 tokenized = [tokenize_pair(tokenizer, prompt, pair["chosen"], pair["rejected"], answer_end_id)
              for prompt, pair in zip(prompt_ids, pairs)]
 resume_checkpoint = load_checkpoint(RESUME) if RESUME else None
-if resume_checkpoint is not None:
-    restore_lora(model, resume_checkpoint, where=str(RESUME))
-elif INIT_LORA is not None:
-    restore_lora(model, load_checkpoint(INIT_LORA), where=str(INIT_LORA))
-else:
-    apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
+start_lora(model, resume_checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 trainable = lora_parameters(model)
 optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
 scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -185,9 +180,8 @@ bar = tqdm(range(start_step, total_steps), desc="dpo", unit="step", initial=star
            disable=not distributed.is_main)
 for step in bar:
     step_start = time.perf_counter()
-    epoch, index_in_epoch = divmod(step, steps_per_epoch)
-    first = index_in_epoch * BATCH_SIZE
-    batch_indices = shard(epoch_order(len(pairs), SEED, epoch)[first:first + BATCH_SIZE])  # this rank's share
+    epoch, step_indices = step_items(len(pairs), SEED, step, BATCH_SIZE)
+    batch_indices = shard(step_indices)  # this rank's share
     # RPO's per-token mean is over the whole step's chosen tokens (every rank's), so neither
     # micro-batching nor the number of processes changes the update.
     chosen_tokens = all_reduce_sum(sum(len(tokenized[i][1]) for i in batch_indices))

@@ -105,14 +105,14 @@ DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
-from common.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, restore_lora,  # noqa: E402
+from common.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, start_lora,  # noqa: E402
                                restore_training_state, save_checkpoint, warn_config_differences)
-from common.data import epoch_order, load_problems, open_metrics_log  # noqa: E402
+from common.data import load_problems, open_metrics_log, step_items  # noqa: E402
 from common.distributed import (all_reduce_sum, cleanup, gather_rank_states, restore_rank_state,  # noqa: E402
                                 setup_distributed, shard, sum_gradients)
 from common.evaluate import evaluate  # noqa: E402
 from common.kl import kl_estimate  # noqa: E402
-from common.lora import apply_lora, disable_lora, lora_parameters  # noqa: E402
+from common.lora import disable_lora, lora_parameters  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
 from common.reward import get_reward_fn  # noqa: E402
@@ -141,12 +141,7 @@ model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
 stop_ids = stop_token_ids(model, tokenizer)
 sampling_generator = torch.Generator(device=device).manual_seed(SEED + distributed.rank)  # each rank its own samples
 resume_checkpoint = load_checkpoint(RESUME) if RESUME else None
-if resume_checkpoint is not None:
-    restore_lora(model, resume_checkpoint, where=str(RESUME))
-elif INIT_LORA is not None:
-    restore_lora(model, load_checkpoint(INIT_LORA), where=str(INIT_LORA))
-else:
-    apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
+start_lora(model, resume_checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 critic = Critic(model, CRITIC_FEATURES, CRITIC_HIDDEN).to(device)
 if resume_checkpoint is not None:
     if "critic" not in resume_checkpoint["extra"]:
@@ -222,9 +217,7 @@ bar = tqdm(range(start_step, total_steps), desc="ppo", unit="step", initial=star
            disable=not distributed.is_main)
 for step in bar:
     step_start = time.perf_counter()
-    epoch, index_in_epoch = divmod(step, steps_per_epoch)
-    first = index_in_epoch * PROMPTS_PER_STEP
-    step_indices = epoch_order(len(problems), SEED, epoch)[first:first + PROMPTS_PER_STEP]
+    epoch, step_indices = step_items(len(problems), SEED, step, PROMPTS_PER_STEP)
     batch = [problems[i] for i in shard(step_indices)]  # this rank's share of the step's questions
 
     # 1. Rollouts and their task rewards.

@@ -190,6 +190,19 @@ def restore_lora(model, checkpoint: dict, where: str = "checkpoint") -> list[str
     return wrapped
 
 
+def start_lora(model, resume_checkpoint: dict | None, resume_path, init_lora, r: int, alpha: float,
+               target_modules, dropout: float) -> None:
+    """The LoRA a trainer starts from: a resumed run's (RESUME wins), else the one of INIT_LORA (a
+    checkpoint whose layout replaces the LORA_* settings: an SFT warm-up, a model_soup.py soup), else
+    a fresh apply_lora with the LORA_* settings."""
+    if resume_checkpoint is not None:
+        restore_lora(model, resume_checkpoint, where=str(resume_path))
+    elif init_lora is not None:
+        restore_lora(model, load_checkpoint(init_lora), where=str(init_lora))
+    else:
+        apply_lora(model, r, alpha, target_modules, dropout)
+
+
 def load_lora_checkpoint(model, path: str | Path) -> dict:
     """Load a checkpoint's adapter into ``model`` (for evaluation or export); returns the checkpoint."""
     checkpoint = load_checkpoint(path)

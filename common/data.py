@@ -160,6 +160,14 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
+def step_items(num_items: int, seed: int, step: int, items_per_step: int) -> tuple[int, list[int]]:
+    """(epoch, indices) of the items of a global step: the step's slice of its epoch's order
+    (epoch_order), steps_per_epoch = num_items // items_per_step (a last partial slice is skipped)."""
+    epoch, index_in_epoch = divmod(step, num_items // items_per_step)
+    first = index_in_epoch * items_per_step
+    return epoch, epoch_order(num_items, seed, epoch)[first:first + items_per_step]
+
+
 def open_metrics_log(path: str | Path, append: bool, is_main: bool) -> TextIO:
     """The metrics JSONL of a run, open for writing: appended to when ``append`` (a resumed run
     continues its file), else written anew; folders created. On ranks other than 0 a sink: their

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.data import DataError, load_pairs, load_problems, open_metrics_log, write_jsonl
+from common.data import DataError, epoch_order, load_pairs, load_problems, open_metrics_log, step_items, write_jsonl
 
 GOOD_PROBLEM = '{"question": "What is 2 + 3?", "gold_answer": "5"}'
 GOOD_PAIR = '{"prompt": "2 + 3 =", "chosen": "5", "rejected": "6"}'
@@ -199,3 +199,11 @@ def test_metrics_log_appends_on_resume_and_writes_nothing_off_rank_zero(tmp_path
     with open_metrics_log(path, append=False, is_main=True) as log:  # a new run starts the file anew
         log.write("new\n")
     assert path.read_text() == "new\n"
+
+
+def test_step_items_are_consecutive_slices_of_each_epochs_order():
+    """10 items, 3 per step: 3 steps per epoch (the 10th item of an epoch's order is skipped), and
+    step 3 starts epoch 1 with epoch 1's order."""
+    assert step_items(10, seed=4, step=0, items_per_step=3) == (0, epoch_order(10, 4, 0)[0:3])
+    assert step_items(10, seed=4, step=2, items_per_step=3) == (0, epoch_order(10, 4, 0)[6:9])
+    assert step_items(10, seed=4, step=3, items_per_step=3) == (1, epoch_order(10, 4, 1)[0:3])
