@@ -7,26 +7,42 @@ combines them into one scalar and returns every term for logging.
 
 Extraction priority (the first that yields a number wins):
 
-1. the last line starting with ``Answer:`` / ``Final answer:`` (markdown bold allowed),
-2. the last ``The answer is ...``,
-3. the last ``#### ...`` (the GSM8K solution format),
+1. the last ``#### ...`` (the GSM8K solution format: its final line by definition, so it wins
+   over anything written before it, e.g. "The final answer is 15 gallons ... = 120 pints\\n#### 120"),
+2. the last line starting with ``Answer:`` / ``Final answer:`` (markdown bold allowed),
+3. the last ``The answer is ...``,
 4. the last ``\\boxed{...}``,
 5. the last number anywhere in the text.
 
 Within a marked answer, the answer is the first number after the marker, so
-``Answer: 12 apples`` reads 12.  LaTeX ``\\frac{3}{4}`` is read as 3/4.
+``Answer: 12 apples`` reads 12.  LaTeX ``\\frac{3}{4}`` is read as 3/4, and scientific
+notation ``1.2e3`` as 1200.
+
+Rewards you bring (``load_reward``): a spec names one or more reward functions, each a
+built-in name (``REWARD_FUNCTIONS``) or a function of your own, ``path/to/file.py:function``
+(or ``package.module:function``), with weights.  Your function is called like a TRL reward
+function, one completion at a time: ``function(completion=text, **row)`` with every field of
+the completion's dataset row as a keyword argument (it may take only the ones it names, or
+``**kwargs``), and returns a number, a bool (the reward 1/0 and whether it is correct), a
+dict ``{"reward": float, "correct": bool}``, or a ``RewardResult``.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # One number as written in model output: optional sign (ASCII or unicode minus),
-# optional "$", digits with thousands commas or plain digits or ".5", an optional
-# "/denominator" for simple fractions, an optional "%".
+# optional "$", digits with thousands commas or plain digits (with an optional
+# exponent, 1.2e3) or ".5", an optional "/denominator" for simple fractions, an
+# optional "%".
 _NUMBER_RE = re.compile(
     r"""
     (?<![\w.])                          # not the tail of a word or of another number
@@ -34,7 +50,7 @@ _NUMBER_RE = re.compile(
     \$?
     (?P<num>
         \d{1,3}(?:,\d{3}(?!\d))+(?:\.\d+)?  # 1,234 or 1,234.5 -- "3, 4" stays two numbers
-      | \d+(?:\.\d+)?
+      | \d+(?:\.\d+)?(?:[eE][-+]?\d+)?      # 12, 3.5, 1.2e3
       | \.\d+
     )
     (?:/(?P<den>\d+))?
@@ -59,9 +75,10 @@ _NEGATIVE_SIGNS = {"-", "\u2212"}
 def parse_number(text: str) -> float | None:
     """The value of ``text`` when it is exactly one number (surrounding spaces allowed).
 
-    Strips thousands commas, "$" and "%", reads "3/4" as 0.75 and a leading
-    "-", "+" or unicode minus.  None for anything else, including a zero
-    denominator, so data validation can use it to check gold answers.
+    Strips thousands commas, "$" and "%", reads "3/4" as 0.75, "1.2e3" as 1200
+    and a leading "-", "+" or unicode minus.  None for anything else, including
+    a zero denominator or an exponent too large for a float, so data validation
+    can use it to check gold answers.
     """
     match = _NUMBER_RE.fullmatch(text.strip())
     if match is None:
@@ -72,6 +89,8 @@ def parse_number(text: str) -> float | None:
         if denominator == 0:
             return None
         value /= denominator
+    if not math.isfinite(value):
+        return None
     return -value if match["sign"] in _NEGATIVE_SIGNS else value
 
 
@@ -114,14 +133,16 @@ def extract_answer(text: str) -> float | None:
     through to the next rule.
     """
     text = _LATEX_FRAC_RE.sub(r"\1/\2", text)  # \frac{3}{4} -> 3/4
+    value = _last_marked_number(text, _HASHES_RE)
+    if value is not None:
+        return value
     for rest in reversed(_answer_lines(text)):
         value = _first_number(rest)
         if value is not None:
             return value
-    for marker in (_ANSWER_IS_RE, _HASHES_RE):
-        value = _last_marked_number(text, marker)
-        if value is not None:
-            return value
+    value = _last_marked_number(text, _ANSWER_IS_RE)
+    if value is not None:
+        return value
     for box in reversed(list(_BOXED_RE.finditer(text))):
         value = _first_number(box["content"])
         if value is not None:
@@ -272,13 +293,197 @@ def get_reward_fn(name: str) -> Callable[..., RewardResult]:
         raise ValueError(f"unknown reward {name!r}; valid names: {valid}") from None
 
 
-def score_batch(texts: Sequence[str], golds: Sequence[str], truncated: Sequence[bool] | None = None,
-                reward_name: str = DEFAULT_REWARD_NAME) -> list[RewardResult]:
-    """Score completions against their gold answers; ``truncated`` None means none was cut off."""
-    if truncated is None:
-        truncated = [False] * len(texts)
-    if not len(texts) == len(golds) == len(truncated):
-        raise ValueError(f"lengths differ: {len(texts)} texts, {len(golds)} golds, "
-                         f"{len(truncated)} truncated flags")
-    reward_fn = get_reward_fn(reward_name)
-    return [reward_fn(text, gold, cut) for text, gold, cut in zip(texts, golds, truncated)]
+# --- rewards you bring ----------------------------------------------------------
+
+
+class RewardSpecError(ValueError):
+    """A REWARD spec that cannot be loaded, or a reward function that returned something unusable."""
+
+
+@dataclass(frozen=True)
+class _Component:
+    label: str                 # how the spec named it: "math", "my.py:brevity"
+    function: Callable
+    weight: float
+    builtin: bool              # a REWARD_FUNCTIONS entry: called as (text, gold, truncated)
+    takes_all_fields: bool     # a custom function with **kwargs: gets every field of the row
+    parameters: frozenset[str]  # a custom function's named parameters (the row fields it gets)
+    required: frozenset[str]   # the named parameters without a default
+
+
+def _import_function(part: str, spec: str) -> Callable:
+    """The function ``file.py:function`` (a path, relative to the working directory) or
+    ``package.module:function`` (importable) names."""
+    source, _, name = part.rpartition(":")
+    if not source or not name:
+        valid = ", ".join(sorted(REWARD_FUNCTIONS))
+        raise RewardSpecError(f"REWARD {spec!r}: {part!r} is neither a built-in reward ({valid}) nor "
+                              f"'path/to/file.py:function' / 'module:function'")
+    if source.endswith(".py"):
+        path = Path(source)
+        if not path.is_file():
+            raise RewardSpecError(f"REWARD {spec!r}: reward file {path} not found "
+                                  f"(a path relative to {Path.cwd()})")
+        # Registered under a name unique to the file: a dataclass defined in it looks its module up there.
+        module_name = f"reward_file:{path.resolve()}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ModuleNotFoundError as exc:
+            raise RewardSpecError(f"REWARD {spec!r}: cannot import module {source!r} ({exc})") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        found = "not callable" if function is not None else "not defined"
+        raise RewardSpecError(f"REWARD {spec!r}: {name!r} is {found} in {source}")
+    return function
+
+
+def _custom_component(label: str, function: Callable, weight: float, spec: str) -> _Component:
+    parameters = inspect.signature(function).parameters.values()
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    named = [p for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                  inspect.Parameter.KEYWORD_ONLY)]
+    names = frozenset(p.name for p in named)
+    if "completion" not in names and not takes_all:
+        raise RewardSpecError(f"REWARD {spec!r}: {label} must take the keyword argument completion= "
+                              f"(the generated text), as in def {function.__name__}(completion, **row)")
+    required = frozenset(p.name for p in named if p.default is inspect.Parameter.empty) - {"completion"}
+    return _Component(label, function, weight, builtin=False, takes_all_fields=takes_all,
+                      parameters=names - {"completion"}, required=required)
+
+
+def _parse_weights(weights: Sequence[float] | str, count: int, spec: str) -> list[float]:
+    if isinstance(weights, str):
+        try:
+            weights = [float(w) for w in weights.split(",")] if weights.strip() else []
+        except ValueError:
+            raise RewardSpecError(f"REWARD_WEIGHTS {weights!r}: not a comma-separated list of numbers") from None
+    weights = list(weights) or [1.0] * count
+    if len(weights) != count:
+        raise RewardSpecError(f"REWARD_WEIGHTS has {len(weights)} weights for the {count} rewards of "
+                              f"{spec!r}: give one per reward, in order")
+    if not all(math.isfinite(w) for w in weights):
+        raise RewardSpecError(f"REWARD_WEIGHTS must be finite numbers, got {weights}")
+    return [float(w) for w in weights]
+
+
+def _as_result(value, label: str) -> RewardResult | tuple[float, bool | None]:
+    """What a custom function returned, as (reward, correct or None when it does not say)."""
+    if isinstance(value, RewardResult):
+        return value
+    if isinstance(value, bool):
+        reward, correct = float(value), value
+    elif isinstance(value, (int, float)):
+        reward, correct = float(value), None
+    elif isinstance(value, dict) and "reward" in value:
+        reward, correct = value["reward"], value.get("correct")
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or (
+                correct is not None and not isinstance(correct, bool)):
+            raise RewardSpecError(f"reward {label} returned {value!r}: 'reward' must be a number and "
+                                  f"'correct' a bool")
+        reward = float(reward)
+    else:
+        raise RewardSpecError(f"reward {label} returned {value!r}: return a number, a bool, a dict "
+                              f"{{'reward': float, 'correct': bool}} or a RewardResult")
+    if not math.isfinite(reward):
+        # One NaN reward would turn every advantage of its group, and then the weights, into NaN.
+        raise RewardSpecError(f"reward {label} returned {reward}: rewards must be finite")
+    return reward, correct
+
+
+def _numeric_correct(text: str, gold) -> bool:
+    """Whether the extracted answer matches a numeric gold; False without one (no gold, or text)."""
+    if gold is None or (isinstance(gold, str) and parse_number(gold) is None):
+        return False
+    return answers_match(extract_answer(text), gold)
+
+
+class Reward:
+    """The reward a REWARD spec names, called as ``reward(text, row, truncated)`` -> RewardResult.
+
+    ``total`` is the weighted sum of the components' rewards.  ``correct`` is that of the first
+    component that reports one (the built-ins always do; a custom function when it returns a bool,
+    a dict with "correct" or a RewardResult), else whether the extracted number matches a numeric
+    gold answer of the row.  ``format_ok`` is the first built-in's, else False.  ``terms`` holds
+    each component's reward under its label and, for several components, their own terms as
+    "<label>/<term>".  A spec of one built-in name returns that function's result unchanged.
+    """
+
+    def __init__(self, spec: str, components: list[_Component]):
+        self.spec = spec
+        self.components = components
+
+    @property
+    def needs_numeric_gold(self) -> bool:
+        """Whether a built-in component reads the row's gold_answer as a number."""
+        return any(component.builtin for component in self.components)
+
+    def _call_custom(self, component: _Component, text: str, row: dict):
+        fields = {key: value for key, value in row.items() if key != "completion"}
+        if not component.takes_all_fields:
+            missing = sorted(component.required - fields.keys())
+            if missing:
+                raise RewardSpecError(f"reward {component.label} needs the field(s) {', '.join(missing)}, which "
+                                      f"the dataset row lacks (its fields: {', '.join(sorted(fields))})")
+            fields = {key: value for key, value in fields.items() if key in component.parameters}
+        return component.function(completion=text, **fields)
+
+    def __call__(self, text: str, row: dict, truncated: bool = False) -> RewardResult:
+        if len(self.components) == 1 and self.components[0].builtin and self.components[0].weight == 1.0:
+            return self.components[0].function(text, row["gold_answer"], truncated)
+        total, correct, format_ok, terms = 0.0, None, None, {}
+        for component in self.components:
+            if component.builtin:
+                result = component.function(text, row["gold_answer"], truncated)
+            else:
+                result = _as_result(self._call_custom(component, text, row), component.label)
+            if isinstance(result, RewardResult):
+                reward, component_correct = result.total, result.correct
+                if component.builtin and format_ok is None:
+                    format_ok = result.format_ok
+                if len(self.components) > 1:
+                    terms.update({f"{component.label}/{name}": value for name, value in result.terms.items()})
+            else:
+                reward, component_correct = result
+            terms[component.label] = reward
+            total += component.weight * reward
+            if correct is None:
+                correct = component_correct
+        if correct is None:
+            correct = _numeric_correct(text, row.get("gold_answer"))
+        return RewardResult(total=total, correct=bool(correct), format_ok=bool(format_ok), terms=terms)
+
+
+def load_reward(spec: str = DEFAULT_REWARD_NAME, weights: Sequence[float] | str = ()) -> Reward:
+    """The Reward of a spec: comma-separated built-in names and ``file.py:function`` /
+    ``module:function`` references, e.g. "math,my_rewards.py:brevity", with one weight each
+    (``weights`` empty: all 1).  Custom files are imported now, so a typo fails at start-up."""
+    parts = [part.strip() for part in spec.split(",")]
+    if not spec.strip() or not all(parts):
+        raise RewardSpecError(f"REWARD {spec!r}: empty reward name")
+    weight_list = _parse_weights(weights, len(parts), spec)
+    components = []
+    for part, weight in zip(parts, weight_list):
+        if part in REWARD_FUNCTIONS:
+            components.append(_Component(part, REWARD_FUNCTIONS[part], weight, builtin=True,
+                                         takes_all_fields=False, parameters=frozenset(), required=frozenset()))
+        else:
+            components.append(_custom_component(part, _import_function(part, spec), weight, spec))
+    labels = [component.label for component in components]
+    if len(set(labels)) != len(labels):
+        raise RewardSpecError(f"REWARD {spec!r} names a reward twice: weight it with REWARD_WEIGHTS instead")
+    return Reward(spec, components)
+
+
+def score_batch(reward: Callable[..., RewardResult], texts: Sequence[str], rows: Sequence[dict],
+                truncated: Sequence[bool] | None = None) -> list[RewardResult]:
+    """``reward(text, row, truncated)`` for each completion: the call the trainers make on a step's
+    samples (``rows[i]`` is the dataset row completion i answers; ``truncated`` None: none cut off)."""
+    truncated = [False] * len(texts) if truncated is None else [bool(cut) for cut in truncated]
+    if not len(texts) == len(rows) == len(truncated):
+        raise ValueError(f"lengths differ: {len(texts)} texts, {len(rows)} rows, {len(truncated)} truncated flags")
+    return [reward(text, row, cut) for text, row, cut in zip(texts, rows, truncated)]

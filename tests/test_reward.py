@@ -1,8 +1,11 @@
-"""Tests of common/reward.py: extraction, matching, each reward term, the named rewards.
+"""Tests of common/reward.py: extraction, matching, each reward term, the named rewards, rewards you bring.
 
 Every expected value is worked out by hand in the tables below (the arithmetic
 is in the comments), never computed by calling the code under test.
 """
+
+import sys
+import textwrap
 
 import pytest
 
@@ -10,11 +13,13 @@ from common.reward import (
     DEFAULT_REWARD_NAME,
     REWARD_FUNCTIONS,
     RewardResult,
+    RewardSpecError,
     answers_match,
     correctness_reward,
     extract_answer,
     format_reward,
     get_reward_fn,
+    load_reward,
     math_reward,
     multiple_answers_penalty,
     parse_number,
@@ -48,6 +53,9 @@ EXTRACTION_CASES = [
     ("Answer: -$5", -5.0),
     ("Answer: 3.5", 3.5),
     ("Answer: .5", 0.5),
+    ("Answer: 1.2e3", 1200.0),
+    ("Answer: 2.5E-2", 0.025),
+    ("Answer: 5e", 5.0),  # an "e" with no exponent digits is not part of the number
     ("Answer: 3/4", 0.75),
     ("Answer: -1/2", -0.5),
     ("Answer: 3, 4", 3.0),
@@ -62,8 +70,11 @@ EXTRACTION_CASES = [
     ("The answer is 42.", 42.0),
     ("So the final answer is 42 dollars", 42.0),
     ("The answer is: 1,000", 1000.0),
-    ("The answer is 6.\n#### 4", 6.0),
-    # ####
+    # ####: GSM8K's final line wins over every other marker written before it
+    ("The answer is 6.\n#### 4", 4.0),
+    ("The final answer is 15 gallons, which is 15 * 8 = 120 pints\n#### 120", 120.0),
+    ("Answer: 5\n#### 6", 6.0),
+    ("####\nAnswer: 7", 7.0),  # a #### with no number falls through
     ("#### 72", 72.0),
     ("Natalia sold 48 clips.\n#### 72", 72.0),
     ("\\boxed{4}\n#### 6", 6.0),
@@ -103,6 +114,9 @@ def test_extract_answer(text, expected):
     (".25", 0.25),
     ("3/4", 0.75),
     ("50%", 50.0),
+    ("1.2e3", 1200.0),
+    ("-3e2", -300.0),
+    ("1e400", None),  # beyond a float: not a usable number
     ("abc", None),
     ("", None),
     ("12 apples", None),  # gold answers must be bare numbers
@@ -294,23 +308,134 @@ def test_unknown_reward_name_lists_valid_names():
         get_reward_fn("nope")
 
 
-def test_score_batch():
-    results = score_batch([CLEAN_CORRECT, CLEAN_CORRECT, "Answer: 5"], ["12", "12", "12"],
-                          [False, True, False], "math")
-    assert all(isinstance(result, RewardResult) for result in results)
-    assert [result.total for result in results] == pytest.approx([1.2, 0.7, 0.2])
+CUSTOM_REWARDS = textwrap.dedent("""
+    from dataclasses import dataclass
+
+    CALLS = []
 
 
-def test_score_batch_defaults_to_math_without_truncation():
-    results = score_batch([CLEAN_CORRECT], ["12"])
-    assert results[0].total == pytest.approx(1.2)
+    def brevity(completion, **row):
+        CALLS.append({"completion": completion, **row})
+        return -len(completion) / 100
 
 
-@pytest.mark.parametrize("texts, golds, truncated, reward_name", [
-    (["Answer: 1"], ["1", "2"], None, "math"),
-    (["Answer: 1"], ["1"], [False, True], "math"),
-    (["Answer: 1"], ["1"], None, "nope"),
+    def exact(completion, answer):
+        return {"reward": 1.0 if completion.strip() == answer else 0.0, "correct": completion.strip() == answer}
+
+
+    def is_haiku(completion):
+        return completion.count("\\n") == 2
+
+
+    @dataclass
+    class Scored:
+        value: float
+
+
+    def not_a_number(completion):
+        return float("nan")
+
+
+    def wrong_type(completion):
+        return Scored(1.0)
+
+
+    def no_completion(text):
+        return 0.0
+""")
+
+
+@pytest.fixture
+def reward_file(tmp_path, monkeypatch):
+    """my_rewards.py in the working directory, as a user's file would be."""
+    (tmp_path / "my_rewards.py").write_text(CUSTOM_REWARDS)
+    monkeypatch.chdir(tmp_path)
+    return "my_rewards.py"
+
+
+def test_a_single_builtin_name_is_that_function():
+    assert load_reward("math")(CLEAN_CORRECT, {"gold_answer": "12"}, True) == math_reward(CLEAN_CORRECT, "12", True)
+    assert load_reward("correctness").needs_numeric_gold
+
+
+def test_builtin_and_custom_rewards_weighted(reward_file):
+    reward = load_reward(f"math,{reward_file}:brevity", "1,0.2")
+    row = {"question": "Q?", "gold_answer": "12", "source": "test", "completion": "a reference answer"}
+    result = reward(CLEAN_CORRECT, row, False)
+    brevity = -len(CLEAN_CORRECT) / 100  # -0.2: 20 characters
+    assert result.total == pytest.approx(1.2 + 0.2 * brevity)  # math 1 + 0.2 format, + 0.2 x brevity
+    assert result.correct and result.format_ok  # from math, the first reward that says
+    assert result.terms["math"] == pytest.approx(1.2) and result.terms[f"{reward_file}:brevity"] == brevity
+    assert result.terms["math/correctness"] == 1.0 and result.terms["math/format"] == 1.0
+    # Like a TRL reward function: the completion, and every field of the row but its own "completion".
+    calls = sys.modules[next(name for name in sys.modules if name.endswith("my_rewards.py"))].CALLS
+    assert calls == [{"completion": CLEAN_CORRECT, "question": "Q?", "gold_answer": "12", "source": "test"}]
+
+
+def test_a_custom_reward_gets_only_the_fields_it_names_and_can_say_correct(reward_file):
+    reward = load_reward(f"{reward_file}:exact")
+    assert not reward.needs_numeric_gold
+    row = {"question": "Capital of France?", "answer": "Paris", "gold_answer": "Paris", "id": 3}
+    assert reward(" Paris ", row) == RewardResult(total=1.0, correct=True, format_ok=False,
+                                                  terms={f"{reward_file}:exact": 1.0})
+    assert reward("Lyon", row).correct is False
+    with pytest.raises(RewardSpecError, match=r"needs the field\(s\) answer.*its fields: gold_answer, id, question"):
+        reward("Paris", {"question": "Q", "gold_answer": None, "id": 1})
+
+
+def test_a_bool_reward_is_its_own_correctness(reward_file):
+    reward = load_reward(f"{reward_file}:is_haiku")
+    haiku = "an old silent pond\na frog jumps into the pond\nsplash! silence again"
+    assert reward(haiku, {"prompt": "Write a haiku."}) == RewardResult(1.0, True, False, {f"{reward_file}:is_haiku": 1.0})
+    assert reward("one line", {"prompt": "Write a haiku."}).total == 0.0
+
+
+def test_a_plain_number_reward_is_judged_correct_by_the_numeric_gold(reward_file):
+    reward = load_reward(f"{reward_file}:brevity")
+    assert reward("Answer: 12", {"gold_answer": "12"}).correct is True
+    assert reward("Answer: 13", {"gold_answer": "12"}).correct is False
+    assert reward("Paris", {"gold_answer": "Paris"}).correct is False  # no number to compare: not judged correct
+    assert reward("Answer: 12", {"prompt": "p"}).correct is False
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("not_a_number", "returned nan: rewards must be finite"),
+    ("wrong_type", "returned Scored\\(value=1.0\\): return a number, a bool, a dict"),
 ])
-def test_score_batch_rejects_bad_arguments(texts, golds, truncated, reward_name):
-    with pytest.raises(ValueError):
-        score_batch(texts, golds, truncated, reward_name)
+def test_an_unusable_return_value_is_an_error(reward_file, name, problem):
+    with pytest.raises(RewardSpecError, match=problem):
+        load_reward(f"{reward_file}:{name}")("text", {"gold_answer": "1"})
+
+
+def test_a_module_function_reference(tmp_path, monkeypatch):
+    (tmp_path / "task_rewards.py").write_text("def length(completion, **row):\n    return len(completion)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_reward("task_rewards:length")("four", {}).total == 4.0
+
+
+@pytest.mark.parametrize("spec, weights, problem", [
+    ("nope", (), "'nope' is neither a built-in reward \\(correctness, math\\) nor"),
+    ("missing.py:f", (), "reward file missing.py not found"),
+    ("my_rewards.py:absent", (), "'absent' is not defined in my_rewards.py"),
+    ("my_rewards.py:CALLS", (), "'CALLS' is not callable"),
+    ("my_rewards.py:no_completion", (), "must take the keyword argument completion="),
+    ("no_such_module:f", (), "cannot import module 'no_such_module'"),
+    ("math,", (), "empty reward name"),
+    ("math,correctness", (1.0,), "1 weights for the 2 rewards"),
+    ("math", "one", "not a comma-separated list of numbers"),
+    ("math,math", (), "names a reward twice"),
+])
+def test_bad_specs_fail_at_load_time(reward_file, spec, weights, problem):
+    with pytest.raises(RewardSpecError, match=problem):
+        load_reward(spec, weights)
+
+
+def test_score_batch_scores_each_completion_against_its_row():
+    reward = load_reward("math")
+    rows = [{"gold_answer": "12"}, {"gold_answer": "12"}, {"gold_answer": "5"}]
+    results = score_batch(reward, [CLEAN_CORRECT, CLEAN_CORRECT, "Answer: 5"], rows, [False, True, False])
+    assert all(isinstance(result, RewardResult) for result in results)
+    assert [result.total for result in results] == pytest.approx([1.2, 0.7, 1.2])  # 1 + 0.2 (- 0.5 cut off)
+    assert [result.total for result in score_batch(reward, [CLEAN_CORRECT], rows[:1])] == pytest.approx([1.2])
+    with pytest.raises(ValueError, match="lengths differ"):
+        score_batch(reward, ["Answer: 1"], rows)
