@@ -1,25 +1,44 @@
 """JSONL datasets: validated loaders for problems and preference pairs, and an atomic writer.
 
-A problem line is {"question": str, "gold_answer": str | number, ...}; a pair
-line is {"prompt": str, "chosen": str, "rejected": str, ...}.  Extra fields are
-kept.  Every invalid line is reported as ``<file> line <n>: <what>`` with
-the 1-based line number, so a broken dataset fails at load time and points at
-the line instead of failing mid-training.
+The format of a file is detected from its first line, and every line must then fit it:
+
+    problems  {"question": str, "gold_answer": str | number, ...}        this repository's
+              {"question": str, "answer": "reasoning ... #### 72", ...}   raw GSM8K (gold: the #### number)
+              {"prompt": str, ...}                                         TRL's standard format
+              {"prompt": [{"role": ..., "content": ...}, ...], ...}        TRL's conversational format
+    pairs     {"question" | "prompt", "chosen", "rejected", ...}           chosen/rejected: strings, or
+                                                                           one-message assistant conversations
+
+A "question" is bare: the prompt builder (common/prompts.py) wraps it in the instruction.  A
+"prompt" is the user's own and is used as given.  The gold answer is the first present of
+``GOLD_FIELDS`` (or the field named by ``gold_field``); "$7" and "1,000" are normalised to "7" and
+"1000", and a text gold with a "####" line or a \\boxed{...} reads the number there.  Every other
+field stays in the row: a reward function receives them all.  Every invalid line is reported as
+``<file> line <n>: <what>`` with the 1-based line number, so a broken dataset fails at load time
+and points at the line instead of failing mid-training.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
 import torch
 
+from common.reward import parse_number
+
 # Scripts that create the data files, named in the error for a missing file.
 _GENERATORS = {"gsm8k": "prepare_gsm8k.py", "synth": "make_synth_data.py"}
+# Where the gold answer is looked for, in order: this repository's field, raw GSM8K's, then the
+# names TRL datasets use (e.g. "solution" in NuminaMath-TIR, "ground_truth" in RLVR sets).
+GOLD_FIELDS = ("gold_answer", "answer", "solution", "ground_truth")
+_GSM8K_HINT = ("raw GSM8K lines are {\"question\", \"answer\": \"... #### 72\"}; "
+               "`python prepare_gsm8k.py --TRAIN_FILE=train.jsonl --TEST_FILE=test.jsonl` converts them")
+_BOXED = re.compile(r"\\boxed\s*\{([^{}]*)\}")
 
 
 class DataError(ValueError):
@@ -66,24 +85,100 @@ def _require_text(record: dict, field: str, where: str) -> str:
     return value
 
 
-def _gold_answer_text(value: object, where: str) -> str:
-    """The gold answer as a string without commas or surrounding whitespace, if it is a number."""
+def _conversation(value: list, field: str, where: str) -> list[dict]:
+    """A list of {"role": str, "content": str} messages (TRL's conversational format)."""
+    if not value:
+        raise DataError(f"{where}: {field} is an empty conversation")
+    for index, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: {field}[{index}] must be a message {{\"role\": str, \"content\": str}}, "
+                            f"got {json.dumps(message)[:80]}")
+    return value
+
+
+def _format_of(record: dict, where: str, kind: str) -> str:
+    """The format a line is in: "question" (bare), "standard" or "conversational" (TRL)."""
+    if "prompt" in record:
+        prompt = record["prompt"]
+        if isinstance(prompt, list):
+            return "conversational"
+        if isinstance(prompt, str):
+            return "standard"
+        raise DataError(f"{where}: field 'prompt' must be a string or a list of messages, "
+                        f"got {type(prompt).__name__}")
+    if "question" in record:
+        return "question"
+    expected = ('{"question", "gold_answer"}, raw GSM8K {"question", "answer"}, or TRL\'s {"prompt", ...}'
+                if kind == "problems" else '{"question" or "prompt", "chosen", "rejected"}')
+    raise DataError(f"{where}: no 'question' or 'prompt' field; expected {expected}")
+
+
+def _check_format(record: dict, where: str, kind: str, file_format: str | None, first_line: int | None) -> str:
+    """The line's format, which must be the file's (that of its first line)."""
+    line_format = _format_of(record, where, kind)
+    if file_format is not None and line_format != file_format:
+        raise DataError(f"{where}: a {line_format} line, but line {first_line} is {file_format} "
+                        f"(one format per file)")
+    return line_format
+
+
+def _prompt(record: dict, where: str, line_format: str) -> str:
+    """The row's text: the bare question, the standard prompt, or the conversation's last user
+    message (what eval records show and what eval questions are compared on)."""
+    if line_format == "question":
+        return _require_text(record, "question", where)
+    if line_format == "standard":
+        return _require_text(record, "prompt", where)
+    messages = _conversation(record["prompt"], "prompt", where)
+    if messages[-1]["role"] == "assistant":
+        raise DataError(f"{where}: prompt ends with an assistant message; the answer to generate must "
+                        f"follow a user turn")
+    users = [message["content"] for message in messages if message["role"] == "user"]
+    return users[-1] if users else messages[-1]["content"]
+
+
+def normalise_gold(value: object, field: str, where: str, numeric: bool = True) -> str:
+    """The gold answer as a string: the number after a "####" or inside a \\boxed{} of a text gold,
+    without "$", thousands commas or surrounding whitespace.  ``numeric``: it must be a number
+    (DataError otherwise); else a text gold is kept, stripped, for a reward that reads text."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DataError(f"{where}: gold_answer must be a string or number, "
-                        f"got {type(value).__name__}")
-    if isinstance(value, str):
-        text = value.replace(",", "").strip()
-    elif isinstance(value, float) and value.is_integer():
-        text = str(int(value))
+        raise DataError(f"{where}: {field} must be a string or number, got {type(value).__name__}")
+    if not isinstance(value, str):
+        text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    elif "####" in value:
+        text = value.rsplit("####", 1)[1].strip()
+    elif boxed := _BOXED.findall(value):
+        text = boxed[-1].strip()
     else:
-        text = str(value)
+        text = value.strip()
+    if parse_number(text) is not None:
+        return text.replace(",", "").replace("$", "")
+    if not numeric:
+        return text
+    if isinstance(value, str) and "####" in value:
+        raise DataError(f"{where}: the final answer after '####' in {field}, {text!r}, is not a number")
+    raise DataError(f"{where}: {field} {value!r} is not a number")
+
+
+def _gold(record: dict, where: str, gold_field: str | None, numeric: bool) -> str | None:
+    """The row's normalised gold answer (see normalise_gold), or None when it has none and none is needed."""
+    fields = (gold_field,) if gold_field else GOLD_FIELDS
+    field = next((name for name in fields if name in record), None)
+    if field is None:
+        if not numeric:
+            return None
+        if gold_field:
+            raise DataError(f"{where}: missing field {gold_field!r} (the GOLD_FIELD)")
+        hint = f"; {_GSM8K_HINT}" if "question" in record else ""
+        raise DataError(f"{where}: no gold answer: none of the fields {', '.join(GOLD_FIELDS)} "
+                        f"(name yours with GOLD_FIELD){hint}")
     try:
-        is_number = math.isfinite(float(text))
-    except ValueError:
-        is_number = False
-    if not is_number:
-        raise DataError(f"{where}: gold_answer {value!r} is not a number")
-    return text
+        return normalise_gold(record[field], field, where, numeric)
+    except DataError as exc:
+        if field == "answer" and "question" in record and "####" not in str(record[field]):
+            raise DataError(f"{exc} ({_GSM8K_HINT})") from None  # a raw GSM8K answer without its final line
+        raise
 
 
 def _check_limit(limit: int | None) -> None:
@@ -91,36 +186,72 @@ def _check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be None or >= 0, got {limit}")
 
 
-def load_problems(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Problems from a JSONL file, gold_answer as a string; at most ``limit`` (None = all)."""
+def load_problems(path: str | Path, limit: int | None = None, gold_field: str | None = None,
+                  numeric_gold: bool = True) -> list[dict]:
+    """Problems from a JSONL file in any of the formats of the module docstring; at most ``limit``
+    (None = all).  Each row is the line's object plus "gold_answer" (normalised; None when the line
+    has none and ``numeric_gold`` is False) and, for TRL prompts without a "question" field,
+    "question" (the prompt's text).  ``numeric_gold``: every line needs a gold answer that is a
+    number (what the built-in math rewards and the numeric evaluation read); False for a reward of
+    your own that reads the row itself."""
     _check_limit(limit)
     problems: list[dict] = []
     if limit == 0:
         return problems
+    file_format = first_line = None
     for line_number, record in iter_jsonl(path):
         where = f"{path} line {line_number}"
-        _require_text(record, "question", where)
-        if "gold_answer" not in record:
-            raise DataError(f"{where}: missing field 'gold_answer'")
-        problems.append({**record, "gold_answer": _gold_answer_text(record["gold_answer"], where)})
+        line_format = _check_format(record, where, "problems", file_format, first_line)
+        if file_format is None:
+            file_format, first_line = line_format, line_number
+        text = _prompt(record, where, line_format)
+        row = {**record, "gold_answer": _gold(record, where, gold_field, numeric_gold)}
+        row.setdefault("question", text)
+        problems.append(row)
         if len(problems) == limit:
             break
     return problems
 
 
+def _answer_text(record: dict, field: str, where: str) -> str:
+    """chosen / rejected as text: a string, or the content of a one-message assistant conversation."""
+    if field not in record:
+        raise DataError(f"{where}: missing field {field!r}")
+    value = record[field]
+    if isinstance(value, list):
+        messages = _conversation(value, field, where)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise DataError(f"{where}: {field} must be one assistant message, got the roles "
+                            f"{[message['role'] for message in messages]}")
+        value = messages[0]["content"]
+    elif not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} must be a string or a conversation, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: empty {field}")
+    return value
+
+
 def load_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Preference pairs from a JSONL file; at most ``limit`` (None = all)."""
+    """Preference pairs from a JSONL file; at most ``limit`` (None = all).  Each row is the line's
+    object with chosen and rejected as text and, for TRL prompts without a "question" field,
+    "question" (the prompt's text)."""
     _check_limit(limit)
     pairs: list[dict] = []
     if limit == 0:
         return pairs
+    file_format = first_line = None
     for line_number, record in iter_jsonl(path):
         where = f"{path} line {line_number}"
-        for field in ("prompt", "chosen", "rejected"):
-            _require_text(record, field, where)
-        if record["chosen"] == record["rejected"]:
+        line_format = _check_format(record, where, "pairs", file_format, first_line)
+        if file_format is None:
+            file_format, first_line = line_format, line_number
+        text = _prompt(record, where, line_format)
+        chosen, rejected = _answer_text(record, "chosen", where), _answer_text(record, "rejected", where)
+        if chosen == rejected:
             raise DataError(f"{where}: chosen and rejected are the same text")
-        pairs.append(record)
+        row = {**record, "chosen": chosen, "rejected": rejected}
+        row.setdefault("question", text)
+        pairs.append(row)
         if len(pairs) == limit:
             break
     return pairs
