@@ -8,7 +8,10 @@ For each training question (eval questions removed, compared normalised) K answe
 and scored with REWARD. The pair is the highest-reward correct answer against the lowest-reward
 incorrect one, ties by sample order; a question whose K answers are all correct or all wrong
 gives no pair and is counted (dpo/pairs.py). Writes OUT_FILE, lines
-{"prompt", "chosen", "rejected", "gold_answer"}, and the counts to OUT_FILE's .summary.json.
+{"question", "chosen", "rejected", "gold_answer"} (a TRAIN_FILE of TRL prompts gives "prompt" in
+place of "question"), and the counts to OUT_FILE's .summary.json. The pairs keep the bare
+question: run_train_dpo.py builds its prompt again, so give it the same INSTRUCTION,
+SYSTEM_PROMPT and CHAT_TEMPLATE as here.
 """
 
 import json
@@ -18,17 +21,23 @@ import torch
 from tqdm import tqdm
 
 from common.config import configure
+from common.prompts import INSTRUCTION as MATH_INSTRUCTION
 
 # ---------------------------------------------------------------- constants
 MODEL_PATH = "models/gemma-2-2b-it"  # model directory that samples the answers (tiny one: models/tiny-gemma2-math)
-TRAIN_FILE = "data/gsm8k_train.jsonl"  # questions {"question", "gold_answer"} to sample answers for
+TRAIN_FILE = "data/gsm8k_train.jsonl"  # questions to sample answers for (any format of common/data.py)
 EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions: never made into pairs (compared normalised)
 NUM_PROMPTS = 0  # use the first NUM_PROMPTS training questions left after removing eval ones (0 = all)
 NUM_SAMPLES_PER_PROMPT = 8  # K: answers sampled per question
 MAX_NEW_TOKENS = 256  # answer length limit (a cut-off answer is flagged truncated for the reward)
 TEMPERATURE = 1.0  # sampling temperature: diversity is what makes a group hold both outcomes
 BATCH_SIZE = 16  # questions per sampling batch (BATCH_SIZE x K rows sampled together)
-REWARD = "math"  # reward function of common/reward.py: ranks the correct and the incorrect answers
+REWARD = "math"  # ranks the correct and the incorrect answers: math, correctness, your.py:function, or several
+REWARD_WEIGHTS: tuple[float, ...] = ()  # one weight per REWARD entry (empty = all 1)
+GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_answer, answer, solution, ground_truth)
+INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
+SYSTEM_PROMPT = ""  # system message of every prompt ("" for none)
+CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or a Jinja file
 OUT_FILE = "data/dpo_pairs.jsonl"  # pairs JSONL; the counts go to the same name with .summary.json
 SEED = 0  # sampling seed
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
@@ -39,19 +48,21 @@ config = configure(globals())
 
 from common.data import load_problems, write_jsonl  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
-from common.prompts import encode_prompts  # noqa: E402
-from common.reward import get_reward_fn  # noqa: E402
+from common.prompts import configure_prompts, encode_prompts  # noqa: E402
+from common.reward import load_reward, score_batch  # noqa: E402
 from common.sampler import sample  # noqa: E402
 from dpo.pairs import build_pairs, exclude_eval_questions  # noqa: E402
 
 torch.manual_seed(SEED)
-reward_fn = get_reward_fn(REWARD)
-problems, excluded = exclude_eval_questions(load_problems(TRAIN_FILE), load_problems(EVAL_FILE))
+reward = load_reward(REWARD, REWARD_WEIGHTS)
+problems, excluded = exclude_eval_questions(load_problems(TRAIN_FILE, None, GOLD_FIELD, reward.needs_numeric_gold),
+                                            load_problems(EVAL_FILE, None, GOLD_FIELD, reward.needs_numeric_gold))
 if NUM_PROMPTS:
     problems = problems[:NUM_PROMPTS]
 if not problems:
     raise SystemExit(f"error: no training questions left in {TRAIN_FILE} after removing {EVAL_FILE}'s")
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 stop_ids = stop_token_ids(model, tokenizer)
 generator = torch.Generator(device=device).manual_seed(SEED)
 print(f"{len(problems)} questions ({excluded} eval questions removed), {NUM_SAMPLES_PER_PROMPT} samples each, "
@@ -60,10 +71,9 @@ print(f"{len(problems)} questions ({excluded} eval questions removed), {NUM_SAMP
 texts_per_question, correct_per_question, rewards_per_question = [], [], []
 for first in tqdm(range(0, len(problems), BATCH_SIZE), desc="sampling", unit="batch"):
     batch = problems[first:first + BATCH_SIZE]
-    samples = sample(model, encode_prompts(tokenizer, [p["question"] for p in batch]), NUM_SAMPLES_PER_PROMPT,
+    samples = sample(model, encode_prompts(tokenizer, batch, prompt_format), NUM_SAMPLES_PER_PROMPT,
                      MAX_NEW_TOKENS, TEMPERATURE, eos_token_ids=stop_ids, tokenizer=tokenizer, generator=generator)
-    golds = [batch[i]["gold_answer"] for i in samples.prompt_index.tolist()]
-    scores = [reward_fn(text, gold, bool(cut)) for text, gold, cut in zip(samples.texts, golds, samples.truncated)]
+    scores = score_batch(reward, samples.texts, [batch[i] for i in samples.prompt_index.tolist()], samples.truncated)
     # Rows are question-major (row = question * K + k): slice each question's K answers.
     for start in range(0, len(scores), NUM_SAMPLES_PER_PROMPT):
         group = slice(start, start + NUM_SAMPLES_PER_PROMPT)
@@ -71,8 +81,7 @@ for first in tqdm(range(0, len(problems), BATCH_SIZE), desc="sampling", unit="ba
         correct_per_question.append([s.correct for s in scores[group]])
         rewards_per_question.append([s.total for s in scores[group]])
 
-pairs, counts = build_pairs([p["question"] for p in problems], [p["gold_answer"] for p in problems],
-                            texts_per_question, correct_per_question, rewards_per_question)
+pairs, counts = build_pairs(problems, texts_per_question, correct_per_question, rewards_per_question)
 counts["excluded_eval_questions"] = excluded
 out_path = Path(OUT_FILE)
 write_jsonl(out_path, pairs)

@@ -15,6 +15,10 @@ Each output line is {"question", "gold_answer", "solution"}: the number after
 ``Answer: N`` like the synthetic data.  Train questions that also appear in the
 test split (compared normalised) are dropped so that test scores are not
 inflated by training on test questions.
+
+The trainers and evals also read the raw files as they are (common/data.py takes
+the number after ``####`` as the gold answer); converting adds the "solution"
+that run_sft.py trains on and removes that train/test overlap.
 """
 
 from __future__ import annotations

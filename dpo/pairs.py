@@ -49,22 +49,22 @@ def _first_extreme(candidates: list[int], rewards: list[float], highest: bool) -
     return best
 
 
-def build_pairs(questions: list[str], golds: list[str], texts_per_question: list[list[str]],
-                correct_per_question: list[list[bool]],
+def build_pairs(problems: list[dict], texts_per_question: list[list[str]], correct_per_question: list[list[bool]],
                 rewards_per_question: list[list[float]]) -> tuple[list[dict], dict[str, int]]:
-    """One {"prompt", "chosen", "rejected", "gold_answer"} pair per question with both a correct and
-    an incorrect answer (chosen/rejected as in the module docstring), and the counts
-    {"questions", "pairs", "skipped_all_correct", "skipped_all_wrong"}."""
-    if not (len(questions) == len(golds) == len(texts_per_question) == len(correct_per_question)
-            == len(rewards_per_question)):
-        raise ValueError("build_pairs needs one gold, text list, correctness list and reward list per question")
+    """One pair per problem (a row of common.data.load_problems) with both a correct and an incorrect
+    answer (chosen/rejected as in the module docstring), and the counts {"questions", "pairs",
+    "skipped_all_correct", "skipped_all_wrong"}.  A pair keeps the problem's prompt as it came: its
+    bare "question" (the trainer's prompt format wraps it again) or its own "prompt" (used as given),
+    then "chosen", "rejected" and "gold_answer"."""
+    if not len(problems) == len(texts_per_question) == len(correct_per_question) == len(rewards_per_question):
+        raise ValueError("build_pairs needs one text list, correctness list and reward list per problem")
     pairs: list[dict] = []
-    counts = {"questions": len(questions), "pairs": 0, "skipped_all_correct": 0, "skipped_all_wrong": 0}
-    for question, gold, texts, correct, rewards in zip(questions, golds, texts_per_question,
-                                                       correct_per_question, rewards_per_question):
+    counts = {"questions": len(problems), "pairs": 0, "skipped_all_correct": 0, "skipped_all_wrong": 0}
+    for problem, texts, correct, rewards in zip(problems, texts_per_question, correct_per_question,
+                                                rewards_per_question):
         if not len(texts) == len(correct) == len(rewards):
-            raise ValueError(f"question {question!r}: {len(texts)} texts, {len(correct)} correctness flags, "
-                             f"{len(rewards)} rewards")
+            raise ValueError(f"question {problem['question']!r}: {len(texts)} texts, {len(correct)} correctness "
+                             f"flags, {len(rewards)} rewards")
         eligible = [i for i, text in enumerate(texts) if text.strip()]
         right = [i for i in eligible if correct[i]]
         wrong = [i for i in eligible if not correct[i]]
@@ -76,8 +76,9 @@ def build_pairs(questions: list[str], golds: list[str], texts_per_question: list
             continue
         chosen = _first_extreme(right, rewards, highest=True)
         rejected = _first_extreme(wrong, rewards, highest=False)
-        pairs.append({"prompt": question, "chosen": texts[chosen], "rejected": texts[rejected],
-                      "gold_answer": gold})
+        prompt = {"prompt": problem["prompt"]} if "prompt" in problem else {"question": problem["question"]}
+        pairs.append({**prompt, "chosen": texts[chosen], "rejected": texts[rejected],
+                      "gold_answer": problem["gold_answer"]})
     counts["pairs"] = len(pairs)
     return pairs, counts
 

@@ -8,24 +8,33 @@ from tests.conftest import TINY_MODEL_DIR, run_script
 
 
 def test_build_pairs_picks_best_correct_and_worst_incorrect_and_counts_skips():
-    questions = ["mixed", "all right", "all wrong", "ties"]
-    golds = ["1", "2", "3", "4"]
+    problems = [{"question": q, "gold_answer": g} for q, g in [("mixed", "1"), ("all right", "2"), ("all wrong", "3"),
+                                                              ("ties", "4")]]
     texts = [["c low", "w high", "c high", "w low"], ["a", "b"], ["x", "y"], ["c1", "c2", "w1", "w2"]]
     correct = [[True, False, True, False], [True, True], [False, False], [True, True, False, False]]
     rewards = [[1.0, 0.2, 1.2, -0.5], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
-    pairs, counts = build_pairs(questions, golds, texts, correct, rewards)
+    pairs, counts = build_pairs(problems, texts, correct, rewards)
     assert pairs == [
-        {"prompt": "mixed", "chosen": "c high", "rejected": "w low", "gold_answer": "1"},
-        {"prompt": "ties", "chosen": "c1", "rejected": "w1", "gold_answer": "4"},  # ties: earliest sample
+        {"question": "mixed", "chosen": "c high", "rejected": "w low", "gold_answer": "1"},
+        {"question": "ties", "chosen": "c1", "rejected": "w1", "gold_answer": "4"},  # ties: earliest sample
     ]
     assert counts == {"questions": 4, "pairs": 2, "skipped_all_correct": 1, "skipped_all_wrong": 1}
 
 
 def test_build_pairs_never_picks_a_blank_answer():
-    pairs, counts = build_pairs(["q", "r"], ["1", "2"], [["right", "  "], ["right", "", "wrong"]],
+    problems = [{"question": "q", "gold_answer": "1"}, {"question": "r", "gold_answer": "2"}]
+    pairs, counts = build_pairs(problems, [["right", "  "], ["right", "", "wrong"]],
                                 [[True, False], [True, False, False]], [[1.0, -1.0], [1.0, -1.0, 0.0]])
-    assert pairs == [{"prompt": "r", "chosen": "right", "rejected": "wrong", "gold_answer": "2"}]
+    assert pairs == [{"question": "r", "chosen": "right", "rejected": "wrong", "gold_answer": "2"}]
     assert counts["skipped_all_correct"] == 1
+
+
+def test_a_problem_with_its_own_prompt_keeps_it_in_its_pair():
+    """A bare question is wrapped in the instruction again when trained on; a TRL prompt stays as given."""
+    messages = [{"role": "user", "content": "Write a haiku about autumn."}]
+    problems = [{"prompt": messages, "question": "Write a haiku about autumn.", "gold_answer": None}]
+    pairs, _ = build_pairs(problems, [["good", "bad"]], [[True, False]], [[1.0, 0.0]])
+    assert pairs == [{"prompt": messages, "chosen": "good", "rejected": "bad", "gold_answer": None}]
 
 
 def test_eval_questions_are_excluded_by_normalised_text():
