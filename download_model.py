@@ -5,7 +5,9 @@
 
 Gemma is a gated model: accept its licence on the model's page while logged in,
 then `hf auth login` (or pass --TOKEN=hf_...).  Equivalent to
-`hf download google/gemma-2-2b-it --local-dir models/gemma-2-2b-it`.
+`hf download google/gemma-2-2b-it --local-dir models/gemma-2-2b-it`, plus a record of the
+repository id (download_record.json), which export_lora.py writes into the PEFT adapter as
+its base model.  A Hub id given as --MODEL_PATH to any script is downloaded the same way.
 """
 
 from common.config import configure
@@ -19,18 +21,10 @@ TOKEN: str | None = None  # access token (None = the one saved by `hf auth login
 config = configure(globals())
 # ---------------------------------------------------------------------------
 
-from huggingface_hub import snapshot_download  # noqa: E402
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError  # noqa: E402
-
-# Weights as safetensors only: skip the duplicate .bin / .gguf copies some repositories carry.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+from common.model import DOWNLOAD_RECORD, ModelNotFoundError, download_model  # noqa: E402
 
 try:
-    path = snapshot_download(repo_id=REPO_ID, local_dir=LOCAL_DIR, revision=REVISION, token=TOKEN,
-                             allow_patterns=ALLOW_PATTERNS)
-except GatedRepoError:
-    raise SystemExit(f"error: {REPO_ID} is gated: accept its licence at https://huggingface.co/{REPO_ID} "
-                     "while logged in, then run `hf auth login` (or pass --TOKEN=...)") from None
-except RepositoryNotFoundError:
-    raise SystemExit(f"error: no model repository {REPO_ID!r} (or it is private and you are not logged in)") from None
-print(f"downloaded {REPO_ID} to {path}; use it with --MODEL_PATH={LOCAL_DIR}")
+    path = download_model(REPO_ID, LOCAL_DIR, REVISION, TOKEN)
+except ModelNotFoundError as exc:
+    raise SystemExit(f"error: {exc}") from None
+print(f"downloaded {REPO_ID} to {path} (recorded in {DOWNLOAD_RECORD}); use it with --MODEL_PATH={LOCAL_DIR}")

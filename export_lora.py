@@ -2,12 +2,20 @@
 
     python export_lora.py --LORA_CKPT=checkpoints/grpo/lora_epoch1_step100.pt --PEFT_DIR=exports/grpo-adapter
     python export_lora.py --LORA_CKPT=... --MERGED_DIR=exports/grpo-merged
+    python export_lora.py --LORA_CKPT=... --PEFT_DIR=... --BASE_MODEL_ID=google/gemma-2-2b-it
 
 The PEFT adapter (adapter_config.json + adapter_model.safetensors) loads with
-``peft.PeftModel.from_pretrained(base, PEFT_DIR)`` and in LoRA-serving tools.  The
-merged model has W + (alpha/r)·B·A folded into the base weights and is saved with
-``save_pretrained`` (safetensors) with its tokenizer: it loads like any model,
-with --MODEL_PATH in this repository's scripts too.
+``peft.PeftModel.from_pretrained(base, PEFT_DIR)``, with
+``peft.AutoPeftModelForCausalLM.from_pretrained(PEFT_DIR)`` and in LoRA-serving tools: its
+base_model_name_or_path is the base's Hub id (BASE_MODEL_ID, else the download record
+download_model.py writes, else config.json's _name_or_path), or, failing those, the base's
+absolute local path, with a warning (it then loads on this machine only).
+
+The merged model has W + (alpha/r)·B·A folded into the base weights, in the dtype the base is
+stored in (a bf16 base stays bf16), and is saved with ``save_pretrained`` (safetensors) beside
+the base's tokenizer as the base has it (its own padding side and pad token, not the left
+padding this repository sets for generation): it loads like any model, with --MODEL_PATH in this
+repository's scripts too.  LORA_CKPT may also be a PEFT adapter directory.
 """
 
 from pathlib import Path
@@ -15,12 +23,13 @@ from pathlib import Path
 from common.config import configure
 
 # ---------------------------------------------------------------- constants
-LORA_CKPT: Path | None = None  # the checkpoint (.pt) to export (required)
-MODEL_PATH: Path | None = None  # base model directory (None = the one stored in the checkpoint)
+LORA_CKPT: Path | None = None  # the checkpoint to export: a .pt, a run directory or a PEFT adapter directory (required)
+MODEL_PATH: str | None = None  # base model directory or Hub id (None = the one stored in the checkpoint)
+BASE_MODEL_ID: str | None = None  # the adapter's base_model_name_or_path (None = found from the base, see above)
 PEFT_DIR: Path | None = None  # write a PEFT adapter here (None = skip)
 MERGED_DIR: Path | None = None  # write the merged model here (None = skip)
 DEVICE = "cpu"  # device for merging (the CPU is enough and keeps GPU memory free)
-DTYPE = "auto"  # dtype of the merged model (auto = the base model's own: fp32 on CPU)
+DTYPE = "auto"  # dtype of the merged model (auto = the dtype the base's weights are stored in)
 
 config = configure(globals())
 # ---------------------------------------------------------------------------
@@ -30,21 +39,30 @@ if LORA_CKPT is None:
 if PEFT_DIR is None and MERGED_DIR is None:
     raise SystemExit("error: nothing to do: give --PEFT_DIR=... and/or --MERGED_DIR=...")
 
+from transformers import AutoTokenizer  # noqa: E402
+
 from common.checkpoint import load_checkpoint, restore_lora  # noqa: E402
-from common.lora import merge_and_unload, save_peft_adapter  # noqa: E402
-from common.model import load_model_and_tokenizer  # noqa: E402
+from common.lora import merge_and_unload  # noqa: E402
+from common.model import base_model_name, get_device, get_dtype, load_model, resolve_model_path, saved_dtype  # noqa: E402
+from common.peft_io import save_peft_adapter  # noqa: E402
 
 checkpoint = load_checkpoint(LORA_CKPT)
-base_path = MODEL_PATH or Path(checkpoint["base_model"]["path"])
-model, tokenizer, _ = load_model_and_tokenizer(base_path, DEVICE, DTYPE)
+base_path = resolve_model_path(MODEL_PATH or checkpoint["base_model"]["path"])
+device = get_device(DEVICE)
+dtype = saved_dtype(base_path) if DTYPE == "auto" else get_dtype(DTYPE, device)
+model = load_model(base_path, device, dtype)
 restore_lora(model, checkpoint, where=str(LORA_CKPT))
-print(f"loaded {LORA_CKPT} (step {checkpoint['step']}, LoRA {checkpoint['lora_config']}) on {base_path}")
+print(f"loaded {LORA_CKPT} (step {checkpoint['step']}, LoRA {checkpoint['lora_config']}) on {base_path} ({dtype})")
 
 if PEFT_DIR is not None:
-    save_peft_adapter(model, PEFT_DIR, base_path)
-    print(f"PEFT adapter written to {PEFT_DIR}")
+    base_name, source = base_model_name(base_path, BASE_MODEL_ID)
+    if source == "the local path":
+        print(f"warning: no Hub id known for {base_path}: the adapter names its base by the local path {base_name}, "
+              f"which loads on this machine only; give --BASE_MODEL_ID=owner/name")
+    save_peft_adapter(model, PEFT_DIR, base_name)
+    print(f"PEFT adapter written to {PEFT_DIR} (base_model_name_or_path {base_name}, from {source})")
 if MERGED_DIR is not None:
     merged_layers = merge_and_unload(model)
     model.save_pretrained(MERGED_DIR)
-    tokenizer.save_pretrained(MERGED_DIR)
-    print(f"merged model ({len(merged_layers)} layers merged) written to {MERGED_DIR}")
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(MERGED_DIR)
+    print(f"merged model ({len(merged_layers)} layers merged, {dtype}) written to {MERGED_DIR}")

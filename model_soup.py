@@ -14,29 +14,37 @@ LoRA of rank Σ r_i (the A's and the weighted B's stacked along the rank).
 AVERAGE=factors averages A and B separately, as the original project did; that is
 not the mean of the updates (common/soup.py has the algebra).
 
-The soup goes to OUT as an ordinary checkpoint (step 0, no optimizer state), which
-eval_math.py --LORA_CKPT and export_lora.py load like any other; a table of each
-ingredient's dev and test accuracy and the soup's is printed and written to OUT with
-the suffix .summary.json.
+An ingredient may also be a PEFT adapter directory (adapter_config.json +
+adapter_model.safetensors) of the same base.  The soup goes to OUT as an ordinary
+checkpoint (step 0, no optimizer state), which eval_math.py --LORA_CKPT and
+export_lora.py load like any other; a table of each ingredient's dev and test accuracy
+and the soup's is printed and written to OUT with the suffix .summary.json.
 """
 
 import json
 from pathlib import Path
 
 from common.config import configure
+from common.prompts import INSTRUCTION as MATH_INSTRUCTION
 
 # ---------------------------------------------------------------- constants
-CKPTS: tuple[Path, ...] = ()  # the ingredients: LoRA checkpoints of one base model and one set of targets (required)
+CKPTS: tuple[Path, ...] = ()  # the ingredients: LoRA checkpoints (.pt, run directories, PEFT adapter directories)
+#   of one base model and one set of targets (required)
 RECIPE = "uniform"  # uniform (equal weights), weighted (WEIGHTS) or greedy (add by dev accuracy while it does not drop)
 WEIGHTS: tuple[float, ...] = ()  # RECIPE=weighted: one weight >= 0 per checkpoint, normalised to sum 1
 AVERAGE = "delta"  # delta: mean of the updates s·B·A, exactly (rank Σ r); factors: mean of A and of B (not the same)
-MODEL_PATH: Path | None = None  # base model directory (None = the one stored in the checkpoints)
+MODEL_PATH: str | None = None  # base model directory or Hub id (None = the one stored in the first checkpoint)
 DEV_FILE: str | None = "data/synth_dev.jsonl"  # problems the greedy recipe chooses on, disjoint from TEST_FILE (None = skip)
 TEST_FILE: str | None = "data/synth_test.jsonl"  # problems reported only (None = skip)
 DEV_LIMIT = 0  # evaluate the first DEV_LIMIT dev problems (0 = all)
 TEST_LIMIT = 0  # evaluate the first TEST_LIMIT test problems (0 = all)
 BATCH_SIZE = 64  # prompts generated together
 MAX_NEW_TOKENS = 256  # answer length limit of the greedy evaluation
+INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
+SYSTEM_PROMPT = ""  # system message of every prompt ("" for none)
+CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or a Jinja file
+GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_answer, answer, solution, ground_truth)
+REWARD = "correctness"  # what judges an answer correct: correctness (the number), or your.py:function
 OUT = "checkpoints/soup/soup.pt"  # the soup checkpoint; its table goes beside it as .summary.json
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
@@ -58,7 +66,9 @@ from common.checkpoint import (CheckpointError, load_checkpoint, resolve_checkpo
                                save_checkpoint)
 from common.data import load_problems  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
-from common.model import get_device, get_dtype, load_model, load_tokenizer  # noqa: E402
+from common.model import get_device, get_dtype, load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from common.prompts import configure_prompts  # noqa: E402
+from common.reward import load_reward  # noqa: E402
 from common.soup import check_ingredients, normalise_weights, soup_lora  # noqa: E402
 
 paths = [str(resolve_checkpoint(path)) for path in CKPTS]
@@ -73,13 +83,15 @@ try:
 except (CheckpointError, FileNotFoundError, ValueError) as exc:
     raise SystemExit(f"error: {exc}") from None
 
-base_path = MODEL_PATH or Path(checkpoints[paths[0]]["base_model"]["path"])
+base_path = resolve_model_path(MODEL_PATH or checkpoints[paths[0]]["base_model"]["path"])
 device = get_device(DEVICE)
 dtype = get_dtype(DTYPE, device)
 tokenizer = load_tokenizer(base_path)
+prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
+reward = load_reward(REWARD)
 splits = {"dev": (DEV_FILE, DEV_LIMIT), "test": (TEST_FILE, TEST_LIMIT)}
-problems = {split: load_problems(file, limit=limit or None) for split, (file, limit) in splits.items()
-            if file is not None}
+problems = {split: load_problems(file, limit or None, GOLD_FIELD, reward.needs_numeric_gold)
+            for split, (file, limit) in splits.items() if file is not None}
 print(f"{len(paths)} ingredients on {base_path} ({device}, {dtype}); recipe {RECIPE}, average {AVERAGE}; "
       + ", ".join(f"{split} {splits[split][0]} ({len(items)} problems)" for split, items in problems.items()))
 
@@ -95,7 +107,8 @@ def accuracy(model, split: str, label: str) -> float | None:
     """Greedy accuracy on the split (None when its file is None)."""
     if split not in problems:
         return None
-    result = evaluate(model, tokenizer, problems[split], BATCH_SIZE, MAX_NEW_TOKENS, desc=f"{split}: {label}")
+    result = evaluate(model, tokenizer, problems[split], BATCH_SIZE, MAX_NEW_TOKENS, desc=f"{split}: {label}",
+                      reward=reward, prompt_format=prompt_format)
     print(f"{label} on {split}: {result.summary()}")
     return result.accuracy
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from common.lora import apply_lora, load_lora_state_dict, lora_config, lora_modules, lora_state_dict
+from common.peft_io import is_peft_adapter_dir, read_peft_adapter
 
 CHECKPOINT_KEYS = ("lora", "lora_config", "base_model", "optimizer", "scheduler", "epoch", "step", "rng",
                    "config", "extra")
@@ -51,9 +52,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """``path`` itself, or for a run directory its newest checkpoint."""
+    """``path`` itself (a file, or a PEFT adapter directory), or for a run directory its newest checkpoint."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_peft_adapter_dir(path):
         found = list_checkpoints(path)
         if not found:
             raise FileNotFoundError(f"no lora_epoch*_step*.pt checkpoint in {path}")
@@ -142,8 +143,10 @@ def save_checkpoint(path: str | Path, model, base_model_path: str | Path, config
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint (a file, or a run directory's newest) on the CPU, refusing anything but
-    tensors and plain data."""
+    tensors and plain data; a PEFT adapter directory is read as one (common.peft_io.read_peft_adapter)."""
     path = resolve_checkpoint(path)
+    if is_peft_adapter_dir(path):
+        return read_peft_adapter(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -161,6 +164,8 @@ def load_checkpoint(path: str | Path) -> dict:
 def check_base_model(checkpoint: dict, model, where: str = "checkpoint") -> None:
     """Refuse a checkpoint made for a model of another shape, naming what differs."""
     saved = checkpoint["base_model"]["fingerprint"]
+    if saved is None:
+        return  # a PEFT adapter records no shape: load_lora_state_dict's strict shape check guards it
     current = model_fingerprint(model)
     differences = [f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} in the model"
                    for key in current if saved.get(key) != current.get(key)]

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from common.distributed import all_gather_objects, is_main_process, shard
 from common.model import stop_token_ids
-from common.prompts import encode_prompts
+from common.prompts import PromptFormat, encode_prompts
 from common.reward import answers_match, extract_answer
 from common.sampler import sample
 
@@ -68,8 +68,11 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 64, max_new_tokens: int = 256,
-             progress: bool = True, desc: str = "eval") -> EvalResult:
-    """Greedy-decode every problem and score the extracted answer against its gold answer.
+             progress: bool = True, desc: str = "eval", reward=None, prompt_format: PromptFormat | None = None
+             ) -> EvalResult:
+    """Greedy-decode every problem (prompts from common.prompts with ``prompt_format``) and score it:
+    the extracted number against the gold answer, or, given a ``reward`` (common.reward.load_reward),
+    the reward's ``correct``, which is how a non-numeric task is evaluated.
 
     Under torchrun every rank must call it (it shards ``problems`` and gathers the records); each
     gets the whole result.
@@ -83,15 +86,16 @@ def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 64, max_n
     batches = range(0, len(own_problems), batch_size)
     for first in tqdm(batches, desc=desc, disable=not (progress and is_main_process()), unit="batch"):
         batch = own_problems[first:first + batch_size]
-        out = sample(model, encode_prompts(tokenizer, [p["question"] for p in batch]), num_samples=1,
+        out = sample(model, encode_prompts(tokenizer, batch, prompt_format), num_samples=1,
                      max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=stop_ids,
                      tokenizer=tokenizer)
         generated += int(out.completion_mask.sum())
         for problem, text, cut_off in zip(batch, out.texts, out.truncated.tolist()):
             prediction = extract_answer(text)
+            correct = (reward(text, problem, cut_off).correct if reward is not None
+                       else answers_match(prediction, problem["gold_answer"]))
             records.append({"question": problem["question"], "gold": problem["gold_answer"], "output": text,
-                            "prediction": prediction, "correct": answers_match(prediction, problem["gold_answer"]),
-                            "truncated": cut_off})
+                            "prediction": prediction, "correct": correct, "truncated": cut_off})
     model.train(was_training)
     every_rank = all_gather_objects((records, generated))
     records = [record for rank_records, _ in every_rank for record in rank_records]

@@ -46,8 +46,10 @@ from __future__ import annotations
 import torch
 
 # Model types whose ForCausalLM.forward computes logits = lm_head(body(...).last_hidden_state)
-# and nothing more (checked against transformers' modeling code).
-_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma"})
+# and nothing more (checked against transformers' modeling code). phi3: its fused qkv_proj and
+# gate_up_proj are inside the body. gemma3 (the multimodal checkpoint): get_decoder() is its language
+# model, and Gemma3ForConditionalGeneration.forward applies lm_head alone, with no soft-cap.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gemma3"})
 # Model types that then soft-cap: logits = cap * tanh(logits / cap), cap = config.final_logit_softcapping.
 _SOFTCAPPED_HEAD_MODEL_TYPES = frozenset({"gemma2", "gemma3_text"})
 

@@ -19,30 +19,18 @@ so the big matmuls of the base stay in bf16.
 ``disable_lora`` switches every adapter off, which turns the policy into the
 base model: the KL reference policy costs no second copy of the weights.
 ``merge_lora`` folds the update into the base weights for fast inference;
-``save_peft_adapter`` exports an adapter that ``peft.PeftModel`` loads.
-This module does not import PEFT; the tests check that its export loads there.
+common/peft_io.py writes and reads the adapter in PEFT's format.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
-
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-# PEFT names the weights of an adapter "<prefix><module path>.lora_A.weight": its
-# PeftModel wraps the transformers model as base_model (a LoraModel), which holds
-# it as .model.
-PEFT_KEY_PREFIX = "base_model.model."
-
 
 class LoRAStateError(ValueError):
     """A LoRA state dict that does not fit the model's LoRA layers."""
@@ -166,6 +154,18 @@ def _attribute_name(module_name: str) -> str:
     return module_name.rsplit(".", 1)[-1]
 
 
+ALL_LINEAR = "all-linear"
+
+
+def all_linear_targets(model: nn.Module) -> list[str]:
+    """The attribute names of every nn.Linear but the output head: what PEFT's target_modules="all-linear"
+    selects (peft/tuners/tuners_utils.py, _maybe_include_all_linear_layers: every linear layer, minus
+    get_output_embeddings()).  Phi-3 gives qkv_proj, o_proj, gate_up_proj, down_proj."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({_attribute_name(name) for name, module in model.named_modules()
+                   if isinstance(module, nn.Linear) and module is not head})
+
+
 def apply_lora(model: nn.Module, r: int, alpha: float, target_modules: Iterable[str], dropout: float = 0.0,
                use_rslora: bool = False) -> list[str]:
     """Wrap every ``nn.Linear`` whose attribute name is in ``target_modules`` in a LoRALinear.
@@ -174,9 +174,12 @@ def apply_lora(model: nn.Module, r: int, alpha: float, target_modules: Iterable[
     "model.layers.3.self_attn.q_proj"), as PEFT does with a list of names, so
     ``lm_head`` gets an adapter only when named.  Every other parameter of the
     model is frozen.  A name that matches no linear layer is an error (a typo
-    would otherwise silently leave layers untrained).  Returns the sorted full
-    names of the wrapped layers.
+    would otherwise silently leave layers untrained).  "all-linear" (alone, or as
+    the string) is PEFT's shorthand: every linear layer except the output head.
+    Returns the sorted full names of the wrapped layers.
     """
+    if target_modules == ALL_LINEAR or list(target_modules) == [ALL_LINEAR]:
+        target_modules = all_linear_targets(model)
     if isinstance(target_modules, str):
         raise TypeError(f"target_modules must be a list of attribute names, got the string {target_modules!r}")
     targets = set(target_modules)
@@ -380,31 +383,3 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], stric
     with torch.no_grad():
         for key, parameter in parameters.items():
             parameter.copy_(state[key])
-
-
-def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str | Path) -> Path:
-    """Write the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors),
-    so that ``peft.PeftModel.from_pretrained(base_model, out_dir)`` loads it.  Returns out_dir."""
-    config = lora_config(model)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # PEFT's saved keys carry no adapter name: <prefix><module path>.lora_A.weight.
-    tensors = {f"{PEFT_KEY_PREFIX}{key}.weight": tensor for key, tensor in lora_state_dict(model).items()}
-    save_file(tensors, str(out_dir / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(base_model_path),
-        "r": config["r"],
-        "lora_alpha": config["alpha"],
-        "lora_dropout": config["dropout"],
-        "target_modules": config["target_modules"],
-        "use_rslora": config["use_rslora"],
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-    }
-    (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
-    return out_dir

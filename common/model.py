@@ -1,12 +1,16 @@
-"""Device, dtype and loading of a Hugging Face causal LM from a local directory.
+"""Device, dtype and loading of a Hugging Face causal LM from a local directory or a Hub id.
 
 The same code loads Gemma 2 2B Instruct (downloaded under models/) and the
-built-in tiny model (built by make_tiny_model.py); nothing is fetched at run time.
+built-in tiny model (built by make_tiny_model.py).  A MODEL_PATH that is a Hub
+id ("Qwen/Qwen2.5-1.5B-Instruct") is downloaded once into models/<name>, with a
+record of where it came from; nothing else is fetched at run time.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -118,11 +122,156 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>") if "<end_of_turn>" in tokenizer.get_vocab() else None
     if end_of_turn is not None and end_of_turn not in ids:
         ids.append(int(end_of_turn))
+    # The template's own end of turn: Qwen 2.5 base lists only <|endoftext|>, its template closes with <|im_end|>.
+    answer_end = answer_end_token_id(tokenizer, model)
+    if answer_end not in ids:
+        ids.append(answer_end)
     return ids
 
 
+# Stands for an answer in a rendered conversation; what the template writes after it closes the turn.
+_ANSWER_PROBE = "ANSWER_END_PROBE"
+
+
+def answer_end_token_id(tokenizer, model=None) -> int:
+    """The token that ends an answer in training data (SFT targets, DPO answers): the first special
+    token the chat template writes after an assistant message's content, i.e. the token that closes
+    an assistant turn (<end_of_turn> for Gemma, <|im_end|> for Qwen, <|eot_id|> for Llama 3, <|end|>
+    for Phi-3, </s> for Mistral); EOS without a template (raw-text prompts end their answers there).
+
+    Not a position in the stop-token list: Qwen 2.5 Instruct's generation_config lists
+    [<|im_end|>, <|endoftext|>], and the last of those is not what its template ends a turn with.
+    """
+    from jinja2.exceptions import TemplateError
+
+    if getattr(tokenizer, "chat_template", None):
+        conversation = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _ANSWER_PROBE}]
+        try:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        except TemplateError:
+            text = ""
+        if _ANSWER_PROBE in text:
+            special = {token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
+            special |= set(tokenizer.all_special_ids)
+            tail = tokenizer(text.rsplit(_ANSWER_PROBE, 1)[1], add_special_tokens=False)["input_ids"]
+            closing = next((token_id for token_id in tail if token_id in special), None)
+            if closing is not None:
+                return int(closing)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(generation_eos, (list, tuple)) and generation_eos:
+        return int(generation_eos[0])
+    if generation_eos is not None:
+        return int(generation_eos)
+    raise ValueError("no answer-end token: the tokenizer has no chat template closing an assistant turn with a "
+                     "special token, no EOS token, and the model's generation_config no eos_token_id")
+
+
+MODELS_DIR = Path("models")  # where a Hub id given as MODEL_PATH is downloaded to
+# Written beside a download's files: which Hub repository they are (the PEFT export names it as the base).
+DOWNLOAD_RECORD = "download_record.json"
+# Weights as safetensors only: skip the duplicate .bin / .gguf copies some repositories carry.
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def looks_like_hub_id(name: str | Path) -> bool:
+    """Whether ``name`` reads as a Hub repository id ("Qwen/Qwen2.5-1.5B-Instruct") rather than a local
+    path: owner/name, and the owner is not a local directory ("models/gemma-2-2b-it" is a path)."""
+    text = str(name)
+    return bool(_HUB_ID.fullmatch(text)) and not Path(text.split("/")[0]).exists()
+
+
+def download_model(repo_id: str, local_dir: str | Path, revision: str | None = None, token: str | None = None) -> Path:
+    """Download a Hub model repository into ``local_dir`` (safetensors weights, config, tokenizer) and
+    write DOWNLOAD_RECORD there.  ModelNotFoundError, saying what to do, when it cannot."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        snapshot_download(repo_id=repo_id, local_dir=local_dir, revision=revision, token=token,
+                          allow_patterns=DOWNLOAD_PATTERNS)
+    except GatedRepoError:
+        raise ModelNotFoundError(f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} "
+                                 f"while logged in, then run `hf auth login` (or pass a token)") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"no model repository {repo_id!r} on the Hugging Face Hub (or it is private "
+                                 f"and you are not logged in)") from None
+    except Exception as exc:  # no network, a proxy, a full disk: each HTTP backend raises its own kind
+        raise ModelNotFoundError(f"could not download {repo_id} to {local_dir}: {exc}\n"
+                                 f"  when online: hf download {repo_id} --local-dir {local_dir}") from None
+    record = {"repo_id": repo_id, "revision": revision}
+    (Path(local_dir) / DOWNLOAD_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return Path(local_dir)
+
+
+def resolve_model_path(name: str | Path) -> Path:
+    """The local directory of MODEL_PATH: the path itself, or for a Hub id ("Qwen/Qwen2.5-1.5B-Instruct")
+    models/<name>, downloaded there first when absent (ModelNotFoundError when offline).  A path that
+    does not exist is returned as it is: loading it then fails with the missing-model message."""
+    path = Path(name)
+    if path.is_dir() or not looks_like_hub_id(name):
+        return path
+    repo_id = str(name)
+    local_dir = MODELS_DIR / repo_id.split("/")[1]
+    record_file = local_dir / DOWNLOAD_RECORD
+    if record_file.is_file():
+        recorded = json.loads(record_file.read_text())["repo_id"]
+        if recorded != repo_id:
+            raise ModelNotFoundError(f"MODEL_PATH {repo_id} would go to {local_dir}, which holds {recorded}; "
+                                     f"download it elsewhere (python download_model.py --REPO_ID={repo_id} "
+                                     f"--LOCAL_DIR=models/...) and give that directory")
+        return local_dir
+    if local_dir.is_dir():
+        return local_dir  # downloaded by hand (hf download ... --local-dir), without a record
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(
+            f"MODEL_PATH {repo_id} is not a local directory, and as a Hub id it cannot be downloaded: "
+            f"HF_HUB_OFFLINE is set.\n  Online, download it once with\n"
+            f"      hf download {repo_id} --local-dir {local_dir}\n"
+            f"  then use --MODEL_PATH={local_dir} (or the Hub id again: {local_dir} is where it looks)")
+    print(f"MODEL_PATH {repo_id} is a Hub id: downloading it to {local_dir}")
+    return download_model(repo_id, local_dir)
+
+
+def base_model_name(model_path: str | Path, base_model_id: str | None = None) -> tuple[str, str]:
+    """(what a PEFT adapter's base_model_name_or_path should say, where it came from): BASE_MODEL_ID
+    when given, else the Hub id of the download record, else config.json's _name_or_path when it is
+    a Hub id, else the absolute local path (works on this machine only; the caller warns).
+
+    transformers' from_pretrained overwrites _name_or_path with the directory it loaded from, so the
+    saved config.json is read rather than model.config."""
+    if base_model_id:
+        return base_model_id, "BASE_MODEL_ID"
+    model_path = Path(model_path)
+    record_file = model_path / DOWNLOAD_RECORD
+    if record_file.is_file():
+        return json.loads(record_file.read_text())["repo_id"], f"{record_file}"
+    config_file = model_path / "config.json"
+    if config_file.is_file():
+        name = json.loads(config_file.read_text()).get("_name_or_path")
+        if name and looks_like_hub_id(name):
+            return name, f"_name_or_path of {config_file}"
+    return str(model_path.resolve()), "the local path"
+
+
+def saved_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a model directory's weights are stored in (config.json's dtype; fp32 if unset): a
+    merged export is written in it, so a bf16 base stays bf16 rather than doubling in size."""
+    from transformers import AutoConfig
+
+    dtype = AutoConfig.from_pretrained(path).dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
 def load_model_and_tokenizer(path: str | Path, device_name: str = "auto", dtype_name: str = "auto"):
-    """(model, tokenizer, device) for a local model directory."""
+    """(model, tokenizer, device) for a local model directory or a Hub id (see resolve_model_path)."""
+    path = resolve_model_path(path)
     device = get_device(device_name)
     dtype = get_dtype(dtype_name, device)
     tokenizer = load_tokenizer(path)

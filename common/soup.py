@@ -85,7 +85,10 @@ def check_ingredients(checkpoints: dict[str, dict], average: str) -> None:
     All must share the base model (its path and the shape fingerprint of
     ``model_fingerprint``), the LoRA targets and the set of LoRA layers; ``factors``
     also needs one rank, alpha and rsLoRA convention, since it averages the factors
-    entry by entry under a single scaling.
+    entry by entry under a single scaling.  A PEFT adapter directory records no
+    fingerprint and names its base by Hub id or path: two adapters are compared on
+    that name, an adapter and a ``.pt`` checkpoint on the layers alone (loading it
+    onto the base then checks every shape).
     """
     if average not in AVERAGES:
         raise ValueError(f"AVERAGE must be one of {', '.join(AVERAGES)}, got {average!r}")
@@ -93,10 +96,15 @@ def check_ingredients(checkpoints: dict[str, dict], average: str) -> None:
     layout_keys = ["target_modules"] + (["r", "alpha", "use_rslora"] if average == "factors" else [])
     for path, checkpoint in others:
         differences = []
+        fingerprints = first["base_model"]["fingerprint"], checkpoint["base_model"]["fingerprint"]
+        base_checks = []
+        if None not in fingerprints:
+            base_checks = [("base model path", Path(first["base_model"]["path"]).resolve(),
+                            Path(checkpoint["base_model"]["path"]).resolve()), ("base model shape", *fingerprints)]
+        elif fingerprints == (None, None):
+            base_checks = [("base model", first["base_model"]["path"], checkpoint["base_model"]["path"])]
         for name, ours, theirs in (
-                ("base model path", Path(first["base_model"]["path"]).resolve(),
-                 Path(checkpoint["base_model"]["path"]).resolve()),
-                ("base model shape", first["base_model"]["fingerprint"], checkpoint["base_model"]["fingerprint"]),
+                *base_checks,
                 *((f"LoRA {key}", first["lora_config"][key], checkpoint["lora_config"][key])
                   for key in layout_keys)):
             if ours != theirs:

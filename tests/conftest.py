@@ -82,3 +82,76 @@ def run_script(args: list[str], timeout: int = 300, cwd: Path = REPO_ROOT, check
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n"
                              f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}")
     return result
+
+
+# Every architecture the tests cover, by model_type; gemma3 is the multimodal checkpoint (a SigLIP
+# vision tower beside the language model), the others are text-only causal LMs.
+MICRO_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gemma3")
+
+
+def micro_arch_config(arch: str, vocab_size: int = 64, **overrides):
+    """A transformers config for a micro model of any of MICRO_ARCHITECTURES (hidden 16, 2 layers,
+    2 heads of 8, 1 key-value head), eager attention; ``overrides`` set config attributes (of the
+    language model's config for gemma3)."""
+    from transformers import AutoConfig
+
+    text = dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
+                pad_token_id=0, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True)
+    if arch in ("gemma2", "gemma3_text", "gemma3"):
+        text.update(query_pre_attn_scalar=8, sliding_window=128)
+    if arch == "gemma2":
+        text.update(final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    if arch == "gemma3":
+        # Image tokens get the last ids; the vision tower sees 28x28 images in 4 patches.
+        config = AutoConfig.for_model(
+            "gemma3", text_config={**text, **overrides},
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=28, patch_size=14),
+            mm_tokens_per_image=4, boi_token_index=vocab_size - 3, eoi_token_index=vocab_size - 2,
+            image_token_index=vocab_size - 1, tie_word_embeddings=True)
+        config._attn_implementation = "eager"
+        return config
+    if arch not in MICRO_ARCHITECTURES:
+        raise ValueError(f"no micro config for {arch!r}; one of {MICRO_ARCHITECTURES}")
+    config = AutoConfig.for_model(arch, **text)
+    config._attn_implementation = "eager"
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def micro_arch_model(arch: str, vocab_size: int = 64, seed: int = 0, **overrides):
+    """A randomly initialised micro model of ``arch`` (see micro_arch_config), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(micro_arch_config(arch, vocab_size, **overrides),
+                                             attn_implementation="eager")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def micro_arch_dir(tmp_path_factory):
+    """``micro_arch_dir(arch)``: the directory of a micro model of ``arch`` saved like a real model, with
+    the built-in tiny model's tokenizer and its stop tokens (made once per session and arch)."""
+    from transformers import GenerationConfig
+
+    from common.model import load_tokenizer
+
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in made:
+            tokenizer = load_tokenizer(TINY_MODEL_DIR)
+            stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+            model = micro_arch_model(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids)
+            model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                                                       bos_token_id=tokenizer.bos_token_id)
+            made[arch] = tmp_path_factory.mktemp(f"micro-{arch}")
+            model.save_pretrained(made[arch])
+            tokenizer.save_pretrained(made[arch])
+        return made[arch]
+
+    return make

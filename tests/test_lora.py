@@ -1,17 +1,14 @@
 """Tests of common/lora.py on micro Gemma 2, Llama and Qwen 2 models (Qwen 2's q/k/v have biases).
 
-Expected values come from hand computations (x Wᵀ + b + scaling · x Aᵀ Bᵀ), from
-a copy of the model taken before apply_lora, or from PEFT loading our export.
+Expected values come from hand computations (x Wᵀ + b + scaling · x Aᵀ Bᵀ) or from
+a copy of the model taken before apply_lora (the PEFT export: tests/test_peft_io.py).
 """
 
 import copy
-import json
 import math
-import warnings
 
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from common.lora import (
@@ -26,7 +23,6 @@ from common.lora import (
     lora_parameters,
     lora_state_dict,
     merge_lora,
-    save_peft_adapter,
     unmerge_lora,
     use_lora_weights,
 )
@@ -486,51 +482,3 @@ def test_loading_into_a_merged_model_is_refused():
     merge_lora(model)
     with pytest.raises(RuntimeError, match="unmerge_lora"):
         load_lora_state_dict(model, lora_state_dict(model))
-
-
-# 8. Export to PEFT.
-
-@pytest.mark.parametrize("arch, targets, use_rslora, dropout", [
-    ("gemma2", ALL_LINEARS, True, 0.1),
-    ("llama", ("q_proj", "v_proj"), False, 0.0),
-    ("qwen2", ATTENTION_LINEARS, False, 0.0),
-])
-def test_peft_loads_the_exported_adapter(arch, targets, use_rslora, dropout, tmp_path):
-    from peft import PeftModel
-
-    model = micro_model(arch)
-    base_logits = logits_of(model)
-    apply_lora(model, r=4, alpha=8, target_modules=targets, dropout=dropout, use_rslora=use_rslora)
-    randomize_adapters(model, lora_a_too=True)
-    ours = logits_of(model)
-    assert not torch.allclose(ours, base_logits, atol=1e-3)
-
-    out_dir = tmp_path / "adapter"
-    save_peft_adapter(model, out_dir, base_model_path="models/base")
-
-    config = json.loads((out_dir / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
-    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["lora_dropout"] == dropout
-    assert config["target_modules"] == sorted(targets) and config["use_rslora"] is use_rslora
-    assert config["base_model_name_or_path"] == "models/base"
-    assert config["bias"] == "none" and config["fan_in_fan_out"] is False and config["inference_mode"] is True
-    assert config["modules_to_save"] is None
-
-    with safe_open(out_dir / "adapter_model.safetensors", framework="pt") as weights:
-        keys = set(weights.keys())
-        expected_keys = {f"base_model.model.model.layers.{layer}.{'self_attn' if name in ATTENTION_LINEARS else 'mlp'}"
-                         f".{name}.lora_{kind}.weight" for layer in (0, 1) for name in targets for kind in "AB"}
-        assert keys == expected_keys
-        q_key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
-        assert weights.get_slice(q_key.format("A")).get_shape() == [4, 16]
-        assert weights.get_slice(q_key.format("B")).get_shape() == [16, 4]
-        assert all(weights.get_tensor(key).dtype == torch.float32 for key in keys)
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        peft_model = PeftModel.from_pretrained(micro_model(arch), out_dir)
-    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
-    peft_model.eval()
-    with torch.no_grad():
-        peft_logits = peft_model(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK).logits
-    torch.testing.assert_close(peft_logits, ours, atol=1e-5, rtol=0)

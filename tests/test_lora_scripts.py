@@ -1,9 +1,11 @@
-"""LoRA end to end through the scripts: SFT in LoRA mode -> checkpoint -> eval and export."""
+"""LoRA end to end through the scripts: SFT in LoRA mode -> checkpoint -> eval and export, and a PEFT
+adapter directory back in."""
 
 import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from common.checkpoint import load_checkpoint, load_lora_checkpoint
 from common.model import load_model_and_tokenizer
@@ -62,3 +64,68 @@ def test_export_peft_and_merged(lora_checkpoint, micro_model_dir, tmp_path):
 def test_export_refuses_nothing_to_do(lora_checkpoint):
     with pytest.raises(AssertionError, match="nothing to do"):
         run_script(["export_lora.py", f"--LORA_CKPT={lora_checkpoint}"])
+
+
+def test_the_peft_export_names_its_base_so_auto_peft_loads_it(lora_checkpoint, micro_model_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    run_script(["export_lora.py", f"--LORA_CKPT={lora_checkpoint}", f"--PEFT_DIR={tmp_path / 'given'}",
+                "--BASE_MODEL_ID=org/micro-gemma2"])
+    assert json.loads((tmp_path / "given" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "org/micro-gemma2"
+    # No Hub id known for the micro model: its absolute path, with a warning, so it loads from anywhere here.
+    result = run_script(["export_lora.py", f"--LORA_CKPT={lora_checkpoint}", f"--PEFT_DIR={tmp_path / 'local'}"])
+    assert "warning: no Hub id known" in result.stdout
+    config = json.loads((tmp_path / "local" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(micro_model_dir.resolve())
+    model, _, _ = load_model_and_tokenizer(micro_model_dir, "cpu")
+    load_lora_checkpoint(model, lora_checkpoint)
+    auto_model = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "local", attn_implementation="eager")
+    input_ids = torch.tensor([[2, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        torch.testing.assert_close(auto_model.eval()(input_ids).logits, model(input_ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def bf16_right_padded_base(micro_model_dir, tmp_path_factory):
+    """The micro model stored in bf16, with a tokenizer that pads on the right and has no pad token, as many
+    base models ship."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("bf16-base")
+    AutoModelForCausalLM.from_pretrained(micro_model_dir, dtype=torch.bfloat16).save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(micro_model_dir, padding_side="right")
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_the_merged_export_keeps_the_base_dtype_and_tokenizer(lora_checkpoint, bf16_right_padded_base, tmp_path):
+    from transformers import AutoTokenizer
+
+    merged_dir = tmp_path / "merged"
+    run_script(["export_lora.py", f"--LORA_CKPT={lora_checkpoint}", f"--MODEL_PATH={bf16_right_padded_base}",
+                f"--MERGED_DIR={merged_dir}"])
+    checkpoint = load_checkpoint(lora_checkpoint)
+    scaling = checkpoint["lora_config"]["alpha"] / checkpoint["lora_config"]["r"]
+    layer = "model.layers.0.self_attn.q_proj"
+    with safe_open(merged_dir / "model.safetensors", framework="pt") as merged, \
+            safe_open(bf16_right_padded_base / "model.safetensors", framework="pt") as base:
+        assert {merged.get_tensor(key).dtype for key in merged.keys()} == {torch.bfloat16}
+        # W + s·B·A, summed in fp32 and stored in the base's bf16.
+        expected = (base.get_tensor(f"{layer}.weight").float()
+                    + scaling * checkpoint["lora"][f"{layer}.lora_B"] @ checkpoint["lora"][f"{layer}.lora_A"])
+        assert torch.equal(merged.get_tensor(f"{layer}.weight"), expected.to(torch.bfloat16))
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert tokenizer.padding_side == "right" and tokenizer.pad_token is None
+
+
+def test_eval_takes_a_peft_adapter_directory(lora_checkpoint, micro_model_dir, tmp_path):
+    """The adapter exported from a checkpoint evaluates exactly as the checkpoint does."""
+    run_script(["export_lora.py", f"--LORA_CKPT={lora_checkpoint}", f"--PEFT_DIR={tmp_path / 'adapter'}"])
+    outputs = {}
+    for name, adapter in (("checkpoint", lora_checkpoint), ("peft", tmp_path / "adapter")):
+        run_script(["eval_math.py", f"--MODEL_PATH={micro_model_dir}", f"--LORA_CKPT={adapter}",
+                    "--EVAL_FILE=data/synth_test.jsonl", "--EVAL_LIMIT=3", "--MAX_NEW_TOKENS=6", "--DEVICE=cpu",
+                    f"--OUT_FILE={tmp_path / name}.jsonl"])
+        outputs[name] = [json.loads(line)["output"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert outputs["peft"] == outputs["checkpoint"] and len(outputs["peft"]) == 3

@@ -11,6 +11,7 @@ from common.checkpoint import (CheckpointError, load_checkpoint, load_lora_check
 from common.data import load_problems
 from common.lora import apply_lora, lora_config, lora_modules, lora_parameters, lora_state_dict, merge_lora
 from common.model import load_model_and_tokenizer
+from common.peft_io import read_peft_adapter, save_peft_adapter
 from common.soup import (check_ingredients, delta_soup, factor_soup, lora_scaling, normalise_weights,
                          soup_lora)
 from common.synth import make_problems, normalise_question
@@ -279,6 +280,35 @@ def test_training_continues_from_the_soup(uniform_soup, micro_model_dir):
     after = lora_state_dict(model)
     # Every factor of every rank-12 layer is trainable and moved.
     assert all(not torch.equal(after[name], before[name]) for name in before)
+
+
+def test_peft_adapters_are_compared_on_the_base_they_name(tmp_path):
+    """A PEFT adapter records no fingerprint: beside a .pt checkpoint only its layers are compared; two
+    adapters are compared on their base_model_name_or_path."""
+    model = micro_model()
+    restore_lora(model, ingredient(1))
+    adapters = {}
+    for name in ("org/base", "org/other"):
+        save_peft_adapter(model, tmp_path / name, name)
+        adapters[name] = read_peft_adapter(tmp_path / name)
+    check_ingredients({"a.pt": ingredient(2), "adapter": adapters["org/base"]}, "delta")
+    with pytest.raises(CheckpointError, match="base model: org/other here, org/base in adapter"):
+        check_ingredients({"adapter": adapters["org/base"], "other": adapters["org/other"]}, "delta")
+
+
+def test_a_peft_adapter_directory_is_an_ingredient(ingredient_files, micro_model_dir, tmp_path):
+    """An ingredient and its own PEFT export, souped half and half: the update is that ingredient's."""
+    model, _, _ = load_model_and_tokenizer(micro_model_dir, "cpu")
+    load_lora_checkpoint(model, ingredient_files[0])
+    save_peft_adapter(model, tmp_path / "adapter", micro_model_dir)
+    out = tmp_path / "soup.pt"
+    soup_script([ingredient_files[0], tmp_path / "adapter"], out)
+    soup, original = load_checkpoint(out), load_checkpoint(ingredient_files[0])
+    expected = updates(original["lora"], lora_scaling(original["lora_config"]))
+    got = updates(soup["lora"], lora_scaling(soup["lora_config"]))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("trainer", ["run_train_grpo.py", "run_train_ppo.py"])
