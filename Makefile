@@ -48,34 +48,34 @@ tiny-model: $(VENV)/.runtime-installed
 
 demo: tiny-model
 	@echo ">> [1/3] baseline: greedy accuracy of the tiny model on the 500 held-out synthetic problems"
-	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --TEST_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 \
+	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --EVAL_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 \
 	    --OUT_FILE=logs/demo/base.jsonl
 	@echo ">> [2/3] GRPO with a LoRA on the tiny model (checkpoints/demo-grpo/, metrics logs/demo-grpo.jsonl)"
 	$(PY) run_train_grpo.py $(DEMO_GRPO)
 	@echo ">> [3/3] the trained LoRA on the same held-out problems, before -> after"
-	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-grpo --TEST_FILE=data/synth_test.jsonl \
+	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-grpo --EVAL_FILE=data/synth_test.jsonl \
 	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/grpo.jsonl --COMPARE_TO=logs/demo/base.summary.json
 
 demo-dpo: tiny-model
 	@echo ">> [1/4] baseline: greedy accuracy of the tiny model on the 500 held-out synthetic problems"
-	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --TEST_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 \
+	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --EVAL_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 \
 	    --OUT_FILE=logs/demo/base.jsonl
 	@echo ">> [2/4] preference pairs sampled from the tiny model itself (logs/demo/dpo_pairs.jsonl)"
 	$(PY) make_dpo_pairs.py $(DEMO_PAIRS)
 	@echo ">> [3/4] DPO with a LoRA on those pairs (checkpoints/demo-dpo/, metrics logs/demo-dpo.jsonl)"
 	$(PY) run_train_dpo.py $(DEMO_DPO)
 	@echo ">> [4/4] the trained LoRA on the same held-out problems, before -> after"
-	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-dpo --TEST_FILE=data/synth_test.jsonl \
+	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-dpo --EVAL_FILE=data/synth_test.jsonl \
 	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/dpo.jsonl --COMPARE_TO=logs/demo/base.summary.json
 
 demo-ppo: tiny-model
 	@echo ">> [1/3] baseline: greedy accuracy of the tiny model on the 500 held-out synthetic problems"
-	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --TEST_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 \
+	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --EVAL_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 \
 	    --OUT_FILE=logs/demo/base.jsonl
 	@echo ">> [2/3] PPO with a LoRA actor and a value-head critic (checkpoints/demo-ppo/, metrics logs/demo-ppo.jsonl)"
 	$(PY) run_train_ppo.py $(DEMO_PPO)
 	@echo ">> [3/3] the trained LoRA on the same held-out problems, before -> after"
-	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-ppo --TEST_FILE=data/synth_test.jsonl \
+	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-ppo --EVAL_FILE=data/synth_test.jsonl \
 	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/ppo.jsonl --COMPARE_TO=logs/demo/base.summary.json
 
 demo-soup: tiny-model

@@ -1,7 +1,7 @@
 """Greedy math accuracy of a model on a JSONL test file.
 
-    python eval_math.py --MODEL_PATH=models/tiny-gemma2-math --TEST_FILE=data/synth_test.jsonl
-    python eval_math.py --LIMIT=200          # Gemma 2 2B Instruct on the first 200 GSM8K test questions
+    python eval_math.py --MODEL_PATH=models/tiny-gemma2-math --EVAL_FILE=data/synth_test.jsonl
+    python eval_math.py --EVAL_LIMIT=200     # Gemma 2 2B Instruct on the first 200 GSM8K test questions
     python eval_math.py --LORA_CKPT=checkpoints/grpo/lora_epoch1_step100.pt   # base + a trained LoRA
 
 Prints `Total: N  Correct: M  Accuracy: X.XX%` with a 95% confidence interval
@@ -17,19 +17,21 @@ and rank 0 alone prints and writes them. The accuracy and the records are the si
 import json
 import time
 from pathlib import Path
+from typing import Annotated
 
-from common.config import configure
+from common.config import Device, Dtype, configure
 from common.distributed import is_main_process
 
 # ---------------------------------------------------------------- constants
 MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
 LORA_CKPT: Path | None = None  # LoRA checkpoint (.pt, or a run directory: its newest) to evaluate on MODEL_PATH
-TEST_FILE = "data/gsm8k_test.jsonl"  # JSONL problems {"question", "gold_answer"} (python prepare_gsm8k.py makes it)
-LIMIT = 0  # evaluate the first LIMIT problems (0 = all)
-BATCH_SIZE = 64  # prompts generated together
-MAX_NEW_TOKENS = 256  # answer length limit; an answer cut off here counts as wrong unless its number is right
-DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
-DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+EVAL_FILE = "data/gsm8k_test.jsonl"  # JSONL problems {"question", "gold_answer"} (python prepare_gsm8k.py makes it)
+EVAL_LIMIT: Annotated[int, ">= 0"] = 0  # evaluate the first EVAL_LIMIT problems (0 = all)
+EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts generated together
+MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # answer length limit; an answer cut off here counts as wrong unless its number is right
+SKIP_LONG_PROMPTS = False  # leave out (and count) problems too long for the context, instead of refusing the file
+DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
+DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 OUT_FILE: Path | None = None  # per-question JSONL (None = logs/eval_<model>_<time>.jsonl)
 COMPARE_TO: Path | None = None  # summary JSON of an earlier eval (e.g. the base model's) to print before -> after
 
@@ -41,24 +43,30 @@ from common.data import load_problems  # noqa: E402
 from common.distributed import cleanup, setup_distributed  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.model import load_model_and_tokenizer  # noqa: E402
+from common.run import check_writable, preflight_model, questions_that_fit  # noqa: E402
 
 distributed = setup_distributed(DEVICE)
-problems = load_problems(TEST_FILE, limit=LIMIT or None)
+# Before the model loads: a missing model file or an unwritable OUT_FILE would otherwise cost the whole evaluation.
+run_name = Path(LORA_CKPT).stem if LORA_CKPT else Path(MODEL_PATH).name
+out_file = Path(OUT_FILE or f"logs/eval_{run_name}_{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+if distributed.is_main:
+    check_writable(out_file.parent, "the folder of OUT_FILE")
+preflight_model(MODEL_PATH)
+problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None)
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+problems = questions_that_fit(tokenizer, problems, EVAL_FILE, model.config.max_position_embeddings - MAX_NEW_TOKENS,
+                              SKIP_LONG_PROMPTS)
 if LORA_CKPT is not None:
     LORA_CKPT = resolve_checkpoint(LORA_CKPT)
     checkpoint = load_lora_checkpoint(model, LORA_CKPT)
     print(f"loaded LoRA {LORA_CKPT} (step {checkpoint['step']}, trained on {checkpoint['base_model']['path']})")
-print(f"evaluating {MODEL_PATH}{' + ' + str(LORA_CKPT) if LORA_CKPT else ''} on {len(problems)} problems of {TEST_FILE} ({device}, {next(model.parameters()).dtype})")
+print(f"evaluating {MODEL_PATH}{' + ' + str(LORA_CKPT) if LORA_CKPT else ''} on {len(problems)} problems of {EVAL_FILE} ({device}, {next(model.parameters()).dtype})")
 
-result = evaluate(model, tokenizer, problems, BATCH_SIZE, MAX_NEW_TOKENS)  # sharded across the ranks
+result = evaluate(model, tokenizer, problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS)  # sharded across the ranks
 cleanup()
 if not distributed.is_main:  # rank 0 alone writes: every rank holds the same gathered result
     raise SystemExit(0)
 
-run_name = Path(LORA_CKPT).stem if LORA_CKPT else Path(MODEL_PATH).name
-out_file = Path(OUT_FILE or f"logs/eval_{run_name}_{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-out_file.parent.mkdir(parents=True, exist_ok=True)
 with out_file.open("w") as f:
     for record in result.records:
         f.write(json.dumps(record) + "\n")

@@ -1,6 +1,6 @@
 """Greedy math accuracy of the base model alone, no LoRA: the baseline every run is compared with.
 
-    python eval_math_base.py --MODEL_PATH=models/tiny-gemma2-math --TEST_FILE=data/synth_test.jsonl
+    python eval_math_base.py --MODEL_PATH=models/tiny-gemma2-math --EVAL_FILE=data/synth_test.jsonl
 
 Same constants and output as eval_math.py (it runs that script), but refuses a
 LoRA checkpoint, so a baseline number can never come from an adapted model.

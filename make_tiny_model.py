@@ -137,7 +137,7 @@ subprocess.run(
      f"--MAX_STEPS={SFT_STEPS}", f"--BATCH_SIZE={SFT_BATCH_SIZE}", f"--LR={SFT_LR}", "--LR_SCHEDULE=constant",
      "--WARMUP_STEPS=30", f"--SEED={SEED}",
      f"--EVAL_LIMIT={EVAL_LIMIT}", "--DEVICE=cpu", "--DTYPE=float32",
-     f"--LOG_FILE={build_dir / 'sft_log.jsonl'}"],
+     f"--LOG_DIR={build_dir}", "--RUN_NAME=sft_log"],
     check=True,
 )
 sft_info = json.loads((trained_dir / "sft_info.json").read_text())

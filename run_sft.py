@@ -1,6 +1,6 @@
 """Supervised fine-tuning on worked solutions; the loss counts the answer tokens only.
 
-    python run_sft.py --MODEL_PATH=models/tiny-gemma2-math --OUT_DIR=checkpoints/sft-tiny --MAX_STEPS=200
+    python run_sft.py --MODEL_PATH=models/tiny-gemma2-math --OUT_DIR=checkpoints/sft-tiny --RUN_NAME=sft-tiny --MAX_STEPS=200
     python run_sft.py --MODEL_PATH=models/gemma-2-2b-it --TRAIN_FILE=data/gsm8k_train.jsonl \
         --EVAL_FILE=data/gsm8k_test.jsonl --LORA_R=16 --LR=2e-4 --BATCH_SIZE=8 --MAX_STEPS=300
 
@@ -22,11 +22,11 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
-from tqdm import tqdm
 
-from common.config import configure
+from common.config import Device, Dtype, configure
 from common.distributed import is_main_process
 
 # ---------------------------------------------------------------- constants
@@ -34,42 +34,46 @@ MODEL_PATH = "models/tiny-gemma2-math"  # local directory of the model to fine-t
 OUT_DIR = "checkpoints/sft"  # full fine-tune: the model (save_pretrained); LoRA: OUT_DIR/lora_epoch0_step{N}.pt
 TRAIN_FILE: Path | None = None  # JSONL with "question" and "solution"; None = an endless stream of fresh synthetic problems
 EVAL_FILE = "data/synth_test.jsonl"  # held-out problems for greedy eval (never in the synthetic training stream)
-EVAL_LIMIT = 500  # how many eval problems (0 = all)
-EVAL_EVERY = 0  # steps between evals (0 = only after training)
-MAX_STEPS = 700  # optimizer steps
-BATCH_SIZE = 64  # examples per step
-LR = 2e-3  # peak learning rate of AdamW
-WARMUP_STEPS = 30  # linear warm-up from 0 to LR
-LR_SCHEDULE = "cosine"  # after warm-up: constant, or cosine decay to 10% of LR at the last step
-WEIGHT_DECAY = 0.0  # AdamW weight decay
-GRAD_CLIP = 1.0  # max global gradient norm
-LORA_R = 0  # 0 = train every weight; > 0 = train only a LoRA of this rank
-LORA_ALPHA = 32.0  # LoRA scaling numerator: the update is (LORA_ALPHA / LORA_R) * B @ A
+EVAL_LIMIT: Annotated[int, ">= 0"] = 500  # how many eval problems (0 = all)
+EVAL_EVERY: Annotated[int, ">= 0"] = 700  # steps between evals, plus one at step 0 and at the end (0 = no evaluation)
+MAX_STEPS: Annotated[int, ">= 1"] = 700  # optimizer steps
+BATCH_SIZE: Annotated[int, ">= 1"] = 64  # examples per step
+LR: Annotated[float, "> 0"] = 2e-3  # peak learning rate of AdamW
+WARMUP_STEPS: Annotated[int, ">= 0"] = 30  # linear warm-up from 0 to LR
+LR_SCHEDULE: Literal["constant", "cosine"] = "cosine"  # after warm-up: constant, or cosine decay to 10% of LR at the last step
+WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
+GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
+LORA_R: Annotated[int, ">= 0"] = 0  # 0 = train every weight; > 0 = train only a LoRA of this rank
+LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # LoRA scaling numerator: the update is (LORA_ALPHA / LORA_R) * B @ A
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # layers with an adapter
-LORA_DROPOUT = 0.0  # dropout on the adapter's input
-CHUNK_SIZE = 1024  # positions per chunk of the output head (bounds the [positions, vocab] logits in memory)
-MAX_NEW_TOKENS = 64  # eval generation length
-EVAL_BATCH_SIZE = 128  # prompts per eval batch
+LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapter's input
+LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds the [positions, vocab] logits in memory)
+MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 64  # eval generation length
+EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 128  # prompts per eval batch
+RUN_NAME = "sft"  # name of the run: its metrics file LOG_DIR/RUN_NAME.jsonl (its output is OUT_DIR)
+LOG_DIR = "logs"  # where the metrics JSONL goes
+OVERWRITE = False  # replace an earlier run's OUT_DIR and metrics (else a new run on them is refused)
 SEED = 0  # python / torch seed: the same seed gives the same model
-DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
-DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
-LOG_FILE: Path | None = None  # metrics JSONL (None = logs/sft_<time>.jsonl)
+DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
+DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
 from common import synth  # noqa: E402  (after configure: --help stays fast)
-from common.checkpoint import save_checkpoint  # noqa: E402
-from common.data import load_problems, open_metrics_log  # noqa: E402
-from common.distributed import all_reduce_sum, cleanup, setup_distributed, shard, sum_gradients  # noqa: E402
+from common.data import load_problems  # noqa: E402
+from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.logprobs import token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
-from common.schedule import lr_factor  # noqa: E402
+from common.run import TrainingRun  # noqa: E402
+from common.schedule import warmup_then_schedule  # noqa: E402
 
+# ------------------------------------------------- plumbing (common/run.py)
 distributed = setup_distributed(DEVICE)
+run = TrainingRun("sft", config, distributed, run_dir=OUT_DIR)
 if BATCH_SIZE % distributed.world_size:
     raise SystemExit(f"error: BATCH_SIZE={BATCH_SIZE} does not divide between {distributed.world_size} processes; "
                      f"make it a multiple of the number of processes")
@@ -124,67 +128,57 @@ def collate(problems):
     return input_ids.to(device), attention_mask.to(device), answer_mask.to(device)
 
 
-def run_eval(step):
-    result = evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, desc=f"eval@{step}")
-    print(f"step {step} eval: {result.summary()}")
-    return result
+def save_full_model(step: int) -> Path:
+    """Save to a staging directory and rename it into place, so an interrupted save never leaves a
+    half-written model where a loader would find it."""
+    out_dir = Path(OUT_DIR)
+    staging = out_dir.with_name(out_dir.name + ".saving")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "sft_info.json").write_text(json.dumps(
+        {"config": config, "train_seconds": time.perf_counter() - train_start, **final_eval}, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return out_dir
 
 
 optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
-scheduler = torch.optim.lr_scheduler.LambdaLR(
-    optimizer, lambda s: lr_factor(s, WARMUP_STEPS, MAX_STEPS, LR_SCHEDULE))
-log_path = Path(LOG_FILE or f"logs/sft_{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-log_file = open_metrics_log(log_path, append=True, is_main=distributed.is_main)  # rank 0 alone writes
-start = time.perf_counter()
-bar = tqdm(range(1, MAX_STEPS + 1), desc="sft", unit="step", disable=not distributed.is_main)
-for step in bar:
+scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, MAX_STEPS, LR_SCHEDULE)
+final_eval: dict = {}  # the last eval's metrics, for sft_info.json
+
+
+def run_eval(step: int):
+    result = evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, desc=f"eval@{step}")
+    final_eval.update(result.metrics())
+    return result
+
+
+# LoRA: a checkpoint like the RL trainers' (eval_math.py --LORA_CKPT, INIT_LORA); all weights: the model itself.
+run.track(model, tokenizer, optimizer, scheduler, evaluate=run_eval, save=None if LORA_R > 0 else save_full_model)
+
+# ------------------------------------------------------------ the algorithm
+train_start = time.perf_counter()
+for step in run.steps(MAX_STEPS, MAX_STEPS):
     step_start = time.perf_counter()
     # Every rank draws the same batch (same seed) and trains on its share of it.
     input_ids, attention_mask, answer_mask = collate(shard(next_batch()))
     # Entry t of token_logp is log p(token t+1 | tokens <= t): the answer mask shifts by one with it.
-    token_logp = token_logprobs(model, input_ids, attention_mask, chunk_size=CHUNK_SIZE)
+    token_logp = token_logprobs(model, input_ids, attention_mask, chunk_size=LOGPROB_CHUNK_SIZE)
     target_mask = answer_mask[:, 1:]
     answer_tokens = all_reduce_sum(target_mask.sum())  # the whole batch's, over every rank
     loss = -(token_logp * target_mask).sum() / answer_tokens
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     sum_gradients(trainable)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
-    optimizer.step()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
+    totals = all_reduce_sum({"loss": loss.detach(), "tokens": attention_mask.sum()})  # the step's: every rank's share
+    if run.update_is_finite(step + 1, grad_norm, totals["loss"]):
+        optimizer.step()
     scheduler.step()
     seconds = time.perf_counter() - step_start
-    totals = all_reduce_sum({"loss": loss.item(), "tokens": attention_mask.sum()})  # the step's: every rank's share
-    metrics = {"step": step, "loss": totals["loss"], "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
-               "answer_tokens": int(answer_tokens), "step_s": seconds,
-               "tokens_per_s": totals["tokens"] / seconds, "elapsed_s": time.perf_counter() - start}
-    bar.set_postfix(loss=f"{metrics['loss']:.3f}", gnorm=f"{metrics['grad_norm']:.2f}")
-    if EVAL_EVERY and step % EVAL_EVERY == 0 and step < MAX_STEPS:
-        metrics.update(run_eval(step).metrics())
-        model.train()
-    log_file.write(json.dumps(metrics) + "\n")
-    log_file.flush()
-train_seconds = time.perf_counter() - start
-
-final = run_eval(MAX_STEPS)
-log_file.write(json.dumps({"step": MAX_STEPS, **final.metrics()}) + "\n")
-log_file.close()
-
-out_dir = Path(OUT_DIR)
-if distributed.is_main:  # rank 0 alone saves; every rank holds the same weights
-    if LORA_R > 0:
-        saved = save_checkpoint(out_dir / f"lora_epoch0_step{MAX_STEPS}.pt", model, MODEL_PATH, config, optimizer,
-                                scheduler, epoch=0, step=MAX_STEPS, extra={"final_eval": final.metrics()})
-    else:
-        # Save to a staging directory and rename it into place, so an interrupted save
-        # never leaves a half-written model where a loader would find it.
-        staging = out_dir.with_name(out_dir.name + ".saving")
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "sft_info.json").write_text(json.dumps(
-            {"config": config, "train_seconds": train_seconds, **final.metrics()}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-        saved = out_dir
-    print(f"saved {saved}  ({train_seconds:.0f} s of training, {MAX_STEPS} steps)")
-cleanup()
+    metrics = {"step": step + 1, "loss": totals["loss"], "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+               "answer_tokens": int(answer_tokens), "step_s": seconds, "tokens_per_s": totals["tokens"] / seconds}
+    run.bar.set_postfix(loss=f"{metrics['loss']:.3f}", gnorm=f"{metrics['grad_norm']:.2f}")
+    run.end_step(step + 1, metrics)
+run.finish()

@@ -21,15 +21,14 @@ summed over the processes (common/distributed.py), so the update is the one proc
 alone prints, writes the metrics and saves checkpoints.
 """
 
-import json
-import math
 import time
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 from tqdm import tqdm
 
-from common.config import configure
+from common.config import Device, Dtype, configure
 from common.distributed import is_main_process
 
 # ---------------------------------------------------------------- constants
@@ -37,71 +36,72 @@ from common.distributed import is_main_process
 MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
 TRAIN_FILE = "data/dpo_pairs.jsonl"  # preference pairs {"prompt", "chosen", "rejected"} (make_dpo_pairs.py)
 EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval
-EVAL_LIMIT = 200  # held-out questions per eval (0 = all)
-EVAL_EVERY = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
-EVAL_BATCH_SIZE = 64  # prompts per eval generation batch
-MAX_NEW_TOKENS = 256  # eval generation length limit
+SKIP_LONG_PROMPTS = False  # leave out (and count) pairs too long for the context, instead of refusing the file
+EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all)
+EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
+EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts per eval generation batch
+MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # eval generation length limit
 # objective
-BETA = 0.1  # strength of the implicit KL to the reference: reward = BETA x (policy - reference log-prob)
-LOSS_TYPE = "sigmoid"  # sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo (IPO; length-normalised log-probs)
-LABEL_SMOOTHING = 0.0  # assumed label-flip rate, for sigmoid and robust only
-RPO_ALPHA = 0.0  # weight of the chosen answers' NLL per token (RPO; 0 = off)
+BETA: Annotated[float, "> 0"] = 0.1  # strength of the implicit KL to the reference: reward = BETA x (policy - reference log-prob)
+LOSS_TYPE: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"  # sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo (IPO; length-normalised log-probs)
+LABEL_SMOOTHING: Annotated[float, "0 <= x < 0.5"] = 0.0  # assumed label-flip rate, for sigmoid and robust only
+RPO_ALPHA: Annotated[float, ">= 0"] = 0.0  # weight of the chosen answers' NLL per token (RPO; 0 = off)
 PRECOMPUTE_REF = True  # reference log-probs of the whole dataset once before training (else per batch)
 # optimisation
-NUM_EPOCHS = 1  # passes over the pairs
-MAX_STEPS = 0  # stop after this many steps (0 = run the epochs)
-BATCH_SIZE = 16  # pairs per step
-MICRO_BATCH_SIZE = 4  # pairs per forward/backward (2 x MICRO_BATCH_SIZE rows; gradient accumulation over the step)
-LR = 5e-6  # peak AdamW learning rate of the LoRA (untuned for Gemma 2B; the tiny model learns at 1e-4)
-WARMUP_STEPS = 5  # linear warm-up steps
-LR_SCHEDULE = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
-WEIGHT_DECAY = 0.0  # AdamW weight decay
-GRAD_CLIP = 1.0  # max global gradient norm
-LOGPROB_CHUNK_SIZE = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
+NUM_EPOCHS: Annotated[int, ">= 1"] = 1  # passes over the pairs
+MAX_STEPS: Annotated[int, ">= 0"] = 0  # stop after this many steps (0 = run the epochs)
+BATCH_SIZE: Annotated[int, ">= 1"] = 16  # pairs per step
+MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 4  # pairs per forward/backward (2 x MICRO_BATCH_SIZE rows; gradient accumulation over the step)
+LR: Annotated[float, "> 0"] = 5e-6  # peak AdamW learning rate of the LoRA (untuned for Gemma 2B; the tiny model learns at 1e-4)
+WARMUP_STEPS: Annotated[int, ">= 0"] = 5  # linear warm-up steps
+LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
+WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
+GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
+LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
 # LoRA
-LORA_R = 16  # adapter rank
-LORA_ALPHA = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
+LORA_R: Annotated[int, ">= 1"] = 16  # adapter rank
+LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # wrapped layers
-LORA_DROPOUT = 0.0  # dropout on the adapters' input
+LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapters' input
 # bookkeeping
-SAVE_EVERY = 0  # steps between checkpoints (0 = only at the end of each epoch and of the run)
+SAVE_EVERY: Annotated[int, ">= 0"] = 0  # steps between checkpoints (0 = only at the end of each epoch and of the run)
 CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
 RUN_NAME = "dpo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
 LOG_DIR = "logs"  # where the metrics JSONL goes
-RESUME: Path | None = None  # checkpoint of this run to continue from (same config)
+OVERWRITE = False  # replace an earlier run of the same RUN_NAME (else a new run on its name is refused)
+RESUME: Path | None = None  # checkpoint (or run folder: its newest) of a run to continue: LR and the schedule may
+#                             change, the LoRA layout, pairs per step and seed may not
 INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an SFT warm-up, a model_soup.py soup):
-#                                its layout replaces LORA_*; the KL reference stays the base model (RESUME wins)
+#                                its layout replaces LORA_*; the KL reference stays the base model
 SEED = 0  # data order and initialisation
-DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
-DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
+DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
-from common.checkpoint import (checkpoint_path, load_checkpoint, start_lora,  # noqa: E402
-                               restore_training_state, save_checkpoint, warn_config_differences)
-from common.data import load_pairs, load_problems, open_metrics_log, step_items  # noqa: E402
-from common.distributed import (all_gather_objects, all_reduce_sum, cleanup, gather_rank_states,  # noqa: E402
-                                restore_rank_state, setup_distributed, shard, sum_gradients)
+from common.checkpoint import start_lora  # noqa: E402
+from common.data import load_pairs, load_problems  # noqa: E402
+from common.distributed import all_gather_objects, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
-from common.schedule import lr_factor  # noqa: E402
+from common.run import TrainingRun, fit_to_context, questions_that_fit, warn_shared_questions  # noqa: E402
+from common.schedule import warmup_then_schedule  # noqa: E402
 from dpo.loss import dpo_loss, dpo_stats, sft_loss  # noqa: E402
 from dpo.pairs import pack_pairs, pair_logprobs, tokenize_pair  # noqa: E402
 
+# ------------------------------------------------- plumbing (common/run.py)
 distributed = setup_distributed(DEVICE)
+run = TrainingRun("dpo", config, distributed, fixed_on_resume=("BATCH_SIZE",))
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
 pairs = load_pairs(TRAIN_FILE)
 eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None) if EVAL_EVERY else []
-if len(pairs) < BATCH_SIZE:
-    raise SystemExit(f"error: {TRAIN_FILE} has {len(pairs)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")
+warn_shared_questions([pair["prompt"] for pair in pairs], [p["question"] for p in eval_problems], TRAIN_FILE, EVAL_FILE)
 if BATCH_SIZE % distributed.world_size:
     raise SystemExit(f"error: BATCH_SIZE={BATCH_SIZE} does not divide between {distributed.world_size} processes; "
                      f"make it a multiple of the number of processes")
-steps_per_epoch = len(pairs) // BATCH_SIZE
-total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 length_normalise = LOSS_TYPE == "ipo"  # IPO's target 1 / (2 beta) is per token, not per answer
 
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
@@ -109,20 +109,24 @@ answer_end_id = stop_token_ids(model, tokenizer)[-1]  # <end_of_turn> under a ch
 prompt_ids = encode_prompts(tokenizer, [pair["prompt"] for pair in pairs])
 tokenized = [tokenize_pair(tokenizer, prompt, pair["chosen"], pair["rejected"], answer_end_id)
              for prompt, pair in zip(prompt_ids, pairs)]
-resume_checkpoint = load_checkpoint(RESUME) if RESUME else None
-start_lora(model, resume_checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
+tokenized = fit_to_context(tokenized, [len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected
+                                       in tokenized], TRAIN_FILE, model.config.max_position_embeddings,
+                           "prompt with its longer answer", SKIP_LONG_PROMPTS)
+eval_problems = questions_that_fit(tokenizer, eval_problems, EVAL_FILE, model.config.max_position_embeddings
+                                   - MAX_NEW_TOKENS, SKIP_LONG_PROMPTS) if EVAL_EVERY else []
+if len(tokenized) < BATCH_SIZE:
+    raise SystemExit(f"error: {TRAIN_FILE} has {len(tokenized)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")
+steps_per_epoch = len(tokenized) // BATCH_SIZE
+total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
+start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 trainable = lora_parameters(model)
 optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
-scheduler = torch.optim.lr_scheduler.LambdaLR(
-    optimizer, lambda s: lr_factor(s, WARMUP_STEPS, total_steps, LR_SCHEDULE))
-start_step = 0
-if resume_checkpoint is not None:
-    restore_training_state(resume_checkpoint, optimizer, scheduler)
-    restore_rank_state(resume_checkpoint, distributed)
-    start_step = resume_checkpoint["step"]
-    print(f"resumed {RESUME} at step {start_step}")
-    warn_config_differences(resume_checkpoint, config)
-print(f"{len(pairs)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
+scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
+run.restore(optimizer, scheduler)
+run.track(model, tokenizer, optimizer, scheduler,
+          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
+                                         desc=f"eval@{step}"))
+print(f"{len(tokenized)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {BATCH_SIZE // distributed.world_size} pairs per step")
 
@@ -145,43 +149,18 @@ def reference_logprobs(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def save(step: int) -> Path | None:
-    """Rank 0 writes the checkpoint, with every rank's random state (gathered: every rank calls this)."""
-    rank_states = gather_rank_states(distributed)
-    if not distributed.is_main:
-        return None
-    path = checkpoint_path(CHECKPOINT_DIR, RUN_NAME, step // steps_per_epoch, step)
-    return save_checkpoint(path, model, MODEL_PATH, config, optimizer, scheduler, epoch=step // steps_per_epoch,
-                           step=step, extra={"ranks": rank_states})
-
-
-def run_eval(step: int) -> dict:
-    result = evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, desc=f"eval@{step}")
-    tqdm.write(f"step {step} eval: {result.summary()}")
-    return result.metrics()
-
-
 cached_reference = None
 if PRECOMPUTE_REF:
     reference_start = time.perf_counter()
     # Each rank computes its share of the dataset; every rank gets all of it, in order.
-    every_rank = all_gather_objects(reference_logprobs(shard(list(range(len(pairs))))))
+    every_rank = all_gather_objects(reference_logprobs(shard(list(range(len(tokenized))))))
     cached_reference = tuple(torch.cat(parts) for parts in zip(*every_rank))
-    print(f"reference log-probs of {len(pairs)} pairs in {time.perf_counter() - reference_start:.1f}s")
+    print(f"reference log-probs of {len(tokenized)} pairs in {time.perf_counter() - reference_start:.1f}s")
 
-log_path = Path(LOG_DIR) / f"{RUN_NAME}.jsonl"
-log_file = open_metrics_log(log_path, append=RESUME is not None, is_main=distributed.is_main)  # rank 0 writes
-skipped_steps = 0
-if EVAL_EVERY and start_step == 0:
-    log_file.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")
-
-run_start = time.perf_counter()
-bar = tqdm(range(start_step, total_steps), desc="dpo", unit="step", initial=start_step, total=total_steps,
-           disable=not distributed.is_main)
-for step in bar:
+# ------------------------------------------------------------ the algorithm
+for step in run.steps(total_steps, steps_per_epoch):
     step_start = time.perf_counter()
-    epoch, step_indices = step_items(len(pairs), SEED, step, BATCH_SIZE)
-    batch_indices = shard(step_indices)  # this rank's share
+    epoch, batch_indices = run.step_items(list(range(len(tokenized))), step, BATCH_SIZE)  # this rank's share
     # RPO's per-token mean is over the whole step's chosen tokens (every rank's), so neither
     # micro-batching nor the number of processes changes the update.
     chosen_tokens = all_reduce_sum(sum(len(tokenized[i][1]) for i in batch_indices))
@@ -189,7 +168,7 @@ for step in bar:
     model.train()
     optimizer.zero_grad(set_to_none=True)
     losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = [], [], [], [], []
-    step_loss, step_sft = 0.0, 0.0
+    step_loss = step_sft = torch.zeros((), device=device)
     for micro_first in range(0, len(batch_indices), MICRO_BATCH_SIZE):
         micro = batch_indices[micro_first:micro_first + MICRO_BATCH_SIZE]
         if cached_reference is not None:
@@ -209,55 +188,41 @@ for step in bar:
             chosen_mask = batch.answer_mask[:len(micro)].to(device)
             sft = sft_loss(token_logps[:len(micro)], chosen_mask) * (chosen_mask.sum() / chosen_tokens)
             loss = loss + RPO_ALPHA * sft
-            step_sft += float(sft)
+            step_sft = step_sft + sft.detach()
         loss.backward()
-        step_loss += float(loss)
-        losses.append(pair_losses.detach().cpu())
-        chosen_rewards.append(micro_chosen_rewards.cpu())
-        rejected_rewards.append(micro_rejected_rewards.cpu())
-        chosen_logps.append(policy_chosen.detach().cpu())
-        rejected_logps.append(policy_rejected.detach().cpu())
+        step_loss = step_loss + loss.detach()
+        losses.append(pair_losses.detach())
+        chosen_rewards.append(micro_chosen_rewards)
+        rejected_rewards.append(micro_rejected_rewards)
+        chosen_logps.append(policy_chosen.detach())
+        rejected_logps.append(policy_rejected.detach())
     step_totals = all_reduce_sum({"loss": step_loss, "sft": step_sft})  # the step's: every rank's share
-    step_loss, step_sft = step_totals["loss"], step_totals["sft"]
     sum_gradients(trainable)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
-    # A non-finite loss or gradient never reaches the weights (nor, so, a checkpoint). The loss and
-    # the gradients are the same on every rank, so every rank makes the same decision.
-    if math.isfinite(grad_norm) and math.isfinite(step_loss):
+    # The loss and the gradients are the same on every rank, so every rank decides the same.
+    if run.update_is_finite(step + 1, grad_norm, step_totals["loss"]):
         optimizer.step()
     else:
         optimizer.zero_grad(set_to_none=True)
-        skipped_steps += 1
-        tqdm.write(f"step {step + 1}: non-finite loss or gradient; update skipped ({skipped_steps} so far)")
     scheduler.step()
     step_seconds = time.perf_counter() - step_start
 
     # Metrics over the whole step's pairs: every rank's per-pair values, gathered.
-    every_rank = all_gather_objects([torch.cat(values) for values in
+    every_rank = all_gather_objects([torch.cat(values).cpu() for values in
                                      (losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)])
     losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = (
         torch.cat(parts) for parts in zip(*every_rank))
     stats = dpo_stats(losses, chosen_rewards, rejected_rewards)
     metrics = {
-        "step": step + 1, "epoch": epoch, **stats, "total_loss": step_loss, "sft_loss": step_sft,
+        "step": step + 1, "epoch": epoch, **stats, "total_loss": step_totals["loss"], "sft_loss": step_totals["sft"],
         "chosen_logp": float(chosen_logps.mean()), "rejected_logp": float(rejected_logps.mean()),
-        "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped_steps,
-        "step_s": step_seconds,
+        "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "step_s": step_seconds,
     }
-    if EVAL_EVERY and ((step + 1) % EVAL_EVERY == 0 or step + 1 == total_steps):
-        metrics.update(run_eval(step + 1))
-    metrics["elapsed_s"] = time.perf_counter() - run_start  # wall clock of the run so far, evals included
-    log_file.write(json.dumps(metrics) + "\n")
-    log_file.flush()
-    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['reward_accuracy']:.2f}")
+    run.bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['reward_accuracy']:.2f}")
     tqdm.write(f"step {step + 1}/{total_steps} loss {metrics['loss']:.4f} acc {metrics['reward_accuracy']:.3f} "
                f"margin {metrics['reward_margin']:.4f} chosen {metrics['chosen_reward']:.4f} "
                f"rejected {metrics['rejected_reward']:.4f} | logp chosen {metrics['chosen_logp']:.2f} "
-               f"rejected {metrics['rejected_logp']:.2f} sft {step_sft:.3f} gnorm {grad_norm:.3f} "
+               f"rejected {metrics['rejected_logp']:.2f} sft {metrics['sft_loss']:.3f} gnorm {grad_norm:.3f} "
                f"| {step_seconds:.1f}s")
-    end_of_epoch = (step + 1) % steps_per_epoch == 0
-    if (SAVE_EVERY and (step + 1) % SAVE_EVERY == 0) or end_of_epoch or step + 1 == total_steps:
-        tqdm.write(f"saved {save(step + 1)}")
-log_file.close()
-print(f"done: {total_steps} steps, {skipped_steps} skipped; metrics in {log_path}")
-cleanup()
+    run.end_step(step + 1, metrics)
+run.finish()

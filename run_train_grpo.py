@@ -22,15 +22,14 @@ and the LoRA gradients are summed over the processes (common/distributed.py), so
 one process's; rank 0 alone prints, writes the metrics and saves checkpoints.
 """
 
-import json
-import math
 import time
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 from tqdm import tqdm
 
-from common.config import configure
+from common.config import Device, Dtype, configure
 from common.distributed import is_main_process
 
 # ---------------------------------------------------------------- constants
@@ -38,145 +37,121 @@ from common.distributed import is_main_process
 MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
 TRAIN_FILE = "data/gsm8k_train.jsonl"  # training questions {"question", "gold_answer"}
 EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval
-NUM_PROMPTS = 0  # use the first NUM_PROMPTS training questions (0 = all)
-EVAL_LIMIT = 200  # held-out questions per eval (0 = all)
-EVAL_EVERY = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
-EVAL_BATCH_SIZE = 64  # prompts per eval generation batch
+NUM_PROMPTS: Annotated[int, ">= 0"] = 0  # use the first NUM_PROMPTS training questions (0 = all)
+SKIP_LONG_PROMPTS = False  # leave out (and count) questions too long for the context, instead of refusing the file
+EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all)
+EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
+EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts per eval generation batch
 # rollouts
-NUM_EPOCHS = 1  # passes over the training questions
-MAX_STEPS = 0  # stop after this many steps (0 = run the epochs)
-PROMPTS_PER_STEP = 16  # questions per step
-NUM_SAMPLES_PER_PROMPT = 8  # group size G: completions sampled per question
-MAX_NEW_TOKENS = 256  # completion length limit (a cut-off answer is flagged truncated)
-TEMPERATURE = 1.0  # sampling temperature; the training log-probs use the same one
-TOP_P = 1.0  # nucleus sampling (1.0 = off)
-TOP_K = 0  # top-k sampling (0 = off)
-GENERATION_BATCH_SIZE = 0  # rows sampled together (0 = all PROMPTS_PER_STEP x G at once)
-REWARD = "math"  # reward function of common/reward.py: math (correctness + format - hacks) or correctness
+NUM_EPOCHS: Annotated[int, ">= 1"] = 1  # passes over the training questions
+MAX_STEPS: Annotated[int, ">= 0"] = 0  # stop after this many steps (0 = run the epochs)
+PROMPTS_PER_STEP: Annotated[int, ">= 1"] = 16  # questions per step
+NUM_SAMPLES_PER_PROMPT: Annotated[int, ">= 2"] = 8  # group size G: completions sampled per question (a group of 1 has no advantage)
+MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # completion length limit (a cut-off answer is flagged truncated)
+TEMPERATURE: Annotated[float, "> 0"] = 1.0  # sampling temperature; the training log-probs use the same one
+TOP_P: Annotated[float, "0 < x <= 1"] = 1.0  # nucleus sampling (1.0 = off)
+TOP_K: Annotated[int, ">= 0"] = 0  # top-k sampling (0 = off)
+GENERATION_BATCH_SIZE: Annotated[int, ">= 0"] = 0  # rows sampled together (0 = all PROMPTS_PER_STEP x G at once)
+REWARD: Literal["math", "correctness"] = "math"  # reward function of common/reward.py: math (correctness + format - hacks) or correctness
 # objective
-ADVANTAGE = "std"  # group advantage: mean (r - mean), std ((r - mean) / std), rank (centred ranks)
-LOSS_AGG = "token_mean"  # token_mean (DAPO), seq_mean (original GRPO), seq_sum_const (Dr. GRPO)
-IMPORTANCE_LEVEL = "token"  # ratio per token, or per sequence (GSPO)
-CLIP_EPS_LOW = 0.2  # ratio clipped below at 1 - CLIP_EPS_LOW
-CLIP_EPS_HIGH = 0.28  # ratio clipped above at 1 + CLIP_EPS_HIGH (DAPO's clip-higher)
-KL_COEF = 0.0  # beta: weight of the KL penalty to the base model (0 = no reference pass)
-KL_ESTIMATOR = "k3"  # k1, k2 or k3 estimate of KL(policy || reference)
-NUM_ITERATIONS = 1  # updates per batch of rollouts (1 = on-policy, ratio = 1)
+ADVANTAGE: Literal["mean", "std", "rank"] = "std"  # group advantage: mean (r - mean), std ((r - mean) / std), rank (centred ranks)
+LOSS_AGG: Literal["token_mean", "seq_mean", "seq_sum_const"] = "token_mean"  # token_mean (DAPO), seq_mean (original GRPO), seq_sum_const (Dr. GRPO)
+IMPORTANCE_LEVEL: Literal["token", "sequence"] = "token"  # ratio per token, or per sequence (GSPO)
+CLIP_EPS_LOW: Annotated[float, "0 <= x < 1"] = 0.2  # ratio clipped below at 1 - CLIP_EPS_LOW
+CLIP_EPS_HIGH: Annotated[float, ">= 0"] = 0.28  # ratio clipped above at 1 + CLIP_EPS_HIGH (DAPO's clip-higher)
+KL_COEF: Annotated[float, ">= 0"] = 0.0  # beta: weight of the KL penalty to the base model (0 = no reference pass)
+KL_ESTIMATOR: Literal["k1", "k2", "k3"] = "k3"  # k1, k2 or k3 estimate of KL(policy || reference)
+NUM_ITERATIONS: Annotated[int, ">= 1"] = 1  # updates per batch of rollouts (1 = on-policy, ratio = 1)
 # optimisation
-LR = 2e-5  # peak AdamW learning rate of the LoRA (a cautious start for Gemma 2B, untuned; the tiny model learns at 2e-4)
-WARMUP_STEPS = 5  # linear warm-up steps
-LR_SCHEDULE = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
-WEIGHT_DECAY = 0.0  # AdamW weight decay
-GRAD_CLIP = 1.0  # max global gradient norm
-MICRO_BATCH_SIZE = 16  # sequences per forward/backward (gradient accumulation over the step)
-LOGPROB_CHUNK_SIZE = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
+LR: Annotated[float, "> 0"] = 2e-5  # peak AdamW learning rate of the LoRA (a cautious start for Gemma 2B, untuned; the tiny model learns at 2e-4)
+WARMUP_STEPS: Annotated[int, ">= 0"] = 5  # linear warm-up steps
+LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
+WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
+GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
+MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 16  # sequences per forward/backward (gradient accumulation over the step)
+LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
 # LoRA
-LORA_R = 16  # adapter rank
-LORA_ALPHA = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
+LORA_R: Annotated[int, ">= 1"] = 16  # adapter rank
+LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # wrapped layers
-LORA_DROPOUT = 0.0  # dropout on the adapters' input (0 keeps sampling and training the same policy)
+LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapters' input (0 keeps sampling and training the same policy)
 # bookkeeping
-SAVE_EVERY = 0  # steps between checkpoints (0 = only at the end of each epoch and of the run)
+SAVE_EVERY: Annotated[int, ">= 0"] = 0  # steps between checkpoints (0 = only at the end of each epoch and of the run)
 CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
 RUN_NAME = "grpo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
 LOG_DIR = "logs"  # where the metrics JSONL goes
-RESUME: Path | None = None  # checkpoint of this run to continue from (same config)
+OVERWRITE = False  # replace an earlier run of the same RUN_NAME (else a new run on its name is refused)
+RESUME: Path | None = None  # checkpoint (or run folder: its newest) of a run to continue: LR and the schedule may
+#                             change, the LoRA layout, group size, questions per step and seed may not
 INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an SFT warm-up, a model_soup.py soup):
-#                                its layout replaces LORA_*; the KL reference stays the base model (RESUME wins)
-SAMPLE_EVERY = 10  # print one sampled completion with its reward every this many steps (0 = never)
+#                                its layout replaces LORA_*; the KL reference stays the base model
+SAMPLE_EVERY: Annotated[int, ">= 0"] = 10  # print one sampled completion with its reward every this many steps (0 = never)
 SEED = 0  # data order, sampling and initialisation
-DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
-DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
+DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
-from common.checkpoint import (checkpoint_path, load_checkpoint, start_lora,  # noqa: E402
-                               restore_training_state, save_checkpoint, warn_config_differences)
-from common.data import load_problems, open_metrics_log, step_items  # noqa: E402
-from common.distributed import (all_reduce_sum, cleanup, gather_rank_states, restore_rank_state,  # noqa: E402
-                                setup_distributed, shard, sum_gradients)
+from common.checkpoint import start_lora  # noqa: E402
+from common.data import load_problems  # noqa: E402
+from common.distributed import all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
 from common.reward import get_reward_fn  # noqa: E402
-from common.rollout import rollout_batch  # noqa: E402
+from common.rollout import rollout_batch, rollout_means, rollout_sums  # noqa: E402
+from common.run import TrainingRun, questions_that_fit, warn_shared_questions  # noqa: E402
 from common.sampler import sample  # noqa: E402
-from common.schedule import lr_factor  # noqa: E402
+from common.schedule import warmup_then_schedule  # noqa: E402
 from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
 from grpo.loss import grpo_loss  # noqa: E402
 
+# ------------------------------------------------- plumbing (common/run.py)
 distributed = setup_distributed(DEVICE)
+run = TrainingRun("grpo", config, distributed, fixed_on_resume=("PROMPTS_PER_STEP", "NUM_SAMPLES_PER_PROMPT"))
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
 reward_fn = get_reward_fn(REWARD)
 problems = load_problems(TRAIN_FILE, limit=NUM_PROMPTS or None)
 eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None) if EVAL_EVERY else []
-if len(problems) < PROMPTS_PER_STEP:
-    raise SystemExit(f"error: {TRAIN_FILE} has {len(problems)} questions, fewer than PROMPTS_PER_STEP={PROMPTS_PER_STEP}")
+warn_shared_questions([p["question"] for p in problems], [p["question"] for p in eval_problems], TRAIN_FILE, EVAL_FILE)
 if PROMPTS_PER_STEP % distributed.world_size:
     raise SystemExit(f"error: PROMPTS_PER_STEP={PROMPTS_PER_STEP} does not divide between {distributed.world_size} "
                      f"processes; make it a multiple of the number of processes")
-steps_per_epoch = len(problems) // PROMPTS_PER_STEP
-total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+prompt_room = model.config.max_position_embeddings - MAX_NEW_TOKENS  # a prompt and its answer fit the context
+problems = questions_that_fit(tokenizer, problems, TRAIN_FILE, prompt_room, SKIP_LONG_PROMPTS)
+eval_problems = questions_that_fit(tokenizer, eval_problems, EVAL_FILE, prompt_room, SKIP_LONG_PROMPTS) if EVAL_EVERY else []
+if len(problems) < PROMPTS_PER_STEP:
+    raise SystemExit(f"error: {TRAIN_FILE} has {len(problems)} questions, fewer than PROMPTS_PER_STEP={PROMPTS_PER_STEP}")
+steps_per_epoch = len(problems) // PROMPTS_PER_STEP
+total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 stop_ids = stop_token_ids(model, tokenizer)
 sampling_generator = torch.Generator(device=device).manual_seed(SEED + distributed.rank)  # each rank its own samples
-resume_checkpoint = load_checkpoint(RESUME) if RESUME else None
-start_lora(model, resume_checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
+start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 trainable = lora_parameters(model)
 optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
-scheduler = torch.optim.lr_scheduler.LambdaLR(
-    optimizer, lambda s: lr_factor(s, WARMUP_STEPS, total_steps, LR_SCHEDULE))
-start_step = 0
-if resume_checkpoint is not None:
-    restore_training_state(resume_checkpoint, optimizer, scheduler)
-    restore_rank_state(resume_checkpoint, distributed, generators={"sampling": sampling_generator})
-    start_step = resume_checkpoint["step"]
-    print(f"resumed {RESUME} at step {start_step}")
-    warn_config_differences(resume_checkpoint, config)
+scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
+run.restore(optimizer, scheduler, generators={"sampling": sampling_generator})
+run.track(model, tokenizer, optimizer, scheduler, generators={"sampling": sampling_generator},
+          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
+                                         desc=f"eval@{step}"))
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step")
 
-
-def save(step: int) -> Path | None:
-    """Rank 0 writes the checkpoint, with every rank's random state (gathered: every rank calls this)."""
-    rank_states = gather_rank_states(distributed, {"sampling": sampling_generator})
-    if not distributed.is_main:
-        return None
-    path = checkpoint_path(CHECKPOINT_DIR, RUN_NAME, step // steps_per_epoch, step)
-    return save_checkpoint(path, model, MODEL_PATH, config, optimizer, scheduler, epoch=step // steps_per_epoch,
-                           step=step, generators={"sampling": sampling_generator}, extra={"ranks": rank_states})
-
-
-def run_eval(step: int) -> dict:
-    result = evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, desc=f"eval@{step}")
-    tqdm.write(f"step {step} eval: {result.summary()}")
-    return result.metrics()
-
-
-log_path = Path(LOG_DIR) / f"{RUN_NAME}.jsonl"
-log_file = open_metrics_log(log_path, append=RESUME is not None, is_main=distributed.is_main)  # rank 0 writes
-skipped_steps = 0
-if EVAL_EVERY and start_step == 0:
-    log_file.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")
-
-run_start = time.perf_counter()
-bar = tqdm(range(start_step, total_steps), desc="grpo", unit="step", initial=start_step, total=total_steps,
-           disable=not distributed.is_main)
-for step in bar:
+# ------------------------------------------------------------ the algorithm
+for step in run.steps(total_steps, steps_per_epoch):
     step_start = time.perf_counter()
-    epoch, step_indices = step_items(len(problems), SEED, step, PROMPTS_PER_STEP)
-    batch = [problems[i] for i in shard(step_indices)]  # this rank's share of the step's questions
+    epoch, batch = run.step_items(problems, step, PROMPTS_PER_STEP)  # this rank's share of the step's questions
 
     # 1. Rollouts: G completions per question in one batch.
     model.eval()
-    prompt_ids = encode_prompts(tokenizer, [p["question"] for p in batch])
-    samples = sample(model, prompt_ids, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
-                     eos_token_ids=stop_ids, tokenizer=tokenizer, generator=sampling_generator,
-                     max_rows_per_chunk=GENERATION_BATCH_SIZE or None)
+    samples = sample(model, encode_prompts(tokenizer, [p["question"] for p in batch]), NUM_SAMPLES_PER_PROMPT,
+                     MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K, eos_token_ids=stop_ids, tokenizer=tokenizer,
+                     generator=sampling_generator, max_rows_per_chunk=GENERATION_BATCH_SIZE or None)
     generate_seconds = time.perf_counter() - step_start
 
     # 2. Rewards and group advantages.
@@ -199,96 +174,69 @@ for step in bar:
     reference_seconds = time.perf_counter() - reference_start
 
     # 4. Policy update(s), accumulated over micro-batches with the whole step's normaliser, counted
-    #    over every rank; the gradients are then summed over the ranks (see sum_gradients).
+    #    over every rank; the gradients are then summed over the ranks (see sum_gradients). Statistics
+    #    stay on the device until the end of the step: no host sync per micro-batch.
     policy_start = time.perf_counter()
     model.train()
     row_advantages = advantages[rollouts.rows].to(device)
     step_counts = all_reduce_sum({"rows": rollouts.num_rows, "tokens": rollouts.num_tokens})
     normalizer = {"token_mean": step_counts["tokens"], "seq_mean": step_counts["rows"],
                   "seq_sum_const": step_counts["rows"] * MAX_NEW_TOKENS}[LOSS_AGG]
-    loss_stats, loss_sum, entropy_sum, grad_norm = [], 0.0, 0.0, None  # grad_norm: None when no group had an advantage
+    update_sums = {key: torch.zeros((), device=device) for key in ("loss", "entropy", "kl", "clip_frac", "approx_kl")}
+    grad_norm = None  # None when no group had an advantage
     for _ in range(NUM_ITERATIONS if step_counts["rows"] else 0):
         optimizer.zero_grad(set_to_none=True)
-        iteration_loss = 0.0
+        iteration_loss = torch.zeros((), device=device)
         for micro in rollouts.micro_batches(MICRO_BATCH_SIZE):
             logp, entropy = rollouts.completion_logprobs_for(model, micro, TEMPERATURE, LOGPROB_CHUNK_SIZE,
                                                              with_entropy=True)
             mask = rollouts.completion_mask[micro].to(device)
-            loss, stats = grpo_loss(
+            loss, token_sums = grpo_loss(
                 logp, logp.detach() if old_logp is None else old_logp[micro].to(device), row_advantages[micro],
                 mask, ref_logp=None if ref_logp is None else ref_logp[micro].to(device), beta=KL_COEF,
                 eps_low=CLIP_EPS_LOW, eps_high=CLIP_EPS_HIGH, loss_agg=LOSS_AGG,
                 importance_level=IMPORTANCE_LEVEL, normalizer=normalizer, max_tokens=MAX_NEW_TOKENS,
                 kl_estimator=KL_ESTIMATOR)
             loss.backward()
-            loss_stats.append(stats)
-            iteration_loss += loss.item()
-            entropy_sum += float((entropy.detach() * mask).sum())
-        iteration_loss = all_reduce_sum(iteration_loss)  # the step's loss: every rank's share
-        loss_sum += iteration_loss
+            iteration_loss += loss.detach()
+            update_sums["entropy"] += (entropy.detach() * mask).sum()
+            for key in ("kl", "clip_frac", "approx_kl"):
+                update_sums[key] += token_sums.get(key, 0.0)
+        iteration_loss = all_reduce_sum(iteration_loss)  # the step's loss: every rank's share (one sync a step)
+        update_sums["loss"] += iteration_loss
         sum_gradients(trainable)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
-        # A non-finite loss or gradient never reaches the weights (nor, so, a checkpoint). The loss and
-        # the gradients are the same on every rank, so every rank makes the same decision.
-        if not (math.isfinite(grad_norm) and math.isfinite(iteration_loss)):
+        # The loss and the gradients are the same on every rank, so every rank decides the same.
+        if not run.update_is_finite(step + 1, grad_norm, iteration_loss):
             optimizer.zero_grad(set_to_none=True)
-            skipped_steps += 1
-            tqdm.write(f"step {step + 1}: non-finite loss or gradient; update skipped ({skipped_steps} so far)")
             break
         optimizer.step()
     scheduler.step()
     policy_seconds = time.perf_counter() - policy_start
     step_seconds = time.perf_counter() - step_start
 
-    # Metrics of the step, over every rank's rollouts (sums in one all-reduce, then the means); loss
-    # statistics are weighted by the updated rows' tokens. Times are rank 0's.
-    lengths = samples.completion_lengths.float()
-    updated_tokens = sum(s["tokens"] for s in loss_stats)
-    totals = all_reduce_sum({
-        "completions": len(scores), "groups": len(batch), "reward": rewards.sum(), "reward_sq": rewards.square().sum(),
-        "correct": sum(s.correct for s in scores), "format_ok": sum(s.format_ok for s in scores),
-        "length": lengths.sum(), "truncated": samples.truncated.sum(),
-        "zero_adv_groups": zero_advantage_groups(rewards).sum(), "entropy": entropy_sum,
-        "updated_tokens": updated_tokens,
-        **{key: sum(s.get(key, 0.0) * s["tokens"] for s in loss_stats) for key in ("kl", "clip_frac", "approx_kl")},
-    })
-
-    def token_weighted(key: str) -> float:
-        return totals[key] / totals["updated_tokens"] if totals["updated_tokens"] else 0.0
-
-    completions = totals["completions"]
-    reward_mean = totals["reward"] / completions
-    reward_variance = max(0.0, totals["reward_sq"] - completions * reward_mean ** 2) / max(1.0, completions - 1)
+    # Metrics of the step over every rank (sums in one all-reduce, then the means); update statistics
+    # are means over the updated tokens of every iteration. Times are rank 0's.
+    totals = all_reduce_sum({**rollout_sums(scores, samples), **update_sums,
+                             "groups": len(batch), "zero_adv_groups": zero_advantage_groups(rewards).sum()})
+    updated_tokens = max(1.0, step_counts["tokens"] * NUM_ITERATIONS)
     metrics = {
-        "step": step + 1, "epoch": epoch,
-        "reward": reward_mean, "reward_std": math.sqrt(reward_variance),  # unbiased, as torch.std
-        "accuracy": totals["correct"] / completions, "format_rate": totals["format_ok"] / completions,
-        "loss": loss_sum / max(1, NUM_ITERATIONS),
-        "kl": token_weighted("kl"), "clip_frac": token_weighted("clip_frac"),
-        "approx_kl": token_weighted("approx_kl"),
-        "entropy": totals["entropy"] / max(1, step_counts["tokens"] * NUM_ITERATIONS),
-        "completion_len": totals["length"] / completions, "truncated": totals["truncated"] / completions,
+        "step": step + 1, "epoch": epoch, **rollout_means(totals, generate_seconds),
+        "loss": totals["loss"] / NUM_ITERATIONS,
+        **{key: totals[key] / updated_tokens for key in ("kl", "clip_frac", "approx_kl", "entropy")},
         "zero_adv_groups": totals["zero_adv_groups"] / totals["groups"],
-        "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped_steps,
+        "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
         "generate_s": generate_seconds, "reference_s": reference_seconds, "policy_s": policy_seconds,
-        "step_s": step_seconds, "tokens_per_s": totals["length"] / generate_seconds,
+        "step_s": step_seconds,
     }
-    if EVAL_EVERY and ((step + 1) % EVAL_EVERY == 0 or step + 1 == total_steps):
-        metrics.update(run_eval(step + 1))
-    metrics["elapsed_s"] = time.perf_counter() - run_start  # wall clock of the run so far, evals included
-    log_file.write(json.dumps(metrics) + "\n")
-    log_file.flush()
-    bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}")
+    run.bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}")
     tqdm.write(f"step {step + 1}/{total_steps} reward {metrics['reward']:.3f} acc {metrics['accuracy']:.3f} "
                f"fmt {metrics['format_rate']:.2f} kl {metrics['kl']:.4f} clip {metrics['clip_frac']:.3f} "
                f"ent {metrics['entropy']:.3f} len {metrics['completion_len']:.1f} trunc {metrics['truncated']:.2f} "
-               f"zero-adv {metrics['zero_adv_groups']:.2f} gnorm {'-' if grad_norm is None else f'{grad_norm:.3f}'} | gen {generate_seconds:.1f}s "
-               f"ref {reference_seconds:.1f}s policy {policy_seconds:.1f}s | {metrics['tokens_per_s']:.0f} tok/s")
+               f"zero-adv {metrics['zero_adv_groups']:.2f} gnorm {'-' if grad_norm is None else f'{grad_norm:.3f}'} | "
+               f"gen {generate_seconds:.1f}s ref {reference_seconds:.1f}s policy {policy_seconds:.1f}s | "
+               f"{metrics['tokens_per_s']:.0f} tok/s")
     if SAMPLE_EVERY and (step + 1) % SAMPLE_EVERY == 0:
         tqdm.write(f"--- sample (reward {scores[0].total:.2f}, gold {golds[0]}):\n{samples.texts[0]}\n---")
-    end_of_epoch = (step + 1) % steps_per_epoch == 0
-    if (SAVE_EVERY and (step + 1) % SAVE_EVERY == 0) or end_of_epoch or step + 1 == total_steps:
-        tqdm.write(f"saved {save(step + 1)}")
-log_file.close()
-print(f"done: {total_steps} steps, {skipped_steps} skipped; metrics in {log_path}")
-cleanup()
+    run.end_step(step + 1, metrics)
+run.finish()

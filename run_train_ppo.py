@@ -29,15 +29,14 @@ of each process with the whole mini-batch's token count as normaliser, and the g
 over the processes (common/distributed.py); rank 0 alone prints, writes metrics and checkpoints.
 """
 
-import json
-import math
 import time
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 from tqdm import tqdm
 
-from common.config import configure
+from common.config import Device, Dtype, configure
 from common.distributed import is_main_process
 
 # ---------------------------------------------------------------- constants
@@ -45,112 +44,115 @@ from common.distributed import is_main_process
 MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
 TRAIN_FILE = "data/gsm8k_train.jsonl"  # training questions {"question", "gold_answer"}
 EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval
-NUM_PROMPTS = 0  # use the first NUM_PROMPTS training questions (0 = all)
-EVAL_LIMIT = 200  # held-out questions per eval (0 = all)
-EVAL_EVERY = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
-EVAL_BATCH_SIZE = 64  # prompts per eval generation batch
+NUM_PROMPTS: Annotated[int, ">= 0"] = 0  # use the first NUM_PROMPTS training questions (0 = all)
+SKIP_LONG_PROMPTS = False  # leave out (and count) questions too long for the context, instead of refusing the file
+EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all)
+EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
+EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts per eval generation batch
 # rollouts
-NUM_EPOCHS = 1  # passes over the training questions
-MAX_STEPS = 0  # stop after this many steps (0 = run the epochs)
-PROMPTS_PER_STEP = 16  # questions per step
-NUM_SAMPLES_PER_PROMPT = 4  # completions sampled per question
-MAX_NEW_TOKENS = 256  # completion length limit (a cut-off answer is flagged truncated and bootstrapped)
-TEMPERATURE = 1.0  # sampling temperature; the training log-probs use the same one
-TOP_P = 1.0  # nucleus sampling (1.0 = off)
-TOP_K = 0  # top-k sampling (0 = off)
-GENERATION_BATCH_SIZE = 0  # rows sampled together (0 = all PROMPTS_PER_STEP x NUM_SAMPLES_PER_PROMPT at once)
-REWARD = "math"  # reward function of common/reward.py: math (correctness + format - hacks) or correctness
+NUM_EPOCHS: Annotated[int, ">= 1"] = 1  # passes over the training questions
+MAX_STEPS: Annotated[int, ">= 0"] = 0  # stop after this many steps (0 = run the epochs)
+PROMPTS_PER_STEP: Annotated[int, ">= 1"] = 16  # questions per step
+NUM_SAMPLES_PER_PROMPT: Annotated[int, ">= 1"] = 4  # completions sampled per question
+MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # completion length limit (a cut-off answer is flagged truncated and bootstrapped)
+TEMPERATURE: Annotated[float, "> 0"] = 1.0  # sampling temperature; the training log-probs use the same one
+TOP_P: Annotated[float, "0 < x <= 1"] = 1.0  # nucleus sampling (1.0 = off)
+TOP_K: Annotated[int, ">= 0"] = 0  # top-k sampling (0 = off)
+GENERATION_BATCH_SIZE: Annotated[int, ">= 0"] = 0  # rows sampled together (0 = all PROMPTS_PER_STEP x NUM_SAMPLES_PER_PROMPT at once)
+REWARD: Literal["math", "correctness"] = "math"  # reward function of common/reward.py: math (correctness + format - hacks) or correctness
 # objective
-KL_COEF = 0.05  # weight of the per-token KL penalty to the base model in the reward (0 = no reference pass)
-KL_ESTIMATOR = "k1"  # k1 (InstructGPT, TRL), k2 or k3 estimate of KL(policy || reference) in the reward
-GAMMA = 1.0  # discount over answer tokens
-LAM = 0.95  # GAE lambda (1 = Monte-Carlo returns, 0 = one-step TD)
-PPO_EPOCHS = 2  # passes over each step's rollouts
-MINI_BATCH_SIZE = 16  # sequences per optimizer step
-CLIP_EPS = 0.2  # policy ratio clipped to [1 - CLIP_EPS, 1 + CLIP_EPS]
-VALUE_CLIP = 0.2  # value predictions clipped to old value +- VALUE_CLIP in the value loss (0 = unclipped)
-VF_COEF = 0.5  # weight of the value loss
-ENT_COEF = 0.0  # weight of the entropy bonus
-TARGET_KL: float | None = None  # stop a step's PPO epochs once an epoch's mean approx KL exceeds this (None = off)
+KL_COEF: Annotated[float, ">= 0"] = 0.05  # weight of the per-token KL penalty to the base model in the reward (0 = no reference pass)
+KL_ESTIMATOR: Literal["k1", "k2", "k3"] = "k1"  # k1 (InstructGPT, TRL), k2 or k3 estimate of KL(policy || reference) in the reward
+GAMMA: Annotated[float, "0 <= x <= 1"] = 1.0  # discount over answer tokens
+LAM: Annotated[float, "0 <= x <= 1"] = 0.95  # GAE lambda (1 = Monte-Carlo returns, 0 = one-step TD)
+PPO_EPOCHS: Annotated[int, ">= 1"] = 2  # passes over each step's rollouts
+MINI_BATCH_SIZE: Annotated[int, ">= 1"] = 16  # sequences per optimizer step
+CLIP_EPS: Annotated[float, "0 <= x < 1"] = 0.2  # policy ratio clipped to [1 - CLIP_EPS, 1 + CLIP_EPS]
+VALUE_CLIP: Annotated[float, ">= 0"] = 0.2  # value predictions clipped to old value +- VALUE_CLIP in the value loss (0 = unclipped)
+VF_COEF: Annotated[float, ">= 0"] = 0.5  # weight of the value loss
+ENT_COEF: Annotated[float, ">= 0"] = 0.0  # weight of the entropy bonus
+TARGET_KL: Annotated[float, "> 0"] | None = None  # stop a step's PPO epochs once an epoch's mean approx KL exceeds this (None = off)
 # optimisation
-LR = 2e-5  # peak AdamW learning rate of the LoRA (a cautious start for Gemma 2B, untuned)
-CRITIC_FEATURES = "detached"  # value head reads: the actor's hidden states with a stop-gradient (detached),
-#                               a second LoRA of its own on the same base (adapter), or the actor's, trained (shared)
-CRITIC_LR = 1e-3  # peak AdamW learning rate of the value head (untuned)
-CRITIC_HIDDEN = 256  # width of the value head's hidden layer
-WARMUP_STEPS = 5  # linear warm-up steps (both learning rates)
-LR_SCHEDULE = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
-WEIGHT_DECAY = 0.0  # AdamW weight decay
-GRAD_CLIP = 1.0  # max gradient norm, of the actor's LoRA and of the critic separately
-MICRO_BATCH_SIZE = 8  # sequences per forward/backward (gradient accumulation over a mini-batch)
-LOGPROB_CHUNK_SIZE = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
+LR: Annotated[float, "> 0"] = 2e-5  # peak AdamW learning rate of the LoRA (a cautious start for Gemma 2B, untuned)
+CRITIC_FEATURES: Literal["detached", "adapter", "shared"] = "detached"  # value head reads: the actor's hidden states
+#                               with a stop-gradient (detached), a second LoRA of its own on the same base (adapter),
+#                               or the actor's, trained (shared)
+CRITIC_LR: Annotated[float, "> 0"] = 1e-3  # peak AdamW learning rate of the value head (untuned)
+CRITIC_HIDDEN: Annotated[int, ">= 1"] = 256  # width of the value head's hidden layer
+WARMUP_STEPS: Annotated[int, ">= 0"] = 5  # linear warm-up steps (both learning rates)
+LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
+WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
+GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max gradient norm, of the actor's LoRA and of the critic separately
+MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 8  # sequences per forward/backward (gradient accumulation over a mini-batch)
+LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
 # LoRA
-LORA_R = 16  # adapter rank
-LORA_ALPHA = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
+LORA_R: Annotated[int, ">= 1"] = 16  # adapter rank
+LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # wrapped layers
-LORA_DROPOUT = 0.0  # dropout on the adapters' input (0 keeps sampling and training the same policy)
+LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapters' input (0 keeps sampling and training the same policy)
 # bookkeeping
-SAVE_EVERY = 0  # steps between checkpoints (0 = only at the end of each epoch and of the run)
+SAVE_EVERY: Annotated[int, ">= 0"] = 0  # steps between checkpoints (0 = only at the end of each epoch and of the run)
 CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
 RUN_NAME = "ppo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
 LOG_DIR = "logs"  # where the metrics JSONL goes
-RESUME: Path | None = None  # checkpoint of this run to continue from (same config)
+OVERWRITE = False  # replace an earlier run of the same RUN_NAME (else a new run on its name is refused)
+RESUME: Path | None = None  # checkpoint (or run folder: its newest) of a run to continue: LR and the schedule may
+#                             change, the LoRA layout, critic, samples and questions per step and seed may not
 INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an SFT warm-up, a model_soup.py soup):
-#                                its layout replaces LORA_*; the KL reference stays the base model (RESUME wins)
-SAMPLE_EVERY = 10  # print one sampled completion with its reward every this many steps (0 = never)
+#                                its layout replaces LORA_*; the KL reference stays the base model
+SAMPLE_EVERY: Annotated[int, ">= 0"] = 10  # print one sampled completion with its reward every this many steps (0 = never)
 SEED = 0  # data order, sampling, mini-batch order and initialisation
-DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
-DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
+DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
-from common.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, start_lora,  # noqa: E402
-                               restore_training_state, save_checkpoint, warn_config_differences)
-from common.data import load_problems, open_metrics_log, step_items  # noqa: E402
-from common.distributed import (all_reduce_sum, cleanup, gather_rank_states, restore_rank_state,  # noqa: E402
-                                setup_distributed, shard, sum_gradients)
+from common.checkpoint import start_lora  # noqa: E402
+from common.data import load_problems  # noqa: E402
+from common.distributed import all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.kl import kl_estimate  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
 from common.reward import get_reward_fn  # noqa: E402
-from common.rollout import rollout_batch  # noqa: E402
+from common.rollout import rollout_batch, rollout_means, rollout_sums  # noqa: E402
+from common.run import TrainingRun, questions_that_fit, warn_shared_questions  # noqa: E402
 from common.sampler import sample  # noqa: E402
-from common.schedule import lr_factor  # noqa: E402
+from common.schedule import warmup_then_schedule  # noqa: E402
 from ppo.critic import Critic, completion_logprobs_and_values  # noqa: E402
 from ppo.gae import compute_gae, explained_variance, masked_sums, masked_whiten  # noqa: E402
 from ppo.loss import entropy_bonus, ppo_policy_loss, ppo_total_loss, ppo_value_loss, token_rewards  # noqa: E402
 
+# ------------------------------------------------- plumbing (common/run.py)
 distributed = setup_distributed(DEVICE)
+run = TrainingRun("ppo", config, distributed, fixed_on_resume=("PROMPTS_PER_STEP", "NUM_SAMPLES_PER_PROMPT",
+                                                         "CRITIC_FEATURES", "CRITIC_HIDDEN"))
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA and critic initialisation
 reward_fn = get_reward_fn(REWARD)
 problems = load_problems(TRAIN_FILE, limit=NUM_PROMPTS or None)
 eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None) if EVAL_EVERY else []
-if len(problems) < PROMPTS_PER_STEP:
-    raise SystemExit(f"error: {TRAIN_FILE} has {len(problems)} questions, fewer than PROMPTS_PER_STEP={PROMPTS_PER_STEP}")
+warn_shared_questions([p["question"] for p in problems], [p["question"] for p in eval_problems], TRAIN_FILE, EVAL_FILE)
 for name, value in {"PROMPTS_PER_STEP": PROMPTS_PER_STEP, "MINI_BATCH_SIZE": MINI_BATCH_SIZE}.items():
     if value % distributed.world_size:
         raise SystemExit(f"error: {name}={value} does not divide between {distributed.world_size} processes; "
                          f"make it a multiple of the number of processes")
-steps_per_epoch = len(problems) // PROMPTS_PER_STEP
-total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+prompt_room = model.config.max_position_embeddings - MAX_NEW_TOKENS  # a prompt and its answer fit the context
+problems = questions_that_fit(tokenizer, problems, TRAIN_FILE, prompt_room, SKIP_LONG_PROMPTS)
+eval_problems = questions_that_fit(tokenizer, eval_problems, EVAL_FILE, prompt_room, SKIP_LONG_PROMPTS) if EVAL_EVERY else []
+if len(problems) < PROMPTS_PER_STEP:
+    raise SystemExit(f"error: {TRAIN_FILE} has {len(problems)} questions, fewer than PROMPTS_PER_STEP={PROMPTS_PER_STEP}")
+steps_per_epoch = len(problems) // PROMPTS_PER_STEP
+total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 stop_ids = stop_token_ids(model, tokenizer)
 sampling_generator = torch.Generator(device=device).manual_seed(SEED + distributed.rank)  # each rank its own samples
-resume_checkpoint = load_checkpoint(RESUME) if RESUME else None
-start_lora(model, resume_checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
+start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 critic = Critic(model, CRITIC_FEATURES, CRITIC_HIDDEN).to(device)
-if resume_checkpoint is not None:
-    if "critic" not in resume_checkpoint["extra"]:
-        raise CheckpointError(f"{RESUME} has no critic: not a checkpoint of run_train_ppo.py")
-    saved_features = resume_checkpoint["extra"]["critic_features"]
-    if saved_features != CRITIC_FEATURES:
-        raise CheckpointError(f"{RESUME} holds a critic with CRITIC_FEATURES={saved_features!r}, this run asks "
-                              f"for {CRITIC_FEATURES!r}: resume with the run's own setting")
-    critic.load_state_dict(resume_checkpoint["extra"]["critic"])
+if run.checkpoint is not None:
+    critic.load_state_dict(run.checkpoint["extra"]["critic"])
 actor_parameters = lora_parameters(model)
 critic_parameters = list(critic.parameters())
 # One optimizer, a group each: the critic's moments then live in the same checkpointed state. The
@@ -160,15 +162,12 @@ parameter_groups = [{"params": actor_parameters, "lr": LR},
 if critic.adapter is not None:
     parameter_groups.append({"params": list(critic.adapter.parameters()), "lr": LR})
 optimizer = torch.optim.AdamW(parameter_groups, weight_decay=WEIGHT_DECAY)
-scheduler = torch.optim.lr_scheduler.LambdaLR(
-    optimizer, lambda s: lr_factor(s, WARMUP_STEPS, total_steps, LR_SCHEDULE))
-start_step = 0
-if resume_checkpoint is not None:
-    restore_training_state(resume_checkpoint, optimizer, scheduler)
-    restore_rank_state(resume_checkpoint, distributed, generators={"sampling": sampling_generator})
-    start_step = resume_checkpoint["step"]
-    print(f"resumed {RESUME} at step {start_step}")
-    warn_config_differences(resume_checkpoint, config)
+scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
+run.restore(optimizer, scheduler, generators={"sampling": sampling_generator})
+run.track(model, tokenizer, optimizer, scheduler, generators={"sampling": sampling_generator},
+          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
+                                         desc=f"eval@{step}"),
+          extra=lambda: {"critic": critic.state_dict(), "critic_features": CRITIC_FEATURES})
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in actor_parameters) / 1e6:.3f}M + critic ({CRITIC_FEATURES}) "
       f"{sum(p.numel() for p in critic_parameters) / 1e6:.3f}M trainable parameters on {device}; "
@@ -181,24 +180,6 @@ def mini_batch_generator(step: int) -> torch.Generator:
     return torch.Generator().manual_seed(SEED * 1_000_003 + step)
 
 
-def save(step: int) -> Path | None:
-    """Rank 0 writes the checkpoint, with every rank's random state (gathered: every rank calls this)."""
-    rank_states = gather_rank_states(distributed, {"sampling": sampling_generator})
-    if not distributed.is_main:
-        return None
-    path = checkpoint_path(CHECKPOINT_DIR, RUN_NAME, step // steps_per_epoch, step)
-    return save_checkpoint(path, model, MODEL_PATH, config, optimizer, scheduler, epoch=step // steps_per_epoch,
-                           step=step, generators={"sampling": sampling_generator},
-                           extra={"critic": critic.state_dict(), "critic_features": CRITIC_FEATURES,
-                                  "ranks": rank_states})
-
-
-def run_eval(step: int) -> dict:
-    result = evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, desc=f"eval@{step}")
-    tqdm.write(f"step {step} eval: {result.summary()}")
-    return result.metrics()
-
-
 def rollout_logprobs_and_values(rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Old log-probs, values [N, T] and bootstrap values [N] of every rollout, on the CPU (call under no_grad)."""
     parts = [completion_logprobs_and_values(model, critic, rollouts, rows, TEMPERATURE, LOGPROB_CHUNK_SIZE)
@@ -206,26 +187,16 @@ def rollout_logprobs_and_values(rollouts) -> tuple[torch.Tensor, torch.Tensor, t
     return tuple(torch.cat([part[index].cpu() for part in parts]) for index in (0, 2, 3))
 
 
-log_path = Path(LOG_DIR) / f"{RUN_NAME}.jsonl"
-log_file = open_metrics_log(log_path, append=RESUME is not None, is_main=distributed.is_main)  # rank 0 writes
-skipped_updates = 0
-if EVAL_EVERY and start_step == 0:
-    log_file.write(json.dumps({"step": 0, **run_eval(0)}) + "\n")
-
-run_start = time.perf_counter()
-bar = tqdm(range(start_step, total_steps), desc="ppo", unit="step", initial=start_step, total=total_steps,
-           disable=not distributed.is_main)
-for step in bar:
+# ------------------------------------------------------------ the algorithm
+for step in run.steps(total_steps, steps_per_epoch):
     step_start = time.perf_counter()
-    epoch, step_indices = step_items(len(problems), SEED, step, PROMPTS_PER_STEP)
-    batch = [problems[i] for i in shard(step_indices)]  # this rank's share of the step's questions
+    epoch, batch = run.step_items(problems, step, PROMPTS_PER_STEP)  # this rank's share of the step's questions
 
     # 1. Rollouts and their task rewards.
     model.eval()
-    prompt_ids = encode_prompts(tokenizer, [p["question"] for p in batch])
-    samples = sample(model, prompt_ids, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
-                     eos_token_ids=stop_ids, tokenizer=tokenizer, generator=sampling_generator,
-                     max_rows_per_chunk=GENERATION_BATCH_SIZE or None)
+    samples = sample(model, encode_prompts(tokenizer, [p["question"] for p in batch]), NUM_SAMPLES_PER_PROMPT,
+                     MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K, eos_token_ids=stop_ids, tokenizer=tokenizer,
+                     generator=sampling_generator, max_rows_per_chunk=GENERATION_BATCH_SIZE or None)
     generate_seconds = time.perf_counter() - step_start
     golds = [batch[i]["gold_answer"] for i in samples.prompt_index.tolist()]
     scores = [reward_fn(text, gold, bool(cut)) for text, gold, cut in zip(samples.texts, golds, samples.truncated)]
@@ -254,18 +225,20 @@ for step in bar:
 
     # 4. PPO epochs over shuffled mini-batches, one optimizer step each. Every rank has as many rows,
     #    so MINI_BATCH_SIZE / N rows each make the same number of mini-batches (and collectives).
+    #    Statistics stay on the device as token sums: one host sync per mini-batch, none per micro-batch.
     policy_start = time.perf_counter()
     model.train()
     shuffle_generator = mini_batch_generator(step)
-    tokens_seen = entropy_sum = value_loss_sum = approx_kl_sum = clip_sum = 0.0
+    update_sums = {key: torch.zeros((), device=device)
+                   for key in ("tokens", "entropy", "value_loss", "approx_kl", "clip_frac")}
     lora_grad_norms, value_grad_norms, epochs_run = [], [], 0
     for _ in range(PPO_EPOCHS):
-        epoch_tokens = epoch_approx_kl_sum = 0.0
+        epoch_start_sums = {key: update_sums[key].clone() for key in ("approx_kl", "tokens")}
         for mini_batch in torch.randperm(rollouts.num_rows, generator=shuffle_generator).split(
                 MINI_BATCH_SIZE // distributed.world_size):
             optimizer.zero_grad(set_to_none=True)
             normalizer = all_reduce_sum(mask[mini_batch].sum())  # the tokens of the mini-batch on every rank
-            loss_values = []
+            mini_batch_loss = torch.zeros((), device=device)
             for micro in mini_batch.split(MICRO_BATCH_SIZE):
                 logp, entropy, values, _ = completion_logprobs_and_values(
                     model, critic, rollouts, micro, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
@@ -278,79 +251,54 @@ for step in bar:
                 entropy_term = entropy_bonus(entropy, micro_mask, normalizer=normalizer)
                 loss = ppo_total_loss(policy_loss, value_loss, entropy_term, VF_COEF, ENT_COEF)
                 loss.backward()
-                loss_values.append(float(loss))
+                mini_batch_loss += loss.detach()
                 # Statistics as sums over tokens: the losses above are sums divided by the normaliser.
-                micro_tokens = float(micro_mask.sum())
-                tokens_seen += micro_tokens
-                epoch_tokens += micro_tokens
-                entropy_sum += float(entropy_term) * normalizer
-                value_loss_sum += float(value_loss) * normalizer
-                approx_kl_sum += policy_stats["approx_kl"] * micro_tokens
-                epoch_approx_kl_sum += policy_stats["approx_kl"] * micro_tokens
-                clip_sum += policy_stats["clip_frac"] * micro_tokens
+                micro_tokens = micro_mask.sum()
+                update_sums["tokens"] += micro_tokens
+                update_sums["entropy"] += entropy_term.detach() * normalizer
+                update_sums["value_loss"] += value_loss.detach() * normalizer
+                update_sums["approx_kl"] += policy_stats["approx_kl"] * micro_tokens
+                update_sums["clip_frac"] += policy_stats["clip_frac"] * micro_tokens
             sum_gradients(actor_parameters + critic_parameters)
             # Separately: the critic's gradient would otherwise dominate the LoRA's norm and shrink its step.
             lora_grad_norm = float(torch.nn.utils.clip_grad_norm_(actor_parameters, GRAD_CLIP))
             value_grad_norm = float(torch.nn.utils.clip_grad_norm_(critic_parameters, GRAD_CLIP))
-            # A non-finite loss or gradient never reaches the weights (nor, so, a checkpoint). Loss and
-            # gradients are sums over the ranks, the same on each, so every rank makes the same decision.
-            mini_batch_loss = all_reduce_sum(sum(loss_values))
-            if not all(math.isfinite(v) for v in (lora_grad_norm, value_grad_norm, mini_batch_loss)):
+            # Loss and gradients are sums over the ranks, the same on each, so every rank decides the same.
+            if not run.update_is_finite(step + 1, lora_grad_norm, value_grad_norm, all_reduce_sum(mini_batch_loss)):
                 optimizer.zero_grad(set_to_none=True)
-                skipped_updates += 1
-                tqdm.write(f"step {step + 1}: non-finite loss or gradient; update skipped ({skipped_updates} so far)")
                 continue
             optimizer.step()
             lora_grad_norms.append(lora_grad_norm)
             value_grad_norms.append(value_grad_norm)
         epochs_run += 1
-        epoch_kl = all_reduce_sum({"approx_kl": epoch_approx_kl_sum, "tokens": epoch_tokens})  # same stop on every rank
+        epoch_kl = all_reduce_sum({key: update_sums[key] - epoch_start_sums[key] for key in ("approx_kl", "tokens")})
         if TARGET_KL is not None and epoch_kl["approx_kl"] / max(1.0, epoch_kl["tokens"]) > TARGET_KL:
-            break
+            break  # the same on every rank: the sums are every rank's
     scheduler.step()
     policy_seconds = time.perf_counter() - policy_start
     step_seconds = time.perf_counter() - step_start
 
     # Metrics of the step: rollout statistics over all answers, update statistics over the tokens trained
     # on, both over every rank (sums in one all-reduce, then the means). Times are rank 0's.
-    lengths = samples.completion_lengths.float()
     token_sums = {f"{name}_{key}": value for name, tensor in
                   (("kl", kl_estimate(old_logp, ref_logp, KL_ESTIMATOR)), ("returns", returns), ("values", old_values))
                   for key, value in masked_sums(tensor, mask).items()}
-    totals = all_reduce_sum({
-        "completions": len(scores), "reward": task_rewards.sum(), "reward_sq": task_rewards.square().sum(),
-        "correct": sum(s.correct for s in scores), "format_ok": sum(s.format_ok for s in scores),
-        "length": lengths.sum(), "truncated": samples.truncated.sum(), "updated_tokens": tokens_seen,
-        "approx_kl": approx_kl_sum, "clip_frac": clip_sum, "value_loss": value_loss_sum, "entropy": entropy_sum,
-        **token_sums,
-    })
-    completions, updates = totals["completions"], max(1.0, totals["updated_tokens"])
-    reward_mean = totals["reward"] / completions
-    reward_variance = max(0.0, totals["reward_sq"] - completions * reward_mean ** 2) / max(1.0, completions - 1)
+    totals = all_reduce_sum({**rollout_sums(scores, samples), **update_sums, **token_sums})
+    updated_tokens = max(1.0, totals["tokens"])
     metrics = {
-        "step": step + 1, "epoch": epoch,
-        "reward": reward_mean, "reward_std": math.sqrt(reward_variance),  # unbiased, as torch.std
-        "accuracy": totals["correct"] / completions, "format_rate": totals["format_ok"] / completions,
+        "step": step + 1, "epoch": epoch, **rollout_means(totals, generate_seconds),
         "kl": totals["kl_sum"] / totals["kl_count"],
-        "approx_kl": totals["approx_kl"] / updates, "clip_frac": totals["clip_frac"] / updates,
-        "value_loss": totals["value_loss"] / updates, "entropy": totals["entropy"] / updates,
+        **{key: totals[key] / updated_tokens for key in ("approx_kl", "clip_frac", "value_loss", "entropy")},
         "explained_variance": explained_variance(old_values, returns, mask, combine=all_reduce_sum),
         "returns_mean": totals["returns_sum"] / totals["returns_count"],
         "values_mean": totals["values_sum"] / totals["values_count"],
-        "completion_len": totals["length"] / completions, "truncated": totals["truncated"] / completions,
         "grad_norm": sum(lora_grad_norms) / len(lora_grad_norms) if lora_grad_norms else None,
         "value_grad_norm": sum(value_grad_norms) / len(value_grad_norms) if value_grad_norms else None,
         "ppo_epochs": epochs_run, "lr": scheduler.get_last_lr()[0], "critic_lr": scheduler.get_last_lr()[1],
-        "skipped_updates": skipped_updates,
         "generate_s": generate_seconds, "reference_s": reference_seconds, "policy_s": policy_seconds,
-        "step_s": step_seconds, "tokens_per_s": totals["length"] / generate_seconds,
+        "step_s": step_seconds,
     }
-    if EVAL_EVERY and ((step + 1) % EVAL_EVERY == 0 or step + 1 == total_steps):
-        metrics.update(run_eval(step + 1))
-    metrics["elapsed_s"] = time.perf_counter() - run_start  # wall clock of the run so far, evals included
-    log_file.write(json.dumps(metrics) + "\n")
-    log_file.flush()
-    bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}")
+    run.bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}")
     grad_norm_text = "-" if metrics["grad_norm"] is None else f"{metrics['grad_norm']:.3f}"
     tqdm.write(f"step {step + 1}/{total_steps} reward {metrics['reward']:.3f} acc {metrics['accuracy']:.3f} "
                f"fmt {metrics['format_rate']:.2f} kl {metrics['kl']:.4f} approx_kl {metrics['approx_kl']:.4f} "
@@ -361,9 +309,5 @@ for step in bar:
                f"{metrics['tokens_per_s']:.0f} tok/s")
     if SAMPLE_EVERY and (step + 1) % SAMPLE_EVERY == 0:
         tqdm.write(f"--- sample (reward {scores[0].total:.2f}, gold {golds[0]}):\n{samples.texts[0]}\n---")
-    end_of_epoch = (step + 1) % steps_per_epoch == 0
-    if (SAVE_EVERY and (step + 1) % SAVE_EVERY == 0) or end_of_epoch or step + 1 == total_steps:
-        tqdm.write(f"saved {save(step + 1)}")
-log_file.close()
-print(f"done: {total_steps} steps, {skipped_updates} mini-batch updates skipped; metrics in {log_path}")
-cleanup()
+    run.end_step(step + 1, metrics)
+run.finish()

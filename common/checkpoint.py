@@ -19,6 +19,8 @@ when unpickled is refused.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import pickle
 import random
@@ -40,8 +42,21 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that does not fit the model it is loaded into."""
 
 
-def checkpoint_path(checkpoint_dir: str | Path, run_name: str, epoch: int, step: int) -> Path:
-    return Path(checkpoint_dir) / run_name / f"lora_epoch{epoch}_step{step}.pt"
+def checkpoint_path(run_dir: str | Path, epoch: int, step: int) -> Path:
+    return Path(run_dir) / f"lora_epoch{epoch}_step{step}.pt"
+
+
+def _temporary_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temporary_files(run_dir: str | Path) -> list[Path]:
+    """Remove the temporary files a killed save left in ``run_dir`` (``.<name>.<pid>.tmp``: a full
+    checkpoint each, 36 MB at r=256). Call it holding the run's lock: no live save is then writing."""
+    stale = sorted(Path(run_dir).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -62,12 +77,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def weights_hash(model, values_per_tensor: int = 4096) -> str:
+    """A hash of the first values of the input embedding and of every norm weight: two bases of the
+    same shape (another seed, another fine-tune) differ there, and it costs milliseconds. The values
+    are hashed as bf16, so the same weights loaded in fp32 or bf16 give the same hash; these tensors
+    stay in the model's dtype under 4-bit quantization of the linear layers."""
+    digest = hashlib.sha256()
+    tensors = [model.get_input_embeddings().weight] + [
+        parameter for name, parameter in model.named_parameters() if "norm" in name.rsplit(".", 2)[-2]]
+    for tensor in tensors:
+        values = tensor.detach().reshape(-1)[:values_per_tensor].to("cpu", torch.bfloat16)
+        digest.update(values.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def model_fingerprint(model) -> dict:
-    """What must match between the model a checkpoint was made for and the one it is loaded into."""
+    """What must match between the model a checkpoint was made for and the one it is loaded into:
+    the shape, and a hash of some of the weights (a different base of the same shape is refused)."""
     config = model.config
-    return {key: getattr(config, key, None)
-            for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
-                        "num_attention_heads", "num_key_value_heads")}
+    fingerprint = {key: getattr(config, key, None)
+                   for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                               "num_attention_heads", "num_key_value_heads")}
+    fingerprint["weights_hash"] = weights_hash(model)
+    return fingerprint
 
 
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
@@ -103,13 +135,18 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
     """torch.save to a temporary file beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = _temporary_path(path)
     try:
         with open(temporary, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"No space left on device: {path} (not written; the earlier "
+                                        f"checkpoints are intact)") from None
+        raise
     finally:
         if temporary.exists():
             temporary.unlink()
@@ -158,6 +195,11 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from None
     if not isinstance(checkpoint, dict) or "lora" not in checkpoint or "lora_config" not in checkpoint:
         raise CheckpointError(f"{path}: not a LoRA checkpoint of this project (expected keys {CHECKPOINT_KEYS})")
+    not_finite = [name for name, tensor in checkpoint["lora"].items()
+                  if isinstance(tensor, torch.Tensor) and not torch.isfinite(tensor).all()]
+    if not_finite:
+        raise CheckpointError(f"{path}: {len(not_finite)} LoRA tensor(s) hold NaN or inf values "
+                              f"({', '.join(not_finite[:3])}{', ...' if len(not_finite) > 3 else ''})")
     return checkpoint
 
 
@@ -167,8 +209,10 @@ def check_base_model(checkpoint: dict, model, where: str = "checkpoint") -> None
     if saved is None:
         return  # a PEFT adapter records no shape: load_lora_state_dict's strict shape check guards it
     current = model_fingerprint(model)
+    # A checkpoint written before the weights hash existed is compared on the shape alone.
     differences = [f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} in the model"
-                   for key in current if saved.get(key) != current.get(key)]
+                   for key in current if saved.get(key) != current.get(key)
+                   and not (key == "weights_hash" and key not in saved)]
     if differences:
         raise CheckpointError(
             f"{where} was made for another base model ({checkpoint['base_model']['path']}):\n  "
@@ -213,22 +257,6 @@ def load_lora_checkpoint(model, path: str | Path) -> dict:
     checkpoint = load_checkpoint(path)
     restore_lora(model, checkpoint, where=str(path))
     return checkpoint
-
-
-# Settings that name a run's files rather than its computation: they may differ on resume.
-_RUN_LOCATION_SETTINGS = ("RESUME", "RUN_NAME", "CHECKPOINT_DIR", "LOG_DIR")
-
-
-def warn_config_differences(checkpoint: dict, config: dict) -> list[str]:
-    """Print (and return) every setting that differs from the checkpoint's run: a resumed run
-    equals the uninterrupted one only under the same settings."""
-    saved = checkpoint["config"]
-    warnings = [f"warning: {name} was {saved.get(name)!r} in the checkpoint's run, now {value!r}"
-                for name, value in config.items()
-                if name not in _RUN_LOCATION_SETTINGS and saved.get(name) != value]
-    for warning in warnings:
-        print(warning)
-    return warnings
 
 
 def restore_training_state(checkpoint: dict, optimizer=None, scheduler=None,

@@ -14,6 +14,18 @@ The type of a value comes from the annotation when there is one, else from the
 default (nanoGPT's trick, made strict): int, float, bool, str, Path, None and
 tuples of those.  An unknown name is an error that lists the valid ones; a value
 that does not convert names the constant and the type it wanted.
+
+What a value may be is declared in the annotation, next to the constant, so that
+``--help`` shows it and a wrong value (the default too) is refused at start-up,
+before any model loads, in one line naming the constant and what is allowed:
+
+    ADVANTAGE: Literal["mean", "std", "rank"] = "std"   # the allowed choices
+    TOP_P: Annotated[float, "0 < x <= 1"] = 1.0          # a condition on the value x
+    MAX_STEPS: Annotated[int, ">= 0"] = 0                # shorthand for "x >= 0"
+
+A comment may go on over the following lines: a comment-only line whose text is
+indented (``#`` then two or more spaces) continues the constant above it;
+``# rollouts`` (one space) is a section heading.
 """
 
 from __future__ import annotations
@@ -30,6 +42,11 @@ from pathlib import Path
 from typing import Any
 
 
+# The annotations of two constants every script has.
+Device = typing.Annotated[str, "x in ('auto', 'cpu', 'mps', 'cuda') or x.startswith('cuda:')"]
+Dtype = typing.Literal["auto", "float32", "bfloat16", "float16"]
+
+
 class ConfigError(ValueError):
     """A command-line override that cannot be applied."""
 
@@ -39,6 +56,9 @@ _SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|API_KEY)$")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"none", "null"}
+# A comment-only line whose text starts two or more spaces after the "#": the constant above goes on.
+_CONTINUATION = re.compile(r"^\s*#\s{2,}\S")
+_COMPARISON_START = re.compile(r"^\s*(<|>|==|!=)")
 
 
 def _is_upper_name(name: str) -> bool:
@@ -55,7 +75,18 @@ def read_declarations(source: str) -> dict[str, dict[str, Any]]:
     comments: dict[int, str] = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            comments[tok.start[0]] = tok.string
+    lines = source.splitlines()
+
+    def comment_of(node) -> str:
+        """The comment ending the assignment, with its indented continuation lines."""
+        parts = [comments.get(node.end_lineno, "").lstrip("#").strip()]
+        line = node.end_lineno + 1  # 1-based: lines[line - 1]
+        while line <= len(lines) and _CONTINUATION.match(lines[line - 1]):
+            parts.append(lines[line - 1].strip().lstrip("#").strip())
+            line += 1
+        return " ".join(part for part in parts if part)
+
     declarations: dict[str, dict[str, Any]] = {}
     for node in tree.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
@@ -67,10 +98,7 @@ def read_declarations(source: str) -> dict[str, dict[str, Any]]:
             continue
         for name in names:
             if _is_upper_name(name):
-                declarations[name] = {
-                    "annotation": annotation,
-                    "comment": comments.get(node.end_lineno, ""),
-                }
+                declarations[name] = {"annotation": annotation, "comment": comment_of(node)}
     return declarations
 
 
@@ -78,7 +106,8 @@ def _resolve_annotation(annotation: str | None, namespace: dict) -> Any:
     if annotation is None:
         return None
     scope = {"Path": Path, "None": None, "tuple": tuple, "int": int, "float": float,
-             "str": str, "bool": bool, "typing": typing}
+             "str": str, "bool": bool, "typing": typing, "Literal": typing.Literal,
+             "Annotated": typing.Annotated}
     scope.update({k: v for k, v in namespace.items() if not k.startswith("__")})
     try:
         return eval(annotation, scope)  # annotations are the script's own source
@@ -106,6 +135,13 @@ def convert(raw: str, kind: Any, default: Any, name: str) -> Any:
 
     origin = typing.get_origin(kind)
     args = typing.get_args(kind)
+    if origin is typing.Annotated:  # the conditions are checked by check_value, on defaults too
+        return convert(raw, args[0], default, name)
+    if origin is typing.Literal:
+        for choice in args:
+            if str(choice) == raw.strip():
+                return choice
+        raise ConfigError(f"--{name}={raw!r}: allowed values are {_choices(args)}")
     if origin in (typing.Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
         if type(None) in args and raw.strip().lower() in _NONE:
@@ -151,6 +187,57 @@ def convert(raw: str, kind: Any, default: Any, name: str) -> Any:
     raise ConfigError(f"--{name}: unsupported type {_describe(kind)}")
 
 
+def _choices(args: tuple) -> str:
+    return ", ".join(str(choice) for choice in args)
+
+
+def _condition(condition: str, name: str) -> str:
+    """A rule as shown to the user: "> 0" -> "NAME > 0", "0 < x <= 1" -> "0 < NAME <= 1"."""
+    expression = f"x {condition.strip()}" if _COMPARISON_START.match(condition) else condition
+    return re.sub(r"\bx\b", name, expression)
+
+
+def rule_text(kind: Any, name: str) -> str:
+    """What the annotation ``kind`` allows, for --help: "one of a, b", "0 < TOP_P <= 1", or ""."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Annotated:
+        return "; ".join([text for text in [rule_text(args[0], name)] if text]
+                         + [_condition(c, name) for c in args[1:] if isinstance(c, str)])
+    if origin is typing.Literal:
+        return f"one of {_choices(args)}"
+    if origin in (typing.Union, types.UnionType):
+        texts = [rule_text(option, name) for option in args if option is not type(None)]
+        return " or ".join(text for text in texts if text) + (" (or None)" if any(texts) else "")
+    return ""
+
+
+def check_value(name: str, value: Any, kind: Any) -> None:
+    """Refuse a value its annotation does not allow (a Literal's choices, an Annotated condition)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Annotated:
+        check_value(name, value, args[0])
+        for condition in args[1:]:
+            if isinstance(condition, str):
+                shown = _condition(condition, name)
+                expression = _condition(condition, "x")
+                if not eval(expression, {"__builtins__": {}}, {"x": value}):  # the script's own source
+                    raise ConfigError(f"{name}={value!r}: must satisfy {shown}")
+    elif origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{name}={value!r}: allowed values are {_choices(args)}")
+    elif origin in (typing.Union, types.UnionType) and value is not None:
+        options = [option for option in args if option is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                check_value(name, value, option)
+                return
+            except ConfigError as error:
+                errors.append(str(error))
+        if errors and len(errors) == len(options):
+            raise ConfigError(errors[0])
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -161,9 +248,11 @@ def _jsonable(value: Any) -> Any:
 
 def help_text(script: str, declarations: dict, namespace: dict) -> str:
     width = max((len(n) for n in declarations), default=0)
-    lines = [f"usage: python {script} [--NAME=value ...]", "", "constants (default, then what it is):"]
+    lines = [f"usage: python {script} [--NAME=value ...]", "",
+             "constants (default [what is allowed], then what it is):"]
     for name, info in declarations.items():
-        lines.append(f"  --{name:<{width}} = {namespace[name]!r}")
+        rule = rule_text(_resolve_annotation(info["annotation"], namespace), name)
+        lines.append(f"  --{name:<{width}} = {namespace[name]!r}" + (f"  [{rule}]" if rule else ""))
         if info["comment"]:
             lines.append(f"      {info['comment']}")
     return "\n".join(lines)
@@ -209,6 +298,9 @@ def _configure(namespace: dict, argv: list[str], source_file: str | None, quiet:
             raise ConfigError(f"{script}: unknown constant {name!r}; valid names: {valid}")
         kind = _resolve_annotation(declarations[name]["annotation"], namespace)
         namespace[name] = convert(raw, kind, namespace[name], name)
+    # Every value, the defaults too: a constant edited at the top of the script is checked as well.
+    for name, info in declarations.items():
+        check_value(name, namespace[name], _resolve_annotation(info["annotation"], namespace))
 
     config = {name: "***" if _SECRET_NAME.search(name) and namespace[name] is not None
               else _jsonable(namespace[name]) for name in declarations}

@@ -26,7 +26,7 @@ import torch
 
 # |log r| beyond this only happens for tokens where policy and reference disagree by a factor of
 # e^20 ~ 5e8; see kl_k3.
-K3_LOG_RATIO_LIMIT = 20.0
+LOG_RATIO_LIMIT = 20.0
 
 
 def _log_ratio(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     Computed as expm1(c) - c, c the clamped log-ratio: accurate near c = 0, where exp(c) - 1 - c
     cancels catastrophically. expm1 implementations promise ~1 ulp, not expm1(c) >= c, so for
     tiny |c| the difference could round to -1 ulp; the final clamp at 0 keeps k3 non-negative."""
-    log_ratio = _log_ratio(logp, ref_logp).clamp(-K3_LOG_RATIO_LIMIT, K3_LOG_RATIO_LIMIT)
+    log_ratio = _log_ratio(logp, ref_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return (torch.expm1(log_ratio) - log_ratio).clamp_min(0.0)
 
 

@@ -70,6 +70,66 @@ def missing_model_message(path: str | Path) -> str:
     )
 
 
+class IncompleteModelError(FileNotFoundError):
+    """A model directory with a file missing or cut short; the message names it."""
+
+
+# One of these is the tokenizer: tokenizer.json (fast tokenizers), tokenizer.model (SentencePiece), vocab files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is unreadable (cut short, a bad header), or None. A safetensors file is
+    an 8-byte little-endian header length, a JSON header giving each tensor's byte range, then the
+    data: its size must be 8 + header + the end of the last range. Reads the header only."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as file:
+            header_length = int.from_bytes(file.read(8), "little")
+            if size < 8 + header_length:
+                return f"cut short: {size} bytes, its header alone needs {8 + header_length}"
+            header = json.loads(file.read(header_length))
+    except (OSError, ValueError) as error:
+        return f"not a readable safetensors file ({error})"
+    data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                   default=0)
+    if size != 8 + header_length + data_end:
+        return f"cut short: {size} bytes, its header promises {8 + header_length + data_end}"
+    return None
+
+
+def check_model_dir(path: str | Path) -> None:
+    """Refuse a model directory that cannot give a working model, naming what is missing or broken:
+    config.json, the weights (every shard a *.index.json lists, each complete) and the tokenizer files.
+    Without them transformers fails deep inside loading, or worse, builds a 5-token placeholder
+    tokenizer and runs on unknown-token prompts."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelNotFoundError(missing_model_message(path))
+    if not (path / "config.json").is_file():
+        raise IncompleteModelError(f"model directory {path} has no config.json")
+    index_files = sorted(path.glob("*.safetensors.index.json"))
+    if index_files:
+        shards = sorted(set(json.loads(index_files[0].read_text())["weight_map"].values()))
+        weight_files = [path / shard for shard in shards]
+        missing = [file.name for file in weight_files if not file.is_file()]
+        if missing:
+            raise IncompleteModelError(f"model directory {path} lacks the weight file(s) {', '.join(missing)} "
+                                       f"listed in {index_files[0].name}")
+    else:
+        weight_files = sorted(path.glob("*.safetensors"))
+        if not weight_files and not list(path.glob("pytorch_model*.bin")):
+            raise IncompleteModelError(f"model directory {path} has no weights (model.safetensors, or shards "
+                                       f"with their model.safetensors.index.json)")
+    for file in weight_files:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise IncompleteModelError(f"{file}: {problem}; download it again")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise IncompleteModelError(f"model directory {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                                   f"copy the tokenizer files of the model beside its weights")
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer of ``path``, with a pad token and left padding (for generation)."""
     from transformers import AutoTokenizer

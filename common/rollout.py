@@ -15,12 +15,14 @@ row), which changes no value: masked positions get exactly zero attention weight
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from common.logprobs import token_logprobs
+from common.policy_gradient import check_completion_mask
 from common.sampler import SampleOutput, left_pad
 
 
@@ -88,6 +90,7 @@ def rollout_batch(samples: SampleOutput, keep: torch.Tensor | None, pad_token_id
     """The rows of ``samples`` selected by the bool mask ``keep`` (all when None), laid out for training."""
     rows = torch.arange(len(samples.prompt_ids)) if keep is None else keep.nonzero().flatten()
     completion_mask = samples.completion_mask[rows].cpu()
+    check_completion_mask(completion_mask)  # once per step, on the CPU: the losses do not check it again
     completion_ids = samples.completion_ids[rows].cpu()
     if len(rows) == 0:
         empty = torch.zeros(0, 0, dtype=torch.long)
@@ -103,3 +106,25 @@ def rollout_batch(samples: SampleOutput, keep: torch.Tensor | None, pad_token_id
         prompt_width=prompt_ids.size(1),
         rows=rows,
     )
+
+
+def rollout_sums(scores: list, samples: SampleOutput) -> dict:
+    """Sums over this rank's completions of what every RL trainer logs about its rollouts; add them
+    over the ranks (all_reduce_sum), then rollout_means gives the step's numbers."""
+    rewards = torch.tensor([score.total for score in scores], dtype=torch.float64)
+    return {"completions": len(scores), "reward": rewards.sum(), "reward_sq": rewards.square().sum(),
+            "correct": sum(score.correct for score in scores), "format_ok": sum(score.format_ok for score in scores),
+            "length": samples.completion_lengths.sum(), "truncated": samples.truncated.sum()}
+
+
+def rollout_means(totals: dict, generate_seconds: float) -> dict:
+    """The step's rollout metrics from the summed rollout_sums: reward mean and (unbiased, as
+    torch.std) standard deviation, accuracy, format rate, mean completion length, truncated share and
+    sampling throughput."""
+    completions = totals["completions"]
+    reward_mean = totals["reward"] / completions
+    reward_variance = max(0.0, totals["reward_sq"] - completions * reward_mean ** 2) / max(1.0, completions - 1)
+    return {"reward": reward_mean, "reward_std": math.sqrt(reward_variance),
+            "accuracy": totals["correct"] / completions, "format_rate": totals["format_ok"] / completions,
+            "completion_len": totals["length"] / completions, "truncated": totals["truncated"] / completions,
+            "tokens_per_s": totals["length"] / generate_seconds}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 SCHEDULES = ("constant", "cosine")
 
 
@@ -23,3 +25,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "c
         return 1.0
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps - 1))
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_then_schedule(optimizer, warmup_steps: int, total_steps: int, schedule: str = "constant"):
+    """A LambdaLR scaling every parameter group's peak learning rate by lr_factor, stepped once per
+    training step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, schedule))

@@ -52,20 +52,18 @@ for every micro-batch, the denominator of the whole step (its token count, its n
 completions, or that number times max_tokens) makes the micro-batches' losses, and their
 gradients, add up to those of the whole step computed at once.
 
-Log-ratios are clamped to [-20, 20] before the exponential, as in verl: a ratio of e^20 means the
-policy has long left the trust region, and without the clamp exp overflows to inf beyond 88,
-where inf * 0 (a zero advantage) would make the loss NaN.
+The ratio, the clipped surrogate and the log-ratio clamp are common.policy_gradient's, shared with PPO.
 """
 
 from __future__ import annotations
 
 import torch
 
-from common.kl import KL_ESTIMATORS, kl_estimate
+from common.kl import KL_ESTIMATORS, kl_estimate, kl_k3
+from common.policy_gradient import answer_tokens_only, clipped_surrogate, compute_dtype, importance_ratio
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_const")
 IMPORTANCE_LEVELS = ("token", "sequence")
-LOG_RATIO_LIMIT = 20.0
 
 
 def _check_arguments(logp, old_logp, advantages, completion_mask, ref_logp, beta, eps_low, eps_high,
@@ -90,9 +88,6 @@ def _check_arguments(logp, old_logp, advantages, completion_mask, ref_logp, beta
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must have shape [B] = [{logp.shape[0]}] (one per completion), "
                          f"got {tuple(advantages.shape)}")
-    if not ((completion_mask == 0) | (completion_mask == 1)).all():
-        raise ValueError("completion_mask must contain only 0 and 1")
-
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     if beta > 0 and ref_logp is None:
@@ -127,7 +122,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               completion_mask: torch.Tensor, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
               eps_low: float = 0.2, eps_high: float = 0.2, loss_agg: str = "token_mean",
               importance_level: str = "token", normalizer: float | None = None,
-              max_tokens: int | None = None, kl_estimator: str = "k3") -> tuple[torch.Tensor, dict[str, float]]:
+              max_tokens: int | None = None, kl_estimator: str = "k3",
+              sampler_correction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of a batch (or micro-batch) of completions, and statistics for logging.
 
     logp, old_logp, ref_logp [B, T]: per-token log-probs of the completions' tokens under the
@@ -141,35 +137,33 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     given). importance_level: "token" or "sequence" (GSPO). normalizer, when given, replaces the
     aggregation's denominator computed from this batch: the step's token count ("token_mean"), its
     number of completions ("seq_mean") or that number times max_tokens ("seq_sum_const"), so that
-    micro-batch losses add up to the step's loss. Formulas and sources: the module docstring.
+    micro-batch losses add up to the step's loss. sampler_correction [B, T], when given, multiplies
+    each token's policy-gradient term (not the KL term): the truncated importance weight of the
+    sampler -> trainer mismatch (common.policy_gradient). Formulas and sources: the module docstring.
 
     Padding positions may hold anything (even inf or NaN): they are zeroed before use and
     contribute nothing to the loss, the gradient or the statistics. Computed in at least fp32.
 
-    Returns (loss, stats). loss is a scalar; stats are floats over this batch's masked tokens:
+    Returns (loss, stats). loss is a scalar; stats are detached 0-dim tensors over this batch's masked
+    tokens (read them once per step: each read is a host sync on a GPU):
       clip_frac       fraction of tokens whose clipped term is the active min (no gradient):
                       (r < 1 - eps_low and A < 0) or (r > 1 + eps_high and A > 0)
       clip_frac_low   the first kind alone;  clip_frac_high  the second kind alone
       ratio_mean      mean of r
-      approx_kl       mean of (logp - old_logp)^2 / 2, the k2 estimate of KL(pi_old || pi_theta)
+      approx_kl       mean of (r - 1) - log r with the token ratio r, the k3 estimate of KL(pi_old || pi_theta)
+                      (common.kl.kl_k3), the same estimator as PPO's approx_kl
       kl              mean of the KL estimate to the reference; only when ref_logp is given
       policy_loss     the clipped-surrogate part of the loss alone, aggregated like the loss
       tokens          number of masked tokens
     """
     _check_arguments(logp, old_logp, advantages, completion_mask, ref_logp, beta, eps_low, eps_high,
                      loss_agg, importance_level, normalizer, max_tokens, kl_estimator)
-    compute_dtype = torch.promote_types(logp.dtype, torch.float32)
+    dtype = compute_dtype(logp)
     is_completion_token = completion_mask.bool()
-    completion_mask = is_completion_token.to(compute_dtype)
-
-    def completion_tokens_only(tensor: torch.Tensor) -> torch.Tensor:
-        # torch.where, unlike multiplying by the mask, gives padding exactly 0 even when it holds
-        # inf or NaN, and exactly 0 gradient.
-        return torch.where(is_completion_token, tensor.to(compute_dtype), 0.0)
-
-    logp = completion_tokens_only(logp)
-    old_logp = completion_tokens_only(old_logp.detach())
-    advantages = advantages.detach().to(compute_dtype).unsqueeze(1)
+    completion_mask = is_completion_token.to(dtype)
+    logp = answer_tokens_only(logp, is_completion_token, dtype)
+    old_logp = answer_tokens_only(old_logp.detach(), is_completion_token, dtype)
+    advantages = advantages.detach().to(dtype).unsqueeze(1)
 
     token_log_ratio = logp - old_logp
     if importance_level == "token":
@@ -178,35 +172,38 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         tokens_per_completion = completion_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
         sequence_log_ratio = token_log_ratio.sum(dim=1, keepdim=True) / tokens_per_completion
         log_ratio = sequence_log_ratio.expand_as(token_log_ratio)
-    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    policy_loss_per_token = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    ratio = importance_ratio(log_ratio)
+    policy_loss_per_token = clipped_surrogate(ratio, advantages, eps_low, eps_high)
+    if sampler_correction is not None:  # truncated importance sampling: common.policy_gradient.tis_weights
+        policy_loss_per_token = policy_loss_per_token * answer_tokens_only(sampler_correction.detach(),
+                                                                           is_completion_token, dtype)
 
     per_token_loss = policy_loss_per_token
     kl_per_token = None
     if ref_logp is not None:
-        kl_per_token = kl_estimate(logp, completion_tokens_only(ref_logp.detach()), kl_estimator)
+        kl_per_token = kl_estimate(logp, answer_tokens_only(ref_logp.detach(), is_completion_token, dtype),
+                                   kl_estimator)
         if beta > 0:
             per_token_loss = per_token_loss + beta * kl_per_token
     loss = _aggregate(per_token_loss, completion_mask, loss_agg, normalizer, max_tokens)
 
+    # Statistics as 0-dim tensors, so that a trainer reads them once per step (no host sync here).
     with torch.no_grad():
         num_tokens = completion_mask.sum()
 
-        def masked_mean(per_token: torch.Tensor) -> float:
-            return float((per_token * completion_mask).sum() / num_tokens.clamp_min(1.0))
+        def masked_mean(per_token: torch.Tensor) -> torch.Tensor:
+            return (per_token * completion_mask).sum() / num_tokens.clamp_min(1.0)
 
         clipped_low = (ratio < 1.0 - eps_low) & (advantages < 0)
         clipped_high = (ratio > 1.0 + eps_high) & (advantages > 0)
         stats = {
-            "clip_frac": masked_mean((clipped_low | clipped_high).to(compute_dtype)),
-            "clip_frac_low": masked_mean(clipped_low.to(compute_dtype)),
-            "clip_frac_high": masked_mean(clipped_high.to(compute_dtype)),
+            "clip_frac": masked_mean((clipped_low | clipped_high).to(dtype)),
+            "clip_frac_low": masked_mean(clipped_low.to(dtype)),
+            "clip_frac_high": masked_mean(clipped_high.to(dtype)),
             "ratio_mean": masked_mean(ratio),
-            "approx_kl": masked_mean(0.5 * token_log_ratio.square()),
-            "policy_loss": float(_aggregate(policy_loss_per_token, completion_mask, loss_agg, normalizer,
-                                            max_tokens)),
-            "tokens": float(num_tokens),
+            "approx_kl": masked_mean(kl_k3(old_logp, logp)),
+            "policy_loss": _aggregate(policy_loss_per_token, completion_mask, loss_agg, normalizer, max_tokens),
+            "tokens": num_tokens,
         }
         if kl_per_token is not None:
             stats["kl"] = masked_mean(kl_per_token)

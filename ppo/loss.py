@@ -57,20 +57,13 @@ from __future__ import annotations
 
 import torch
 
-from common.kl import KL_ESTIMATORS, kl_estimate
-
-LOG_RATIO_LIMIT = 20.0
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
+from common.kl import KL_ESTIMATORS, kl_estimate, kl_k3
+from common.policy_gradient import answer_tokens_only, clipped_surrogate, compute_dtype, importance_ratio
 
 
 def _check_token_tensors(completion_mask: torch.Tensor, normalizer: float | None, **named_tensors) -> None:
-    """Every named tensor [B, T] floating point with the mask's shape; mask 0/1; normalizer > 0."""
+    """Every named tensor [B, T] floating point with the mask's shape; normalizer > 0. (Whether the mask
+    holds only 0 and 1 is checked once per step, where it is built: common.rollout.rollout_batch.)"""
     if completion_mask.dim() != 2:
         raise ValueError(f"completion_mask must have shape [B, T], got {tuple(completion_mask.shape)}")
     for name, tensor in named_tensors.items():
@@ -79,16 +72,8 @@ def _check_token_tensors(completion_mask: torch.Tensor, normalizer: float | None
                              f"got {tuple(tensor.shape)}")
         if not tensor.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {tensor.dtype}")
-    if not ((completion_mask == 0) | (completion_mask == 1)).all():
-        raise ValueError("completion_mask must contain only 0 and 1")
     if normalizer is not None and not normalizer > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
-
-
-def _answer_tokens_only(tensor: torch.Tensor, is_answer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # torch.where, unlike multiplying by the mask, gives padding exactly 0 even when it holds inf
-    # or NaN, and exactly 0 gradient.
-    return torch.where(is_answer, tensor.to(dtype), 0.0)
 
 
 def _token_mean(per_token: torch.Tensor, is_answer: torch.Tensor, normalizer: float | None) -> torch.Tensor:
@@ -98,16 +83,18 @@ def _token_mean(per_token: torch.Tensor, is_answer: torch.Tensor, normalizer: fl
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                    completion_mask: torch.Tensor, clip_eps: float = 0.2,
-                    normalizer: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                    completion_mask: torch.Tensor, clip_eps: float = 0.2, normalizer: float | None = None,
+                    sampler_correction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped-surrogate loss L^CLIP over the answer tokens, and statistics for logging.
 
     logp, old_logp, advantages, completion_mask [B, T]; advantages per token (GAE, whitened).
     Only logp receives gradients; old_logp and advantages are detached. clip_eps: the clip range
     [1 - clip_eps, 1 + clip_eps]. normalizer replaces the masked-token count (gradient
-    accumulation). Formulas and sources: the module docstring.
+    accumulation). sampler_correction [B, T], when given, multiplies each token's term: the truncated
+    importance weight of the sampler -> trainer mismatch (common.policy_gradient). Formulas and
+    sources: the module docstring.
 
-    Returns (loss, stats); stats are floats over the masked tokens:
+    Returns (loss, stats); stats are detached 0-dim tensors over the masked tokens:
       policy_loss  the loss
       clip_frac    fraction of tokens with |ratio - 1| > clip_eps (CleanRL's clipfracs). It counts
                    tokens outside the range whichever way the advantage points, so it is larger than
@@ -119,27 +106,26 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     _check_token_tensors(completion_mask, normalizer, logp=logp, old_logp=old_logp, advantages=advantages)
     if not 0 <= clip_eps < 1:
         raise ValueError(f"clip_eps must be in [0, 1), got {clip_eps}")
-    compute_dtype = _compute_dtype(logp, old_logp, advantages)
+    dtype = compute_dtype(logp, old_logp, advantages)
     is_answer = completion_mask.bool()
-    logp = _answer_tokens_only(logp, is_answer, compute_dtype)
-    old_logp = _answer_tokens_only(old_logp.detach(), is_answer, compute_dtype)
-    advantages = _answer_tokens_only(advantages.detach(), is_answer, compute_dtype)
+    logp = answer_tokens_only(logp, is_answer, dtype)
+    old_logp = answer_tokens_only(old_logp.detach(), is_answer, dtype)
+    advantages = answer_tokens_only(advantages.detach(), is_answer, dtype)
 
-    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    ratio = torch.exp(log_ratio)
-    clipped_ratio = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    per_token_loss = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    ratio = importance_ratio(logp - old_logp)
+    per_token_loss = clipped_surrogate(ratio, advantages, clip_eps, clip_eps)
+    if sampler_correction is not None:
+        per_token_loss = per_token_loss * answer_tokens_only(sampler_correction.detach(), is_answer, dtype)
     loss = _token_mean(per_token_loss, is_answer, normalizer)
 
     with torch.no_grad():
-        def mean(per_token: torch.Tensor) -> float:
-            return float(_token_mean(per_token.to(compute_dtype), is_answer, None))
+        def mean(per_token: torch.Tensor) -> torch.Tensor:
+            return _token_mean(per_token.to(dtype), is_answer, None)
 
         stats = {
-            "policy_loss": float(loss),
+            "policy_loss": loss.detach(),
             "clip_frac": mean((ratio - 1.0).abs() > clip_eps),
-            # expm1(x) - x rather than exp(x) - 1 - x: no cancellation for log-ratios near 0.
-            "approx_kl": mean(torch.expm1(log_ratio) - log_ratio),
+            "approx_kl": mean(kl_k3(old_logp, logp)),
             "ratio_mean": mean(ratio),
         }
     return loss, stats
@@ -155,7 +141,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     value_clip None or 0: the unclipped 0.5 * (V - R)^2. normalizer replaces the masked-token count
     (gradient accumulation). Formulas and sources: the module docstring.
 
-    Returns (loss, stats); stats are floats over the masked tokens:
+    Returns (loss, stats); stats are detached 0-dim tensors over the masked tokens:
       value_loss       the loss
       value_clip_frac  fraction of tokens whose clipped term is strictly the larger (no gradient);
                        0 when unclipped
@@ -164,11 +150,11 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     _check_token_tensors(completion_mask, normalizer, values=values, old_values=old_values, returns=returns)
     if value_clip is not None and value_clip < 0:
         raise ValueError(f"value_clip must be None or >= 0, got {value_clip}")
-    compute_dtype = _compute_dtype(values, old_values, returns)
+    dtype = compute_dtype(values, old_values, returns)
     is_answer = completion_mask.bool()
-    values = _answer_tokens_only(values, is_answer, compute_dtype)
-    old_values = _answer_tokens_only(old_values.detach(), is_answer, compute_dtype)
-    returns = _answer_tokens_only(returns.detach(), is_answer, compute_dtype)
+    values = answer_tokens_only(values, is_answer, dtype)
+    old_values = answer_tokens_only(old_values.detach(), is_answer, dtype)
+    returns = answer_tokens_only(returns.detach(), is_answer, dtype)
 
     unclipped_error = (values - returns).square()
     if value_clip:
@@ -182,11 +168,11 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     loss = _token_mean(per_token_loss, is_answer, normalizer)
 
     with torch.no_grad():
-        def mean(per_token: torch.Tensor) -> float:
-            return float(_token_mean(per_token.to(compute_dtype), is_answer, None))
+        def mean(per_token: torch.Tensor) -> torch.Tensor:
+            return _token_mean(per_token.to(dtype), is_answer, None)
 
         stats = {
-            "value_loss": float(loss),
+            "value_loss": loss.detach(),
             "value_clip_frac": mean(clipped_is_larger),
             "value_mean": mean(values),
         }
@@ -201,7 +187,7 @@ def entropy_bonus(entropy: torch.Tensor, completion_mask: torch.Tensor,
     total loss with a minus sign (ppo_total_loss): maximising entropy keeps the policy exploring."""
     _check_token_tensors(completion_mask, normalizer, entropy=entropy)
     is_answer = completion_mask.bool()
-    entropy = _answer_tokens_only(entropy, is_answer, _compute_dtype(entropy))
+    entropy = answer_tokens_only(entropy, is_answer, compute_dtype(entropy))
     return _token_mean(entropy, is_answer, normalizer)
 
 
@@ -243,13 +229,13 @@ def token_rewards(task_rewards: torch.Tensor, logp: torch.Tensor, ref_logp: torc
                          "their task reward")
 
     with torch.no_grad():
-        compute_dtype = _compute_dtype(task_rewards, logp, ref_logp)
-        kl = kl_estimate(_answer_tokens_only(logp, is_answer, compute_dtype),
-                         _answer_tokens_only(ref_logp, is_answer, compute_dtype), kl_estimator)
-        rewards = _answer_tokens_only(-kl_coef * kl, is_answer, compute_dtype)
+        dtype = compute_dtype(task_rewards, logp, ref_logp)
+        kl = kl_estimate(answer_tokens_only(logp, is_answer, dtype),
+                         answer_tokens_only(ref_logp, is_answer, dtype), kl_estimator)
+        rewards = answer_tokens_only(-kl_coef * kl, is_answer, dtype)
         # argmax returns the first maximum; on the reversed mask that is the last answer token.
         num_tokens = is_answer.shape[1]
         last_answer_token = num_tokens - 1 - is_answer.flip(dims=[1]).to(torch.uint8).argmax(dim=1)
         rows = torch.arange(is_answer.shape[0], device=is_answer.device)
-        rewards[rows, last_answer_token] += task_rewards.to(compute_dtype)
+        rewards[rows, last_answer_token] += task_rewards.to(dtype)
     return rewards

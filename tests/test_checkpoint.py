@@ -9,8 +9,8 @@ import torch
 
 import common.checkpoint as checkpoint_module
 from common.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
-                               load_lora_checkpoint, restore_lora, restore_training_state, save_checkpoint,
-                               warn_config_differences)
+                               load_lora_checkpoint, remove_stale_temporary_files, restore_lora,
+                               restore_training_state, save_checkpoint)
 from common.lora import LoRAStateError, apply_lora, lora_parameters
 from tests.conftest import micro_model
 
@@ -117,11 +117,11 @@ def test_checkpoint_with_another_lora_layout_is_refused(tmp_path):
 
 
 def test_checkpoint_names_and_listing(tmp_path):
-    assert checkpoint_path("checkpoints", "grpo-1", 2, 30) == checkpoint_module.Path(
+    assert checkpoint_path("checkpoints/grpo-1", 2, 30) == checkpoint_module.Path(
         "checkpoints/grpo-1/lora_epoch2_step30.pt")
     model, _ = trained_lora_model()
     for epoch, step in [(0, 5), (1, 20), (0, 10)]:
-        save_checkpoint(checkpoint_path(tmp_path, "run", epoch, step), model, "m", {}, epoch=epoch, step=step)
+        save_checkpoint(checkpoint_path(tmp_path / "run", epoch, step), model, "m", {}, epoch=epoch, step=step)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == [
         "lora_epoch0_step5.pt", "lora_epoch0_step10.pt", "lora_epoch1_step20.pt"]
     assert load_checkpoint(tmp_path / "run")["step"] == 20  # a run directory means its newest checkpoint
@@ -129,8 +129,51 @@ def test_checkpoint_names_and_listing(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def test_config_differences_are_reported(capsys):
-    checkpoint = {"config": {"LR": 1e-4, "RUN_NAME": "a", "SEED": 0}}
-    warnings = warn_config_differences(checkpoint, {"LR": 2e-4, "RUN_NAME": "b", "SEED": 0})
-    assert warnings == ["warning: LR was 0.0001 in the checkpoint's run, now 0.0002"]  # RUN_NAME may differ
-    assert "LR was 0.0001" in capsys.readouterr().out
+def test_a_checkpoint_with_non_finite_values_is_refused_naming_the_file(tmp_path):
+    model, _ = trained_lora_model()
+    path = save_checkpoint(tmp_path / "nan.pt", model, "m", {})
+    checkpoint = torch.load(path, weights_only=True)
+    name = next(iter(checkpoint["lora"]))
+    checkpoint["lora"][name][0, 0] = float("nan")
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=rf"nan\.pt: 1 LoRA tensor\(s\) hold NaN or inf values \({name}"):
+        load_checkpoint(path)
+
+
+def test_a_base_of_the_same_shape_with_other_weights_is_refused(tmp_path):
+    """The fingerprint hashes some weights: a LoRA trained on one base is refused on another base of the
+    same configuration (another seed), which the configuration fields alone cannot tell apart."""
+    model, _ = trained_lora_model()
+    path = save_checkpoint(tmp_path / "a.pt", model, "m", {})
+    other_base = micro_model("gemma2", seed=1)
+    with pytest.raises(CheckpointError, match="weights_hash"):
+        load_lora_checkpoint(other_base, path)
+    same_base_in_bf16 = micro_model("gemma2", seed=0).to(torch.bfloat16)  # hashed as bf16: the same base
+    checkpoint = load_lora_checkpoint(same_base_in_bf16, path)
+    assert checkpoint["base_model"]["fingerprint"]["weights_hash"]
+
+
+def test_stale_temporary_files_of_a_killed_save_are_removed(tmp_path):
+    (tmp_path / ".lora_epoch0_step5.pt.12345.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "lora_epoch0_step4.pt").write_bytes(b"kept")
+    removed = remove_stale_temporary_files(tmp_path)
+    assert [p.name for p in removed] == [".lora_epoch0_step5.pt.12345.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora_epoch0_step4.pt"]
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    model, _ = trained_lora_model()
+    path = save_checkpoint(tmp_path / "lora_epoch0_step1.pt", model, "m", {}, step=1)
+    before = path.read_bytes()
+
+    def full_disk(obj, file):
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"No space left on device: .*lora_epoch0_step1\.pt"):
+        save_checkpoint(path, model, "m", {}, step=2)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora_epoch0_step1.pt"]  # no temporary file left

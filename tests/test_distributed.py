@@ -110,11 +110,12 @@ def test_sft_two_ranks_two_steps(micro_model_dir, tmp_path):
     log_file = tmp_path / "sft.jsonl"
     result = launch(["run_sft.py", f"--MODEL_PATH={micro_model_dir}", f"--OUT_DIR={tmp_path / 'sft'}",
                      "--MAX_STEPS=2", "--BATCH_SIZE=4", "--EVAL_LIMIT=3", "--MAX_NEW_TOKENS=4", "--DEVICE=cpu",
-                     "--LORA_R=4", f"--LOG_FILE={log_file}", "--TRAIN_FILE=data/synth_train.jsonl"], processes=2)
+                     "--LORA_R=4", f"--LOG_DIR={tmp_path}", "--RUN_NAME=sft", "--TRAIN_FILE=data/synth_train.jsonl"],
+                    processes=2)
     assert result.stdout.count("saved ") == 1
     assert [path.name for path in (tmp_path / "sft").iterdir()] == ["lora_epoch0_step2.pt"]
     steps = metrics_of(log_file)
-    assert [s["step"] for s in steps] == [1, 2, 2]  # two steps and the final eval, written once
+    assert [s["step"] for s in steps] == [0, 1, 2]  # the step-0 eval, two steps (the last with its eval), written once
     assert steps[2]["eval/total"] == 3
 
 
@@ -244,8 +245,8 @@ def test_grpo_resume_with_two_ranks_equals_uninterrupted_run(tmp_path):
 def test_sharded_eval_equals_single_process(tmp_path):
     """24 problems in batches of 5: sharded 12 + 12, the batches (and so their left padding) differ
     from the single process's, and the greedy answers do not."""
-    settings = ["eval_math.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--TEST_FILE=data/synth_test.jsonl", "--LIMIT=24",
-                "--BATCH_SIZE=5", "--MAX_NEW_TOKENS=40", "--DEVICE=cpu"]
+    settings = ["eval_math.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--EVAL_FILE=data/synth_test.jsonl", "--EVAL_LIMIT=24",
+                "--EVAL_BATCH_SIZE=5", "--MAX_NEW_TOKENS=40", "--DEVICE=cpu"]
     single = launch([*settings, f"--OUT_FILE={tmp_path / 'single.jsonl'}"], processes=None)
     sharded = launch([*settings, f"--OUT_FILE={tmp_path / 'sharded.jsonl'}"], processes=2)
 

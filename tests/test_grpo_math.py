@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from grpo.advantage import group_advantages, zero_advantage_groups
-from grpo.loss import grpo_loss
+from grpo.loss import grpo_loss as grpo_loss_with_tensor_stats
+
+
+def grpo_loss(*args, **kwargs):
+    """grpo_loss with its statistics read as floats (it returns 0-dim tensors: no host sync there)."""
+    loss, stats = grpo_loss_with_tensor_stats(*args, **kwargs)
+    return loss, {key: float(value) for key, value in stats.items()}
 
 ADVANTAGE_MODES = ("mean", "std", "rank")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_const")
@@ -332,7 +338,6 @@ def test_bf16_log_probs_are_computed_in_fp32():
     (dict(advantages=torch.zeros(2, 1)), "advantages"),
     (dict(old_logp=torch.zeros(2, 4)), "old_logp"),
     (dict(ref_logp=torch.zeros(3, 3)), "ref_logp"),
-    (dict(completion_mask=torch.full((2, 3), 0.5)), "completion_mask"),
     (dict(loss_agg="seq_sum_const"), "max_tokens"),
     (dict(max_tokens=2), "max_tokens"),
     (dict(normalizer=0.0), "normalizer"),
@@ -344,3 +349,24 @@ def test_invalid_arguments_raise_clear_errors(overrides, message):
     arguments.update(overrides)
     with pytest.raises(ValueError, match=message):
         grpo_loss(**arguments)
+
+
+def test_sampler_correction_weights_each_tokens_policy_term_by_hand():
+    """Truncated importance sampling: the per-token policy term times w (detached), the KL term not.
+    ratio = 1, A = 1, w = [0.5, 2]: loss = mean(-A w) = (-0.5 - 2) / 2 = -1.25; d loss / d logp_t =
+    -A w_t / 2 = [-0.25, -1.0]; the KL term (k1, logp - ref = 0.5 on each token, beta 0.1) adds 0.05
+    to the loss and 0.1 / 2 = 0.05 to each gradient, unweighted."""
+    logp = torch.zeros(1, 2, requires_grad=True)
+    loss, _ = grpo_loss(logp, logp.detach().clone(), torch.tensor([1.0]), torch.ones(1, 2),
+                        sampler_correction=torch.tensor([[0.5, 2.0]]))
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.25)
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.25, -1.0]]))
+
+    logp.grad = None
+    loss, _ = grpo_loss(logp, logp.detach().clone(), torch.tensor([1.0]), torch.ones(1, 2),
+                        ref_logp=torch.full((1, 2), -0.5), beta=0.1, kl_estimator="k1",
+                        sampler_correction=torch.tensor([[0.5, 2.0]]))
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.25 + 0.05)
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.25 + 0.05, -1.0 + 0.05]]))

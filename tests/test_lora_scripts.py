@@ -17,8 +17,8 @@ def lora_checkpoint(micro_model_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("sft-lora")
     run_script(["run_sft.py", f"--MODEL_PATH={micro_model_dir}", f"--OUT_DIR={out_dir}", "--MAX_STEPS=2",
                 "--BATCH_SIZE=4", "--EVAL_LIMIT=2", "--MAX_NEW_TOKENS=4", "--DEVICE=cpu", "--LORA_R=4",
-                "--LORA_TARGETS=q_proj,v_proj", "--LR=0.05", "--CHUNK_SIZE=16",
-                f"--LOG_FILE={out_dir / 'log.jsonl'}"])
+                "--LORA_TARGETS=q_proj,v_proj", "--LR=0.05", "--LOGPROB_CHUNK_SIZE=16",
+                f"--LOG_DIR={out_dir}", "--RUN_NAME=log"])
     return out_dir / "lora_epoch0_step2.pt"
 
 
@@ -34,7 +34,7 @@ def test_sft_lora_mode_writes_a_checkpoint(lora_checkpoint, micro_model_dir):
 def test_eval_math_with_lora_checkpoint(lora_checkpoint, micro_model_dir, tmp_path):
     out_file = tmp_path / "eval.jsonl"
     result = run_script(["eval_math.py", f"--MODEL_PATH={micro_model_dir}", f"--LORA_CKPT={lora_checkpoint}",
-                         "--TEST_FILE=data/synth_test.jsonl", "--LIMIT=3", "--MAX_NEW_TOKENS=4", "--DEVICE=cpu",
+                         "--EVAL_FILE=data/synth_test.jsonl", "--EVAL_LIMIT=3", "--MAX_NEW_TOKENS=4", "--DEVICE=cpu",
                          f"--OUT_FILE={out_file}"])
     assert "loaded LoRA" in result.stdout and "Total: 3" in result.stdout
 

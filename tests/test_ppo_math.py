@@ -9,7 +9,21 @@ import pytest
 import torch
 
 from ppo.gae import compute_gae, explained_variance, masked_mean, masked_sums, masked_var, masked_whiten
-from ppo.loss import entropy_bonus, ppo_policy_loss, ppo_total_loss, ppo_value_loss, token_rewards
+from common.policy_gradient import check_completion_mask
+from ppo import loss as ppo_loss_module
+from ppo.loss import entropy_bonus, ppo_total_loss, token_rewards
+
+
+def _float_stats(loss_function):
+    """A loss function with its statistics read as floats (it returns 0-dim tensors: no host sync there)."""
+    def with_float_stats(*args, **kwargs):
+        loss, stats = loss_function(*args, **kwargs)
+        return loss, {key: float(value) for key, value in stats.items()}
+    return with_float_stats
+
+
+ppo_policy_loss = _float_stats(ppo_loss_module.ppo_policy_loss)
+ppo_value_loss = _float_stats(ppo_loss_module.ppo_value_loss)
 
 
 def prefix_mask(lengths: list[int], num_tokens: int) -> torch.Tensor:
@@ -485,7 +499,7 @@ def test_token_rewards_invalid_arguments_raise_clear_errors(overrides, message):
     (lambda: ppo_value_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(2), torch.ones(1, 2)), "returns"),
     (lambda: ppo_value_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2),
                             value_clip=-0.1), "value_clip"),
-    (lambda: entropy_bonus(torch.zeros(1, 2), torch.full((1, 2), 2.0)), "0 and 1"),
+    (lambda: check_completion_mask(torch.full((1, 2), 2.0)), "0 and 1"),
 ])
 def test_losses_invalid_arguments_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
@@ -522,3 +536,13 @@ def test_masked_sums_hand_worked():
     x = torch.tensor([[1.0, 2.0, 99.0], [3.0, float("nan"), float("inf")]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     assert masked_sums(x, mask) == {"count": 3.0, "sum": 6.0, "sum_sq": 14.0}
+
+
+def test_policy_loss_sampler_correction_by_hand():
+    """ratio = 1, A = [1, -1], w = [0.5, 2]: loss = mean(-A w) = (-0.5 + 2) / 2 = 0.75, gradient -A w / 2."""
+    logp = torch.zeros(1, 2, requires_grad=True)
+    loss, _ = ppo_policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2),
+                              sampler_correction=torch.tensor([[0.5, 2.0]]))
+    loss.backward()
+    assert loss.item() == pytest.approx(0.75)
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.25, 1.0]]))

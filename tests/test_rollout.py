@@ -1,5 +1,6 @@
 """Rollout layout: completion log-probs read at the right columns, zero-advantage rows dropped."""
 
+import pytest
 import torch
 
 from common.rollout import rollout_batch
@@ -57,3 +58,15 @@ def test_rows_of_zero_advantage_groups_are_dropped():
     assert batch.num_tokens == int(samples.completion_mask[[0, 1, 4, 5]].sum())
     empty = rollout_batch(samples, torch.zeros(6, dtype=torch.bool), PAD)
     assert empty.num_rows == 0 and empty.num_tokens == 0
+
+
+def test_rollout_batch_refuses_a_mask_that_is_not_zero_or_one():
+    """The 0/1 check of the completion mask runs once per step, where the rollouts are laid out (the
+    losses no longer read the mask's values: on a GPU that is a host sync per micro-batch)."""
+    from common.sampler import SampleOutput
+
+    samples = SampleOutput(prompt_ids=[[5, 6]], completion_ids=torch.tensor([[7, 1]]),
+                           completion_mask=torch.tensor([[1.0, 0.5]]), logprobs=torch.zeros(1, 2),
+                           truncated=torch.tensor([False]), texts=["x"], prompt_index=torch.tensor([0]))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        rollout_batch(samples, None, pad_token_id=0)

@@ -21,19 +21,19 @@ def check_eval_output(stdout: str, out_file, expected_total: int) -> None:
 
 def test_eval_math_on_micro_model(micro_model_dir, tmp_path):
     out_file = tmp_path / "eval.jsonl"
-    result = run_script(["eval_math.py", f"--MODEL_PATH={micro_model_dir}", "--TEST_FILE=data/synth_test.jsonl",
-                         "--LIMIT=6", "--BATCH_SIZE=4", "--MAX_NEW_TOKENS=6", "--DEVICE=cpu",
+    result = run_script(["eval_math.py", f"--MODEL_PATH={micro_model_dir}", "--EVAL_FILE=data/synth_test.jsonl",
+                         "--EVAL_LIMIT=6", "--EVAL_BATCH_SIZE=4", "--MAX_NEW_TOKENS=6", "--DEVICE=cpu",
                          f"--OUT_FILE={out_file}"])
     check_eval_output(result.stdout, out_file, 6)
     summary = json.loads(out_file.with_suffix(".summary.json").read_text())
-    assert summary["config"]["LIMIT"] == 6 and summary["eval/total"] == 6
+    assert summary["config"]["EVAL_LIMIT"] == 6 and summary["eval/total"] == 6
 
 
 def test_eval_math_on_tiny_model_is_competent(tmp_path):
     """The built-in tiny model loads from disk and solves a good share of held-out problems."""
     out_file = tmp_path / "eval.jsonl"
-    result = run_script(["eval_math.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--TEST_FILE=data/synth_test.jsonl",
-                         "--LIMIT=64", "--MAX_NEW_TOKENS=48", "--DEVICE=cpu", f"--OUT_FILE={out_file}"])
+    result = run_script(["eval_math.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--EVAL_FILE=data/synth_test.jsonl",
+                         "--EVAL_LIMIT=64", "--MAX_NEW_TOKENS=48", "--DEVICE=cpu", f"--OUT_FILE={out_file}"])
     check_eval_output(result.stdout, out_file, 64)
     records = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert sum(r["correct"] for r in records) >= 16  # about half right; far above chance
@@ -42,8 +42,8 @@ def test_eval_math_on_tiny_model_is_competent(tmp_path):
 
 def test_eval_math_base_refuses_lora_checkpoint(micro_model_dir, tmp_path):
     out_file = tmp_path / "base.jsonl"
-    result = run_script(["eval_math_base.py", f"--MODEL_PATH={micro_model_dir}", "--TEST_FILE=data/synth_test.jsonl",
-                         "--LIMIT=3", "--MAX_NEW_TOKENS=4", "--DEVICE=cpu", f"--OUT_FILE={out_file}"])
+    result = run_script(["eval_math_base.py", f"--MODEL_PATH={micro_model_dir}", "--EVAL_FILE=data/synth_test.jsonl",
+                         "--EVAL_LIMIT=3", "--MAX_NEW_TOKENS=4", "--DEVICE=cpu", f"--OUT_FILE={out_file}"])
     check_eval_output(result.stdout, out_file, 3)
     try:
         run_script(["eval_math_base.py", "--LORA_CKPT=x.pt"])
@@ -62,7 +62,7 @@ def test_make_tiny_model_with_tiny_budget(tmp_path):
     assert "built" in result.stdout
     build_info = json.loads((out_dir / "build_info.json").read_text())
     assert build_info["config"]["SFT_STEPS"] == 3 and build_info["eval_total"] == 4
-    assert len((out_dir / "sft_log.jsonl").read_text().splitlines()) == 4  # 3 steps + the final eval
+    assert len((out_dir / "sft_log.jsonl").read_text().splitlines()) == 4  # the step-0 eval and 3 steps (the last with its eval)
     assert not (tmp_path / "tiny.build").exists()
     # Built once, it is left alone.
     again = run_script(["make_tiny_model.py", f"--OUT_DIR={out_dir}"])
@@ -79,10 +79,10 @@ def test_run_sft_on_micro_model(micro_model_dir, tmp_path):
     log_file = tmp_path / "sft.jsonl"
     run_script(["run_sft.py", f"--MODEL_PATH={micro_model_dir}", f"--OUT_DIR={out_dir}", "--MAX_STEPS=2",
                 "--BATCH_SIZE=4", "--EVAL_LIMIT=2", "--MAX_NEW_TOKENS=4", "--DEVICE=cpu",
-                f"--LOG_FILE={log_file}", "--TRAIN_FILE=data/synth_train.jsonl"])
+                f"--LOG_DIR={tmp_path}", "--RUN_NAME=sft", "--TRAIN_FILE=data/synth_train.jsonl"])
     steps = [json.loads(line) for line in log_file.read_text().splitlines()]
-    assert [s["step"] for s in steps] == [1, 2, 2]
-    assert all(s["loss"] > 0 for s in steps[:2])
+    assert [s["step"] for s in steps] == [0, 1, 2]  # the step-0 eval, then two steps, the last with its eval
+    assert all(s["loss"] > 0 for s in steps[1:]) and steps[2]["eval/total"] == 2
     info = json.loads((out_dir / "sft_info.json").read_text())
     assert info["config"]["MAX_STEPS"] == 2
     assert (out_dir / "model.safetensors").exists()

@@ -1,0 +1,395 @@
+"""A training run's bookkeeping: the plumbing every trainer shares, apart from its algorithm.
+
+CleanRL's split: the algorithm stays inline in each script, in plain sight; what surrounds it
+lives here, once.
+
+  run folder + lock  CHECKPOINT_DIR/RUN_NAME/ and LOG_DIR/RUN_NAME.jsonl belong to one run. A new run on
+                     a name that already holds one is refused before the model loads (offering RESUME,
+                     another RUN_NAME or OVERWRITE=true); a second process on a running run is refused (a
+                     lock file holding the PID; the lock of a dead process is taken over); the temporary
+                     files of a killed save are removed.
+  preflight          before the model loads: the folders are writable, the model directory is complete,
+                     RESUME and INIT_LORA are not both given.
+  resume             settings the restored state would override (the optimizer's learning rates and weight
+                     decay, the schedule) follow this run's constants; settings a resume cannot change (the
+                     LoRA layout, the group size, ...) are refused, one line each; every other change is
+                     applied and printed.
+  metrics log        one JSON object per line, non-finite numbers as null; a resumed run drops the lines
+                     past its checkpoint's step, so no step is logged twice.
+  cadence            an eval at step 0, every EVAL_EVERY steps and at the end; a checkpoint every
+                     SAVE_EVERY steps, at the end of each epoch and of the run.
+  non-finite guard   an update whose loss or gradient norm is not finite never reaches the weights; it
+                     is skipped and counted (skipped_updates, kept across a resume).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from common.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, remove_stale_temporary_files,
+                               restore_training_state, save_checkpoint)
+from common.data import iter_jsonl, step_items
+from common.distributed import DistributedContext, cleanup, gather_rank_states, restore_rank_state, shard
+from common.model import check_model_dir
+from common.prompts import encode_prompts
+from common.synth import normalise_question
+
+# Settings that name where a run's files go, not what it computes: free on resume.
+RUN_LOCATION_SETTINGS = ("RESUME", "INIT_LORA", "RUN_NAME", "CHECKPOINT_DIR", "LOG_DIR", "OVERWRITE")
+# Settings a resume cannot change in any trainer: the LoRA is the checkpoint's, and the data order and
+# the random streams continue from the checkpoint's step.
+FIXED_ON_RESUME = ("LORA_R", "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT", "SEED", "NUM_PROMPTS")
+LOCK_FILE = ".lock"
+
+
+class RunError(SystemExit):
+    """A run that must not start: the message is printed as ``error: ...`` and the exit status is 1."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def check_writable(directory: str | Path, what: str) -> Path:
+    """Create ``directory`` if needed and prove it writable (a probe file made and removed), so that a
+    bad folder fails now and not at the first save, hours later."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as error:
+        raise RunError(f"{what} {directory} is not writable: {error.strerror or error}") from None
+    return directory
+
+
+def preflight_model(path: str | Path) -> None:
+    """The model directory is complete (common.model.check_model_dir), else the run stops here with the
+    message alone: what is missing and how to get it."""
+    try:
+        check_model_dir(path)
+    except FileNotFoundError as error:
+        raise RunError(str(error)) from None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class RunLock:
+    """A lock file holding the PID of the process that runs a run; a dead process's lock is taken over.
+    ``O_CREAT | O_EXCL`` makes taking it atomic: of two processes starting at once, one wins."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(2):  # the second try after removing a stale lock
+            try:
+                descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    owner = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and _process_alive(owner):
+                    raise RunError(f"run folder {self.path.parent} is in use by process {owner} (lock file "
+                                   f"{self.path}); wait for it, or choose another --RUN_NAME") from None
+                print(f"taking over the stale lock {self.path} (process {owner or '?'} is gone)")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(descriptor, "w") as lock_file:
+                lock_file.write(f"{os.getpid()}\n")
+            self.held = True
+            atexit.register(self.release)
+            return
+        raise RunError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _finite_or_none(value):
+    """JSON has no NaN or inf: a non-finite number is written as null (json.dumps would write NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+class MetricsLog:
+    """LOG_DIR/RUN_NAME.jsonl: one valid JSON object per line. A resumed run keeps the lines up to its
+    checkpoint's step and continues after them; ranks other than 0 write nothing (their metrics are the
+    same reduced numbers)."""
+
+    def __init__(self, path: Path, start_step: int, is_main: bool):
+        self.path = path
+        self.file = None
+        if not is_main:
+            return
+        if start_step > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+            self.file = path.open("a")
+        else:
+            self.file = path.open("w")
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def fit_to_context(rows: list[dict], lengths: list[int], path: str | Path, max_length: int, what: str,
+                   skip: bool) -> list[dict]:
+    """The rows whose ``lengths`` (in tokens) are at most ``max_length``. A longer one is refused, naming
+    the file and line, or with ``skip`` left out and counted: checked at load time, since such a row
+    would otherwise crash a step hours in (a 1 MB question asks for a 1 TB attention matrix) or
+    silently run past the model's context."""
+    line_numbers = [line_number for line_number, _ in iter_jsonl(path)]
+    too_long = [index for index, length in enumerate(lengths) if length > max_length]
+    if too_long and not skip:
+        first = too_long[0]
+        raise RunError(f"{path} line {line_numbers[first]}: the {what} is {lengths[first]} tokens, more than the "
+                       f"{max_length} that fit ({len(too_long)} such line(s)); shorten them, or skip them with "
+                       f"--SKIP_LONG_PROMPTS=true")
+    if too_long:
+        print(f"skipped {len(too_long)} line(s) of {path} whose {what} is longer than {max_length} tokens")
+    dropped = set(too_long)
+    return [row for index, row in enumerate(rows) if index not in dropped]
+
+
+def questions_that_fit(tokenizer, problems: list[dict], path: str | Path, max_length: int, skip: bool) -> list[dict]:
+    """The problems of ``path`` whose prompts fit in ``max_length`` tokens (fit_to_context); a file
+    without any is refused (an eval over nothing would print 0%)."""
+    if not problems:
+        raise RunError(f"{path} has no questions")
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, [problem["question"] for problem in problems])]
+    return fit_to_context(problems, lengths, path, max_length, "prompt", skip)
+
+
+def warn_shared_questions(train_questions: list[str], eval_questions: list[str], train_path, eval_path) -> int:
+    """Warn (and return how many) training questions are also eval questions, compared normalised:
+    the eval then measures memory as well as skill."""
+    held_out = {normalise_question(question) for question in eval_questions}
+    shared = sum(normalise_question(question) in held_out for question in train_questions)
+    if shared:
+        print(f"warning: {shared} of the {len(train_questions)} questions of {train_path} are also in "
+              f"{eval_path}: the eval is no longer held out for them")
+    return shared
+
+
+class TrainingRun:
+    """The bookkeeping of one trainer run; see the module docstring. Constructed right after
+    ``configure`` and ``setup_distributed``, before the model loads, so that every refusal costs
+    nothing. ``config`` is the resolved config; the run reads MODEL_PATH, RUN_NAME, CHECKPOINT_DIR,
+    LOG_DIR, RESUME, INIT_LORA, OVERWRITE, EVAL_EVERY and SAVE_EVERY from it (those it has).
+
+    ``fixed_on_resume`` names the script's own settings that a resume cannot change, on top of
+    FIXED_ON_RESUME. ``run_dir`` overrides CHECKPOINT_DIR/RUN_NAME (run_sft.py's OUT_DIR)."""
+
+    def __init__(self, trainer: str, config: dict, distributed: DistributedContext,
+                 fixed_on_resume: tuple[str, ...] = (), run_dir: str | Path | None = None):
+        self.trainer = trainer
+        self.config = config
+        self.distributed = distributed
+        self.name = config["RUN_NAME"]
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(config["CHECKPOINT_DIR"]) / self.name
+        self.metrics_path = Path(config["LOG_DIR"]) / f"{self.name}.jsonl"
+        self.resume_path = config.get("RESUME")
+        self.eval_every = config.get("EVAL_EVERY", 0)
+        self.save_every = config.get("SAVE_EVERY", 0)
+        self.skipped_updates = 0
+        self.lock = RunLock(self.run_dir)
+        if self.resume_path is not None and config.get("INIT_LORA") is not None:
+            raise RunError("RESUME continues a run, INIT_LORA starts a new one from a LoRA: give one of them")
+        try:
+            self.checkpoint = load_checkpoint(self.resume_path) if self.resume_path is not None else None
+        except (CheckpointError, FileNotFoundError) as error:
+            raise RunError(str(error)) from None
+        if self.checkpoint is not None:
+            saved_trainer = self.checkpoint["extra"].get("trainer", trainer)
+            if saved_trainer != trainer:
+                raise RunError(f"{self.resume_path} is a checkpoint of a {saved_trainer} run: a {trainer} run "
+                               f"cannot continue it (start a new run from its LoRA with --INIT_LORA instead)")
+            self._refuse_fixed_settings(FIXED_ON_RESUME + tuple(fixed_on_resume))
+            self.skipped_updates = self.checkpoint["extra"].get("skipped_updates", 0)
+        self.start_step = self.checkpoint["step"] if self.checkpoint is not None else 0
+        if distributed.is_main:
+            self._claim()
+        preflight_model(config["MODEL_PATH"])
+        self.metrics = MetricsLog(self.metrics_path, self.start_step, distributed.is_main)
+        self._state: dict = {}
+
+    # ----------------------------------------------------------------- start
+    def _holds_a_run(self) -> list[str]:
+        found = sorted(p.name for p in self.run_dir.glob("*") if not p.name.startswith("."))
+        held = [f"{self.run_dir}/ ({len(found)} files, e.g. {found[0]})"] if found else []
+        if self.metrics_path.exists() and self.metrics_path.stat().st_size:
+            held.append(str(self.metrics_path))
+        return held
+
+    def _claim(self) -> None:
+        check_writable(self.run_dir.parent, "CHECKPOINT_DIR")
+        check_writable(self.metrics_path.parent, "LOG_DIR")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        removed = remove_stale_temporary_files(self.run_dir)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) of a killed save in {self.run_dir}")
+        held = self._holds_a_run()
+        if self.checkpoint is None and held:
+            if not self.config.get("OVERWRITE"):
+                self.lock.release()
+                raise RunError(
+                    f"run {self.name!r} already exists: {' and '.join(held)}. Continue it with "
+                    f"--RESUME={self.run_dir} (its newest checkpoint), choose another --RUN_NAME, or "
+                    f"replace it with --OVERWRITE=true")
+            for path in self.run_dir.iterdir():
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.name != LOCK_FILE:
+                    path.unlink()
+            self.metrics_path.unlink(missing_ok=True)
+            print(f"OVERWRITE=true: removed the earlier run {self.name!r} ({' and '.join(held)})")
+        check_writable(self.run_dir, "the run folder")
+
+    def _refuse_fixed_settings(self, fixed: tuple[str, ...]) -> None:
+        saved = self.checkpoint["config"]
+        for name in fixed:
+            if name in self.config and name in saved and saved[name] != self.config[name]:
+                raise RunError(f"{name}={self.config[name]!r} differs from the resumed run's {saved[name]!r}, "
+                               f"and a resume cannot change it: resume with {name}={saved[name]!r}, or start a "
+                               f"new run")
+        changed = [f"{name}: {saved.get(name)!r} -> {value!r}" for name, value in self.config.items()
+                   if name not in RUN_LOCATION_SETTINGS and name in saved and saved[name] != value]
+        if self.distributed.is_main:
+            for line in changed:
+                print(f"resume: {line} (applied from step {self.checkpoint['step']} on)")
+
+    def restore(self, optimizer: torch.optim.Optimizer, scheduler, generators: dict | None = None) -> None:
+        """Load the resumed run's optimizer, scheduler and random states, then give the optimizer this
+        run's hyperparameters (LR, WEIGHT_DECAY, ...: load_state_dict would bring back the old ones) and
+        the scheduler this run's peak learning rates. The schedule's shape (warm-up, decay, total steps)
+        is the lr_lambda's, built from this run's constants."""
+        if self.checkpoint is None:
+            return
+        hyperparameters = [{key: value for key, value in group.items() if key != "params"}
+                           for group in optimizer.param_groups]
+        restore_training_state(self.checkpoint, optimizer, scheduler)
+        restore_rank_state(self.checkpoint, self.distributed, generators)
+        for group, wanted in zip(optimizer.param_groups, hyperparameters):
+            group.update(wanted)
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        for group, base_lr, lr_lambda in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        print(f"resumed {self.resume_path} at step {self.start_step}")
+
+    def track(self, model, tokenizer, optimizer, scheduler, evaluate: Callable | None = None,
+              generators: dict | None = None, extra: Callable[[], dict] | None = None,
+              save: Callable[[int], Path] | None = None) -> None:
+        """What a save writes and an eval reads. ``evaluate(step)`` returns an EvalResult; ``extra()``
+        what the trainer adds to a checkpoint (a critic's weights, say); ``save(step)``, when given,
+        writes the run's output instead of a LoRA checkpoint (run_sft.py's full model)."""
+        self._state = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                           evaluate=evaluate, generators=generators or {}, extra=extra or dict, save=save)
+
+    # ----------------------------------------------------------------- loop
+    def steps(self, total_steps: int, steps_per_epoch: int) -> Iterator[int]:
+        """The steps still to run (0-based), under a tqdm bar; an eval at step 0 of a new run first."""
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.started = time.perf_counter()
+        if self.eval_every and self.start_step == 0:
+            self.metrics.write({"step": 0, **self.evaluate(0)})
+        bar = tqdm(range(self.start_step, total_steps), desc=self.trainer, unit="step", initial=self.start_step,
+                   total=total_steps, disable=not self.distributed.is_main)
+        self.bar = bar
+        yield from bar
+
+    def step_items(self, items: list, step: int, items_per_step: int) -> tuple[int, list]:
+        """(epoch, this rank's share of the items of global step ``step``): the order is a function of
+        SEED, the epoch and the step alone (common.data.step_items), so a resumed run sees the items the
+        uninterrupted run would have."""
+        epoch, indices = step_items(len(items), self.config["SEED"], step, items_per_step)
+        return epoch, [items[i] for i in shard(indices)]
+
+    def update_is_finite(self, step: int, *values: float) -> bool:
+        """True when every value (losses, gradient norms) is finite; else counts a skipped update. The
+        values are reduced over the ranks, so every rank decides the same."""
+        if all(math.isfinite(value) for value in values):
+            return True
+        self.skipped_updates += 1
+        tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({self.skipped_updates} so far)")
+        return False
+
+    def end_step(self, step: int, metrics: dict) -> dict:
+        """After step ``step`` (1-based): eval when due, the metrics line, a checkpoint when due."""
+        metrics["skipped_updates"] = self.skipped_updates
+        if self.eval_every and (step % self.eval_every == 0 or step == self.total_steps):
+            metrics.update(self.evaluate(step))
+        metrics["elapsed_s"] = time.perf_counter() - self.started  # wall clock of the run so far, evals included
+        self.metrics.write(metrics)
+        end_of_epoch = step % self.steps_per_epoch == 0
+        if (self.save_every and step % self.save_every == 0) or end_of_epoch or step == self.total_steps:
+            self.save(step)
+        return metrics
+
+    def evaluate(self, step: int) -> dict:
+        result = self._state["evaluate"](step)
+        tqdm.write(f"step {step} eval: {result.summary()}")
+        return result.metrics()
+
+    def save(self, step: int) -> Path | None:
+        """Rank 0 writes the checkpoint, with every rank's random state (gathered: every rank calls this)."""
+        state = self._state
+        rank_states = gather_rank_states(self.distributed, state["generators"])
+        if not self.distributed.is_main:
+            return None
+        if state["save"] is not None:
+            path = state["save"](step)
+            tqdm.write(f"saved {path}")
+            return path
+        epoch = step // self.steps_per_epoch
+        path = save_checkpoint(checkpoint_path(self.run_dir, epoch, step), state["model"],
+                               self.config["MODEL_PATH"], self.config, state["optimizer"], state["scheduler"],
+                               epoch=epoch, step=step, generators=state["generators"],
+                               extra={**state["extra"](), "trainer": self.trainer, "ranks": rank_states,
+                                      "skipped_updates": self.skipped_updates})
+        tqdm.write(f"saved {path}")
+        return path
+
+    def finish(self) -> None:
+        self.metrics.close()
+        self.lock.release()
+        if self.distributed.is_main:
+            print(f"done: {self.total_steps} steps, {self.skipped_updates} updates skipped; "
+                  f"metrics in {self.metrics_path}")
+        cleanup()

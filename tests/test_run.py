@@ -1,0 +1,264 @@
+"""A run's bookkeeping (common/run.py) and the checks every script makes before its model loads.
+
+Each refusal is tested as a user meets it: the script run as a subprocess, the message naming the
+thing, and nothing lost. A refusal that must come before the model loads is run against a model
+path that does not exist where it can be, so that reaching the loading code would fail otherwise.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.run import MetricsLog, RunError, RunLock, check_writable, fit_to_context
+from tests.conftest import run_script
+
+SMALL_GRPO = ["--TRAIN_FILE=data/synth_train.jsonl", "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=8",
+              "--PROMPTS_PER_STEP=2", "--NUM_SAMPLES_PER_PROMPT=3", "--MAX_NEW_TOKENS=6", "--EVAL_EVERY=0",
+              "--DEVICE=cpu", "--LORA_R=2", "--WARMUP_STEPS=0"]
+
+
+def grpo(model_dir, tmp_path, *extra, check=True):
+    return run_script(["run_train_grpo.py", f"--MODEL_PATH={model_dir}", *SMALL_GRPO,
+                       f"--CHECKPOINT_DIR={tmp_path / 'ck'}", f"--LOG_DIR={tmp_path / 'logs'}", *extra], check=check)
+
+
+def refused(result, *fragments):
+    """The script stopped with an error naming every fragment, and never started loading a model."""
+    assert result.returncode != 0, result.stdout
+    assert "Loading weights" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr[-2000:])
+
+
+# ------------------------------------------------------------------------- run names and locks
+
+def test_a_second_run_on_a_used_name_is_refused_and_the_first_is_kept(micro_model_dir, tmp_path):
+    grpo(micro_model_dir, tmp_path, "--RUN_NAME=exp", "--MAX_STEPS=1")
+    metrics_before = (tmp_path / "logs" / "exp.jsonl").read_text()
+    result = grpo("models/not-there", tmp_path, "--RUN_NAME=exp", "--MAX_STEPS=1", check=False)
+    refused(result, "run 'exp' already exists", str(tmp_path / "ck" / "exp"), "--RESUME=", "--RUN_NAME",
+            "--OVERWRITE=true")
+    assert (tmp_path / "logs" / "exp.jsonl").read_text() == metrics_before
+    assert [p.name for p in (tmp_path / "ck" / "exp").iterdir()] == ["lora_epoch0_step1.pt"]
+
+    grpo(micro_model_dir, tmp_path, "--RUN_NAME=exp", "--MAX_STEPS=2", "--OVERWRITE=true")
+    assert [json.loads(line)["step"] for line in (tmp_path / "logs" / "exp.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "ck" / "exp").iterdir()) == ["lora_epoch0_step2.pt"]
+
+
+def test_a_running_run_is_locked_and_a_dead_processs_lock_is_taken_over(micro_model_dir, tmp_path):
+    run_dir = tmp_path / "ck" / "busy"
+    run_dir.mkdir(parents=True)
+    (run_dir / ".lock").write_text(f"{os.getpid()}\n")  # this test's own process: alive
+    result = grpo("models/not-there", tmp_path, "--RUN_NAME=busy", "--MAX_STEPS=1", check=False)
+    refused(result, f"in use by process {os.getpid()}")
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / ".lock").write_text(finished.stdout)  # a process that has exited
+    result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=busy", "--MAX_STEPS=1")
+    assert "taking over the stale lock" in result.stdout
+    assert not (run_dir / ".lock").exists()  # released at the end
+    assert (run_dir / "lora_epoch0_step1.pt").is_file()
+
+
+def test_the_lock_is_taken_by_one_process_only(tmp_path):
+    first, second = RunLock(tmp_path), RunLock(tmp_path)
+    first.acquire()
+    with pytest.raises(RunError, match="in use by process"):
+        second.acquire()
+    first.release()
+    second.acquire()
+    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    second.release()
+
+
+# ------------------------------------------------------------------------------------- resume
+
+@pytest.fixture(scope="module")
+def three_step_run(micro_model_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("resume")
+    grpo(micro_model_dir, tmp_path, "--RUN_NAME=base", "--MAX_STEPS=3", "--SAVE_EVERY=1", "--LR=2e-4")
+    return tmp_path
+
+
+def test_resume_applies_a_new_learning_rate_and_records_it(micro_model_dir, three_step_run, tmp_path):
+    shutil.copytree(three_step_run / "ck", tmp_path / "ck")
+    shutil.copytree(three_step_run / "logs", tmp_path / "logs")
+    result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=base", "--MAX_STEPS=4", "--LR=1e-3",
+                  f"--RESUME={tmp_path / 'ck' / 'base' / 'lora_epoch0_step2.pt'}")
+    assert "resume: LR: 0.0002 -> 0.001 (applied from step 2 on)" in result.stdout
+    assert "warning" not in result.stdout
+    checkpoint = load_checkpoint(tmp_path / "ck" / "base")  # its newest: step 4 (lora_epoch1_step4.pt)
+    assert checkpoint["step"] == 4
+    assert checkpoint["config"]["LR"] == 1e-3
+    assert [group["lr"] for group in checkpoint["optimizer"]["param_groups"]] == [1e-3]
+    assert checkpoint["scheduler"]["base_lrs"] == [1e-3]
+    # The metrics file keeps the first run's steps 1-2 and continues: no step is logged twice.
+    metrics = [json.loads(line) for line in (tmp_path / "logs" / "base.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["lr"] for m in metrics] == [2e-4, 2e-4, 1e-3, 1e-3]
+
+
+@pytest.mark.parametrize("setting", ["--LORA_R=8", "--NUM_SAMPLES_PER_PROMPT=4", "--PROMPTS_PER_STEP=4",
+                                     "--SEED=3"])
+def test_resume_refuses_what_it_cannot_change(three_step_run, setting):
+    name, value = setting[2:].split("=")
+    result = grpo("models/not-there", three_step_run, "--RUN_NAME=other", "--MAX_STEPS=4", setting,
+                  f"--RESUME={three_step_run / 'ck' / 'base' / 'lora_epoch0_step2.pt'}", check=False)
+    refused(result, f"error: {name}={value}", "differs from the resumed run's", "a resume cannot change it")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_refuses_another_trainers_checkpoint(three_step_run, micro_model_dir, tmp_path):
+    result = run_script(["run_train_dpo.py", f"--MODEL_PATH={micro_model_dir}",
+                         f"--RESUME={three_step_run / 'ck' / 'base' / 'lora_epoch0_step2.pt'}",
+                         f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}"], check=False)
+    refused(result, "is a checkpoint of a grpo run: a dpo run cannot continue it")
+
+
+# ---------------------------------------------------------------------------------- preflight
+
+def test_an_unusable_checkpoint_folder_is_refused_before_the_model_loads(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    result = run_script(["run_train_grpo.py", "--MODEL_PATH=models/tiny-gemma2-math", *SMALL_GRPO,
+                         f"--CHECKPOINT_DIR={not_a_folder}", f"--LOG_DIR={tmp_path}"], check=False)
+    refused(result, f"CHECKPOINT_DIR {not_a_folder} is not writable")
+
+
+def test_check_writable_creates_and_probes(tmp_path):
+    assert check_writable(tmp_path / "a" / "b", "X") == tmp_path / "a" / "b"
+    assert list((tmp_path / "a" / "b").iterdir()) == []  # the probe is gone
+    (tmp_path / "f").write_text("")
+    with pytest.raises(RunError, match="X .* is not writable"):
+        check_writable(tmp_path / "f" / "sub", "X")
+
+
+def test_eval_math_refuses_an_unwritable_out_file_before_evaluating(micro_model_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = run_script(["eval_math.py", "--MODEL_PATH=models/not-there", "--EVAL_FILE=data/synth_test.jsonl",
+                         f"--OUT_FILE={tmp_path / 'file' / 'eval.jsonl'}"], check=False)
+    refused(result, "the folder of OUT_FILE", "is not writable")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("--TOP_P=0", "TOP_P=0.0: must satisfy 0 < TOP_P <= 1"),
+    ("--TOP_P=2", "TOP_P=2.0: must satisfy 0 < TOP_P <= 1"),
+    ("--TOP_K=-5", "TOP_K=-5: must satisfy TOP_K >= 0"),
+    ("--LOSS_AGG=foo", "--LOSS_AGG='foo': allowed values are token_mean, seq_mean, seq_sum_const"),
+    ("--MICRO_BATCH_SIZE=0", "MICRO_BATCH_SIZE=0: must satisfy MICRO_BATCH_SIZE >= 1"),
+    ("--PROMPTS_PER_STEP=0", "PROMPTS_PER_STEP=0: must satisfy PROMPTS_PER_STEP >= 1"),
+    ("--NUM_SAMPLES_PER_PROMPT=1", "NUM_SAMPLES_PER_PROMPT=1: must satisfy NUM_SAMPLES_PER_PROMPT >= 2"),
+    ("--TEMPERATURE=0", "TEMPERATURE=0.0: must satisfy TEMPERATURE > 0"),
+    ("--MAX_NEW_TOKENS=0", "MAX_NEW_TOKENS=0: must satisfy MAX_NEW_TOKENS >= 1"),
+    ("--MAX_STEPS=-1", "MAX_STEPS=-1: must satisfy MAX_STEPS >= 0"),
+    ("--DEVICE=tpu", "DEVICE='tpu': must satisfy DEVICE in ('auto', 'cpu', 'mps', 'cuda') or DEVICE.startswith('cuda:')"),
+])
+def test_a_wrong_value_is_one_line_naming_the_constant_and_what_is_allowed(setting, message):
+    result = run_script(["run_train_grpo.py", "--MODEL_PATH=models/not-there", setting], check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {message}"
+
+
+def test_help_shows_a_constants_whole_comment_and_its_rule():
+    help_text = run_script(["run_train_ppo.py", "--help"]).stdout
+    critic_help = help_text[help_text.index("--CRITIC_FEATURES"):help_text.index("--CRITIC_LR")]
+    assert "one of detached, adapter, shared" in critic_help
+    assert "a second LoRA of its own on the same base (adapter)" in critic_help
+    assert "or the actor's, trained (shared)" in critic_help
+    assert "[TOP_P: 0 < TOP_P <= 1]" not in help_text and "[0 < TOP_P <= 1]" in help_text
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda d: [(d / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json") if (d / name).exists()],
+     "has no tokenizer"),
+    (lambda d: os.truncate(d / "model.safetensors", (d / "model.safetensors").stat().st_size // 2),
+     "model.safetensors: cut short"),
+    (lambda d: (d / "model.safetensors").unlink(), "has no weights"),
+])
+def test_an_incomplete_model_directory_is_refused_naming_the_file(micro_model_dir, tmp_path, break_it, message):
+    model_dir = tmp_path / "model"
+    shutil.copytree(micro_model_dir, model_dir)
+    break_it(model_dir)
+    for script in (["run_train_grpo.py", *SMALL_GRPO, f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}"],
+                   ["eval_math.py", "--EVAL_FILE=data/synth_test.jsonl", f"--OUT_FILE={tmp_path / 'e.jsonl'}"]):
+        result = run_script([script[0], f"--MODEL_PATH={model_dir}", *script[1:]], check=False)
+        refused(result, message)
+
+
+# -------------------------------------------------------------------------------- data guards
+
+def test_a_prompt_too_long_for_the_context_is_refused_or_skipped(micro_model_dir, tmp_path):
+    lines = open("data/synth_train.jsonl").read().splitlines()[:8]
+    huge = {"question": "How many apples? " * 20_000, "gold_answer": "3"}
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(lines[:5] + [json.dumps(huge)] + lines[5:]) + "\n")
+    run = ["run_train_grpo.py", f"--MODEL_PATH={micro_model_dir}", *SMALL_GRPO, f"--TRAIN_FILE={train}",
+           "--NUM_PROMPTS=0", "--MAX_STEPS=1", f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}"]
+    result = run_script(run + ["--RUN_NAME=refused"], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{train} line 6: the prompt is" in result.stderr and "--SKIP_LONG_PROMPTS=true" in result.stderr
+    result = run_script(run + ["--RUN_NAME=skipped", "--SKIP_LONG_PROMPTS=true"])
+    assert f"skipped 1 line(s) of {train}" in result.stdout and "8 training questions" in result.stdout
+
+
+def test_fit_to_context_names_the_file_line_of_a_long_row(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"q": 1}\n\n{"q": 2}\n{"q": 3}\n')  # a blank line: the third row is on line 4
+    rows = [{"q": 1}, {"q": 2}, {"q": 3}]
+    with pytest.raises(RunError, match=r"rows.jsonl line 4: the prompt is 9 tokens, more than the 5"):
+        fit_to_context(rows, [3, 5, 9], path, 5, "prompt", skip=False)
+    assert fit_to_context(rows, [3, 5, 9], path, 5, "prompt", skip=True) == rows[:2]
+
+
+def test_eval_math_refuses_an_empty_eval_file(micro_model_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    result = run_script(["eval_math.py", f"--MODEL_PATH={micro_model_dir}", f"--EVAL_FILE={empty}",
+                         f"--OUT_FILE={tmp_path / 'e.jsonl'}"], check=False)
+    assert result.returncode != 0 and f"{empty} has no questions" in result.stderr
+    assert "Accuracy" not in result.stdout
+
+
+@pytest.mark.parametrize("script", ["run_train_grpo.py", "run_train_ppo.py"])
+def test_training_questions_shared_with_the_eval_file_are_warned(micro_model_dir, tmp_path, script):
+    train = tmp_path / "train.jsonl"
+    test_lines = open("data/synth_test.jsonl").read().splitlines()
+    train.write_text("\n".join(open("data/synth_train.jsonl").read().splitlines()[:6] + test_lines[:2]) + "\n")
+    result = run_script([script, f"--MODEL_PATH={micro_model_dir}", *SMALL_GRPO, f"--TRAIN_FILE={train}",
+                         "--MAX_STEPS=1", "--EVAL_EVERY=1", "--EVAL_LIMIT=4", f"--CHECKPOINT_DIR={tmp_path}",
+                         f"--LOG_DIR={tmp_path}"])
+    assert f"warning: 2 of the 8 questions of {train} are also in data/synth_test.jsonl" in result.stdout
+
+
+# ------------------------------------------------------------------------ metrics and temp files
+
+def test_metrics_are_valid_json_and_a_resume_drops_the_lines_past_its_step(tmp_path):
+    path = tmp_path / "m.jsonl"
+    log = MetricsLog(path, start_step=0, is_main=True)
+    for step in range(1, 5):
+        log.write({"step": step, "loss": float("nan") if step == 2 else 1.0, "grad": [float("inf"), 1.0]})
+    log.close()
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[1]) == {"step": 2, "loss": None, "grad": [None, 1.0]}
+    log = MetricsLog(path, start_step=2, is_main=True)
+    log.write({"step": 3})
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    MetricsLog(tmp_path / "other.jsonl", start_step=0, is_main=False).write({"step": 1})
+    assert not (tmp_path / "other.jsonl").exists()  # ranks other than 0 write nothing
+
+
+def test_a_killed_saves_temporary_file_is_removed_at_the_next_start(micro_model_dir, tmp_path):
+    run_dir = tmp_path / "ck" / "killed"
+    run_dir.mkdir(parents=True)
+    (run_dir / ".lora_epoch0_step1.pt.99999.tmp").write_bytes(torch.zeros(10).numpy().tobytes())
+    result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=killed", "--MAX_STEPS=1")
+    assert "removed 1 temporary file(s) of a killed save" in result.stdout
+    assert [p.name for p in run_dir.iterdir()] == ["lora_epoch0_step1.pt"]
