@@ -247,7 +247,7 @@ def test_model_soup_refuses_mismatched_ingredients(ingredient_files, micro_model
 def test_the_soup_loads_in_eval_math(uniform_soup, micro_model_dir, tmp_path):
     out, _ = uniform_soup
     result = run_script(["eval_math.py", f"--MODEL_PATH={micro_model_dir}", f"--LORA_CKPT={out}",
-                         "--TEST_FILE=data/synth_test.jsonl", "--LIMIT=3", "--MAX_NEW_TOKENS=4", "--DEVICE=cpu",
+                         "--EVAL_FILE=data/synth_test.jsonl", "--EVAL_LIMIT=3", "--MAX_NEW_TOKENS=4", "--DEVICE=cpu",
                          f"--OUT_FILE={tmp_path / 'eval.jsonl'}"])
     assert "loaded LoRA" in result.stdout and "Total: 3" in result.stdout
 
