@@ -13,8 +13,14 @@ move B along the random directions of A.
 The adapter parameters are fp32 even when the base runs in bf16: AdamW's updates
 are often smaller than bf16's resolution (8 bits of mantissa) relative to the
 weights, so bf16 adapter weights would round many updates away.  The adapter
-path casts its input to fp32 and its result back to the base output's dtype,
-so the big matmuls of the base stay in bf16.
+path runs in the activations' dtype: it casts the small A and B (r x in and
+out x r) to bf16, not the activations [tokens, in] to fp32, so each of its
+two matmuls is a bf16 one (fp32 accumulation) on the tensor cores, and no
+fp32 copy of the activations is made; autograd takes the gradients back
+through the casts to the fp32 masters, which the optimizer updates.  In fp32
+the casts are no-ops.  (With the activations cast to fp32 instead, our eager
+bf16 decode of Gemma 2 2B on an H200 took 2.5x as long with the adapters as
+without them.)
 
 ``disable_lora`` switches every adapter off, which turns the policy into the
 base model: the KL reference policy costs no second copy of the weights.
@@ -31,6 +37,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 
 class LoRAStateError(ValueError):
     """A LoRA state dict that does not fit the model's LoRA layers."""
@@ -103,9 +110,10 @@ class LoRALinear(nn.Module):
         result = self.base(x)
         if self.merged or not self._enabled:
             return result
-        adapter_input = self.dropout(x.to(self.lora_A.dtype))
-        update = F.linear(F.linear(adapter_input, self.lora_A), self.lora_B) * self.scaling
-        return result + update.to(result.dtype)
+        # The factors come to the activations' dtype, not the activations to fp32 (see the module docstring).
+        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        update = F.linear(F.linear(self.dropout(x), lora_A), lora_B) * self.scaling
+        return result + update
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -270,6 +270,8 @@ def test_dropout_applies_to_the_adapter_input_only_in_training():
 
 
 def test_bf16_base_with_fp32_adapter():
+    """fp32 masters, a bf16 adapter path: the output is the hand computation with A and B rounded to bf16,
+    within bf16's rounding of the fp32 one, and the gradients reach the masters in fp32."""
     torch.manual_seed(0)
     linear = nn.Linear(8, 4).to(torch.bfloat16)
     layer = LoRALinear(linear, r=2, alpha=4)
@@ -278,15 +280,50 @@ def test_bf16_base_with_fp32_adapter():
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     output = layer(x)
     assert output.dtype == torch.bfloat16
-    update = 2.0 * (x.float() @ layer.lora_A.T) @ layer.lora_B.T
-    torch.testing.assert_close(output, linear(x) + update.to(torch.bfloat16))
+    bf16_update = 2.0 * (x @ layer.lora_A.detach().bfloat16().T) @ layer.lora_B.detach().bfloat16().T
+    torch.testing.assert_close(output, linear(x) + bf16_update)
+    fp32_reference = linear(x).float() + 2.0 * (x.float() @ layer.lora_A.T) @ layer.lora_B.T
+    torch.testing.assert_close(output.float(), fp32_reference, atol=0.05, rtol=0.02)
+
     output.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.dtype == torch.float32
+    lora_A, lora_B = layer.lora_A.detach().requires_grad_(), layer.lora_B.detach().requires_grad_()
+    (2.0 * (x.float() @ lora_A.T) @ lora_B.T).sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, lora_A.grad, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(layer.lora_B.grad, lora_B.grad, atol=0.05, rtol=0.02)
 
     merged_weight = (linear.weight.float() + layer.delta_weight()).to(torch.bfloat16)
     layer.merge()
     assert layer.base.weight.dtype == torch.bfloat16
     assert torch.equal(layer.base.weight, merged_weight)
+
+
+def test_bf16_adapter_path_makes_no_fp32_copy_of_the_activations():
+    """Every op of a bf16 layer's forward and backward that touches a [tokens, features] tensor does so in
+    bf16 (the only fp32 tensors are the r x in and out x r factors and their gradients)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fp32Activations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for tensor in [*args, *(result if isinstance(result, (tuple, list)) else [result])]:
+                if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and tensor.dim() == 2 \
+                        and tensor.size(0) == tokens:
+                    self.seen.append(str(func))
+            return result
+
+    tokens = 64  # more than every dimension of the factors, so a [tokens, *] tensor is an activation
+    layer = LoRALinear(nn.Linear(32, 48).to(torch.bfloat16), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(tokens, 32, dtype=torch.bfloat16, requires_grad=True)
+    with Fp32Activations() as mode:
+        layer(x).sum().backward()
+    assert mode.seen == []
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("bad", [dict(r=0), dict(r=2.0), dict(alpha=0), dict(dropout=1.0), dict(dropout=-0.1)])
@@ -482,3 +519,4 @@ def test_loading_into_a_merged_model_is_refused():
     merge_lora(model)
     with pytest.raises(RuntimeError, match="unmerge_lora"):
         load_lora_state_dict(model, lora_state_dict(model))
+
