@@ -69,18 +69,43 @@ def _final_logit_softcap(model) -> float | None:
         f"{sorted(_PLAIN_HEAD_MODEL_TYPES | _SOFTCAPPED_HEAD_MODEL_TYPES)}")
 
 
+# Head weight dtypes that torch.mm multiplies on CUDA with fp32 accumulation and an fp32 result
+# (out_dtype=torch.float32; CUDA-only in torch 2.13: the CPU has no kernel for it).
+_TENSOR_CORE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _head_operand(weight: torch.Tensor) -> torch.Tensor:
+    """The head weight as the head's matmuls read it: as it is for a bf16/fp16 weight on CUDA (the
+    tensor cores multiply it as stored, with fp32 accumulation and output: no copy); else in fp32
+    (fp64 for an fp64 model): a copy of a bf16 head on the CPU or mps, once per pass, which gives the
+    same numbers, every bf16 value being exact in fp32. The fp32 copy that CUDA no longer makes was
+    vocab * hidden * 4 bytes, 2.4 GB for Gemma 2 2B, at every forward and every backward."""
+    if weight.is_cuda and weight.dtype in _TENSOR_CORE_DTYPES:
+        return weight
+    return weight.to(torch.promote_types(weight.dtype, torch.float32))
+
+
+def _matmul_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with ``b`` a head operand (or its transpose), accumulated and returned in fp32 (fp64 for
+    fp64). ``a`` is cast to b's dtype first: for a bf16 operand that rounds it to bf16, as the tensor
+    cores take it."""
+    if b.dtype in _TENSOR_CORE_DTYPES:
+        return torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
+    return a.to(b.dtype) @ b
+
+
 def _scaled_logits(hidden: torch.Tensor, head_weight: torch.Tensor, softcap: float | None, temperature: float,
                    keep_tanh: bool = False):
     """s = softcap(hidden @ W^T) / T, with the same operations in the same order as the model's
-    forward followed by the sampler's division by T, in head_weight's dtype: fp32 (fp64 for an fp64
-    model). With ``keep_tanh`` also returns tanh(logits / cap) (the soft-cap's derivative is
-    1 - tanh^2), None without soft-capping.
+    forward followed by the sampler's division by T, in fp32 (fp64 for an fp64 model) whatever the
+    dtype of ``head_weight`` (a ``_head_operand``). With ``keep_tanh`` also returns tanh(logits / cap)
+    (the soft-cap's derivative is 1 - tanh^2), None without soft-capping.
 
     Not bf16, even for a bf16 model, because bf16 keeps 8 significant bits: Gemma's logits of
     magnitude 16-30 would be rounded to multiples of 0.125, log-probs would be off by as much, and
     the log-sum-exp over 256k entries accumulates more rounding. Policy ratios and KL terms compare
     log-probs that differ by far less than that."""
-    logits = hidden.to(head_weight.dtype) @ head_weight.T
+    logits = _matmul_fp32_out(hidden, head_weight.T)
     tanh_of_logits = None
     if softcap is not None:
         if keep_tanh:
@@ -91,21 +116,15 @@ def _scaled_logits(hidden: torch.Tensor, head_weight: torch.Tensor, softcap: flo
     return logits.div_(temperature), tanh_of_logits
 
 
-def _in_compute_dtype(weight: torch.Tensor) -> torch.Tensor:
-    """The head weight in fp32 (a copy for a bf16/fp16 head: vocab * hidden * 4 bytes, 2.4 GB for
-    Gemma 2 2B, whatever B and L), or as it is when already fp32 or fp64."""
-    return weight.to(torch.promote_types(weight.dtype, torch.float32))
-
-
 class _ChunkedHeadLogprobs(torch.autograd.Function):
     """log p(target) (and optionally entropy) of N positions from hidden states [N, H] and the head
     weight [V, H], chunk by chunk in forward and in backward (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, temperature, chunk_size, with_entropy):
-        head_weight = _in_compute_dtype(weight)
+        head_weight = _head_operand(weight)
         num_positions = hidden.shape[0]
-        logprobs = hidden.new_empty(num_positions, dtype=head_weight.dtype)
+        logprobs = hidden.new_empty(num_positions, dtype=torch.promote_types(weight.dtype, torch.float32))
         logsumexps = torch.empty_like(logprobs)
         entropies = torch.empty_like(logprobs) if with_entropy else None
         for start in range(0, num_positions, chunk_size):
@@ -143,9 +162,10 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[:2]
         if grad_logprobs is None and grad_entropies is None:
             return None, None, None, None, None, None, None
-        head_weight = _in_compute_dtype(weight)
+        head_weight = _head_operand(weight)
         grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
-        grad_head_weight = torch.zeros_like(head_weight) if needs_weight_grad else None
+        grad_head_weight = (torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                                        device=weight.device) if needs_weight_grad else None)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
             logits, tanh_of_logits = _scaled_logits(hidden[start:end], head_weight, ctx.softcap,
@@ -167,9 +187,12 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
             if tanh_of_logits is not None:
                 grad_logits.mul_(tanh_of_logits.square_().neg_().add_(1))  # d loss / d l
             if needs_hidden_grad:
-                grad_hidden[start:end] = grad_logits @ head_weight
-            if needs_weight_grad:
-                grad_head_weight.addmm_(grad_logits.T, hidden[start:end].to(head_weight.dtype))
+                # The tensor cores take d loss / d logits rounded to the weight's dtype (bf16: a relative
+                # error of at most 2^-9 per entry, unbiased); rounded so on every device, the CPU tests
+                # check what CUDA computes.
+                grad_hidden[start:end] = _matmul_fp32_out(grad_logits.to(weight.dtype), head_weight)
+            if needs_weight_grad:  # the head trains: full fine-tuning only, never under LoRA
+                grad_head_weight.addmm_(grad_logits.T, hidden[start:end].to(grad_head_weight.dtype))
             del logits, tanh_of_logits, log_probs, grad_logits  # as in forward: one chunk's buffers at a time
         grad_weight = grad_head_weight.to(weight.dtype) if needs_weight_grad else None
         return grad_hidden, grad_weight, None, None, None, None, None
@@ -195,32 +218,45 @@ def body_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Ten
                                position_ids=position_ids, use_cache=False).last_hidden_state
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward instead of keeping them from the
+    forward: transformers' activation checkpointing (``gradient_checkpointing_enable``, renamed in
+    transformers 5), non-reentrant, PyTorch's recommended variant, which needs no input that requires
+    grad (the frozen embeddings under LoRA give none) and replays dropout with the forward's RNG state.
+    It acts in training mode only, i.e. in the policy pass through ``body_hidden_states``; the sampler
+    and the no-grad passes run in eval mode or without autograd and are unaffected."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def head_token_logprobs(model, hidden_states: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
-                        chunk_size: int = 1024, return_entropy: bool = False):
+                        chunk_size: int = 1024, return_entropy: bool = False, from_position: int = 0):
     """token_logprobs from hidden states the caller already has (``body_hidden_states`` of
     ``input_ids``): the chunked output head alone, so that one body pass can feed both the
     log-probs and something else (PPO's value head). Same results and gradients as
-    token_logprobs, [B, L-1]."""
+    token_logprobs, [B, L-1-from_position]."""
     _check_arguments(temperature, chunk_size)
     softcap = _final_logit_softcap(model)
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("token_logprobs supports output heads without bias only")
     batch_size, length, hidden_size = hidden_states.shape
+    if not 0 <= from_position <= length - 1:
+        raise ValueError(f"from_position must be in [0, {length - 1}] for sequences of {length}, got {from_position}")
     # The hidden state at position t predicts token t + 1; the last position predicts nothing here.
-    predicting_hidden = hidden_states[:, :-1].reshape(-1, hidden_size)
-    targets = input_ids[:, 1:].reshape(-1)
+    predicting_hidden = hidden_states[:, from_position:-1].reshape(-1, hidden_size)
+    targets = input_ids[:, from_position + 1:].reshape(-1)
     outputs = _ChunkedHeadLogprobs.apply(predicting_hidden, head.weight, targets, softcap, float(temperature),
                                          chunk_size, return_entropy)
+    width = length - 1 - from_position
     if return_entropy:
         logprobs, entropy = outputs
-        return logprobs.view(batch_size, length - 1), entropy.view(batch_size, length - 1)
-    return outputs.view(batch_size, length - 1)
+        return logprobs.view(batch_size, width), entropy.view(batch_size, width)
+    return outputs.view(batch_size, width)
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
                    chunk_size: int = 1024, position_ids: torch.Tensor | None = None,
-                   return_entropy: bool = False):
+                   return_entropy: bool = False, from_position: int = 0):
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) under softmax(logits / temperature), [B, L-1].
 
     ``temperature`` divides the model's final (for Gemma 2, already soft-capped) logits, as the
@@ -233,12 +269,17 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     Without ``position_ids``, positions count the attended tokens, so a left-padded row gets the
     positions it would have unpadded.
+
+    ``from_position`` s > 0 keeps only t >= s, [B, L-1-s]: the body still reads every token, but the
+    head (a vocab x hidden matmul per position, forward and backward) runs on the predictions wanted
+    alone, e.g. a completion's after its prompt, s = prompt width - 1.
     """
     # Refuse bad arguments and an unknown head before running the body.
     _check_arguments(temperature, chunk_size)
     _final_logit_softcap(model)
     hidden_states = body_hidden_states(model, input_ids, attention_mask, position_ids)
-    return head_token_logprobs(model, hidden_states, input_ids, temperature, chunk_size, return_entropy)
+    return head_token_logprobs(model, hidden_states, input_ids, temperature, chunk_size, return_entropy,
+                               from_position)
 
 
 def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from common.logprobs import sequence_logprobs, token_logprobs
+from common.logprobs import (_matmul_fp32_out, body_hidden_states, enable_gradient_checkpointing,
+                             head_token_logprobs, sequence_logprobs, token_logprobs)
 from tests.conftest import REPO_ROOT, micro_model
 
 VOCAB_SIZE = 97
@@ -238,6 +239,110 @@ def test_bf16_model_gives_fp32_logprobs_and_bf16_gradients():
     logps.sum().backward()
     head_grad = model.get_output_embeddings().weight.grad
     assert head_grad.dtype is torch.bfloat16 and head_grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("variant", ["gemma2-capped", "llama"])
+def test_from_position_gives_the_tail_of_the_full_logprobs_and_its_gradients(variant):
+    """The head on the predictions from position s on only: the same values, entropies and gradients as
+    slicing the full result (the body still sees every token)."""
+    input_ids, attention_mask = left_padded_batch()
+    start = 4
+
+    def tail_and_grads(compute):
+        model = build_model(variant)
+        logps, entropy = compute(model)
+        (logps.sum() + 0.5 * entropy.sum()).backward()
+        return logps.detach(), entropy.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    full = tail_and_grads(lambda model: [part[:, start:] for part in token_logprobs(
+        model, input_ids, attention_mask, temperature=0.9, chunk_size=3, return_entropy=True)])
+    tail = tail_and_grads(lambda model: token_logprobs(model, input_ids, attention_mask, temperature=0.9, chunk_size=3,
+                                                       return_entropy=True, from_position=start))
+    assert tail[0].shape == (len(LENGTHS), max(LENGTHS) - 1 - start)
+    assert_close(tail[0], full[0])
+    assert_close(tail[1], full[1])
+    for name, grad in full[2].items():
+        torch.testing.assert_close(tail[2][name], grad, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="from_position"):
+        token_logprobs(build_model(variant), input_ids, attention_mask, from_position=max(LENGTHS))
+
+
+def test_bf16_head_with_a_large_vocabulary_is_within_1e3_of_fp64():
+    """A bf16 head of 32k entries multiplied as stored with fp32 accumulation: log-probs and gradients
+    against the same bf16 values in fp64. Logits reach past the soft-cap (the head is scaled up), and the
+    objective is a token mean, as the losses are. The gradients come back in bf16, so they are also held
+    to twice bf16's own rounding of the fp64 ones: d loss / d logits rounded to bf16 (as the tensor cores
+    take it) adds at most about that much again."""
+    vocab_size, temperature, cap = 32768, 0.7, 5.0
+    model = micro_model("gemma2", vocab_size, final_logit_softcapping=cap, tie_word_embeddings=False)
+    model = model.to(torch.bfloat16)
+    head_weight = model.get_output_embeddings().weight
+    with torch.no_grad():
+        head_weight.mul_(20.0)
+    input_ids = torch.randint(3, vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = body_hidden_states(model, input_ids, torch.ones_like(input_ids))
+    weights = torch.randn(3, 39, generator=torch.Generator().manual_seed(1)) / (3 * 39)
+
+    hidden_leaf = hidden.clone().requires_grad_()
+    logps = head_token_logprobs(model, hidden_leaf, input_ids, temperature, chunk_size=16)
+    (logps * weights).sum().backward()
+    assert logps.dtype is torch.float32 and hidden_leaf.grad.dtype is torch.bfloat16
+
+    hidden_64 = hidden.double().requires_grad_()
+    weight_64 = head_weight.detach().double().requires_grad_()
+    logits = cap * torch.tanh(hidden_64[:, :-1] @ weight_64.T / cap) / temperature
+    assert logits.abs().max() > 0.8 * cap / temperature  # well into the soft-cap's bend
+    expected = logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    (expected * weights.double()).sum().backward()
+
+    assert (logps.double() - expected).abs().max() < 1e-3
+    for grad, expected_grad in ((hidden_leaf.grad, hidden_64.grad), (head_weight.grad, weight_64.grad)):
+        error = (grad.double() - expected_grad).abs().max()
+        bf16_rounding = (expected_grad.bfloat16().double() - expected_grad).abs().max()
+        assert error < 1e-3 and error <= 2 * bf16_rounding, (error, bf16_rounding)
+
+
+def test_the_cuda_head_matmul_is_a_valid_call():
+    """On CUDA a bf16 head is multiplied as stored, by torch.mm with out_dtype=torch.float32, which has no
+    CPU kernel; its shape and dtype checks (on the meta device) accept the call as made, weight transposed."""
+    hidden = torch.empty(5, 16, dtype=torch.bfloat16, device="meta")
+    head_weight = torch.empty(1000, 16, dtype=torch.bfloat16, device="meta")
+    logits = _matmul_fp32_out(hidden, head_weight.T)
+    assert logits.shape == (5, 1000) and logits.dtype is torch.float32
+    grad_hidden = _matmul_fp32_out(torch.empty(5, 1000, device="meta"), head_weight)  # fp32 grads, rounded to bf16
+    assert grad_hidden.shape == (5, 16) and grad_hidden.dtype is torch.float32
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "llama"])
+def test_gradient_checkpointing_gives_the_same_gradients_with_lora(arch):
+    """Checkpointed decoder layers run twice (forward, and again in the backward), and the LoRA gradients
+    are those of the plain pass, adapter dropout included (the recompute replays the forward's RNG)."""
+    from common.lora import apply_lora, lora_modules
+
+    def lora_grads(checkpointing: bool):
+        model = micro_model(arch, VOCAB_SIZE)
+        apply_lora(model, r=4, alpha=8, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"), dropout=0.1)
+        for module in lora_modules(model).values():
+            torch.nn.init.normal_(module.lora_B, std=0.1, generator=torch.Generator().manual_seed(2))
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        layer_runs = []
+        model.get_decoder().layers[0].self_attn.q_proj.register_forward_hook(lambda *_: layer_runs.append(1))
+        input_ids, attention_mask = left_padded_batch()
+        torch.manual_seed(3)
+        logps = token_logprobs(model, input_ids, attention_mask, chunk_size=4)
+        logps[attention_mask[:, 1:].bool()].mean().backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}, len(layer_runs)
+
+    plain, plain_runs = lora_grads(checkpointing=False)
+    checkpointed, checkpointed_runs = lora_grads(checkpointing=True)
+    assert (plain_runs, checkpointed_runs) == (1, 2)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 16
+    for name in plain:
+        assert plain[name].abs().max() > 0, name
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)
 
 
 def test_unsupported_logit_postprocessing_and_bad_arguments_raise():
