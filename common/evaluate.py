@@ -68,11 +68,13 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 64, max_new_tokens: int = 256,
-             progress: bool = True, desc: str = "eval", reward=None, prompt_format: PromptFormat | None = None
-             ) -> EvalResult:
+             progress: bool = True, desc: str = "eval", reward=None, prompt_format: PromptFormat | None = None,
+             sampler: str = "auto") -> EvalResult:
     """Greedy-decode every problem (prompts from common.prompts with ``prompt_format``) and score it:
     the extracted number against the gold answer, or, given a ``reward`` (common.reward.load_reward),
     the reward's ``correct``, which is how a non-numeric task is evaluated.
+
+    ``sampler`` is common.sampler.sample's (auto: the compiled static-cache path on CUDA, eager elsewhere).
 
     Under torchrun every rank must call it (it shards ``problems`` and gathers the records); each
     gets the whole result.
@@ -88,7 +90,7 @@ def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 64, max_n
         batch = own_problems[first:first + batch_size]
         out = sample(model, encode_prompts(tokenizer, batch, prompt_format), num_samples=1,
                      max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=stop_ids,
-                     tokenizer=tokenizer)
+                     tokenizer=tokenizer, sampler=sampler)
         generated += int(out.completion_mask.sum())
         for problem, text, cut_off in zip(batch, out.texts, out.truncated.tolist()):
             prediction = extract_answer(text)

@@ -8,22 +8,56 @@ counted from each row's first real token (left padding would otherwise shift
 them), and a row stops at its first stop token (EOS or the chat template's
 end-of-turn).  The loop ends when every row has stopped.
 
-Two things make it faster than ``generate`` on the same rows without changing
-what is sampled: the K rows of a prompt share its prefix, so each distinct
-prompt is run through the model once and its KV cache copied to its rows; and
-a row that has stopped leaves the batch (its cache and mask rows are dropped),
-so later steps compute only the rows still going.  Sampling draws, like
-``torch.multinomial``, an Exp(1) variable per row and token and keeps the
-argmax of p / E (the exponential race: the winner is token j with probability
-p_j), for every row of the batch, stopped ones included, so a seed gives the
-same tokens as sampling all rows to the end would.
+Sampling draws, like ``torch.multinomial``, an Exp(1) variable per row and
+token and keeps the argmax of p / E (the exponential race: the winner is token
+j with probability p_j), for every row of the batch, stopped ones included, so
+a seed gives the same tokens as sampling all rows to the end would.
+
+Two paths, chosen by ``sample(..., sampler=)``, draw the same race, so a seed
+gives the same tokens on both:
+
+* ``eager`` (the reference, and the default on the CPU and mps): a growing
+  ``DynamicCache``.  Each distinct prompt is run through the model once and its
+  KV cache copied to its rows, and a row that has stopped leaves the batch (its
+  cache and mask rows are dropped), so later steps compute only the rows still
+  going.  That needs the host to know, at every token, which rows stopped.
+* ``static`` / ``compiled`` (``auto`` picks ``compiled`` on CUDA): the same
+  prefill, with prompts left-padded to a multiple of PROMPT_BUCKET tokens,
+  copied into KV buffers of a fixed size, [rows, kv heads, bucketed width +
+  max_new_tokens - 1 slots or more, head dim], which the model reads through
+  a 4D attention mask of the slots each row attends to.  Every decode step
+  then has the same shapes: a stopped row keeps computing (on a pad token, its
+  outputs masked out), and "have all rows stopped" is asked every
+  STOP_CHECK_EVERY tokens instead of at each one.  ``compiled`` runs that step
+  through ``torch.compile(mode="reduce-overhead")``, which on CUDA replays it
+  as a CUDA graph: one launch per token instead of one per kernel.  Rows and
+  cache length are marked dynamic, so one compilation serves every shape; each
+  new shape still records its own graph.  The buffers outlive the call (the
+  graphs read them at fixed addresses): 2 * layers * kv heads * head dim *
+  slots * rows numbers, 2.6 GB for Gemma 2 2B at 128 rows of 191 slots in bf16.
+  The time of the first two decode steps of a shape not seen before (the
+  compilation, the graph's warm-up and recording) is returned as
+  ``SampleOutput.compile_seconds``, for a trainer to report apart from its step
+  time.
 """
 
 from __future__ import annotations
 
+import functools
+import time
+import weakref
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import Cache, StaticLayer
+
+SAMPLERS = ("auto", "eager", "static", "compiled")
+# Prompts are left-padded to a multiple of this many tokens on the static path, so a run meets a few
+# cache shapes (each one a CUDA graph to record), not one per batch.
+PROMPT_BUCKET = 64
+# The static path asks "have all rows stopped?" (a host-device sync) once every this many tokens;
+# at most this many - 1 steps are computed after the last row stopped.
+STOP_CHECK_EVERY = 8
 
 
 @dataclass
@@ -35,6 +69,7 @@ class SampleOutput:
     truncated: torch.Tensor          # [N] True where the row hit max_new_tokens without a stop token
     texts: list[str]                 # [N] decoded completions, special tokens removed
     prompt_index: torch.Tensor       # [N] which of the B prompts each row answers
+    compile_seconds: float = 0.0     # time of this call spent compiling / recording the decode step (compiled sampler)
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -60,9 +95,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both [N, max_len], sequences aligned to the right."""
-    width = max(len(s) for s in sequences)
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both [N, width], sequences aligned to the right; ``width``
+    defaults to the longest sequence."""
+    width = width or max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -71,26 +108,57 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> t
     return input_ids.to(device), attention_mask.to(device)
 
 
-# inference_mode, not just no_grad: no autograd bookkeeping at all on the many small ops of a decode step
-# (about 8% faster on the CPU). Its tensors cannot enter autograd later; sample() passes every one of them
-# through torch.cat, whose results are ordinary tensors.
-@torch.inference_mode()
-def _sample_rows(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id, generator):
+def _prefill(model, prompt_rows, pad_id, width=None):
+    """Each distinct prompt through the model once, then its cache, mask and positions copied to each
+    of its rows: (DynamicCache over the rows, next-token logits [N, V], prompt mask [N, width],
+    last positions [N, 1])."""
     device = next(model.parameters()).device
-    num_rows = len(prompt_rows)
-    # Prefill: each distinct prompt once, then its cache, mask and positions copied to each of its rows.
     distinct_prompts: dict[tuple[int, ...], int] = {}
     row_prompt = torch.tensor([distinct_prompts.setdefault(tuple(row), len(distinct_prompts)) for row in prompt_rows],
                               device=device)
-    prompt_ids, prompt_mask = left_pad([list(prompt) for prompt in distinct_prompts], pad_id, device)
+    prompt_ids, prompt_mask = left_pad([list(prompt) for prompt in distinct_prompts], pad_id, device, width)
     prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     outputs = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
                     logits_to_keep=1)  # only the last position is needed: no [N, L, vocab] tensor at prefill
     cache = outputs.past_key_values
     cache.batch_select_indices(row_prompt)
-    logits = outputs.logits[row_prompt, -1]
-    attention_mask = prompt_mask[row_prompt]
-    positions = prompt_positions[row_prompt, -1:]
+    return cache, outputs.logits[row_prompt, -1], prompt_mask[row_prompt], prompt_positions[row_prompt, -1:]
+
+
+def _draw_tokens(logits, temperature, top_p, top_k, generator, num_rows, batch_rows=None):
+    """(next token, its log-prob) for each row of ``logits`` [rows, V]: the argmax when temperature
+    is 0, else the exponential race. The race is drawn for all ``num_rows`` rows of the batch, and
+    read at ``batch_rows`` (the rows still going) when given."""
+    logits = logits.float()  # soft-capping (Gemma 2) is already applied inside the model
+    if temperature == 0:
+        next_token = logits.argmax(dim=-1)
+        return next_token, logits.log_softmax(dim=-1).gather(-1, next_token[:, None]).squeeze(-1)
+    log_dist = filter_logits(logits / temperature, top_k, top_p).log_softmax(dim=-1)
+    # torch.multinomial(p, 1) is argmax(p / E), E ~ Exp(1) drawn for all its rows; drawn here for every
+    # row, stopped ones too, the random stream (and so each seed's tokens) is what multinomial's was.
+    race = torch.empty((num_rows, log_dist.size(-1)), dtype=log_dist.dtype, device=log_dist.device)
+    race.exponential_(generator=generator)
+    if batch_rows is not None:
+        race = race[batch_rows]
+    next_token = (log_dist.exp() / race).argmax(dim=-1)
+    return next_token, log_dist.gather(-1, next_token[:, None]).squeeze(-1)
+
+
+def _check_finite(logprobs: torch.Tensor) -> None:
+    # A token drawn from NaN or +inf logits has a NaN log-prob; torch.multinomial refused such distributions, and
+    # so does this, once at the end rather than with a host sync at every step.
+    if torch.isnan(logprobs).any():
+        raise ValueError("the model's logits are not finite (NaN or inf) at some sampled position")
+
+
+# inference_mode, not just no_grad: no autograd bookkeeping at all on the many small ops of a decode step
+# (about 8% faster on the CPU). Its tensors cannot enter autograd later; sample() passes every one of them
+# through torch.cat, whose results are ordinary tensors.
+@torch.inference_mode()
+def _sample_rows_eager(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id, generator):
+    device = next(model.parameters()).device
+    num_rows = len(prompt_rows)
+    cache, logits, attention_mask, positions = _prefill(model, prompt_rows, pad_id)
     stop_ids_tensor = torch.tensor(stop_ids, device=device)
 
     completion_ids = torch.full((num_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -105,18 +173,7 @@ def _sample_rows(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, 
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             logits = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
                            past_key_values=cache, use_cache=True).logits[:, -1]
-        logits = logits.float()  # soft-capping (Gemma 2) is already applied inside the model
-        if temperature == 0:
-            next_token = logits.argmax(dim=-1)
-            token_logprob = logits.log_softmax(dim=-1).gather(-1, next_token[:, None]).squeeze(-1)
-        else:
-            log_dist = filter_logits(logits / temperature, top_k, top_p).log_softmax(dim=-1)
-            # torch.multinomial(p, 1) is argmax(p / E), E ~ Exp(1) drawn for all its rows; drawn here for every
-            # row, stopped ones too, the random stream (and so each seed's tokens) is what multinomial's was.
-            race = torch.empty((num_rows, log_dist.size(-1)), dtype=log_dist.dtype, device=device)
-            race.exponential_(generator=generator)
-            next_token = (log_dist.exp() / race[batch_rows]).argmax(dim=-1)
-            token_logprob = log_dist.gather(-1, next_token[:, None]).squeeze(-1)
+        next_token, token_logprob = _draw_tokens(logits, temperature, top_p, top_k, generator, num_rows, batch_rows)
         completion_ids[batch_rows, step] = next_token
         logprobs[batch_rows, step] = token_logprob
         completion_mask[batch_rows, step] = 1.0
@@ -131,12 +188,198 @@ def _sample_rows(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, 
             batch_rows, next_token, positions = batch_rows[going], next_token[going], positions[going]
             attention_mask = attention_mask[going]
             cache.batch_select_indices(going)
-    # A token drawn from NaN or +inf logits has a NaN log-prob; torch.multinomial refused such distributions, and
-    # so does this, once at the end rather than with a host sync at every step.
-    if torch.isnan(logprobs).any():
-        raise ValueError("the model's logits are not finite (NaN or inf) at some sampled position")
+    _check_finite(logprobs)
     return (completion_ids[:, :steps_taken], completion_mask[:, :steps_taken], logprobs[:, :steps_taken],
-            truncated)
+            truncated, 0.0)
+
+
+def _sliding_window(config) -> int | None:
+    """The window of the model's sliding-window attention layers; None when every layer attends to all."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return window
+
+
+def _static_path_refusal(model, prompt_width: int, max_new_tokens: int) -> str | None:
+    """Why the static path cannot sample these rows with this model, or None when it can."""
+    device = next(model.parameters()).device
+    if device.type not in ("cuda", "cpu"):
+        return f"it runs on cuda or cpu, not {device.type}"
+    attention = model.config._attn_implementation
+    if attention not in ("eager", "sdpa"):
+        return f"it builds its own attention masks, which {attention!r} attention does not take (eager, sdpa)"
+    if max_new_tokens < 1:
+        return "max_new_tokens < 1"
+    # Its masks let every token see the whole row: the same as the eager path's sliding-window layers
+    # as long as no row is longer than the window (4096 tokens for Gemma 2).
+    window = _sliding_window(model.config)
+    if window is not None and prompt_width + max_new_tokens > window:
+        return f"prompt ({prompt_width} tokens) + max_new_tokens ({max_new_tokens}) exceed the sliding window ({window})"
+    return None
+
+
+def _bucketed_width(prompt_width: int, max_new_tokens: int, window: int | None) -> int:
+    """The prompt width rounded up to a multiple of PROMPT_BUCKET, short of the sliding window."""
+    width = -(-prompt_width // PROMPT_BUCKET) * PROMPT_BUCKET
+    return width if window is None else max(prompt_width, min(width, window - max_new_tokens))
+
+
+# model -> ((rows, kv heads, head dim, dtype, device), Cache): the KV buffers of the model's latest
+# static-path call, one set per model. A CUDA graph reads them at fixed addresses, so they are kept
+# and reused by the next call with as many rows, and only grow in length: a longer prompt bucket
+# reallocates them (and every graph is recorded again), a shorter one leaves the slots past its rows
+# masked. Another number of rows replaces them.
+_KV_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> the (rows, cache length) shapes its compiled decode step has run on (compile-time accounting).
+_COMPILED_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _static_kv_cache(model, prefilled: Cache, width: int, min_length: int) -> Cache:
+    """A cache of StaticLayer buffers [rows, kv heads, length >= min_length, head dim] holding the
+    prefill's keys and values in their first ``width`` slots and zeros after them, positioned to write
+    the next token at slot ``width``."""
+    first = prefilled.layers[0].keys
+    kind = (first.size(0), first.size(1), first.size(3), first.dtype, first.device)
+    kept_kind, cache = _KV_BUFFERS.get(model, (None, None))
+    if kept_kind != kind or cache.layers[0].max_cache_len < min_length:
+        _KV_BUFFERS.pop(model, None)  # free the old buffers before allocating the new ones
+        cache = Cache(layers=[StaticLayer(max_cache_len=min_length) for _ in prefilled.layers])
+        for layer, prefilled_layer in zip(cache.layers, prefilled.layers):
+            layer.lazy_initialization(prefilled_layer.keys, prefilled_layer.values)
+            for buffer in (layer.keys, layer.values):  # rows and length: one compilation for every shape
+                torch._dynamo.maybe_mark_dynamic(buffer, 0)
+                torch._dynamo.maybe_mark_dynamic(buffer, 2)
+        _KV_BUFFERS[model] = (kind, cache)
+    for layer, prefilled_layer in zip(cache.layers, prefilled.layers):
+        for buffer, prefilled_buffer in ((layer.keys, prefilled_layer.keys), (layer.values, prefilled_layer.values)):
+            buffer[:, :, :width] = prefilled_buffer
+            buffer[:, :, width:].zero_()  # no stale value of an earlier call (a NaN there would leak through 0 * NaN)
+        layer.cumulative_length.fill_(width)  # StaticLayer writes each new token at this slot, then counts it
+    return cache
+
+
+def _decode_step(model, cache: Cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 slot_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits [N, V] of one new token per row [N, 1] against the static cache. ``slot_mask``
+    [N, cache length] is True on the slots a row attends to: its prompt's real tokens and every token
+    since, the one written now included; the model gets it as a 4D additive mask, which it takes as
+    is (transformers' masking_utils returns 4D masks unchanged)."""
+    additive_mask = torch.zeros(slot_mask.shape, dtype=model.dtype, device=slot_mask.device)
+    additive_mask.masked_fill_(~slot_mask, torch.finfo(model.dtype).min)
+    return model(input_ids=input_ids, attention_mask=additive_mask[:, None, None, :], position_ids=position_ids,
+                 past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+@functools.cache
+def _compiled_decode_step():
+    """``_decode_step`` compiled once per process (created on first use: importing the compiler takes seconds).
+    mode="reduce-overhead" replays it as a CUDA graph on CUDA; fullgraph: a graph break would silently
+    split the step."""
+    return torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
+
+
+def _random_source(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """The generator the race draws from: the one given, else the device's default one (what exponential_ uses)."""
+    if generator is not None:
+        return generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index]
+    return torch.default_generator
+
+
+def _synchronized_clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# no_grad rather than inference_mode: the KV buffers outlive the call and are written in place by the
+# next one, and torch.compile traces ordinary tensors (HF's generate runs its compiled steps the same way).
+@torch.no_grad()
+def _sample_rows_static(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id, generator,
+                        compiled):
+    device = next(model.parameters()).device
+    num_rows = len(prompt_rows)
+    width = _bucketed_width(max(len(row) for row in prompt_rows), max_new_tokens, _sliding_window(model.config))
+    prefilled, logits, prompt_mask, positions = _prefill(model, prompt_rows, pad_id, width)
+    # The last sampled token is never fed back: width + max_new_tokens - 1 slots are written at most.
+    cache = _static_kv_cache(model, prefilled, width, width + max_new_tokens - 1)
+    cache_length = cache.layers[0].max_cache_len
+    del prefilled
+    slot_mask = torch.zeros((num_rows, cache_length), dtype=torch.bool, device=device)
+    slot_mask[:, :width] = prompt_mask.bool()
+    decode_step = _compiled_decode_step() if compiled else _decode_step
+    time_first_steps = False
+    if compiled:
+        seen_shapes = _COMPILED_SHAPES.setdefault(model, set())
+        time_first_steps = (num_rows, cache_length) not in seen_shapes
+        seen_shapes.add((num_rows, cache_length))
+    random_source = _random_source(generator, device) if temperature > 0 else None
+    states_after_draw = []
+    stop_ids_tensor = torch.tensor(stop_ids, device=device)
+
+    completion_ids = torch.full((num_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    completion_mask = torch.zeros((num_rows, max_new_tokens), device=device)
+    logprobs = torch.zeros((num_rows, max_new_tokens), device=device)
+    stopped = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    compile_seconds = 0.0
+    steps_run = 0
+    for step in range(max_new_tokens):
+        if step:
+            slot_mask[:, width + step - 1] = True  # the slot the token fed now is written to
+            positions = positions + 1
+            token_ids = next_token[:, None]
+            if compiled:
+                for tensor in (token_ids, positions, slot_mask):  # rows, and the cache length: dynamic
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                torch._dynamo.maybe_mark_dynamic(slot_mask, 1)
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are no longer read
+            timed = time_first_steps and step <= 2
+            start = _synchronized_clock(device) if timed else 0.0
+            logits = decode_step(model, cache, token_ids, positions, slot_mask)
+            if timed:
+                compile_seconds += _synchronized_clock(device) - start
+        next_token, token_logprob = _draw_tokens(logits, temperature, top_p, top_k, generator, num_rows)
+        if random_source is not None:
+            states_after_draw.append(random_source.get_state())
+        completion_ids[:, step] = next_token.masked_fill(stopped, pad_id)
+        logprobs[:, step] = token_logprob.masked_fill(stopped, 0.0)
+        completion_mask[:, step] = (~stopped).float()
+        stopped = stopped | torch.isin(next_token, stop_ids_tensor)
+        next_token = next_token.masked_fill(stopped, pad_id)  # a stopped row computes on, on a pad token
+        steps_run = step + 1
+        if steps_run % STOP_CHECK_EVERY == 0 and bool(stopped.all()):
+            break
+    steps_taken = int(completion_mask.sum(dim=1).max())
+    if random_source is not None and steps_run > steps_taken:
+        # The eager path draws no more once every row has stopped: rewind the generator to that point,
+        # so that the next call draws what it would draw after the eager path.
+        random_source.set_state(states_after_draw[steps_taken - 1])
+    _check_finite(logprobs)
+    return (completion_ids[:, :steps_taken], completion_mask[:, :steps_taken], logprobs[:, :steps_taken],
+            ~stopped, compile_seconds)
+
+
+def _sample_rows(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id, generator,
+                 sampler):
+    """One chunk of rows through the path ``sampler`` names; ``auto`` takes the compiled static path on
+    CUDA when it can run these rows (else the eager one), and the eager path elsewhere."""
+    path = sampler
+    if sampler == "auto":
+        path = "compiled" if next(model.parameters()).device.type == "cuda" else "eager"
+    if path != "eager":
+        refusal = _static_path_refusal(model, max(len(row) for row in prompt_rows), max_new_tokens)
+        if refusal is not None and sampler != "auto":
+            raise ValueError(f"sampler={sampler!r} cannot sample here: {refusal}; use sampler='eager'")
+        if refusal is not None:
+            path = "eager"
+    if path == "eager":
+        return _sample_rows_eager(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id,
+                                  generator)
+    return _sample_rows_static(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id,
+                               generator, compiled=path == "compiled")
 
 
 def sample(
@@ -152,6 +395,7 @@ def sample(
     tokenizer=None,
     max_rows_per_chunk: int | None = None,
     generator: torch.Generator | None = None,
+    sampler: str = "auto",
 ) -> SampleOutput:
     """Sample ``num_samples`` completions for each prompt (temperature 0 = greedy).
 
@@ -159,8 +403,12 @@ def sample(
     ``eos_token_ids`` lists the stop tokens (common.model.stop_token_ids); a
     ``tokenizer`` supplies the defaults for them and for the pad id, and decodes
     ``texts``.  ``max_rows_per_chunk`` bounds memory: the B * K rows are sampled
-    in chunks of at most that many rows.
+    in chunks of at most that many rows.  ``sampler``: ``eager``, ``static``,
+    ``compiled`` or ``auto`` (compiled on CUDA, eager elsewhere; see the module
+    docstring); all give the same tokens for a seed.
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if eos_token_ids is None:
         if tokenizer is None or tokenizer.eos_token_id is None:
             raise ValueError("sample() needs eos_token_ids, or a tokenizer with an eos token")
@@ -175,7 +423,7 @@ def sample(
     chunk = max_rows_per_chunk or len(rows)
     parts = [
         _sample_rows(model, rows[start:start + chunk], max_new_tokens, temperature, top_p, top_k,
-                     eos_token_ids, pad_token_id, generator)
+                     eos_token_ids, pad_token_id, generator, sampler)
         for start in range(0, len(rows), chunk)
     ]
     width = max(p[0].size(1) for p in parts)
@@ -200,4 +448,5 @@ def sample(
         truncated=truncated,
         texts=texts,
         prompt_index=prompt_index,
+        compile_seconds=sum(p[4] for p in parts),
     )
