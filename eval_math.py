@@ -21,11 +21,17 @@ from typing import Annotated
 
 from common.config import Device, Dtype, configure
 from common.distributed import is_main_process
+from common.prompts import INSTRUCTION as MATH_INSTRUCTION
 
 # ---------------------------------------------------------------- constants
 MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
 LORA_CKPT: Path | None = None  # LoRA checkpoint (.pt, or a run directory: its newest) to evaluate on MODEL_PATH
-EVAL_FILE = "data/gsm8k_test.jsonl"  # JSONL problems {"question", "gold_answer"} (python prepare_gsm8k.py makes it)
+EVAL_FILE = "data/gsm8k_test.jsonl"  # JSONL problems: {"question", "gold_answer"}, raw GSM8K, or TRL's {"prompt", ...}
+GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_answer, answer, solution or ground_truth)
+INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
+SYSTEM_PROMPT = ""  # a system message before every prompt ("" for none)
+CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or the path of a Jinja file
+REWARD = "correctness"  # what counts as correct: correctness (the extracted number), or your.py:function's "correct"
 EVAL_LIMIT: Annotated[int, ">= 0"] = 0  # evaluate the first EVAL_LIMIT problems (0 = all)
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts generated together
 MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # answer length limit; an answer cut off here counts as wrong unless its number is right
@@ -43,6 +49,8 @@ from common.data import load_problems  # noqa: E402
 from common.distributed import cleanup, setup_distributed  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.model import load_model_and_tokenizer  # noqa: E402
+from common.prompts import configure_prompts  # noqa: E402
+from common.reward import load_reward  # noqa: E402
 from common.run import check_writable, preflight_model, questions_that_fit  # noqa: E402
 
 distributed = setup_distributed(DEVICE)
@@ -52,17 +60,20 @@ out_file = Path(OUT_FILE or f"logs/eval_{run_name}_{time.strftime('%Y%m%d-%H%M%S
 if distributed.is_main:
     check_writable(out_file.parent, "the folder of OUT_FILE")
 preflight_model(MODEL_PATH)
-problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None)
+reward = load_reward(REWARD)
+problems = load_problems(EVAL_FILE, EVAL_LIMIT or None, GOLD_FIELD, reward.needs_numeric_gold)
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
-problems = questions_that_fit(tokenizer, problems, EVAL_FILE, model.config.max_position_embeddings - MAX_NEW_TOKENS,
-                              SKIP_LONG_PROMPTS)
+prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
+problems = questions_that_fit(tokenizer, prompt_format, problems, EVAL_FILE,
+                              model.config.max_position_embeddings - MAX_NEW_TOKENS, SKIP_LONG_PROMPTS)
 if LORA_CKPT is not None:
     LORA_CKPT = resolve_checkpoint(LORA_CKPT)
     checkpoint = load_lora_checkpoint(model, LORA_CKPT)
     print(f"loaded LoRA {LORA_CKPT} (step {checkpoint['step']}, trained on {checkpoint['base_model']['path']})")
 print(f"evaluating {MODEL_PATH}{' + ' + str(LORA_CKPT) if LORA_CKPT else ''} on {len(problems)} problems of {EVAL_FILE} ({device}, {next(model.parameters()).dtype})")
 
-result = evaluate(model, tokenizer, problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS)  # sharded across the ranks
+result = evaluate(model, tokenizer, problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,  # sharded across the ranks
+                  reward=reward, prompt_format=prompt_format)
 cleanup()
 if not distributed.is_main:  # rank 0 alone writes: every rank holds the same gathered result
     raise SystemExit(0)

@@ -28,12 +28,16 @@ import torch
 
 from common.config import Device, Dtype, configure
 from common.distributed import is_main_process
+from common.prompts import INSTRUCTION as MATH_INSTRUCTION
 
 # ---------------------------------------------------------------- constants
 MODEL_PATH = "models/tiny-gemma2-math"  # local directory of the model to fine-tune
 OUT_DIR = "checkpoints/sft"  # full fine-tune: the model (save_pretrained); LoRA: OUT_DIR/lora_epoch0_step{N}.pt
 TRAIN_FILE: Path | None = None  # JSONL with "question" and "solution"; None = an endless stream of fresh synthetic problems
 EVAL_FILE = "data/synth_test.jsonl"  # held-out problems for greedy eval (never in the synthetic training stream)
+INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
+SYSTEM_PROMPT = ""  # a system message before every prompt ("" for none)
+CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or the path of a Jinja file
 EVAL_LIMIT: Annotated[int, ">= 0"] = 500  # how many eval problems (0 = all)
 EVAL_EVERY: Annotated[int, ">= 0"] = 700  # steps between evals, plus one at step 0 and at the end (0 = no evaluation)
 MAX_STEPS: Annotated[int, ">= 1"] = 700  # optimizer steps
@@ -52,6 +56,7 @@ MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 64  # eval generation length
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 128  # prompts per eval batch
 RUN_NAME = "sft"  # name of the run: its metrics file LOG_DIR/RUN_NAME.jsonl (its output is OUT_DIR)
 LOG_DIR = "logs"  # where the metrics JSONL goes
+LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
 OVERWRITE = False  # replace an earlier run's OUT_DIR and metrics (else a new run on them is refused)
 SEED = 0  # python / torch seed: the same seed gives the same model
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
@@ -66,8 +71,8 @@ from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gra
 from common.evaluate import evaluate  # noqa: E402
 from common.logprobs import token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
-from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
-from common.prompts import encode_prompts  # noqa: E402
+from common.model import answer_end_token_id, load_model_and_tokenizer  # noqa: E402
+from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
 
@@ -80,6 +85,7 @@ if BATCH_SIZE % distributed.world_size:
 random.seed(SEED)
 torch.manual_seed(SEED)  # the same on every rank: the same initialisation
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 if LORA_R > 0:
     wrapped = apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
     print(f"LoRA r={LORA_R} alpha={LORA_ALPHA} on {len(wrapped)} layers")
@@ -87,8 +93,7 @@ trainable = lora_parameters(model) if LORA_R > 0 else [p for p in model.paramete
 print(f"training {sum(p.numel() for p in trainable) / 1e6:.3f}M of "
       f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters")
 model.train()
-# The token that ends an answer: <end_of_turn> under a chat template, else EOS.
-answer_end_id = stop_token_ids(model, tokenizer)[-1]
+answer_end_id = answer_end_token_id(tokenizer, model)  # the token that closes an assistant turn, else EOS
 eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None)
 held_out_questions = {synth.normalise_question(p["question"]) for p in load_problems(EVAL_FILE)}
 
@@ -114,7 +119,7 @@ def next_batch() -> list[dict]:
 
 def collate(problems):
     """Right-padded input ids, attention mask and answer mask ([B, L] each), built from lengths."""
-    prompts = encode_prompts(tokenizer, [p["question"] for p in problems])
+    prompts = encode_prompts(tokenizer, problems, prompt_format)
     answers = tokenizer([p["solution"] for p in problems], add_special_tokens=False)["input_ids"]
     sequences = [prompt + answer + [answer_end_id] for prompt, answer in zip(prompts, answers)]
     width = max(len(s) for s in sequences)
@@ -149,7 +154,8 @@ final_eval: dict = {}  # the last eval's metrics, for sft_info.json
 
 
 def run_eval(step: int):
-    result = evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, desc=f"eval@{step}")
+    result = evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, desc=f"eval@{step}",
+                      prompt_format=prompt_format)
     final_eval.update(result.metrics())
     return result
 
@@ -159,7 +165,7 @@ run.track(model, tokenizer, optimizer, scheduler, evaluate=run_eval, save=None i
 
 # ------------------------------------------------------------ the algorithm
 train_start = time.perf_counter()
-for step in run.steps(MAX_STEPS, MAX_STEPS):
+for step in run.steps(MAX_STEPS):  # a stream of problems: no epochs
     step_start = time.perf_counter()
     # Every rank draws the same batch (same seed) and trains on its share of it.
     input_ids, attention_mask, answer_mask = collate(shard(next_batch()))

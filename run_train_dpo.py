@@ -30,12 +30,18 @@ from tqdm import tqdm
 
 from common.config import Device, Dtype, configure
 from common.distributed import is_main_process
+from common.prompts import INSTRUCTION as MATH_INSTRUCTION
 
 # ---------------------------------------------------------------- constants
 # model and data
 MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
-TRAIN_FILE = "data/dpo_pairs.jsonl"  # preference pairs {"prompt", "chosen", "rejected"} (make_dpo_pairs.py)
+TRAIN_FILE = "data/dpo_pairs.jsonl"  # preference pairs {"question" | "prompt", "chosen", "rejected"} (make_dpo_pairs.py, TRL's)
 EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval
+GOLD_FIELD: str | None = None  # the eval file's gold answer field (None = gold_answer, answer, solution or ground_truth)
+INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
+SYSTEM_PROMPT = ""  # a system message before every prompt ("" for none)
+CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or the path of a Jinja file
+EVAL_REWARD = "correctness"  # what the eval counts as correct: correctness (the number), or your.py:function
 SKIP_LONG_PROMPTS = False  # leave out (and count) pairs too long for the context, instead of refusing the file
 EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all)
 EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
@@ -68,6 +74,7 @@ SAVE_EVERY: Annotated[int, ">= 0"] = 0  # steps between checkpoints (0 = only at
 CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
 RUN_NAME = "dpo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
 LOG_DIR = "logs"  # where the metrics JSONL goes
+LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
 OVERWRITE = False  # replace an earlier run of the same RUN_NAME (else a new run on its name is refused)
 RESUME: Path | None = None  # checkpoint (or run folder: its newest) of a run to continue: LR and the schedule may
 #                             change, the LoRA layout, pairs per step and seed may not
@@ -85,8 +92,9 @@ from common.data import load_pairs, load_problems  # noqa: E402
 from common.distributed import all_gather_objects, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
-from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
-from common.prompts import encode_prompts  # noqa: E402
+from common.model import answer_end_token_id, load_model_and_tokenizer  # noqa: E402
+from common.prompts import configure_prompts, encode_prompts  # noqa: E402
+from common.reward import load_reward  # noqa: E402
 from common.run import TrainingRun, fit_to_context, questions_that_fit, warn_shared_questions  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
 from dpo.loss import dpo_loss, dpo_stats, sft_loss  # noqa: E402
@@ -96,24 +104,27 @@ from dpo.pairs import pack_pairs, pair_logprobs, tokenize_pair  # noqa: E402
 distributed = setup_distributed(DEVICE)
 run = TrainingRun("dpo", config, distributed, fixed_on_resume=("BATCH_SIZE",))
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
+eval_reward = load_reward(EVAL_REWARD)
 pairs = load_pairs(TRAIN_FILE)
-eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None) if EVAL_EVERY else []
-warn_shared_questions([pair["prompt"] for pair in pairs], [p["question"] for p in eval_problems], TRAIN_FILE, EVAL_FILE)
+eval_problems = load_problems(EVAL_FILE, EVAL_LIMIT or None, GOLD_FIELD, eval_reward.needs_numeric_gold) if EVAL_EVERY else []
+warn_shared_questions([pair["question"] for pair in pairs], [p["question"] for p in eval_problems], TRAIN_FILE, EVAL_FILE)
 if BATCH_SIZE % distributed.world_size:
     raise SystemExit(f"error: BATCH_SIZE={BATCH_SIZE} does not divide between {distributed.world_size} processes; "
                      f"make it a multiple of the number of processes")
 length_normalise = LOSS_TYPE == "ipo"  # IPO's target 1 / (2 beta) is per token, not per answer
 
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
-answer_end_id = stop_token_ids(model, tokenizer)[-1]  # <end_of_turn> under a chat template, else EOS
-prompt_ids = encode_prompts(tokenizer, [pair["prompt"] for pair in pairs])
+prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
+answer_end_id = answer_end_token_id(tokenizer, model)  # the token that closes an assistant turn, else EOS
+prompt_ids = encode_prompts(tokenizer, pairs, prompt_format)
 tokenized = [tokenize_pair(tokenizer, prompt, pair["chosen"], pair["rejected"], answer_end_id)
              for prompt, pair in zip(prompt_ids, pairs)]
 tokenized = fit_to_context(tokenized, [len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected
                                        in tokenized], TRAIN_FILE, model.config.max_position_embeddings,
                            "prompt with its longer answer", SKIP_LONG_PROMPTS)
-eval_problems = questions_that_fit(tokenizer, eval_problems, EVAL_FILE, model.config.max_position_embeddings
-                                   - MAX_NEW_TOKENS, SKIP_LONG_PROMPTS) if EVAL_EVERY else []
+eval_problems = questions_that_fit(tokenizer, prompt_format, eval_problems, EVAL_FILE,
+                                   model.config.max_position_embeddings - MAX_NEW_TOKENS,
+                                   SKIP_LONG_PROMPTS) if EVAL_EVERY else []
 if len(tokenized) < BATCH_SIZE:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(tokenized)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")
 steps_per_epoch = len(tokenized) // BATCH_SIZE
@@ -125,7 +136,7 @@ scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDU
 run.restore(optimizer, scheduler)
 run.track(model, tokenizer, optimizer, scheduler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
-                                         desc=f"eval@{step}"))
+                                         desc=f"eval@{step}", reward=eval_reward, prompt_format=prompt_format))
 print(f"{len(tokenized)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {BATCH_SIZE // distributed.world_size} pairs per step")

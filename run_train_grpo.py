@@ -31,12 +31,17 @@ from tqdm import tqdm
 
 from common.config import Device, Dtype, configure
 from common.distributed import is_main_process
+from common.prompts import INSTRUCTION as MATH_INSTRUCTION
 
 # ---------------------------------------------------------------- constants
 # model and data
 MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
-TRAIN_FILE = "data/gsm8k_train.jsonl"  # training questions {"question", "gold_answer"}
-EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval
+TRAIN_FILE = "data/gsm8k_train.jsonl"  # training questions: {"question", "gold_answer"}, raw GSM8K, or TRL's {"prompt", ...}
+EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval (same formats)
+GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_answer, answer, solution or ground_truth)
+INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
+SYSTEM_PROMPT = ""  # a system message before every prompt ("" for none)
+CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or the path of a Jinja file
 NUM_PROMPTS: Annotated[int, ">= 0"] = 0  # use the first NUM_PROMPTS training questions (0 = all)
 SKIP_LONG_PROMPTS = False  # leave out (and count) questions too long for the context, instead of refusing the file
 EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all)
@@ -52,7 +57,8 @@ TEMPERATURE: Annotated[float, "> 0"] = 1.0  # sampling temperature; the training
 TOP_P: Annotated[float, "0 < x <= 1"] = 1.0  # nucleus sampling (1.0 = off)
 TOP_K: Annotated[int, ">= 0"] = 0  # top-k sampling (0 = off)
 GENERATION_BATCH_SIZE: Annotated[int, ">= 0"] = 0  # rows sampled together (0 = all PROMPTS_PER_STEP x G at once)
-REWARD: Literal["math", "correctness"] = "math"  # reward function of common/reward.py: math (correctness + format - hacks) or correctness
+REWARD = "math"  # math (correctness + format - hacks), correctness, your.py:function, or several: math,my.py:brevity
+REWARD_WEIGHTS: tuple[float, ...] = ()  # one weight per REWARD entry (empty = all 1)
 # objective
 ADVANTAGE: Literal["mean", "std", "rank"] = "std"  # group advantage: mean (r - mean), std ((r - mean) / std), rank (centred ranks)
 LOSS_AGG: Literal["token_mean", "seq_mean", "seq_sum_const"] = "token_mean"  # token_mean (DAPO), seq_mean (original GRPO), seq_sum_const (Dr. GRPO)
@@ -80,6 +86,7 @@ SAVE_EVERY: Annotated[int, ">= 0"] = 0  # steps between checkpoints (0 = only at
 CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
 RUN_NAME = "grpo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
 LOG_DIR = "logs"  # where the metrics JSONL goes
+LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
 OVERWRITE = False  # replace an earlier run of the same RUN_NAME (else a new run on its name is refused)
 RESUME: Path | None = None  # checkpoint (or run folder: its newest) of a run to continue: LR and the schedule may
 #                             change, the LoRA layout, group size, questions per step and seed may not
@@ -99,8 +106,8 @@ from common.distributed import all_reduce_sum, setup_distributed, sum_gradients 
 from common.evaluate import evaluate  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
-from common.prompts import encode_prompts  # noqa: E402
-from common.reward import get_reward_fn  # noqa: E402
+from common.prompts import configure_prompts, encode_prompts  # noqa: E402
+from common.reward import load_reward, score_batch  # noqa: E402
 from common.rollout import rollout_batch, rollout_means, rollout_sums  # noqa: E402
 from common.run import TrainingRun, questions_that_fit, warn_shared_questions  # noqa: E402
 from common.sampler import sample  # noqa: E402
@@ -112,18 +119,20 @@ from grpo.loss import grpo_loss  # noqa: E402
 distributed = setup_distributed(DEVICE)
 run = TrainingRun("grpo", config, distributed, fixed_on_resume=("PROMPTS_PER_STEP", "NUM_SAMPLES_PER_PROMPT"))
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
-reward_fn = get_reward_fn(REWARD)
-problems = load_problems(TRAIN_FILE, limit=NUM_PROMPTS or None)
-eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None) if EVAL_EVERY else []
+reward = load_reward(REWARD, REWARD_WEIGHTS)
+problems = load_problems(TRAIN_FILE, NUM_PROMPTS or None, GOLD_FIELD, reward.needs_numeric_gold)
+eval_problems = load_problems(EVAL_FILE, EVAL_LIMIT or None, GOLD_FIELD, reward.needs_numeric_gold) if EVAL_EVERY else []
 warn_shared_questions([p["question"] for p in problems], [p["question"] for p in eval_problems], TRAIN_FILE, EVAL_FILE)
 if PROMPTS_PER_STEP % distributed.world_size:
     raise SystemExit(f"error: PROMPTS_PER_STEP={PROMPTS_PER_STEP} does not divide between {distributed.world_size} "
                      f"processes; make it a multiple of the number of processes")
 
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)  # before stop_token_ids
 prompt_room = model.config.max_position_embeddings - MAX_NEW_TOKENS  # a prompt and its answer fit the context
-problems = questions_that_fit(tokenizer, problems, TRAIN_FILE, prompt_room, SKIP_LONG_PROMPTS)
-eval_problems = questions_that_fit(tokenizer, eval_problems, EVAL_FILE, prompt_room, SKIP_LONG_PROMPTS) if EVAL_EVERY else []
+problems = questions_that_fit(tokenizer, prompt_format, problems, TRAIN_FILE, prompt_room, SKIP_LONG_PROMPTS)
+eval_problems = questions_that_fit(tokenizer, prompt_format, eval_problems, EVAL_FILE, prompt_room,
+                                   SKIP_LONG_PROMPTS) if EVAL_EVERY else []
 if len(problems) < PROMPTS_PER_STEP:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(problems)} questions, fewer than PROMPTS_PER_STEP={PROMPTS_PER_STEP}")
 steps_per_epoch = len(problems) // PROMPTS_PER_STEP
@@ -137,7 +146,7 @@ scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDU
 run.restore(optimizer, scheduler, generators={"sampling": sampling_generator})
 run.track(model, tokenizer, optimizer, scheduler, generators={"sampling": sampling_generator},
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
-                                         desc=f"eval@{step}"))
+                                         desc=f"eval@{step}", reward=reward, prompt_format=prompt_format))
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step")
@@ -149,14 +158,14 @@ for step in run.steps(total_steps, steps_per_epoch):
 
     # 1. Rollouts: G completions per question in one batch.
     model.eval()
-    samples = sample(model, encode_prompts(tokenizer, [p["question"] for p in batch]), NUM_SAMPLES_PER_PROMPT,
+    samples = sample(model, encode_prompts(tokenizer, batch, prompt_format), NUM_SAMPLES_PER_PROMPT,
                      MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K, eos_token_ids=stop_ids, tokenizer=tokenizer,
                      generator=sampling_generator, max_rows_per_chunk=GENERATION_BATCH_SIZE or None)
     generate_seconds = time.perf_counter() - step_start
 
     # 2. Rewards and group advantages.
-    golds = [batch[i]["gold_answer"] for i in samples.prompt_index.tolist()]
-    scores = [reward_fn(text, gold, bool(cut)) for text, gold, cut in zip(samples.texts, golds, samples.truncated)]
+    sample_rows = [batch[i] for i in samples.prompt_index.tolist()]
+    scores = score_batch(reward, samples.texts, sample_rows, samples.truncated)
     rewards = torch.tensor([s.total for s in scores]).view(len(batch), NUM_SAMPLES_PER_PROMPT)
     advantages = group_advantages(rewards, ADVANTAGE).flatten()
     informative = ~zero_advantage_groups(rewards).repeat_interleave(NUM_SAMPLES_PER_PROMPT)
@@ -202,12 +211,11 @@ for step in run.steps(total_steps, steps_per_epoch):
             update_sums["entropy"] += (entropy.detach() * mask).sum()
             for key in ("kl", "clip_frac", "approx_kl"):
                 update_sums[key] += token_sums.get(key, 0.0)
-        iteration_loss = all_reduce_sum(iteration_loss)  # the step's loss: every rank's share (one sync a step)
         update_sums["loss"] += iteration_loss
         sum_gradients(trainable)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
-        # The loss and the gradients are the same on every rank, so every rank decides the same.
-        if not run.update_is_finite(step + 1, grad_norm, iteration_loss):
+        # The step's loss (every rank's share) and the gradients are the same on every rank: every rank decides the same.
+        if not run.update_is_finite(step + 1, grad_norm, all_reduce_sum(iteration_loss)):
             optimizer.zero_grad(set_to_none=True)
             break
         optimizer.step()
@@ -237,6 +245,7 @@ for step in run.steps(total_steps, steps_per_epoch):
                f"gen {generate_seconds:.1f}s ref {reference_seconds:.1f}s policy {policy_seconds:.1f}s | "
                f"{metrics['tokens_per_s']:.0f} tok/s")
     if SAMPLE_EVERY and (step + 1) % SAMPLE_EVERY == 0:
-        tqdm.write(f"--- sample (reward {scores[0].total:.2f}, gold {golds[0]}):\n{samples.texts[0]}\n---")
+        tqdm.write(f"--- sample (reward {scores[0].total:.2f}, gold {sample_rows[0].get('gold_answer')}):\n"
+                   f"{samples.texts[0]}\n---")
     run.end_step(step + 1, metrics)
 run.finish()

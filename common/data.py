@@ -25,7 +25,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Iterable, Iterator, TextIO
+from typing import Iterable, Iterator
 
 import torch
 
@@ -297,14 +297,3 @@ def step_items(num_items: int, seed: int, step: int, items_per_step: int) -> tup
     epoch, index_in_epoch = divmod(step, num_items // items_per_step)
     first = index_in_epoch * items_per_step
     return epoch, epoch_order(num_items, seed, epoch)[first:first + items_per_step]
-
-
-def open_metrics_log(path: str | Path, append: bool, is_main: bool) -> TextIO:
-    """The metrics JSONL of a run, open for writing: appended to when ``append`` (a resumed run
-    continues its file), else written anew; folders created. On ranks other than 0 a sink: their
-    metrics are the same reduced numbers, and rank 0 alone writes them."""
-    if not is_main:
-        return open(os.devnull, "w")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("a" if append else "w")

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TextIO
 
-from common.data import open_metrics_log
 
 LOGGERS = ("jsonl", "tensorboard", "wandb")
 
@@ -37,6 +37,29 @@ def parse_loggers(loggers: str | tuple[str, ...]) -> list[str]:
     return ["jsonl"] + [name for name in LOGGERS[1:] if name in names]
 
 
+def _finite_or_none(value):
+    """JSON has no NaN or inf: a non-finite number is written as null (json.dumps would write NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def _open_jsonl(path: Path, start_step: int) -> TextIO:
+    """The JSONL file, folders created: written anew for a new run; for a run resumed at ``start_step``
+    its lines up to that step are kept and the file continues after them, so no step is logged twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if start_step > 0 and path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        return path.open("a")
+    return path.open("w")
+
+
 def _numeric(record: dict) -> dict[str, float]:
     return {key: float(value) for key, value in record.items()
             if isinstance(value, (int, float)) and key != "step" and math.isfinite(value)}
@@ -46,16 +69,16 @@ class MetricsLogger:
     """``log(record)`` writes a metrics record everywhere LOGGER says; ``close()`` ends the run.
 
     On ranks other than 0 nothing is written anywhere: their metrics are the same reduced
-    numbers, and rank 0 alone logs them (as common.data.open_metrics_log)."""
+    numbers, and rank 0 alone logs them. ``start_step`` > 0: a resumed run (see _open_jsonl)."""
 
     def __init__(self, path: str | Path, loggers: str | tuple[str, ...] = "jsonl", run_name: str | None = None,
-                 config: dict | None = None, append: bool = False, is_main: bool = True):
+                 config: dict | None = None, start_step: int = 0, is_main: bool = True):
         path = Path(path)
         self.loggers = parse_loggers(loggers)
-        self.file = open_metrics_log(path, append, is_main)
-        self.tensorboard = self.wandb = None
+        self.file = self.tensorboard = self.wandb = None
         if not is_main:
             return
+        self.file = _open_jsonl(path, start_step)
         run_name = run_name or path.stem
         if "tensorboard" in self.loggers:
             try:
@@ -76,7 +99,9 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         """One line of the JSONL file (flushed: a crash keeps every step so far), and the numeric values
         at record["step"] for TensorBoard and wandb."""
-        self.file.write(json.dumps(record) + "\n")
+        if self.file is None:
+            return
+        self.file.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
         self.file.flush()
         values, step = _numeric(record), record.get("step")
         if self.tensorboard is not None:
@@ -86,7 +111,8 @@ class MetricsLogger:
             self.wandb.log(values, step=step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:

@@ -14,8 +14,8 @@ lives here, once.
                      decay, the schedule) follow this run's constants; settings a resume cannot change (the
                      LoRA layout, the group size, ...) are refused, one line each; every other change is
                      applied and printed.
-  metrics log        one JSON object per line, non-finite numbers as null; a resumed run drops the lines
-                     past its checkpoint's step, so no step is logged twice.
+  metrics log        common.metrics_log.MetricsLogger (LOGGER): one JSON object per line, non-finite
+                     numbers as null; a resumed run drops the lines past its checkpoint's step.
   cadence            an eval at step 0, every EVAL_EVERY steps and at the end; a checkpoint every
                      SAVE_EVERY steps, at the end of each epoch and of the run.
   non-finite guard   an update whose loss or gradient norm is not finite never reaches the weights; it
@@ -25,7 +25,6 @@ lives here, once.
 from __future__ import annotations
 
 import atexit
-import json
 import math
 import os
 import shutil
@@ -40,7 +39,8 @@ from common.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint
                                restore_training_state, save_checkpoint)
 from common.data import iter_jsonl, step_items
 from common.distributed import DistributedContext, cleanup, gather_rank_states, restore_rank_state, shard
-from common.model import check_model_dir
+from common.metrics_log import LoggerUnavailableError, MetricsLogger
+from common.model import check_model_dir, resolve_model_path
 from common.prompts import encode_prompts
 from common.synth import normalise_question
 
@@ -74,10 +74,10 @@ def check_writable(directory: str | Path, what: str) -> Path:
 
 
 def preflight_model(path: str | Path) -> None:
-    """The model directory is complete (common.model.check_model_dir), else the run stops here with the
-    message alone: what is missing and how to get it."""
+    """The model directory (a Hub id is downloaded first: common.model.resolve_model_path) is complete
+    (check_model_dir), else the run stops here with the message alone: what is missing, how to get it."""
     try:
-        check_model_dir(path)
+        check_model_dir(resolve_model_path(path))
     except FileNotFoundError as error:
         raise RunError(str(error)) from None
 
@@ -128,45 +128,6 @@ class RunLock:
             self.held = False
 
 
-def _finite_or_none(value):
-    """JSON has no NaN or inf: a non-finite number is written as null (json.dumps would write NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
-    return value
-
-
-class MetricsLog:
-    """LOG_DIR/RUN_NAME.jsonl: one valid JSON object per line. A resumed run keeps the lines up to its
-    checkpoint's step and continues after them; ranks other than 0 write nothing (their metrics are the
-    same reduced numbers)."""
-
-    def __init__(self, path: Path, start_step: int, is_main: bool):
-        self.path = path
-        self.file = None
-        if not is_main:
-            return
-        if start_step > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            path.write_text("".join(line + "\n" for line in kept))
-            self.file = path.open("a")
-        else:
-            self.file = path.open("w")
-
-    def write(self, record: dict) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
 def fit_to_context(rows: list[dict], lengths: list[int], path: str | Path, max_length: int, what: str,
                    skip: bool) -> list[dict]:
     """The rows whose ``lengths`` (in tokens) are at most ``max_length``. A longer one is refused, naming
@@ -186,12 +147,13 @@ def fit_to_context(rows: list[dict], lengths: list[int], path: str | Path, max_l
     return [row for index, row in enumerate(rows) if index not in dropped]
 
 
-def questions_that_fit(tokenizer, problems: list[dict], path: str | Path, max_length: int, skip: bool) -> list[dict]:
+def questions_that_fit(tokenizer, prompt_format, problems: list[dict], path: str | Path, max_length: int,
+                       skip: bool) -> list[dict]:
     """The problems of ``path`` whose prompts fit in ``max_length`` tokens (fit_to_context); a file
     without any is refused (an eval over nothing would print 0%)."""
     if not problems:
         raise RunError(f"{path} has no questions")
-    lengths = [len(ids) for ids in encode_prompts(tokenizer, [problem["question"] for problem in problems])]
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, problems, prompt_format)]
     return fit_to_context(problems, lengths, path, max_length, "prompt", skip)
 
 
@@ -245,7 +207,11 @@ class TrainingRun:
         if distributed.is_main:
             self._claim()
         preflight_model(config["MODEL_PATH"])
-        self.metrics = MetricsLog(self.metrics_path, self.start_step, distributed.is_main)
+        try:
+            self.metrics = MetricsLogger(self.metrics_path, config.get("LOGGER", "jsonl"), self.name, config,
+                                         start_step=self.start_step, is_main=distributed.is_main)
+        except LoggerUnavailableError as error:
+            raise RunError(str(error)) from None
         self._state: dict = {}
 
     # ----------------------------------------------------------------- start
@@ -323,12 +289,13 @@ class TrainingRun:
                            evaluate=evaluate, generators=generators or {}, extra=extra or dict, save=save)
 
     # ----------------------------------------------------------------- loop
-    def steps(self, total_steps: int, steps_per_epoch: int) -> Iterator[int]:
-        """The steps still to run (0-based), under a tqdm bar; an eval at step 0 of a new run first."""
+    def steps(self, total_steps: int, steps_per_epoch: int | None = None) -> Iterator[int]:
+        """The steps still to run (0-based), under a tqdm bar; an eval at step 0 of a new run first.
+        ``steps_per_epoch`` None: a stream without epochs (run_sft.py's fresh synthetic problems)."""
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.started = time.perf_counter()
         if self.eval_every and self.start_step == 0:
-            self.metrics.write({"step": 0, **self.evaluate(0)})
+            self.metrics.log({"step": 0, **self.evaluate(0)})
         bar = tqdm(range(self.start_step, total_steps), desc=self.trainer, unit="step", initial=self.start_step,
                    total=total_steps, disable=not self.distributed.is_main)
         self.bar = bar
@@ -356,8 +323,8 @@ class TrainingRun:
         if self.eval_every and (step % self.eval_every == 0 or step == self.total_steps):
             metrics.update(self.evaluate(step))
         metrics["elapsed_s"] = time.perf_counter() - self.started  # wall clock of the run so far, evals included
-        self.metrics.write(metrics)
-        end_of_epoch = step % self.steps_per_epoch == 0
+        self.metrics.log(metrics)
+        end_of_epoch = self.steps_per_epoch is not None and step % self.steps_per_epoch == 0
         if (self.save_every and step % self.save_every == 0) or end_of_epoch or step == self.total_steps:
             self.save(step)
         return metrics
@@ -377,7 +344,7 @@ class TrainingRun:
             path = state["save"](step)
             tqdm.write(f"saved {path}")
             return path
-        epoch = step // self.steps_per_epoch
+        epoch = step // self.steps_per_epoch if self.steps_per_epoch else 0
         path = save_checkpoint(checkpoint_path(self.run_dir, epoch, step), state["model"],
                                self.config["MODEL_PATH"], self.config, state["optimizer"], state["scheduler"],
                                epoch=epoch, step=step, generators=state["generators"],

@@ -3,6 +3,7 @@
 
 import json
 
+from common.checkpoint import load_checkpoint
 from common.data import load_pairs, load_problems, write_jsonl
 from common.evaluate import evaluate
 from common.model import load_model_and_tokenizer
@@ -52,3 +53,71 @@ def test_make_dpo_pairs_with_your_data_and_your_reward(micro_model_dir, tmp_path
     for pair in pairs:  # the user's own conversation, kept as given; the reward's verdicts chose the answers
         assert pair["prompt"] in [row["prompt"] for row in rows] and "question" in pair
         assert len(pair["chosen"]) % 2 == 1 and len(pair["rejected"]) % 2 == 0
+
+
+TRAINING_REWARDS = '''
+import json, os
+
+
+def brevity(completion, **row):
+    with open(os.environ["REWARD_CALLS"], "a") as calls:  # what the trainer passed, for the test to read
+        calls.write(json.dumps(sorted(row)) + "\\n")
+    return -0.01 * len(completion)
+'''
+
+
+def test_grpo_on_your_trl_data_with_your_reward_and_tensorboard(micro_model_dir, tmp_path):
+    """TRL's conversational format with its gold under a field of its own, the math reward plus a
+    reward of your own (weighted), a system prompt, and TensorBoard beside the JSONL."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "my_rewards.py").write_text(TRAINING_REWARDS)
+    rows = [{"prompt": [{"role": "user", "content": f"What is {n} plus 2?"}], "target": str(n + 2), "level": n % 3}
+            for n in range(8)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    env = dict(os.environ, REWARD_CALLS=str(tmp_path / "calls.jsonl"), TQDM_DISABLE="1", OMP_NUM_THREADS="2")
+    result = subprocess.run(
+        [sys.executable, "run_train_grpo.py", f"--MODEL_PATH={micro_model_dir}", f"--TRAIN_FILE={tmp_path / 'train.jsonl'}",
+         f"--EVAL_FILE={tmp_path / 'train.jsonl'}", "--GOLD_FIELD=target", "--SYSTEM_PROMPT=Be brief.",
+         f"--REWARD=math,{tmp_path / 'my_rewards.py'}:brevity", "--REWARD_WEIGHTS=1,0.5", "--LOGGER=jsonl,tensorboard",
+         "--PROMPTS_PER_STEP=2", "--NUM_SAMPLES_PER_PROMPT=2", "--MAX_NEW_TOKENS=4", "--MAX_STEPS=1", "--EVAL_EVERY=1",
+         "--EVAL_LIMIT=2", "--LORA_R=2", "--DEVICE=cpu", f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}",
+         "--RUN_NAME=yours"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: 2 of the 8 questions" in result.stdout  # the eval file is the training file here
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert len(calls) == 4 and all({"target", "level", "prompt"} <= set(call) for call in calls)
+    metrics = [json.loads(line) for line in (tmp_path / "yours.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1]
+    assert list((tmp_path / "tensorboard" / "yours").glob("events.out.tfevents.*"))
+
+
+def test_a_hub_id_offline_is_a_clear_message_before_anything_loads(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "run_train_grpo.py", "--MODEL_PATH=Qwen/Qwen2.5-0.5B-Instruct",
+                             f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "HF_HUB_OFFLINE is set" in result.stderr and "hf download Qwen/Qwen2.5-0.5B-Instruct" in result.stderr
+
+
+def test_a_peft_adapter_starts_a_grpo_run(micro_model_dir, tmp_path):
+    """INIT_LORA takes a PEFT adapter directory: an SFT LoRA exported by export_lora.py starts GRPO."""
+    run_script(["run_sft.py", f"--MODEL_PATH={micro_model_dir}", f"--OUT_DIR={tmp_path / 'sft'}", "--MAX_STEPS=1",
+                "--BATCH_SIZE=2", "--EVAL_EVERY=0", "--DEVICE=cpu", "--LORA_R=2", "--LORA_TARGETS=q_proj,v_proj",
+                "--TRAIN_FILE=data/synth_train.jsonl", f"--LOG_DIR={tmp_path}"])
+    run_script(["export_lora.py", f"--MODEL_PATH={micro_model_dir}", f"--LORA_CKPT={tmp_path / 'sft'}",
+                f"--PEFT_DIR={tmp_path / 'adapter'}"])
+    result = run_script(["run_train_grpo.py", f"--MODEL_PATH={micro_model_dir}", "--TRAIN_FILE=data/synth_train.jsonl",
+                         "--NUM_PROMPTS=4", "--PROMPTS_PER_STEP=2", "--NUM_SAMPLES_PER_PROMPT=2", "--MAX_NEW_TOKENS=4",
+                         "--MAX_STEPS=1", "--EVAL_EVERY=0", "--DEVICE=cpu", f"--INIT_LORA={tmp_path / 'adapter'}",
+                         f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", "--RUN_NAME=from-peft"])
+    checkpoint = load_checkpoint(tmp_path / "from-peft")
+    assert checkpoint["lora_config"]["r"] == 2 and checkpoint["lora_config"]["target_modules"] == ["q_proj", "v_proj"]
+    assert "done: 1 steps" in result.stdout

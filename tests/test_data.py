@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from common.data import (DataError, GOLD_FIELDS, epoch_order, iter_jsonl, load_pairs, load_problems,
-                         open_metrics_log, step_items, write_jsonl)
+                         step_items, write_jsonl)
 from prepare_gsm8k import convert_gsm8k_record
 from tests.conftest import REPO_ROOT
 
@@ -284,21 +284,6 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
     assert epoch_order(50, seed=3, epoch=0) == first
     assert epoch_order(50, seed=3, epoch=1) != first
     assert epoch_order(50, seed=4, epoch=0) != first
-
-
-def test_metrics_log_appends_on_resume_and_writes_nothing_off_rank_zero(tmp_path):
-    path = tmp_path / "runs" / "run.jsonl"
-    with open_metrics_log(path, append=False, is_main=True) as log:
-        log.write("first\n")
-    with open_metrics_log(path, append=True, is_main=True) as log:  # a resumed run continues its file
-        log.write("second\n")
-    assert path.read_text() == "first\nsecond\n"
-    with open_metrics_log(path, append=False, is_main=False) as log:  # another rank: nothing written
-        log.write("other rank\n")
-    assert path.read_text() == "first\nsecond\n"
-    with open_metrics_log(path, append=False, is_main=True) as log:  # a new run starts the file anew
-        log.write("new\n")
-    assert path.read_text() == "new\n"
 
 
 def test_step_items_are_consecutive_slices_of_each_epochs_order():

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
-from common.run import MetricsLog, RunError, RunLock, check_writable, fit_to_context
+from common.metrics_log import MetricsLogger
+from common.run import RunError, RunLock, check_writable, fit_to_context
 from tests.conftest import run_script
 
 SMALL_GRPO = ["--TRAIN_FILE=data/synth_train.jsonl", "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=8",
@@ -241,17 +242,19 @@ def test_training_questions_shared_with_the_eval_file_are_warned(micro_model_dir
 
 def test_metrics_are_valid_json_and_a_resume_drops_the_lines_past_its_step(tmp_path):
     path = tmp_path / "m.jsonl"
-    log = MetricsLog(path, start_step=0, is_main=True)
-    for step in range(1, 5):
-        log.write({"step": step, "loss": float("nan") if step == 2 else 1.0, "grad": [float("inf"), 1.0]})
-    log.close()
+    with MetricsLogger(path) as log:
+        for step in range(1, 5):
+            log.log({"step": step, "loss": float("nan") if step == 2 else 1.0, "grad": [float("inf"), 1.0]})
     lines = path.read_text().splitlines()
     assert json.loads(lines[1]) == {"step": 2, "loss": None, "grad": [None, 1.0]}
-    log = MetricsLog(path, start_step=2, is_main=True)
-    log.write({"step": 3})
-    log.close()
+    with MetricsLogger(path, start_step=2) as log:
+        log.log({"step": 3})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
-    MetricsLog(tmp_path / "other.jsonl", start_step=0, is_main=False).write({"step": 1})
+    with MetricsLogger(path) as log:  # a new run (OVERWRITE): the file starts anew
+        log.log({"step": 1})
+    assert len(path.read_text().splitlines()) == 1
+    with MetricsLogger(tmp_path / "other.jsonl", is_main=False) as log:
+        log.log({"step": 1})
     assert not (tmp_path / "other.jsonl").exists()  # ranks other than 0 write nothing
 
 
