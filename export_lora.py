@@ -16,11 +16,17 @@ stored in (a bf16 base stays bf16), and is saved with ``save_pretrained`` (safet
 the base's tokenizer as the base has it (its own padding side and pad token, not the left
 padding this repository sets for generation): it loads like any model, with --MODEL_PATH in this
 repository's scripts too.  LORA_CKPT may also be a PEFT adapter directory.
+
+A QLoRA checkpoint (trained with QUANT=nf4) exports like any other: the adapter does not depend on how
+the base was stored, and PEFT loads it onto a 4-bit base as well. QUANT=nf4 here loads the base in
+4 bits for the PEFT export (less memory); a merged model needs the base in full precision (QUANT=none,
+the default), since W + B·A cannot be stored back in 4 bits.
 """
 
 from pathlib import Path
 
 from common.config import configure
+from common.quant import Quant
 
 # ---------------------------------------------------------------- constants
 LORA_CKPT: Path | None = None  # the checkpoint to export: a .pt, a run directory or a PEFT adapter directory (required)
@@ -30,6 +36,7 @@ PEFT_DIR: Path | None = None  # write a PEFT adapter here (None = skip)
 MERGED_DIR: Path | None = None  # write the merged model here (None = skip)
 DEVICE = "cpu"  # device for merging (the CPU is enough and keeps GPU memory free)
 DTYPE = "auto"  # dtype of the merged model (auto = the dtype the base's weights are stored in)
+QUANT: Quant = "none"  # none, or nf4: the base's linear layers in 4 bits (PEFT export only: a merge needs none)
 
 config = configure(globals())
 # ---------------------------------------------------------------------------
@@ -38,6 +45,9 @@ if LORA_CKPT is None:
     raise SystemExit("error: --LORA_CKPT=path/to/checkpoint.pt is required")
 if PEFT_DIR is None and MERGED_DIR is None:
     raise SystemExit("error: nothing to do: give --PEFT_DIR=... and/or --MERGED_DIR=...")
+if MERGED_DIR is not None and QUANT != "none":
+    raise SystemExit(f"error: MERGED_DIR with QUANT={QUANT}: the update cannot be merged into 4-bit weights; "
+                     f"merge with QUANT=none (the base in full precision)")
 
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -50,7 +60,7 @@ checkpoint = load_checkpoint(LORA_CKPT)
 base_path = resolve_model_path(MODEL_PATH or checkpoint["base_model"]["path"])
 device = get_device(DEVICE)
 dtype = saved_dtype(base_path) if DTYPE == "auto" else get_dtype(DTYPE, device)
-model = load_model(base_path, device, dtype)
+model = load_model(base_path, device, dtype, QUANT)
 restore_lora(model, checkpoint, where=str(LORA_CKPT))
 print(f"loaded {LORA_CKPT} (step {checkpoint['step']}, LoRA {checkpoint['lora_config']}) on {base_path} ({dtype})")
 

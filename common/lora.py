@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.quant import is_quantized
+
 
 class LoRAStateError(ValueError):
     """A LoRA state dict that does not fit the model's LoRA layers."""
@@ -122,6 +124,10 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRA layer is already merged")
         if not self._enabled:
             raise RuntimeError("cannot merge a disabled LoRA layer (inside disable_lora?)")
+        if is_quantized(self.base):
+            raise RuntimeError("cannot merge LoRA into a 4-bit base layer (QUANT=nf4): W + B·A rounded back to "
+                               "4 bits would lose most of the update; export the adapter, or merge into a base "
+                               "loaded with QUANT=none")
         weight = self.base.weight
         weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
         self.merged = True

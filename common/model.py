@@ -144,23 +144,37 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype):
+# Gemma 2 soft-caps its attention logits, which only the eager attention implements exactly (Gemma 3
+# is given it too); other models get transformers' default, sdpa.
+EAGER_ATTENTION_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text")
+
+
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, quant: str = "none"):
     """The causal LM of ``path`` on ``device`` in ``dtype``, in eval mode.
 
-    Gemma 2 soft-caps its attention logits, which only the eager attention
-    implements exactly, so it gets attn_implementation="eager".
+    ``quant`` "nf4": the linear layers of the body in 4-bit NF4, quantized as they load, straight
+    onto ``device`` (common/quant.py); the embeddings, norms and output head stay in ``dtype``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from common.quant import check_quant, keep_trainable_layout, quantization_config
 
     path = Path(path)
     if not path.is_dir():
         raise ModelNotFoundError(missing_model_message(path))
+    check_quant(quant, device)
     config = AutoConfig.from_pretrained(path)
     kwargs = {"dtype": dtype}
-    if config.model_type in ("gemma2", "gemma3", "gemma3_text"):
+    if config.model_type in EAGER_ATTENTION_MODEL_TYPES:
         kwargs["attn_implementation"] = "eager"
+    if quant != "none":
+        # Placed by from_pretrained: a quantized model cannot be moved with .to() afterwards.
+        kwargs.update(quantization_config=quantization_config(quant, dtype), device_map={"": str(device)})
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    model.to(device)
+    if quant == "none":
+        model.to(device)
+    else:
+        keep_trainable_layout(model)
     model.eval()
     return model
 
@@ -329,11 +343,13 @@ def saved_dtype(path: str | Path) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def load_model_and_tokenizer(path: str | Path, device_name: str = "auto", dtype_name: str = "auto"):
-    """(model, tokenizer, device) for a local model directory or a Hub id (see resolve_model_path)."""
+def load_model_and_tokenizer(path: str | Path, device_name: str = "auto", dtype_name: str = "auto",
+                             quant: str = "none"):
+    """(model, tokenizer, device) for a local model directory or a Hub id (see resolve_model_path);
+    ``quant`` as in load_model."""
     path = resolve_model_path(path)
     device = get_device(device_name)
     dtype = get_dtype(dtype_name, device)
     tokenizer = load_tokenizer(path)
-    model = load_model(path, device, dtype)
+    model = load_model(path, device, dtype, quant)
     return model, tokenizer, device
