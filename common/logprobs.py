@@ -220,12 +220,16 @@ def body_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each decoder layer's activations in the backward instead of keeping them from the
-    forward: transformers' activation checkpointing (``gradient_checkpointing_enable``, renamed in
-    transformers 5), non-reentrant, PyTorch's recommended variant, which needs no input that requires
-    grad (the frozen embeddings under LoRA give none) and replays dropout with the forward's RNG state.
-    It acts in training mode only, i.e. in the policy pass through ``body_hidden_states``; the sampler
-    and the no-grad passes run in eval mode or without autograd and are unaffected."""
+    forward: transformers' activation checkpointing (``activation_checkpointing_enable``, the new name
+    of ``gradient_checkpointing_enable`` in transformers 5), non-reentrant, PyTorch's recommended
+    variant, which needs no input that requires grad (the frozen embeddings under LoRA give none) and
+    replays dropout with the forward's RNG state. It acts on training-mode forwards with autograd on:
+    the policy pass through ``body_hidden_states``; the sampler (eval mode) and the no-grad passes
+    are unaffected."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also makes the embeddings' output require grad, which only the reentrant variant
+    # needs: without that, the backward stops at the first layer's adapters, as it does unchecked.
+    model.disable_input_require_grads()
 
 
 def head_token_logprobs(model, hidden_states: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,

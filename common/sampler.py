@@ -35,7 +35,7 @@ gives the same tokens on both:
   new shape still records its own graph.  The buffers outlive the call (the
   graphs read them at fixed addresses): 2 * layers * kv heads * head dim *
   slots * rows numbers, 2.6 GB for Gemma 2 2B at 128 rows of 191 slots in bf16.
-  The time of the first two decode steps of a shape not seen before (the
+  What the first two decode steps of a call take beyond the third (the
   compilation, the graph's warm-up and recording) is returned as
   ``SampleOutput.compile_seconds``, for a trainer to report apart from its step
   time.
@@ -69,7 +69,7 @@ class SampleOutput:
     truncated: torch.Tensor          # [N] True where the row hit max_new_tokens without a stop token
     texts: list[str]                 # [N] decoded completions, special tokens removed
     prompt_index: torch.Tensor       # [N] which of the B prompts each row answers
-    compile_seconds: float = 0.0     # time of this call spent compiling / recording the decode step (compiled sampler)
+    compile_seconds: float = 0.0     # time this call spent compiling and recording the decode step (compiled sampler)
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -232,8 +232,6 @@ def _bucketed_width(prompt_width: int, max_new_tokens: int, window: int | None) 
 # reallocates them (and every graph is recorded again), a shorter one leaves the slots past its rows
 # masked. Another number of rows replaces them.
 _KV_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# model -> the (rows, cache length) shapes its compiled decode step has run on (compile-time accounting).
-_COMPILED_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _static_kv_cache(model, prefilled: Cache, width: int, min_length: int) -> Cache:
@@ -295,6 +293,15 @@ def _synchronized_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def _one_off_seconds(step_seconds: list[float]) -> float:
+    """What the first two decode steps of a compiled call took beyond the third: torch.compile's
+    compilation (a first call, or a guard that fails, as when the adapters are switched off) and, on
+    CUDA, the graph's warm-up and recording (each new shape); all of their time without a third step."""
+    if len(step_seconds) < 3:
+        return sum(step_seconds)
+    return sum(max(0.0, seconds - step_seconds[2]) for seconds in step_seconds[:2])
+
+
 # no_grad rather than inference_mode: the KV buffers outlive the call and are written in place by the
 # next one, and torch.compile traces ordinary tensors (HF's generate runs its compiled steps the same way).
 @torch.no_grad()
@@ -311,11 +318,7 @@ def _sample_rows_static(model, prompt_rows, max_new_tokens, temperature, top_p, 
     slot_mask = torch.zeros((num_rows, cache_length), dtype=torch.bool, device=device)
     slot_mask[:, :width] = prompt_mask.bool()
     decode_step = _compiled_decode_step() if compiled else _decode_step
-    time_first_steps = False
-    if compiled:
-        seen_shapes = _COMPILED_SHAPES.setdefault(model, set())
-        time_first_steps = (num_rows, cache_length) not in seen_shapes
-        seen_shapes.add((num_rows, cache_length))
+    step_seconds = []  # of the first three decode steps of a compiled call, for _one_off_seconds
     random_source = _random_source(generator, device) if temperature > 0 else None
     states_after_draw = []
     stop_ids_tensor = torch.tensor(stop_ids, device=device)
@@ -324,7 +327,6 @@ def _sample_rows_static(model, prompt_rows, max_new_tokens, temperature, top_p, 
     completion_mask = torch.zeros((num_rows, max_new_tokens), device=device)
     logprobs = torch.zeros((num_rows, max_new_tokens), device=device)
     stopped = torch.zeros(num_rows, dtype=torch.bool, device=device)
-    compile_seconds = 0.0
     steps_run = 0
     for step in range(max_new_tokens):
         if step:
@@ -336,11 +338,11 @@ def _sample_rows_static(model, prompt_rows, max_new_tokens, temperature, top_p, 
                     torch._dynamo.maybe_mark_dynamic(tensor, 0)
                 torch._dynamo.maybe_mark_dynamic(slot_mask, 1)
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are no longer read
-            timed = time_first_steps and step <= 2
+            timed = compiled and step <= 3
             start = _synchronized_clock(device) if timed else 0.0
             logits = decode_step(model, cache, token_ids, positions, slot_mask)
             if timed:
-                compile_seconds += _synchronized_clock(device) - start
+                step_seconds.append(_synchronized_clock(device) - start)
         next_token, token_logprob = _draw_tokens(logits, temperature, top_p, top_k, generator, num_rows)
         if random_source is not None:
             states_after_draw.append(random_source.get_state())
@@ -359,7 +361,7 @@ def _sample_rows_static(model, prompt_rows, max_new_tokens, temperature, top_p, 
         random_source.set_state(states_after_draw[steps_taken - 1])
     _check_finite(logprobs)
     return (completion_ids[:, :steps_taken], completion_mask[:, :steps_taken], logprobs[:, :steps_taken],
-            ~stopped, compile_seconds)
+            ~stopped, _one_off_seconds(step_seconds))
 
 
 def _sample_rows(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id, generator,

@@ -117,8 +117,8 @@ def test_static_path_refusals():
 
 def test_compiled_path_on_the_cpu_with_lora():
     """torch.compile'd decode step (inductor on the CPU; CUDA graphs only on CUDA) over a LoRA model:
-    the eager tokens, compile time reported on the first call of a shape and not on the next; other
-    row counts reuse the compilation (rows and cache length are dynamic)."""
+    the eager tokens, the compilation reported by the first call and not by the next; other row counts
+    reuse it (rows and cache length are dynamic)."""
     from common.lora import apply_lora, lora_modules
 
     model = micro_model("gemma2")
@@ -136,5 +136,5 @@ def test_compiled_path_on_the_cpu_with_lora():
         assert eager.compile_seconds == 0.0
         compile_seconds.append(compiled.compile_seconds)
     first, same_shape, other_rows = compile_seconds
-    assert first > 0 and same_shape == 0.0
-    assert other_rows < 0.1 * first  # its first two steps, timed, but no new compilation
+    assert first > 0.2  # dynamo traces, inductor compiles (C++ on the CPU): at least a fraction of a second
+    assert same_shape < 0.05 * first and other_rows < 0.05 * first
