@@ -1,0 +1,318 @@
+"""GPU benchmark at Gemma 2 2B's size: sampling with the LoRA applied, and a GRPO step phase by phase.
+
+    python bench/bench_gpu.py                                  # CUDA: Gemma 2 2B's shapes, 16 x 8 rows, 128 new tokens
+    python bench/bench_gpu.py --GRADIENT_CHECKPOINTING=true     # the policy pass with checkpointed decoder layers
+    python bench/bench_gpu.py --METHODS=eager,compiled          # fewer sampling methods (each compiling one costs minutes)
+    python bench/bench_gpu.py --DEVICE=cpu --NUM_PROMPTS=2 --NUM_SAMPLES_PER_PROMPT=2 --MAX_NEW_TOKENS=8 \\
+        --METHODS=eager,generate                              # the CPU smoke run: a thin body (BODY=auto)
+
+The model is built, not downloaded: a random initialisation of Gemma 2 2B's exact configuration
+(hidden 2304, 26 layers, 8 heads and 4 key-value heads of 256, MLP 9216, vocabulary 256,000,
+soft-capping 50 / 30, tied embeddings, query_pre_attn_scalar 256, sliding window 4096), saved with
+the built-in tiny model's tokenizer in a temporary folder and loaded back by common.model, as a
+real checkpoint would be. On the CPU (BODY=auto) the body is thin (2 layers, hidden 64) and
+everything else stays, the 256k vocabulary included. LoRA r=LORA_R on all seven linear layers,
+with B drawn at random (a fresh B = 0 would skip nothing, but a trained one is what runs).
+
+1. Sampling: the same rows (the first NUM_PROMPTS questions of PROMPTS_FILE, each repeated
+   NUM_SAMPLES_PER_PROMPT times), temperature TEMPERATURE, through each of METHODS: our eager
+   sampler, our compiled sampler (with the adapters, and with them switched off: the adapters'
+   share of the decode), model.generate and model.generate(cache_implementation="static"). One
+   untimed first call each (its time, compilation included, is reported apart), then the median of
+   REPEATS calls. A random model almost never emits a stop token, so rows run to MAX_NEW_TOKENS:
+   the worst case, and the same work for every method (the table says how many rows did).
+2. A GRPO step (run_train_grpo.py's, no KL, one iteration, token-mean loss), phase by phase, means
+   of STEPS steps after WARMUP_STEPS untimed ones: generation with SAMPLER; scoring; the policy
+   pass (log-probs and entropy of the completion tokens, the output head on those positions
+   alone, grpo_loss, backward) per micro-batch; the optimizer. The rewards are drawn at random
+   (Bernoulli 1/2): the text of a random model decodes to empty strings, so a reward computed from it
+   is the same for every completion, every group would have zero advantage, and GRPO would drop
+   them all: the policy pass would never run. Also reported: the mismatch between the sampler's
+   log-probs and the policy pass's (common.policy_gradient.logprob_mismatch).
+
+Peak GPU memory (torch.cuda.max_memory_allocated) is read per row of the table, from a reset at
+its start. Compilation (our compiled sampler's SampleOutput.compile_seconds, generate's first call)
+is reported apart from the times.
+"""
+
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+# Run as `python bench/bench_gpu.py`, Python puts bench/ on the path, not the repository root with common/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from common.config import configure  # noqa: E402
+
+# ---------------------------------------------------------------- constants
+TOKENIZER_PATH = "models/tiny-gemma2-math"  # the tokenizer saved beside the random model
+PROMPTS_FILE = "data/synth_test.jsonl"  # questions {"question", ...}; the first NUM_PROMPTS are used
+BODY = "auto"  # auto (Gemma 2 2B's body on CUDA, a thin one elsewhere), full or thin
+NUM_PROMPTS = 16  # distinct prompts (questions per GRPO step)
+NUM_SAMPLES_PER_PROMPT = 8  # completions per prompt (group size G)
+MAX_NEW_TOKENS = 128  # limit of new tokens per row
+TEMPERATURE = 1.0  # sampling temperature, and that of the log-probs
+METHODS = ("eager", "compiled", "compiled_base", "generate", "generate_static")  # sampling methods to time
+REPEATS = 3  # timed calls of each sampling method, after one untimed first call
+SAMPLER = "auto"  # the GRPO step's sampler: auto (compiled on CUDA, eager elsewhere), eager, static, compiled
+GRADIENT_CHECKPOINTING = False  # recompute the decoder layers' activations in the policy pass's backward
+MICRO_BATCH_SIZE = 16  # sequences per forward/backward
+LOGPROB_CHUNK_SIZE = 1024  # positions per chunk of the output head
+LORA_R = 16  # adapter rank
+LORA_ALPHA = 32.0  # adapter scale numerator
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # wrapped layers
+LR = 2e-4  # AdamW learning rate of the LoRA
+GRAD_CLIP = 1.0  # max global gradient norm
+WARMUP_STEPS = 1  # untimed GRPO steps first
+STEPS = 3  # timed GRPO steps
+SEED = 0  # initialisation, sampling and rewards
+DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
+DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+OUT_FILE = "logs/bench/gpu.json"  # where the results go
+
+config = configure(globals())
+# ---------------------------------------------------------------------------
+
+import torch.nn.functional as F  # noqa: E402
+from transformers import AutoModelForCausalLM, Gemma2Config, GenerationConfig  # noqa: E402
+
+from bench import markdown_table, write_results  # noqa: E402
+from common.data import load_problems  # noqa: E402
+from common.logprobs import enable_gradient_checkpointing, token_logprobs  # noqa: E402
+from common.lora import apply_lora, disable_lora, lora_modules, lora_parameters  # noqa: E402
+from common.model import get_device, get_dtype, load_model_and_tokenizer, load_tokenizer, stop_token_ids  # noqa: E402
+from common.policy_gradient import logprob_mismatch  # noqa: E402
+from common.prompts import encode_prompts  # noqa: E402
+from common.rollout import rollout_batch  # noqa: E402
+from common.sampler import left_pad, sample  # noqa: E402
+from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
+from grpo.loss import grpo_loss  # noqa: E402
+
+METHOD_NAMES = {"eager": "our eager sampler", "compiled": "our compiled sampler",
+                "compiled_base": "our compiled sampler, adapters off", "generate": "model.generate",
+                "generate_static": 'model.generate(cache_implementation="static")'}
+PHASES = ("generation", "scoring", "policy", "optimizer")
+# Gemma 2 2B (google/gemma-2-2b's config.json) but for the body, and the thin body of the CPU run.
+GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                 sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                 hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192, rms_norm_eps=1e-6,
+                 tie_word_embeddings=True)
+THIN_BODY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32)
+
+unknown = set(METHODS) - set(METHOD_NAMES)
+if unknown:
+    raise SystemExit(f"error: unknown METHODS {sorted(unknown)}; valid: {list(METHOD_NAMES)}")
+if BODY not in ("auto", "full", "thin"):
+    raise SystemExit(f"error: BODY must be auto, full or thin, got {BODY!r}")
+device = get_device(DEVICE)
+dtype = get_dtype(DTYPE, device)
+thin = BODY == "thin" or (BODY == "auto" and device.type != "cuda")
+torch.manual_seed(SEED)
+
+
+def synchronize() -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def measured(record: dict):
+    """Puts into ``record`` the seconds of the block, once the device is done, and its peak GPU memory."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize()
+    start = time.perf_counter()
+    yield
+    synchronize()
+    record["seconds"] = time.perf_counter() - start
+    record["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def build_model(folder: Path):
+    """The random Gemma 2 2B (or its thin-bodied variant) saved in ``folder`` with the tiny model's
+    tokenizer and stop tokens, then loaded from there as any checkpoint is."""
+    tokenizer = load_tokenizer(TOKENIZER_PATH)
+    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    model_config = Gemma2Config(**(GEMMA2_2B | THIN_BODY if thin else GEMMA2_2B), pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids)
+    with torch.device(device):  # initialised where it runs: 2.6B parameters are slow to draw on the CPU
+        random_model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation="eager")
+    random_model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                                                      bos_token_id=tokenizer.bos_token_id)
+    random_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del random_model
+    return load_model_and_tokenizer(folder, str(device), DTYPE)[:2]
+
+
+with tempfile.TemporaryDirectory() as folder:
+    model, tokenizer = build_model(Path(folder))
+parameters = sum(p.numel() for p in model.parameters())
+stop_ids = stop_token_ids(model, tokenizer)
+apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS)
+init_generator = torch.Generator(device="cpu").manual_seed(SEED)
+with torch.no_grad():
+    for module in lora_modules(model).values():
+        module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=init_generator) * 0.01)
+if GRADIENT_CHECKPOINTING:
+    enable_gradient_checkpointing(model)
+model.eval()
+prompt_ids = encode_prompts(tokenizer, [p["question"] for p in load_problems(PROMPTS_FILE, limit=NUM_PROMPTS)])
+num_rows = len(prompt_ids) * NUM_SAMPLES_PER_PROMPT
+generate_ids, generate_mask = left_pad([ids for ids in prompt_ids for _ in range(NUM_SAMPLES_PER_PROMPT)],
+                                       tokenizer.pad_token_id, device)
+
+
+def our_sampler(sampler: str, seed: int) -> tuple[int, float, int]:
+    """(generated tokens, compile seconds, rows that ran to the limit) of one call of common.sampler.sample."""
+    samples = sample(model, prompt_ids, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, eos_token_ids=stop_ids,
+                     pad_token_id=tokenizer.pad_token_id, generator=torch.Generator(device=device).manual_seed(seed),
+                     sampler=sampler)
+    return int(samples.completion_mask.sum()), samples.compile_seconds, int(samples.truncated.sum())
+
+
+@torch.no_grad()
+def hf_generate(seed: int, **cache) -> tuple[int, float, int]:
+    """The same for model.generate (top_k and top_p spelled out: unset, they come from generation_config)."""
+    torch.manual_seed(seed)
+    output = model.generate(input_ids=generate_ids, attention_mask=generate_mask, max_new_tokens=MAX_NEW_TOKENS,
+                            do_sample=True, temperature=TEMPERATURE, top_k=0, top_p=1.0, eos_token_id=stop_ids,
+                            pad_token_id=tokenizer.pad_token_id, **cache)
+    completions = output[:, generate_ids.size(1):]
+    is_stop = torch.isin(completions, torch.tensor(stop_ids, device=device)).long()
+    # A token is real when no stop token came before it (the first stop token itself counts).
+    real = (is_stop.cumsum(dim=1) - is_stop == 0)
+    return int(real.sum()), 0.0, int((is_stop.sum(dim=1) == 0).sum())
+
+
+def compiled_without_adapters(seed: int) -> tuple[int, float, int]:
+    with disable_lora(model):
+        return our_sampler("compiled", seed)
+
+
+runs = {"eager": lambda seed: our_sampler("eager", seed), "compiled": lambda seed: our_sampler("compiled", seed),
+        "compiled_base": compiled_without_adapters, "generate": hf_generate,
+        "generate_static": lambda seed: hf_generate(seed, cache_implementation="static")}
+sampling = {}
+for method in METHODS:
+    first, timed = {}, []
+    with measured(first):
+        _, compile_seconds, _ = runs[method](SEED)
+    for repeat in range(REPEATS):
+        record = {}
+        with measured(record):
+            record["tokens"], _, record["rows_at_limit"] = runs[method](SEED + 1 + repeat)
+        timed.append(record)
+    seconds = statistics.median(r["seconds"] for r in timed)
+    tokens = statistics.median(r["tokens"] for r in timed)
+    sampling[method] = {"first_call_s": first["seconds"], "compile_s": compile_seconds, "calls": timed,
+                        "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                        "peak_gb": max((r["peak_gb"] or 0.0) for r in timed) if device.type == "cuda" else None,
+                        "rows_at_limit": min(r["rows_at_limit"] for r in timed)}
+
+# ------------------------------------------------------------------ the GRPO step
+trainable = lora_parameters(model)
+optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
+sampling_generator = torch.Generator(device=device).manual_seed(SEED)
+reward_generator = torch.Generator().manual_seed(SEED)
+
+
+def grpo_step() -> dict:
+    """One step, phase by phase: {phase: {seconds, peak_gb}} plus tokens, compile seconds and the mismatch."""
+    phases = {name: {} for name in PHASES}
+    with measured(phases["generation"]):
+        model.eval()
+        samples = sample(model, prompt_ids, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, eos_token_ids=stop_ids,
+                         tokenizer=tokenizer, generator=sampling_generator, sampler=SAMPLER)
+    with measured(phases["scoring"]):
+        rewards = torch.randint(0, 2, (len(prompt_ids), NUM_SAMPLES_PER_PROMPT), generator=reward_generator).float()
+        advantages = group_advantages(rewards, "std").flatten()
+        informative = ~zero_advantage_groups(rewards).repeat_interleave(NUM_SAMPLES_PER_PROMPT)
+        rollouts = rollout_batch(samples, informative, tokenizer.pad_token_id)
+        row_advantages = advantages[rollouts.rows].to(device)
+        sampler_logp = samples.logprobs[rollouts.rows.to(samples.logprobs.device)].to(device)
+        num_tokens = rollouts.num_tokens
+    with measured(phases["policy"]):
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        policy_logps = []
+        for micro in rollouts.micro_batches(MICRO_BATCH_SIZE):
+            input_ids, attention_mask, first_column = rollouts.model_inputs(micro, device)
+            # The head on the completion tokens alone: the predictions from the last prompt position on.
+            logp, _entropy = token_logprobs(model, input_ids, attention_mask, TEMPERATURE, LOGPROB_CHUNK_SIZE,
+                                            return_entropy=True,
+                                            from_position=rollouts.prompt_width - first_column - 1)
+            logp = F.pad(logp, (0, rollouts.completion_width - logp.size(1)))
+            mask = rollouts.completion_mask[micro].to(device)
+            # run_train_grpo.py's defaults: one iteration (the old log-probs are these, detached), clip 0.2 / 0.28.
+            loss, _stats = grpo_loss(logp, logp.detach(), row_advantages[micro], mask, eps_low=0.2, eps_high=0.28,
+                                     loss_agg="token_mean", normalizer=num_tokens)
+            loss.backward()
+            policy_logps.append(logp.detach())
+    with measured(phases["optimizer"]):
+        torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
+        optimizer.step()
+    mismatch = None
+    if policy_logps:  # none when every group drew equal rewards (likelier the smaller the groups)
+        mismatch = [float(value) for value in logprob_mismatch(sampler_logp, torch.cat(policy_logps),
+                                                                rollouts.completion_mask.to(device))]
+    return {"phases": phases, "generated_tokens": int(samples.completion_mask.sum()), "trained_tokens": num_tokens,
+            "compile_s": samples.compile_seconds, "logprob_mismatch_mean_max": mismatch}
+
+
+steps = [grpo_step() for _ in range(WARMUP_STEPS + STEPS)][WARMUP_STEPS:]
+# Means, not medians: the phases then add up to the step. Compilation inside a timed step (none once
+# warmed up) is taken out of its generation time and reported apart.
+phase_seconds = {name: statistics.mean(s["phases"][name]["seconds"] - (s["compile_s"] if name == "generation" else 0.0)
+                                       for s in steps) for name in PHASES}
+phase_peak_gb = {name: max(s["phases"][name]["peak_gb"] for s in steps) if device.type == "cuda" else None
+                 for name in PHASES}
+step_seconds = sum(phase_seconds.values())
+generated_tokens = statistics.mean(s["generated_tokens"] for s in steps)
+trained_tokens = statistics.mean(s["trained_tokens"] for s in steps)
+step_compile_s = sum(s["compile_s"] for s in steps)
+
+
+def gigabytes(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+rows = [[f"sampling: {METHOD_NAMES[m]}", f"{r['seconds']:.3f}", f"{r['tokens_per_s']:,.0f}",
+         f"{r['first_call_s']:.1f}" + (f" (compile {r['compile_s']:.1f})" if r["compile_s"] else ""),
+         gigabytes(r["peak_gb"])] for m, r in sampling.items()]
+phase_rates = {"generation": generated_tokens, "policy": trained_tokens}
+rows += [[f"GRPO step: {name}" + (f" ({SAMPLER} sampler)" if name == "generation" else ""), f"{phase_seconds[name]:.3f}",
+          f"{phase_rates[name] / phase_seconds[name]:,.0f}" if name in phase_rates else "", "",
+          gigabytes(phase_peak_gb[name])] for name in PHASES]
+step_peak = max(phase_peak_gb.values()) if device.type == "cuda" else None
+rows.append(["GRPO step: whole step", f"{step_seconds:.3f}", "", f"compile {step_compile_s:.1f}" if step_compile_s
+             else "", gigabytes(step_peak)])
+print(f"\n{'thin-bodied ' if thin else ''}Gemma 2 2B shapes, random init ({parameters / 1e9:.3f}B parameters), {dtype}, "
+      f"on {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; LoRA r={LORA_R} on "
+      f"{len(LORA_TARGETS)} linear layers; {num_rows} rows ({len(prompt_ids)} prompts x {NUM_SAMPLES_PER_PROMPT}), "
+      f"{MAX_NEW_TOKENS} new tokens, temperature {TEMPERATURE}; micro-batch {MICRO_BATCH_SIZE}, gradient "
+      f"checkpointing {'on' if GRADIENT_CHECKPOINTING else 'off'}; sampling: medians of {REPEATS} calls, GRPO step: "
+      f"means of {STEPS} steps after {WARMUP_STEPS}:\n")
+print(markdown_table(["what", "seconds", "tokens/s", "first call s", "peak GPU GB"], rows))
+at_limit = {m: r["rows_at_limit"] for m, r in sampling.items()}
+print(f"\nRows that ran to {MAX_NEW_TOKENS} tokens without a stop token, per sampling method: {at_limit} of {num_rows} "
+      f"(a random model almost never stops: every method decodes about {num_rows * MAX_NEW_TOKENS:,} tokens).")
+print(f"GRPO step rewards drawn at random (a random model's text is empty, so text rewards would drop every group); "
+      f"{trained_tokens:.0f} completion tokens trained per step.")
+mismatches = [s["logprob_mismatch_mean_max"] for s in steps if s["logprob_mismatch_mean_max"] is not None]
+if mismatches:
+    print(f"Sampler vs policy-pass log-probs of the trained tokens (last step): mean |diff| {mismatches[-1][0]:.2e}, "
+          f"max {mismatches[-1][1]:.2e}.")
+out = write_results(OUT_FILE, "gpu", config, {
+    "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    "dtype": str(dtype), "thin_body": thin, "parameters": parameters, "rows": num_rows, "sampling": sampling,
+    "steps": steps, "phase_seconds": phase_seconds, "phase_peak_gb": phase_peak_gb, "step_seconds": step_seconds,
+    "step_peak_gb": step_peak, "step_compile_s": step_compile_s})
+print(f"results in {out}")
