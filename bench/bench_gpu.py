@@ -97,7 +97,7 @@ METHOD_NAMES = {"eager": "our eager sampler", "compiled": "our compiled sampler"
                 "compiled_base": "our compiled sampler, adapters off", "generate": "model.generate",
                 "generate_static": 'model.generate(cache_implementation="static")'}
 PHASES = ("generation", "scoring", "policy", "optimizer")
-# Gemma 2 2B (google/gemma-2-2b's config.json) but for the body, and the thin body of the CPU run.
+# Gemma 2 2B's configuration (google/gemma-2-2b's config.json), and the body sizes that replace its own on the CPU.
 GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
                  sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
