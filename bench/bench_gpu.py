@@ -2,7 +2,7 @@
 
     python bench/bench_gpu.py                                  # CUDA: Gemma 2 2B's shapes, 16 x 8 rows, 128 new tokens
     python bench/bench_gpu.py --GRADIENT_CHECKPOINTING=true     # the policy pass with checkpointed decoder layers
-    python bench/bench_gpu.py --METHODS=eager,compiled          # fewer sampling methods (each compiling one costs minutes)
+    python bench/bench_gpu.py --METHODS=eager,compiled          # fewer sampling methods (a compilation takes minutes)
     python bench/bench_gpu.py --DEVICE=cpu --NUM_PROMPTS=2 --NUM_SAMPLES_PER_PROMPT=2 --MAX_NEW_TOKENS=8 \\
         --METHODS=eager,generate                              # the CPU smoke run: a thin body (BODY=auto)
 
@@ -287,15 +287,21 @@ def gigabytes(value) -> str:
 rows = [[f"sampling: {METHOD_NAMES[m]}", f"{r['seconds']:.3f}", f"{r['tokens_per_s']:,.0f}",
          f"{r['first_call_s']:.1f}" + (f" (compile {r['compile_s']:.1f})" if r["compile_s"] else ""),
          gigabytes(r["peak_gb"])] for m, r in sampling.items()]
-phase_rates = {"generation": generated_tokens, "policy": trained_tokens}
-rows += [[f"GRPO step: {name}" + (f" ({SAMPLER} sampler)" if name == "generation" else ""), f"{phase_seconds[name]:.3f}",
-          f"{phase_rates[name] / phase_seconds[name]:,.0f}" if name in phase_rates else "", "",
-          gigabytes(phase_peak_gb[name])] for name in PHASES]
+phase_tokens = {"generation": generated_tokens, "policy": trained_tokens}  # what a phase's tokens/s counts
+
+
+def phase_rate(name: str) -> str:
+    return f"{phase_tokens[name] / phase_seconds[name]:,.0f}" if name in phase_tokens else ""
+
+
+rows += [[f"GRPO step: {name}" + (f" ({SAMPLER} sampler)" if name == "generation" else ""),
+          f"{phase_seconds[name]:.3f}", phase_rate(name), "", gigabytes(phase_peak_gb[name])] for name in PHASES]
 step_peak = max(phase_peak_gb.values()) if device.type == "cuda" else None
 rows.append(["GRPO step: whole step", f"{step_seconds:.3f}", "", f"compile {step_compile_s:.1f}" if step_compile_s
              else "", gigabytes(step_peak)])
-print(f"\n{'thin-bodied ' if thin else ''}Gemma 2 2B shapes, random init ({parameters / 1e9:.3f}B parameters), {dtype}, "
-      f"on {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; LoRA r={LORA_R} on "
+device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+print(f"\n{'thin-bodied ' if thin else ''}Gemma 2 2B shapes, random init ({parameters / 1e9:.3f}B parameters), "
+      f"{dtype}, on {device_name or device}; LoRA r={LORA_R} on "
       f"{len(LORA_TARGETS)} linear layers; {num_rows} rows ({len(prompt_ids)} prompts x {NUM_SAMPLES_PER_PROMPT}), "
       f"{MAX_NEW_TOKENS} new tokens, temperature {TEMPERATURE}; micro-batch {MICRO_BATCH_SIZE}, gradient "
       f"checkpointing {'on' if GRADIENT_CHECKPOINTING else 'off'}; sampling: medians of {REPEATS} calls, GRPO step: "
@@ -311,7 +317,7 @@ if mismatches:
     print(f"Sampler vs policy-pass log-probs of the trained tokens (last step): mean |diff| {mismatches[-1][0]:.2e}, "
           f"max {mismatches[-1][1]:.2e}.")
 out = write_results(OUT_FILE, "gpu", config, {
-    "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    "device": str(device), "device_name": device_name,
     "dtype": str(dtype), "thin_body": thin, "parameters": parameters, "rows": num_rows, "sampling": sampling,
     "steps": steps, "phase_seconds": phase_seconds, "phase_peak_gb": phase_peak_gb, "step_seconds": step_seconds,
     "step_peak_gb": step_peak, "step_compile_s": step_compile_s})

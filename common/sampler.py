@@ -216,7 +216,8 @@ def _static_path_refusal(model, prompt_width: int, max_new_tokens: int) -> str |
     # as long as no row is longer than the window (4096 tokens for Gemma 2).
     window = _sliding_window(model.config)
     if window is not None and prompt_width + max_new_tokens > window:
-        return f"prompt ({prompt_width} tokens) + max_new_tokens ({max_new_tokens}) exceed the sliding window ({window})"
+        return (f"prompt ({prompt_width} tokens) + max_new_tokens ({max_new_tokens}) exceed the sliding window "
+                f"({window})")
     return None
 
 
