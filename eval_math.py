@@ -17,7 +17,7 @@ and rank 0 alone prints and writes them. The accuracy and the records are the si
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from common.config import Device, Dtype, configure
 from common.distributed import is_main_process
@@ -35,6 +35,8 @@ REWARD = "correctness"  # what counts as correct: correctness (the extracted num
 EVAL_LIMIT: Annotated[int, ">= 0"] = 0  # evaluate the first EVAL_LIMIT problems (0 = all)
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts generated together
 MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # answer length limit; an answer cut off here counts as wrong unless its number is right
+SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decoding: auto (compiled static-cache decode
+#                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 SKIP_LONG_PROMPTS = False  # leave out (and count) problems too long for the context, instead of refusing the file
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
 DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
@@ -73,7 +75,7 @@ if LORA_CKPT is not None:
 print(f"evaluating {MODEL_PATH}{' + ' + str(LORA_CKPT) if LORA_CKPT else ''} on {len(problems)} problems of {EVAL_FILE} ({device}, {next(model.parameters()).dtype})")
 
 result = evaluate(model, tokenizer, problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,  # sharded across the ranks
-                  reward=reward, prompt_format=prompt_format)
+                  reward=reward, prompt_format=prompt_format, sampler=SAMPLER)
 cleanup()
 if not distributed.is_main:  # rank 0 alone writes: every rank holds the same gathered result
     raise SystemExit(0)

@@ -52,7 +52,10 @@ LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # LoRA scaling numerator: the update
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # layers with an adapter
 LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapter's input
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds the [positions, vocab] logits in memory)
+GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
 MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 64  # eval generation length
+SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decoding: auto (compiled static-cache decode
+#                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 128  # prompts per eval batch
 RUN_NAME = "sft"  # name of the run: its metrics file LOG_DIR/RUN_NAME.jsonl (its output is OUT_DIR)
 LOG_DIR = "logs"  # where the metrics JSONL goes
@@ -69,7 +72,7 @@ from common import synth  # noqa: E402  (after configure: --help stays fast)
 from common.data import load_problems  # noqa: E402
 from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
-from common.logprobs import token_logprobs  # noqa: E402
+from common.logprobs import enable_gradient_checkpointing, token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.model import answer_end_token_id, load_model_and_tokenizer  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
@@ -89,6 +92,8 @@ prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TE
 if LORA_R > 0:
     wrapped = apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
     print(f"LoRA r={LORA_R} alpha={LORA_ALPHA} on {len(wrapped)} layers")
+if GRADIENT_CHECKPOINTING:
+    enable_gradient_checkpointing(model)
 trainable = lora_parameters(model) if LORA_R > 0 else [p for p in model.parameters() if p.requires_grad]
 print(f"training {sum(p.numel() for p in trainable) / 1e6:.3f}M of "
       f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters")
@@ -155,7 +160,7 @@ final_eval: dict = {}  # the last eval's metrics, for sft_info.json
 
 def run_eval(step: int):
     result = evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, desc=f"eval@{step}",
-                      prompt_format=prompt_format)
+                      prompt_format=prompt_format, sampler=SAMPLER)
     final_eval.update(result.metrics())
     return result
 

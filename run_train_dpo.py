@@ -47,6 +47,8 @@ EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all
 EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts per eval generation batch
 MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # eval generation length limit
+SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decoding: auto (compiled static-cache decode
+#                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 # objective
 BETA: Annotated[float, "> 0"] = 0.1  # strength of the implicit KL to the reference: reward = BETA x (policy - reference log-prob)
 LOSS_TYPE: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"  # sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo (IPO; length-normalised log-probs)
@@ -64,6 +66,7 @@ LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: consta
 WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
+GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
 # LoRA
 LORA_R: Annotated[int, ">= 1"] = 16  # adapter rank
 LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
@@ -87,16 +90,14 @@ DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
-from common.checkpoint import start_lora  # noqa: E402
 from common.data import load_pairs, load_problems  # noqa: E402
 from common.distributed import all_gather_objects, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
-from common.lora import disable_lora, lora_parameters  # noqa: E402
+from common.lora import disable_lora  # noqa: E402
 from common.model import answer_end_token_id, load_model_and_tokenizer  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
 from common.run import TrainingRun, fit_to_context, questions_that_fit, warn_shared_questions  # noqa: E402
-from common.schedule import warmup_then_schedule  # noqa: E402
 from dpo.loss import dpo_loss, dpo_stats, sft_loss  # noqa: E402
 from dpo.pairs import pack_pairs, pair_logprobs, tokenize_pair  # noqa: E402
 
@@ -108,9 +109,7 @@ eval_reward = load_reward(EVAL_REWARD)
 pairs = load_pairs(TRAIN_FILE)
 eval_problems = load_problems(EVAL_FILE, EVAL_LIMIT or None, GOLD_FIELD, eval_reward.needs_numeric_gold) if EVAL_EVERY else []
 warn_shared_questions([pair["question"] for pair in pairs], [p["question"] for p in eval_problems], TRAIN_FILE, EVAL_FILE)
-if BATCH_SIZE % distributed.world_size:
-    raise SystemExit(f"error: BATCH_SIZE={BATCH_SIZE} does not divide between {distributed.world_size} processes; "
-                     f"make it a multiple of the number of processes")
+run.check_divides(BATCH_SIZE, "BATCH_SIZE")
 length_normalise = LOSS_TYPE == "ipo"  # IPO's target 1 / (2 beta) is per token, not per answer
 
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
@@ -129,14 +128,11 @@ if len(tokenized) < BATCH_SIZE:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(tokenized)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")
 steps_per_epoch = len(tokenized) // BATCH_SIZE
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
-start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
-trainable = lora_parameters(model)
-optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
-scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
-run.restore(optimizer, scheduler)
+trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
 run.track(model, tokenizer, optimizer, scheduler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
-                                         desc=f"eval@{step}", reward=eval_reward, prompt_format=prompt_format))
+                                         desc=f"eval@{step}", reward=eval_reward, prompt_format=prompt_format,
+                                         sampler=SAMPLER))
 print(f"{len(tokenized)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {BATCH_SIZE // distributed.world_size} pairs per step")
@@ -170,7 +166,6 @@ if PRECOMPUTE_REF:
 
 # ------------------------------------------------------------ the algorithm
 for step in run.steps(total_steps, steps_per_epoch):
-    step_start = time.perf_counter()
     epoch, batch_indices = run.step_items(list(range(len(tokenized))), step, BATCH_SIZE)  # this rank's share
     # RPO's per-token mean is over the whole step's chosen tokens (every rank's), so neither
     # micro-batching nor the number of processes changes the update.
@@ -216,7 +211,7 @@ for step in run.steps(total_steps, steps_per_epoch):
     else:
         optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    step_seconds = time.perf_counter() - step_start
+    step_seconds = run.step_seconds()
 
     # Metrics over the whole step's pairs: every rank's per-pair values, gathered.
     every_rank = all_gather_objects([torch.cat(values).cpu() for values in

@@ -57,6 +57,8 @@ TEMPERATURE: Annotated[float, "> 0"] = 1.0  # sampling temperature; the training
 TOP_P: Annotated[float, "0 < x <= 1"] = 1.0  # nucleus sampling (1.0 = off)
 TOP_K: Annotated[int, ">= 0"] = 0  # top-k sampling (0 = off)
 GENERATION_BATCH_SIZE: Annotated[int, ">= 0"] = 0  # rows sampled together (0 = all PROMPTS_PER_STEP x G at once)
+SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # rollouts and evals: auto (compiled static-cache
+#                                   decode on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 REWARD = "math"  # math (correctness + format - hacks), correctness, your.py:function, or several: math,my.py:brevity
 REWARD_WEIGHTS: tuple[float, ...] = ()  # one weight per REWARD entry (empty = all 1)
 # objective
@@ -68,6 +70,9 @@ CLIP_EPS_HIGH: Annotated[float, ">= 0"] = 0.28  # ratio clipped above at 1 + CLI
 KL_COEF: Annotated[float, ">= 0"] = 0.0  # beta: weight of the KL penalty to the base model (0 = no reference pass)
 KL_ESTIMATOR: Literal["k1", "k2", "k3"] = "k3"  # k1, k2 or k3 estimate of KL(policy || reference)
 NUM_ITERATIONS: Annotated[int, ">= 1"] = 1  # updates per batch of rollouts (1 = on-policy, ratio = 1)
+IMPORTANCE_CORRECTION: Literal["none", "tis"] = "none"  # correct the sampler -> trainer log-prob mismatch: none, or tis
+#                                   (each token's policy term times min(exp(trainer - sampler log-prob), TIS_CAP))
+TIS_CAP: Annotated[float, "> 0"] = 2.0  # truncation of the TIS weights (TRL's and verl's default: 2)
 # optimisation
 LR: Annotated[float, "> 0"] = 2e-5  # peak AdamW learning rate of the LoRA (a cautious start for Gemma 2B, untuned; the tiny model learns at 2e-4)
 WARMUP_STEPS: Annotated[int, ">= 0"] = 5  # linear warm-up steps
@@ -76,6 +81,7 @@ WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
 MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 16  # sequences per forward/backward (gradient accumulation over the step)
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
+GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
 # LoRA
 LORA_R: Annotated[int, ">= 1"] = 16  # adapter rank
 LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
@@ -100,18 +106,15 @@ DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
-from common.checkpoint import start_lora  # noqa: E402
-from common.data import load_problems  # noqa: E402
-from common.distributed import all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
+from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
-from common.lora import disable_lora, lora_parameters  # noqa: E402
-from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
-from common.prompts import configure_prompts, encode_prompts  # noqa: E402
-from common.reward import load_reward, score_batch  # noqa: E402
-from common.rollout import rollout_batch, rollout_means, rollout_sums  # noqa: E402
-from common.run import TrainingRun, questions_that_fit, warn_shared_questions  # noqa: E402
-from common.sampler import sample  # noqa: E402
-from common.schedule import warmup_then_schedule  # noqa: E402
+from common.lora import disable_lora  # noqa: E402
+from common.model import load_model_and_tokenizer  # noqa: E402
+from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
+from common.prompts import configure_prompts  # noqa: E402
+from common.reward import load_reward  # noqa: E402
+from common.rollout import rollout_batch, rollout_means, rollout_summary, rollout_sums, sample_and_score  # noqa: E402
+from common.run import TrainingRun  # noqa: E402
 from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
 from grpo.loss import grpo_loss  # noqa: E402
 
@@ -120,52 +123,32 @@ distributed = setup_distributed(DEVICE)
 run = TrainingRun("grpo", config, distributed, fixed_on_resume=("PROMPTS_PER_STEP", "NUM_SAMPLES_PER_PROMPT"))
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
 reward = load_reward(REWARD, REWARD_WEIGHTS)
-problems = load_problems(TRAIN_FILE, NUM_PROMPTS or None, GOLD_FIELD, reward.needs_numeric_gold)
-eval_problems = load_problems(EVAL_FILE, EVAL_LIMIT or None, GOLD_FIELD, reward.needs_numeric_gold) if EVAL_EVERY else []
-warn_shared_questions([p["question"] for p in problems], [p["question"] for p in eval_problems], TRAIN_FILE, EVAL_FILE)
-if PROMPTS_PER_STEP % distributed.world_size:
-    raise SystemExit(f"error: PROMPTS_PER_STEP={PROMPTS_PER_STEP} does not divide between {distributed.world_size} "
-                     f"processes; make it a multiple of the number of processes")
+problems, eval_problems = run.load_questions(reward, PROMPTS_PER_STEP)
 
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)  # before stop_token_ids
-prompt_room = model.config.max_position_embeddings - MAX_NEW_TOKENS  # a prompt and its answer fit the context
-problems = questions_that_fit(tokenizer, prompt_format, problems, TRAIN_FILE, prompt_room, SKIP_LONG_PROMPTS)
-eval_problems = questions_that_fit(tokenizer, prompt_format, eval_problems, EVAL_FILE, prompt_room,
-                                   SKIP_LONG_PROMPTS) if EVAL_EVERY else []
-if len(problems) < PROMPTS_PER_STEP:
-    raise SystemExit(f"error: {TRAIN_FILE} has {len(problems)} questions, fewer than PROMPTS_PER_STEP={PROMPTS_PER_STEP}")
-steps_per_epoch = len(problems) // PROMPTS_PER_STEP
-total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
-stop_ids = stop_token_ids(model, tokenizer)
-sampling_generator = torch.Generator(device=device).manual_seed(SEED + distributed.rank)  # each rank its own samples
-start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
-trainable = lora_parameters(model)
-optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
-scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
-run.restore(optimizer, scheduler, generators={"sampling": sampling_generator})
-run.track(model, tokenizer, optimizer, scheduler, generators={"sampling": sampling_generator},
+problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(model, tokenizer, prompt_format, problems,
+                                                                          eval_problems, PROMPTS_PER_STEP)
+sampling_generator = run.sampling_generator(device)  # each rank its own samples
+trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
+run.track(model, tokenizer, optimizer, scheduler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
-                                         desc=f"eval@{step}", reward=reward, prompt_format=prompt_format))
+                                         desc=f"eval@{step}", reward=reward, prompt_format=prompt_format,
+                                         sampler=SAMPLER))
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step")
 
 # ------------------------------------------------------------ the algorithm
 for step in run.steps(total_steps, steps_per_epoch):
-    step_start = time.perf_counter()
     epoch, batch = run.step_items(problems, step, PROMPTS_PER_STEP)  # this rank's share of the step's questions
 
-    # 1. Rollouts: G completions per question in one batch.
-    model.eval()
-    samples = sample(model, encode_prompts(tokenizer, batch, prompt_format), NUM_SAMPLES_PER_PROMPT,
-                     MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K, eos_token_ids=stop_ids, tokenizer=tokenizer,
-                     generator=sampling_generator, max_rows_per_chunk=GENERATION_BATCH_SIZE or None)
-    generate_seconds = time.perf_counter() - step_start
+    # 1. Rollouts: G completions per question in one batch, each scored with its row.
+    samples, sample_rows, scores, generate_seconds = sample_and_score(
+        model, tokenizer, prompt_format, batch, reward, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE,
+        TOP_P, TOP_K, sampling_generator, GENERATION_BATCH_SIZE, SAMPLER)
 
-    # 2. Rewards and group advantages.
-    sample_rows = [batch[i] for i in samples.prompt_index.tolist()]
-    scores = score_batch(reward, samples.texts, sample_rows, samples.truncated)
+    # 2. Group advantages.
     rewards = torch.tensor([s.total for s in scores]).view(len(batch), NUM_SAMPLES_PER_PROMPT)
     advantages = group_advantages(rewards, ADVANTAGE).flatten()
     informative = ~zero_advantage_groups(rewards).repeat_interleave(NUM_SAMPLES_PER_PROMPT)
@@ -188,29 +171,41 @@ for step in run.steps(total_steps, steps_per_epoch):
     policy_start = time.perf_counter()
     model.train()
     row_advantages = advantages[rollouts.rows].to(device)
+    sampler_logp = samples.logprobs[rollouts.rows].to(device)  # the log-probs the sampler drew each token with
     step_counts = all_reduce_sum({"rows": rollouts.num_rows, "tokens": rollouts.num_tokens})
     normalizer = {"token_mean": step_counts["tokens"], "seq_mean": step_counts["rows"],
                   "seq_sum_const": step_counts["rows"] * MAX_NEW_TOKENS}[LOSS_AGG]
-    update_sums = {key: torch.zeros((), device=device) for key in ("loss", "entropy", "kl", "clip_frac", "approx_kl")}
+    update_sums = {key: torch.zeros((), device=device)
+                   for key in ("loss", "entropy", "kl", "clip_frac", "approx_kl", "mismatch")}
+    mismatch_max = torch.zeros((), device=device)
     grad_norm = None  # None when no group had an advantage
-    for _ in range(NUM_ITERATIONS if step_counts["rows"] else 0):
+    for iteration in range(NUM_ITERATIONS if step_counts["rows"] else 0):
         optimizer.zero_grad(set_to_none=True)
         iteration_loss = torch.zeros((), device=device)
         for micro in rollouts.micro_batches(MICRO_BATCH_SIZE):
             logp, entropy = rollouts.completion_logprobs_for(model, micro, TEMPERATURE, LOGPROB_CHUNK_SIZE,
                                                              with_entropy=True)
             mask = rollouts.completion_mask[micro].to(device)
-            loss, token_sums = grpo_loss(
-                logp, logp.detach() if old_logp is None else old_logp[micro].to(device), row_advantages[micro],
-                mask, ref_logp=None if ref_logp is None else ref_logp[micro].to(device), beta=KL_COEF,
+            # The trainer's log-probs of the policy that sampled: the sampler's own differ by the
+            # training-inference mismatch (logged; corrected with IMPORTANCE_CORRECTION=tis).
+            trainer_old_logp = logp.detach() if old_logp is None else old_logp[micro].to(device)
+            correction = (truncated_importance_weights(trainer_old_logp, sampler_logp[micro], TIS_CAP)
+                          if IMPORTANCE_CORRECTION == "tis" else None)
+            loss, stats = grpo_loss(
+                logp, trainer_old_logp, row_advantages[micro], mask,
+                ref_logp=None if ref_logp is None else ref_logp[micro].to(device), beta=KL_COEF,
                 eps_low=CLIP_EPS_LOW, eps_high=CLIP_EPS_HIGH, loss_agg=LOSS_AGG,
                 importance_level=IMPORTANCE_LEVEL, normalizer=normalizer, max_tokens=MAX_NEW_TOKENS,
-                kl_estimator=KL_ESTIMATOR)
+                kl_estimator=KL_ESTIMATOR, sampler_correction=correction)
             loss.backward()
             iteration_loss += loss.detach()
             update_sums["entropy"] += (entropy.detach() * mask).sum()
             for key in ("kl", "clip_frac", "approx_kl"):
-                update_sums[key] += token_sums.get(key, 0.0)
+                update_sums[key] += stats.get(key, 0.0) * stats["tokens"]
+            if iteration == 0:  # the sampling policy's log-probs are the same in every iteration
+                mismatch_mean, micro_max = logprob_mismatch(sampler_logp[micro], trainer_old_logp, mask)
+                update_sums["mismatch"] += mismatch_mean * stats["tokens"]
+                mismatch_max = torch.maximum(mismatch_max, micro_max)
         update_sums["loss"] += iteration_loss
         sum_gradients(trainable)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
@@ -221,7 +216,7 @@ for step in run.steps(total_steps, steps_per_epoch):
         optimizer.step()
     scheduler.step()
     policy_seconds = time.perf_counter() - policy_start
-    step_seconds = time.perf_counter() - step_start
+    step_seconds = run.step_seconds() - samples.compile_seconds
 
     # Metrics of the step over every rank (sums in one all-reduce, then the means); update statistics
     # are means over the updated tokens of every iteration. Times are rank 0's.
@@ -232,20 +227,19 @@ for step in run.steps(total_steps, steps_per_epoch):
         "step": step + 1, "epoch": epoch, **rollout_means(totals, generate_seconds),
         "loss": totals["loss"] / NUM_ITERATIONS,
         **{key: totals[key] / updated_tokens for key in ("kl", "clip_frac", "approx_kl", "entropy")},
+        "logprob_mismatch_mean": totals["mismatch"] / max(1.0, step_counts["tokens"]),
+        "logprob_mismatch_max": all_reduce_max(mismatch_max),
         "zero_adv_groups": totals["zero_adv_groups"] / totals["groups"],
         "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
         "generate_s": generate_seconds, "reference_s": reference_seconds, "policy_s": policy_seconds,
-        "step_s": step_seconds,
+        "step_s": step_seconds, "compile_s": samples.compile_seconds,
     }
     run.bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}")
     tqdm.write(f"step {step + 1}/{total_steps} reward {metrics['reward']:.3f} acc {metrics['accuracy']:.3f} "
                f"fmt {metrics['format_rate']:.2f} kl {metrics['kl']:.4f} clip {metrics['clip_frac']:.3f} "
                f"ent {metrics['entropy']:.3f} len {metrics['completion_len']:.1f} trunc {metrics['truncated']:.2f} "
-               f"zero-adv {metrics['zero_adv_groups']:.2f} gnorm {'-' if grad_norm is None else f'{grad_norm:.3f}'} | "
-               f"gen {generate_seconds:.1f}s ref {reference_seconds:.1f}s policy {policy_seconds:.1f}s | "
-               f"{metrics['tokens_per_s']:.0f} tok/s")
-    if SAMPLE_EVERY and (step + 1) % SAMPLE_EVERY == 0:
-        tqdm.write(f"--- sample (reward {scores[0].total:.2f}, gold {sample_rows[0].get('gold_answer')}):\n"
-                   f"{samples.texts[0]}\n---")
+               f"zero-adv {metrics['zero_adv_groups']:.2f} gnorm {'-' if grad_norm is None else f'{grad_norm:.3f}'} "
+               f"{rollout_summary(metrics)}")
+    run.show_sample(step + 1, samples.texts[0], scores[0].total, sample_rows[0].get("gold_answer"))
     run.end_step(step + 1, metrics)
 run.finish()

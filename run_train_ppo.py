@@ -64,6 +64,8 @@ TEMPERATURE: Annotated[float, "> 0"] = 1.0  # sampling temperature; the training
 TOP_P: Annotated[float, "0 < x <= 1"] = 1.0  # nucleus sampling (1.0 = off)
 TOP_K: Annotated[int, ">= 0"] = 0  # top-k sampling (0 = off)
 GENERATION_BATCH_SIZE: Annotated[int, ">= 0"] = 0  # rows sampled together (0 = all PROMPTS_PER_STEP x NUM_SAMPLES_PER_PROMPT at once)
+SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # rollouts and evals: auto (compiled static-cache
+#                                   decode on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 REWARD = "math"  # math (correctness + format - hacks), correctness, your.py:function, or several: math,my.py:brevity
 REWARD_WEIGHTS: tuple[float, ...] = ()  # one weight per REWARD entry (empty = all 1)
 # objective
@@ -78,6 +80,9 @@ VALUE_CLIP: Annotated[float, ">= 0"] = 0.2  # value predictions clipped to old v
 VF_COEF: Annotated[float, ">= 0"] = 0.5  # weight of the value loss
 ENT_COEF: Annotated[float, ">= 0"] = 0.0  # weight of the entropy bonus
 TARGET_KL: Annotated[float, "> 0"] | None = None  # stop a step's PPO epochs once an epoch's mean approx KL exceeds this (None = off)
+IMPORTANCE_CORRECTION: Literal["none", "tis"] = "none"  # correct the sampler -> trainer log-prob mismatch: none, or tis
+#                                   (each token's policy term times min(exp(trainer - sampler log-prob), TIS_CAP))
+TIS_CAP: Annotated[float, "> 0"] = 2.0  # truncation of the TIS weights (TRL's and verl's default: 2)
 # optimisation
 LR: Annotated[float, "> 0"] = 2e-5  # peak AdamW learning rate of the LoRA (a cautious start for Gemma 2B, untuned)
 CRITIC_FEATURES: Literal["detached", "adapter", "shared"] = "detached"  # value head reads: the actor's hidden states
@@ -91,6 +96,7 @@ WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max gradient norm, of the actor's LoRA and of the critic separately
 MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 8  # sequences per forward/backward (gradient accumulation over a mini-batch)
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
+GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
 # LoRA
 LORA_R: Annotated[int, ">= 1"] = 16  # adapter rank
 LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
@@ -116,17 +122,17 @@ config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
 from common.checkpoint import start_lora  # noqa: E402
-from common.data import load_problems  # noqa: E402
-from common.distributed import all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
+from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.kl import kl_estimate  # noqa: E402
+from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
-from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
-from common.prompts import configure_prompts, encode_prompts  # noqa: E402
-from common.reward import load_reward, score_batch  # noqa: E402
-from common.rollout import rollout_batch, rollout_means, rollout_sums  # noqa: E402
-from common.run import TrainingRun, questions_that_fit, warn_shared_questions  # noqa: E402
-from common.sampler import sample  # noqa: E402
+from common.model import load_model_and_tokenizer  # noqa: E402
+from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
+from common.prompts import configure_prompts  # noqa: E402
+from common.reward import load_reward  # noqa: E402
+from common.rollout import rollout_batch, rollout_means, rollout_summary, rollout_sums, sample_and_score  # noqa: E402
+from common.run import TrainingRun  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
 from ppo.critic import Critic, completion_logprobs_and_values  # noqa: E402
 from ppo.gae import compute_gae, explained_variance, masked_sums, masked_whiten  # noqa: E402
@@ -138,28 +144,18 @@ run = TrainingRun("ppo", config, distributed, fixed_on_resume=("PROMPTS_PER_STEP
                                                          "CRITIC_FEATURES", "CRITIC_HIDDEN"))
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA and critic initialisation
 reward = load_reward(REWARD, REWARD_WEIGHTS)
-problems = load_problems(TRAIN_FILE, NUM_PROMPTS or None, GOLD_FIELD, reward.needs_numeric_gold)
-eval_problems = load_problems(EVAL_FILE, EVAL_LIMIT or None, GOLD_FIELD, reward.needs_numeric_gold) if EVAL_EVERY else []
-warn_shared_questions([p["question"] for p in problems], [p["question"] for p in eval_problems], TRAIN_FILE, EVAL_FILE)
-for name, value in {"PROMPTS_PER_STEP": PROMPTS_PER_STEP, "MINI_BATCH_SIZE": MINI_BATCH_SIZE}.items():
-    if value % distributed.world_size:
-        raise SystemExit(f"error: {name}={value} does not divide between {distributed.world_size} processes; "
-                         f"make it a multiple of the number of processes")
+problems, eval_problems = run.load_questions(reward, PROMPTS_PER_STEP)
+run.check_divides(MINI_BATCH_SIZE, "MINI_BATCH_SIZE")
 
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)  # before stop_token_ids
-prompt_room = model.config.max_position_embeddings - MAX_NEW_TOKENS  # a prompt and its answer fit the context
-problems = questions_that_fit(tokenizer, prompt_format, problems, TRAIN_FILE, prompt_room, SKIP_LONG_PROMPTS)
-eval_problems = questions_that_fit(tokenizer, prompt_format, eval_problems, EVAL_FILE, prompt_room,
-                                   SKIP_LONG_PROMPTS) if EVAL_EVERY else []
-if len(problems) < PROMPTS_PER_STEP:
-    raise SystemExit(f"error: {TRAIN_FILE} has {len(problems)} questions, fewer than PROMPTS_PER_STEP={PROMPTS_PER_STEP}")
-steps_per_epoch = len(problems) // PROMPTS_PER_STEP
-total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
-stop_ids = stop_token_ids(model, tokenizer)
-sampling_generator = torch.Generator(device=device).manual_seed(SEED + distributed.rank)  # each rank its own samples
+problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(model, tokenizer, prompt_format, problems,
+                                                                          eval_problems, PROMPTS_PER_STEP)
+sampling_generator = run.sampling_generator(device)  # each rank its own samples
 start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 critic = Critic(model, CRITIC_FEATURES, CRITIC_HIDDEN).to(device)
+if GRADIENT_CHECKPOINTING:
+    enable_gradient_checkpointing(model)
 if run.checkpoint is not None:
     critic.load_state_dict(run.checkpoint["extra"]["critic"])
 actor_parameters = lora_parameters(model)
@@ -172,10 +168,11 @@ if critic.adapter is not None:
     parameter_groups.append({"params": list(critic.adapter.parameters()), "lr": LR})
 optimizer = torch.optim.AdamW(parameter_groups, weight_decay=WEIGHT_DECAY)
 scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
-run.restore(optimizer, scheduler, generators={"sampling": sampling_generator})
-run.track(model, tokenizer, optimizer, scheduler, generators={"sampling": sampling_generator},
+run.restore(optimizer, scheduler)
+run.track(model, tokenizer, optimizer, scheduler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
-                                         desc=f"eval@{step}", reward=reward, prompt_format=prompt_format),
+                                         desc=f"eval@{step}", reward=reward, prompt_format=prompt_format,
+                                         sampler=SAMPLER),
           extra=lambda: {"critic": critic.state_dict(), "critic_features": CRITIC_FEATURES})
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in actor_parameters) / 1e6:.3f}M + critic ({CRITIC_FEATURES}) "
@@ -198,17 +195,12 @@ def rollout_logprobs_and_values(rollouts) -> tuple[torch.Tensor, torch.Tensor, t
 
 # ------------------------------------------------------------ the algorithm
 for step in run.steps(total_steps, steps_per_epoch):
-    step_start = time.perf_counter()
     epoch, batch = run.step_items(problems, step, PROMPTS_PER_STEP)  # this rank's share of the step's questions
 
-    # 1. Rollouts and their task rewards.
-    model.eval()
-    samples = sample(model, encode_prompts(tokenizer, batch, prompt_format), NUM_SAMPLES_PER_PROMPT,
-                     MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K, eos_token_ids=stop_ids, tokenizer=tokenizer,
-                     generator=sampling_generator, max_rows_per_chunk=GENERATION_BATCH_SIZE or None)
-    generate_seconds = time.perf_counter() - step_start
-    sample_rows = [batch[i] for i in samples.prompt_index.tolist()]
-    scores = score_batch(reward, samples.texts, sample_rows, samples.truncated)
+    # 1. Rollouts and their task rewards, each scored with its row.
+    samples, sample_rows, scores, generate_seconds = sample_and_score(
+        model, tokenizer, prompt_format, batch, reward, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE,
+        TOP_P, TOP_K, sampling_generator, GENERATION_BATCH_SIZE, SAMPLER)
     task_rewards = torch.tensor([s.total for s in scores], dtype=torch.float32)
     rollouts = rollout_batch(samples, None, tokenizer.pad_token_id)
     mask = rollouts.completion_mask
@@ -223,6 +215,11 @@ for step in run.steps(total_steps, steps_per_epoch):
         else:
             ref_logp = old_logp  # no reference pass: the KL term is 0
     reference_seconds = time.perf_counter() - reference_start
+    # The sampler drew each token with its own log-prob; the trainer's (old_logp) differs by the
+    # training-inference mismatch (logged; corrected with IMPORTANCE_CORRECTION=tis).
+    sampler_logp = samples.logprobs[rollouts.rows].cpu()
+    mismatch_mean, mismatch_max = logprob_mismatch(sampler_logp, old_logp, mask)
+    correction = truncated_importance_weights(old_logp, sampler_logp, TIS_CAP) if IMPORTANCE_CORRECTION == "tis" else None
 
     # 3. Per-token rewards, GAE, whitened advantages. Rows cut off by MAX_NEW_TOKENS would have gone
     # on: they are bootstrapped with the value after their last token; EOS-ended rows are over.
@@ -252,9 +249,9 @@ for step in run.steps(total_steps, steps_per_epoch):
                 logp, entropy, values, _ = completion_logprobs_and_values(
                     model, critic, rollouts, micro, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
                 micro_mask = mask[micro].to(device)
-                policy_loss, policy_stats = ppo_policy_loss(logp, old_logp[micro].to(device),
-                                                            advantages[micro].to(device), micro_mask, CLIP_EPS,
-                                                            normalizer=normalizer)
+                policy_loss, policy_stats = ppo_policy_loss(
+                    logp, old_logp[micro].to(device), advantages[micro].to(device), micro_mask, CLIP_EPS,
+                    normalizer=normalizer, sampler_correction=None if correction is None else correction[micro].to(device))
                 value_loss, _ = ppo_value_loss(values, old_values[micro].to(device), returns[micro].to(device),
                                                micro_mask, VALUE_CLIP, normalizer=normalizer)
                 entropy_term = entropy_bonus(entropy, micro_mask, normalizer=normalizer)
@@ -285,18 +282,20 @@ for step in run.steps(total_steps, steps_per_epoch):
             break  # the same on every rank: the sums are every rank's
     scheduler.step()
     policy_seconds = time.perf_counter() - policy_start
-    step_seconds = time.perf_counter() - step_start
+    step_seconds = run.step_seconds() - samples.compile_seconds
 
     # Metrics of the step: rollout statistics over all answers, update statistics over the tokens trained
     # on, both over every rank (sums in one all-reduce, then the means). Times are rank 0's.
     token_sums = {f"{name}_{key}": value for name, tensor in
                   (("kl", kl_estimate(old_logp, ref_logp, KL_ESTIMATOR)), ("returns", returns), ("values", old_values))
                   for key, value in masked_sums(tensor, mask).items()}
-    totals = all_reduce_sum({**rollout_sums(scores, samples), **update_sums, **token_sums})
+    totals = all_reduce_sum({**rollout_sums(scores, samples), **update_sums, **token_sums,
+                             "mismatch": mismatch_mean * mask.sum()})
     updated_tokens = max(1.0, totals["tokens"])
     metrics = {
         "step": step + 1, "epoch": epoch, **rollout_means(totals, generate_seconds),
         "kl": totals["kl_sum"] / totals["kl_count"],
+        "logprob_mismatch_mean": totals["mismatch"] / totals["kl_count"], "logprob_mismatch_max": all_reduce_max(mismatch_max),
         **{key: totals[key] / updated_tokens for key in ("approx_kl", "clip_frac", "value_loss", "entropy")},
         "explained_variance": explained_variance(old_values, returns, mask, combine=all_reduce_sum),
         "returns_mean": totals["returns_sum"] / totals["returns_count"],
@@ -305,7 +304,7 @@ for step in run.steps(total_steps, steps_per_epoch):
         "value_grad_norm": sum(value_grad_norms) / len(value_grad_norms) if value_grad_norms else None,
         "ppo_epochs": epochs_run, "lr": scheduler.get_last_lr()[0], "critic_lr": scheduler.get_last_lr()[1],
         "generate_s": generate_seconds, "reference_s": reference_seconds, "policy_s": policy_seconds,
-        "step_s": step_seconds,
+        "step_s": step_seconds, "compile_s": samples.compile_seconds,
     }
     run.bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}")
     grad_norm_text = "-" if metrics["grad_norm"] is None else f"{metrics['grad_norm']:.3f}"
@@ -313,11 +312,8 @@ for step in run.steps(total_steps, steps_per_epoch):
                f"fmt {metrics['format_rate']:.2f} kl {metrics['kl']:.4f} approx_kl {metrics['approx_kl']:.4f} "
                f"clip {metrics['clip_frac']:.3f} vloss {metrics['value_loss']:.4f} "
                f"ev {metrics['explained_variance']:.3f} ent {metrics['entropy']:.3f} "
-               f"len {metrics['completion_len']:.1f} trunc {metrics['truncated']:.2f} gnorm {grad_norm_text} | "
-               f"gen {generate_seconds:.1f}s ref {reference_seconds:.1f}s policy {policy_seconds:.1f}s | "
-               f"{metrics['tokens_per_s']:.0f} tok/s")
-    if SAMPLE_EVERY and (step + 1) % SAMPLE_EVERY == 0:
-        tqdm.write(f"--- sample (reward {scores[0].total:.2f}, gold {sample_rows[0].get('gold_answer')}):\n"
-                   f"{samples.texts[0]}\n---")
+               f"len {metrics['completion_len']:.1f} trunc {metrics['truncated']:.2f} gnorm {grad_norm_text} "
+               f"{rollout_summary(metrics)}")
+    run.show_sample(step + 1, samples.texts[0], scores[0].total, sample_rows[0].get("gold_answer"))
     run.end_step(step + 1, metrics)
 run.finish()

@@ -129,6 +129,16 @@ def all_reduce_sum(values):
     return dict(zip(names, numbers)) if names is not None else numbers[0]
 
 
+def all_reduce_max(value) -> float:
+    """The largest over ranks of a number (or one-element tensor), as a float; in one process, itself."""
+    number = float(value)
+    if _is_distributed():
+        largest = torch.tensor([number], dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        number = largest.item()
+    return number
+
+
 def sum_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Replace each parameter's gradient by its sum over the ranks, in place.
 

@@ -16,14 +16,19 @@ row), which changes no value: masked positions get exactly zero attention weight
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from common.logprobs import token_logprobs
 from common.policy_gradient import check_completion_mask
-from common.sampler import SampleOutput, left_pad
+from common.model import stop_token_ids
+from common.prompts import encode_prompts
+from common.reward import score_batch
+from common.sampler import SampleOutput, left_pad, sample
 
 
 @dataclass
@@ -128,3 +133,31 @@ def rollout_means(totals: dict, generate_seconds: float) -> dict:
             "accuracy": totals["correct"] / completions, "format_rate": totals["format_ok"] / completions,
             "completion_len": totals["length"] / completions, "truncated": totals["truncated"] / completions,
             "tokens_per_s": totals["length"] / generate_seconds}
+
+
+def sample_and_score(model, tokenizer, prompt_format, batch: list[dict], reward, num_samples: int,
+                     max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                     generator: torch.Generator, rows_per_chunk: int, sampler: str
+                     ) -> tuple[SampleOutput, list[dict], list, float]:
+    """An RL step's rollouts: ``num_samples`` completions of each question of ``batch`` in one batch
+    (common.sampler.sample, rows_per_chunk 0 = all rows at once), each stopping at EOS or the chat
+    template's end of turn, then each scored by ``reward`` with its row. Returns (samples, each
+    sample's row, scores, seconds of sampling); the seconds leave out a compilation of the decode
+    step, which is reported once here instead."""
+    start = time.perf_counter()
+    model.eval()
+    samples = sample(model, encode_prompts(tokenizer, batch, prompt_format), num_samples, max_new_tokens,
+                     temperature, top_p, top_k, eos_token_ids=stop_token_ids(model, tokenizer), tokenizer=tokenizer,
+                     generator=generator,
+                     max_rows_per_chunk=rows_per_chunk or None, sampler=sampler)
+    seconds = time.perf_counter() - start - samples.compile_seconds
+    if samples.compile_seconds:  # a new prompt-length bucket
+        tqdm.write(f"compiled the decode step in {samples.compile_seconds:.1f}s (not counted in generate_s, step_s)")
+    rows = [batch[i] for i in samples.prompt_index.tolist()]
+    return samples, rows, score_batch(reward, samples.texts, rows, samples.truncated), seconds
+
+
+def rollout_summary(metrics: dict) -> str:
+    """The end of an RL step's line: the sampler/trainer mismatch, the time split, sampling speed."""
+    return (f"mismatch {metrics['logprob_mismatch_mean']:.1e} | gen {metrics['generate_s']:.1f}s "
+            f"ref {metrics['reference_s']:.1f}s policy {metrics['policy_s']:.1f}s | {metrics['tokens_per_s']:.0f} tok/s")

@@ -36,12 +36,15 @@ import torch
 from tqdm import tqdm
 
 from common.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, remove_stale_temporary_files,
-                               restore_training_state, save_checkpoint)
-from common.data import iter_jsonl, step_items
+                               restore_training_state, save_checkpoint, start_lora)
+from common.data import iter_jsonl, load_problems, step_items
 from common.distributed import DistributedContext, cleanup, gather_rank_states, restore_rank_state, shard
+from common.logprobs import enable_gradient_checkpointing
+from common.lora import lora_parameters
 from common.metrics_log import LoggerUnavailableError, MetricsLogger
 from common.model import check_model_dir, resolve_model_path
 from common.prompts import encode_prompts
+from common.schedule import warmup_then_schedule
 from common.synth import normalise_question
 
 # Settings that name where a run's files go, not what it computes: free on resume.
@@ -207,6 +210,7 @@ class TrainingRun:
         if distributed.is_main:
             self._claim()
         preflight_model(config["MODEL_PATH"])
+        self.generators: dict[str, torch.Generator] = {}  # the run's random generators (sampling_generator)
         try:
             self.metrics = MetricsLogger(self.metrics_path, config.get("LOGGER", "jsonl"), self.name, config,
                                          start_step=self.start_step, is_main=distributed.is_main)
@@ -260,7 +264,7 @@ class TrainingRun:
             for line in changed:
                 print(f"resume: {line} (applied from step {self.checkpoint['step']} on)")
 
-    def restore(self, optimizer: torch.optim.Optimizer, scheduler, generators: dict | None = None) -> None:
+    def restore(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
         """Load the resumed run's optimizer, scheduler and random states, then give the optimizer this
         run's hyperparameters (LR, WEIGHT_DECAY, ...: load_state_dict would bring back the old ones) and
         the scheduler this run's peak learning rates. The schedule's shape (warm-up, decay, total steps)
@@ -270,7 +274,7 @@ class TrainingRun:
         hyperparameters = [{key: value for key, value in group.items() if key != "params"}
                            for group in optimizer.param_groups]
         restore_training_state(self.checkpoint, optimizer, scheduler)
-        restore_rank_state(self.checkpoint, self.distributed, generators)
+        restore_rank_state(self.checkpoint, self.distributed, self.generators)
         for group, wanted in zip(optimizer.param_groups, hyperparameters):
             group.update(wanted)
         scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
@@ -280,13 +284,12 @@ class TrainingRun:
         print(f"resumed {self.resume_path} at step {self.start_step}")
 
     def track(self, model, tokenizer, optimizer, scheduler, evaluate: Callable | None = None,
-              generators: dict | None = None, extra: Callable[[], dict] | None = None,
-              save: Callable[[int], Path] | None = None) -> None:
+              extra: Callable[[], dict] | None = None, save: Callable[[int], Path] | None = None) -> None:
         """What a save writes and an eval reads. ``evaluate(step)`` returns an EvalResult; ``extra()``
         what the trainer adds to a checkpoint (a critic's weights, say); ``save(step)``, when given,
         writes the run's output instead of a LoRA checkpoint (run_sft.py's full model)."""
         self._state = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                           evaluate=evaluate, generators=generators or {}, extra=extra or dict, save=save)
+                           evaluate=evaluate, extra=extra or dict, save=save)
 
     # ----------------------------------------------------------------- loop
     def steps(self, total_steps: int, steps_per_epoch: int | None = None) -> Iterator[int]:
@@ -299,7 +302,74 @@ class TrainingRun:
         bar = tqdm(range(self.start_step, total_steps), desc=self.trainer, unit="step", initial=self.start_step,
                    total=total_steps, disable=not self.distributed.is_main)
         self.bar = bar
-        yield from bar
+        for step in bar:
+            self.step_started = time.perf_counter()
+            yield step
+
+    def step_seconds(self) -> float:
+        """Wall clock since the current step began."""
+        return time.perf_counter() - self.step_started
+
+    def load_questions(self, reward, items_per_step: int) -> tuple[list[dict], list[dict]]:
+        """(training, eval) problems: TRAIN_FILE's first NUM_PROMPTS and EVAL_FILE's first EVAL_LIMIT
+        (none when EVAL_EVERY is 0), gold answers read as ``reward`` needs them; a warning for training
+        questions that are also eval questions; refused when ``items_per_step`` does not divide between
+        the processes."""
+        config = self.config
+        problems = load_problems(config["TRAIN_FILE"], config["NUM_PROMPTS"] or None, config["GOLD_FIELD"],
+                                 reward.needs_numeric_gold)
+        eval_problems = load_problems(config["EVAL_FILE"], config["EVAL_LIMIT"] or None, config["GOLD_FIELD"],
+                                      reward.needs_numeric_gold) if self.eval_every else []
+        warn_shared_questions([p["question"] for p in problems], [p["question"] for p in eval_problems],
+                              config["TRAIN_FILE"], config["EVAL_FILE"])
+        self.check_divides(items_per_step, "PROMPTS_PER_STEP")
+        return problems, eval_problems
+
+    def check_divides(self, count: int, name: str) -> None:
+        if count % self.distributed.world_size:
+            raise RunError(f"{name}={count} does not divide between {self.distributed.world_size} processes; "
+                           f"make it a multiple of the number of processes")
+
+    def fit_questions(self, model, tokenizer, prompt_format, problems: list[dict], eval_problems: list[dict],
+                      items_per_step: int) -> tuple[list[dict], list[dict], int, int]:
+        """The problems whose prompts leave MAX_NEW_TOKENS of room in the model's context (questions_that_fit:
+        SKIP_LONG_PROMPTS decides between refusing and skipping), at least one step's worth, and the
+        steps they make: (problems, eval problems, steps per epoch, total steps: MAX_STEPS or the
+        NUM_EPOCHS epochs)."""
+        config = self.config
+        prompt_room = model.config.max_position_embeddings - config["MAX_NEW_TOKENS"]
+        problems = questions_that_fit(tokenizer, prompt_format, problems, config["TRAIN_FILE"], prompt_room,
+                                      config["SKIP_LONG_PROMPTS"])
+        if self.eval_every:
+            eval_problems = questions_that_fit(tokenizer, prompt_format, eval_problems, config["EVAL_FILE"],
+                                               prompt_room, config["SKIP_LONG_PROMPTS"])
+        if len(problems) < items_per_step:
+            raise RunError(f"{config['TRAIN_FILE']} has {len(problems)} questions, fewer than one step's "
+                           f"{items_per_step}")
+        steps_per_epoch = len(problems) // items_per_step
+        return problems, eval_problems, steps_per_epoch, config["MAX_STEPS"] or config["NUM_EPOCHS"] * steps_per_epoch
+
+    def sampling_generator(self, device) -> torch.Generator:
+        """The random generator of the rollouts: SEED + rank (each rank samples its own completions),
+        saved in every checkpoint and restored on resume with the run's other random states."""
+        generator = torch.Generator(device=device).manual_seed(self.config["SEED"] + self.distributed.rank)
+        self.generators["sampling"] = generator
+        return generator
+
+    def lora_and_optimizer(self, model, total_steps: int):
+        """(trainable parameters, optimizer, scheduler) of a LoRA trainer: the LoRA it starts from
+        (start_lora: a resumed run's, INIT_LORA's, or a fresh one of LORA_*), gradient checkpointing when
+        GRADIENT_CHECKPOINTING, AdamW at LR with the warm-up schedule, and a resumed run's states."""
+        config = self.config
+        start_lora(model, self.checkpoint, self.resume_path, config["INIT_LORA"], config["LORA_R"],
+                   config["LORA_ALPHA"], config["LORA_TARGETS"], config["LORA_DROPOUT"])
+        if config["GRADIENT_CHECKPOINTING"]:
+            enable_gradient_checkpointing(model)
+        trainable = lora_parameters(model)
+        optimizer = torch.optim.AdamW(trainable, lr=config["LR"], weight_decay=config["WEIGHT_DECAY"])
+        scheduler = warmup_then_schedule(optimizer, config["WARMUP_STEPS"], total_steps, config["LR_SCHEDULE"])
+        self.restore(optimizer, scheduler)
+        return trainable, optimizer, scheduler
 
     def step_items(self, items: list, step: int, items_per_step: int) -> tuple[int, list]:
         """(epoch, this rank's share of the items of global step ``step``): the order is a function of
@@ -316,6 +386,12 @@ class TrainingRun:
         self.skipped_updates += 1
         tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({self.skipped_updates} so far)")
         return False
+
+    def show_sample(self, step: int, text: str, reward: float, gold) -> None:
+        """Every SAMPLE_EVERY steps, one sampled completion with its reward and gold answer."""
+        every = self.config.get("SAMPLE_EVERY", 0)
+        if every and step % every == 0:
+            tqdm.write(f"--- sample (reward {reward:.2f}, gold {gold}):\n{text}\n---")
 
     def end_step(self, step: int, metrics: dict) -> dict:
         """After step ``step`` (1-based): eval when due, the metrics line, a checkpoint when due."""
@@ -337,7 +413,7 @@ class TrainingRun:
     def save(self, step: int) -> Path | None:
         """Rank 0 writes the checkpoint, with every rank's random state (gathered: every rank calls this)."""
         state = self._state
-        rank_states = gather_rank_states(self.distributed, state["generators"])
+        rank_states = gather_rank_states(self.distributed, self.generators)
         if not self.distributed.is_main:
             return None
         if state["save"] is not None:
@@ -347,7 +423,7 @@ class TrainingRun:
         epoch = step // self.steps_per_epoch if self.steps_per_epoch else 0
         path = save_checkpoint(checkpoint_path(self.run_dir, epoch, step), state["model"],
                                self.config["MODEL_PATH"], self.config, state["optimizer"], state["scheduler"],
-                               epoch=epoch, step=step, generators=state["generators"],
+                               epoch=epoch, step=step, generators=self.generators,
                                extra={**state["extra"](), "trainer": self.trainer, "ranks": rank_states,
                                       "skipped_updates": self.skipped_updates})
         tqdm.write(f"saved {path}")

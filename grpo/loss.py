@@ -1,58 +1,20 @@
 """The GRPO loss: PPO's clipped surrogate per token, an optional KL penalty to a reference policy,
 and a choice of how the per-token losses of a batch are averaged.
 
-Notation: completion i of the batch (B completions, padded to T tokens), token t, completion_mask
-m_{i,t} (1 on the completion's tokens, EOS included; 0 on padding), A_i the completion's advantage
-(grpo.advantage), and per token logp = log pi_theta (the policy being trained), old_logp = log
-pi_old (the policy that sampled the completions), ref_logp = log pi_ref (the frozen reference).
+Completion i (of B, padded to T tokens), token t, mask m_{i,t} (1 on the completion, EOS included),
+advantage A_i (grpo.advantage); logp, old_logp, ref_logp the policy's, the sampler's, the reference's.
 
-Importance ratio r_{i,t}, by importance_level:
+    ratio      "token":    r_{i,t} = exp(logp_{i,t} - old_logp_{i,t})               (GRPO, Shao et al. 2024)
+               "sequence": r_{i,t} = exp(sum_t m (logp - old_logp) / |y_i|)          (GSPO, Zheng et al. 2025)
+    loss       L_{i,t} = -min(r A_i, clip(r, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_{i,t}
+    aggregate  "token_mean":    sum L m / sum m                 (DAPO: every token weighs the same)
+               "seq_mean":      (1/B) sum_i (sum_t L m / sum_t m) (DeepSeekMath's GRPO, GSPO)
+               "seq_sum_const": sum L m / (B * max_tokens)      (Dr. GRPO: no length bias)
 
-    "token"     r_{i,t} = exp(logp_{i,t} - old_logp_{i,t})
-                GRPO (DeepSeekMath, Shao et al. 2024), as in PPO
-    "sequence"  r_{i,t} = s_i = exp(sum_t m_{i,t} (logp_{i,t} - old_logp_{i,t}) / |y_i|),  |y_i| = sum_t m_{i,t}
-                the length-normalised sequence ratio of GSPO (Zheng et al. 2025)
-
-"sequence" uses s_i for every token of completion i, and the gradient flows through the mean of
-the log-ratios: d s_i / d logp_{i,t} = s_i / |y_i|, GSPO's gradient. GSPO also gives a token-level
-form, sg[s_i] * pi_theta(y_t) / sg[pi_theta(y_t)], for per-token advantages; with one advantage
-per completion, as here, it has the same value and the same gradient as broadcasting s_i under
-every aggregation below, so the simpler form is used. GSPO's ratios stay much closer to 1 than
-token ratios: its paper clips at eps_low = 3e-4, eps_high = 4e-4.
-
-Per-token loss (minimised, so it is minus the objective):
-
-    L_{i,t} = -min(r_{i,t} A_i, clip(r_{i,t}, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_{i,t}
-
-The min is PPO's pessimistic bound (Schulman et al. 2017): a token whose ratio has already moved
-past the clip range in the direction its advantage pushes (r > 1 + eps_high with A > 0, or
-r < 1 - eps_low with A < 0) contributes the constant clipped value and no gradient; moved the other
-way it stays unclipped, so a step that went wrong can always be undone. eps_high > eps_low is DAPO's
-"clip-higher" (Yu et al. 2025, 0.2 and 0.28): low-probability tokens can grow more before
-clipping, which keeps the policy's entropy from collapsing. KL_{i,t} = kl_estimate(logp, ref_logp,
-kl_estimator) (common.kl); DeepSeekMath's GRPO adds the k3 estimate to the loss, not the reward.
-
-Aggregation over the batch, by loss_agg:
-
-    "token_mean"     sum_i sum_t L m / sum_i sum_t m                 DAPO: every token weighs the same
-    "seq_mean"       (1 / B) sum_i (sum_t L m / sum_t m)             DeepSeekMath's GRPO (and GSPO)
-    "seq_sum_const"  sum_i sum_t L m / (B * max_tokens)              Dr. GRPO (Liu et al. 2025)
-
-"seq_mean" weighs every completion the same, so a token of a long completion counts less: short
-right answers are rewarded more per token, long wrong answers penalised less per token, a length
-bias that Dr. GRPO blames for wrong answers growing ever longer. "token_mean" weighs tokens
-equally within a batch; "seq_sum_const" also makes the denominator independent of the sampled
-lengths (max_tokens is the generation limit, a constant).
-With "sequence" importance and "seq_mean" the loss is exactly GSPO's objective, every token of a
-completion carrying the same L.
-
-Gradient accumulation: ``normalizer`` replaces the denominator computed from the given batch
-(sum_i sum_t m for "token_mean", B for "seq_mean", B * max_tokens for "seq_sum_const"). Passing,
-for every micro-batch, the denominator of the whole step (its token count, its number of
-completions, or that number times max_tokens) makes the micro-batches' losses, and their
-gradients, add up to those of the whole step computed at once.
-
-The ratio, the clipped surrogate and the log-ratio clamp are common.policy_gradient's, shared with PPO.
+eps_high > eps_low is DAPO's clip-higher (Yu et al. 2025); KL_{i,t} is common.kl's estimator, added to
+the loss as DeepSeekMath does. ``normalizer`` replaces the denominator with the whole step's, so that
+micro-batch losses (and gradients) add up to the step's. Why each choice, and GSPO's gradient: the
+README's GRPO section. The ratio, the surrogate and the log-ratio clamp are common.policy_gradient's.
 """
 
 from __future__ import annotations

@@ -14,10 +14,7 @@ Algorithms", eq. 7), minimised:
     ratio_t = exp(logp_t - old_logp_t)
     L^CLIP  = mean[ -min(ratio_t A_t, clip(ratio_t, 1 - clip_eps, 1 + clip_eps) A_t) ]
 
-A token whose ratio has already moved past the clip range in the direction its advantage pushes
-contributes a constant and no gradient; moved the other way it stays unclipped, so a step that
-went wrong can be undone. Log-ratios are clamped to [-20, 20] before exp (as grpo.loss does): e^88
-overflows fp32, and inf * 0 (a zero advantage) would make the loss NaN.
+The ratio (log-ratio clamped), the surrogate and why its min: common.policy_gradient, shared with GRPO.
 
 Value loss (clipped as in OpenAI baselines' ppo2 and CleanRL's `clip_vloss`; Huang et al. 2022,
 "The 37 Implementation Details of Proximal Policy Optimization"):

@@ -24,7 +24,7 @@ def test_smoke_two_steps_on_micro_model(micro_model_dir, tmp_path):
                          "--NUM_SAMPLES_PER_PROMPT=3", "--MAX_NEW_TOKENS=6", "--MAX_STEPS=2", "--EVAL_EVERY=2",
                          "--EVAL_LIMIT=2", "--DEVICE=cpu", "--KL_COEF=0.05", "--NUM_ITERATIONS=2",
                          f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", "--RUN_NAME=smoke",
-                         "--MICRO_BATCH_SIZE=4"])
+                         "--MICRO_BATCH_SIZE=4", "--IMPORTANCE_CORRECTION=tis", "--GRADIENT_CHECKPOINTING=true"])
     assert "step 2/2" in result.stdout
     checkpoint = load_checkpoint(tmp_path / "smoke" / "lora_epoch0_step2.pt")
     assert checkpoint["step"] == 2 and checkpoint["config"]["KL_COEF"] == 0.05
@@ -32,8 +32,11 @@ def test_smoke_two_steps_on_micro_model(micro_model_dir, tmp_path):
     assert [m["step"] for m in metrics] == [0, 1, 2]  # the baseline eval, then one line per step
     assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[2]
     for key in ("reward", "accuracy", "format_rate", "kl", "clip_frac", "entropy", "completion_len", "truncated",
-                "zero_adv_groups", "grad_norm", "generate_s", "reference_s", "policy_s", "tokens_per_s"):
+                "zero_adv_groups", "grad_norm", "generate_s", "reference_s", "policy_s", "tokens_per_s",
+                "logprob_mismatch_mean", "logprob_mismatch_max", "compile_s"):
         assert key in metrics[1], key
+    # fp32 on the CPU: the sampler's log-probs and the trainer's agree (the mismatch a GPU's bf16 would show).
+    assert all(0 <= m["logprob_mismatch_mean"] <= m["logprob_mismatch_max"] < 1e-4 for m in metrics[1:])
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,12 @@ def test_smoke_two_steps_on_micro_model(micro_model_dir, tmp_path, features, gro
                          "--NUM_SAMPLES_PER_PROMPT=3", "--MAX_NEW_TOKENS=6", "--MAX_STEPS=2", "--EVAL_EVERY=2",
                          "--EVAL_LIMIT=2", "--DEVICE=cpu", "--KL_COEF=0.05", "--MINI_BATCH_SIZE=4",
                          "--MICRO_BATCH_SIZE=2", "--CRITIC_HIDDEN=8", "--TARGET_KL=10.0",
+                         "--IMPORTANCE_CORRECTION=tis", "--GRADIENT_CHECKPOINTING=true",
                          f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", "--RUN_NAME=smoke"])
     assert "step 2/2" in result.stdout
+    metrics = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
+    # fp32 on the CPU: the sampler's log-probs and the trainer's agree (the mismatch a GPU's bf16 would show).
+    assert all(0 <= m["logprob_mismatch_mean"] <= m["logprob_mismatch_max"] < 1e-4 for m in metrics[1:])
     checkpoint = load_checkpoint(tmp_path / "smoke" / "lora_epoch0_step2.pt")
     assert checkpoint["step"] == 2 and checkpoint["config"]["KL_COEF"] == 0.05
     critic_keys = set(checkpoint["extra"]["critic"])
