@@ -297,10 +297,13 @@ def _synchronized_clock(device: torch.device) -> float:
 def _one_off_seconds(step_seconds: list[float]) -> float:
     """What the first two decode steps of a compiled call took beyond the third: torch.compile's
     compilation (a first call, or a guard that fails, as when the adapters are switched off) and, on
-    CUDA, the graph's warm-up and recording (each new shape); all of their time without a third step."""
+    CUDA, the graph's warm-up and recording (each new shape); all of their time without a third step.
+    A step counts only when it took more than twice the third: less is noise (compiling takes seconds,
+    a step milliseconds)."""
     if len(step_seconds) < 3:
         return sum(step_seconds)
-    return sum(max(0.0, seconds - step_seconds[2]) for seconds in step_seconds[:2])
+    steady = step_seconds[2]
+    return sum(seconds - steady for seconds in step_seconds[:2] if seconds > 2 * steady)
 
 
 # no_grad rather than inference_mode: the KV buffers outlive the call and are written in place by the

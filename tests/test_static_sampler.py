@@ -138,3 +138,22 @@ def test_compiled_path_on_the_cpu_with_lora():
     first, same_shape, other_rows = compile_seconds
     assert first > 0.2  # dynamo traces, inductor compiles (C++ on the CPU): at least a fraction of a second
     assert same_shape < 0.05 * first and other_rows < 0.05 * first
+
+
+def test_one_off_seconds_hand_worked():
+    from common.sampler import _one_off_seconds
+
+    assert _one_off_seconds([5.0, 0.3, 0.01]) == pytest.approx(4.99 + 0.29)  # compilation, then a recording
+    assert _one_off_seconds([0.015, 0.012, 0.01]) == 0.0  # within twice a steady step: noise
+    assert _one_off_seconds([0.5, 0.4]) == pytest.approx(0.9)  # no third step to compare with
+
+
+def test_auto_samples_eagerly_on_the_cpu():
+    from common.sampler import _KV_BUFFERS
+
+    model = micro_model("qwen2")
+    auto = sample(model, PROMPTS, max_new_tokens=5, temperature=0.0, eos_token_ids=[1], pad_token_id=PAD)
+    eager = sample(model, PROMPTS, max_new_tokens=5, temperature=0.0, eos_token_ids=[1], pad_token_id=PAD,
+                   sampler="eager")
+    assert torch.equal(auto.completion_ids, eager.completion_ids)
+    assert model not in _KV_BUFFERS and auto.compile_seconds == 0.0  # no static buffers: the eager path ran
