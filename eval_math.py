@@ -50,7 +50,7 @@ from common.checkpoint import load_lora_checkpoint, resolve_checkpoint  # noqa: 
 from common.data import load_problems  # noqa: E402
 from common.distributed import cleanup, setup_distributed  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
-from common.model import load_model_and_tokenizer  # noqa: E402
+from common.model import context_length, load_model_and_tokenizer  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
 from common.run import check_writable, preflight_model, questions_that_fit  # noqa: E402
@@ -67,7 +67,7 @@ problems = load_problems(EVAL_FILE, EVAL_LIMIT or None, GOLD_FIELD, reward.needs
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 problems = questions_that_fit(tokenizer, prompt_format, problems, EVAL_FILE,
-                              model.config.max_position_embeddings - MAX_NEW_TOKENS, SKIP_LONG_PROMPTS)
+                              context_length(model) - MAX_NEW_TOKENS, SKIP_LONG_PROMPTS)
 if LORA_CKPT is not None:
     LORA_CKPT = resolve_checkpoint(LORA_CKPT)
     checkpoint = load_lora_checkpoint(model, LORA_CKPT)

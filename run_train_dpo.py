@@ -94,7 +94,7 @@ from common.data import load_pairs, load_problems  # noqa: E402
 from common.distributed import all_gather_objects, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
-from common.model import answer_end_token_id, load_model_and_tokenizer  # noqa: E402
+from common.model import answer_end_token_id, context_length, load_model_and_tokenizer  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
 from common.run import TrainingRun, fit_to_context, questions_that_fit, warn_shared_questions  # noqa: E402
@@ -119,10 +119,10 @@ prompt_ids = encode_prompts(tokenizer, pairs, prompt_format)
 tokenized = [tokenize_pair(tokenizer, prompt, pair["chosen"], pair["rejected"], answer_end_id)
              for prompt, pair in zip(prompt_ids, pairs)]
 tokenized = fit_to_context(tokenized, [len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected
-                                       in tokenized], TRAIN_FILE, model.config.max_position_embeddings,
+                                       in tokenized], TRAIN_FILE, context_length(model),
                            "prompt with its longer answer", SKIP_LONG_PROMPTS)
 eval_problems = questions_that_fit(tokenizer, prompt_format, eval_problems, EVAL_FILE,
-                                   model.config.max_position_embeddings - MAX_NEW_TOKENS,
+                                   context_length(model) - MAX_NEW_TOKENS,
                                    SKIP_LONG_PROMPTS) if EVAL_EVERY else []
 if len(tokenized) < BATCH_SIZE:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(tokenized)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")

@@ -179,6 +179,12 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, quant
     return model
 
 
+def context_length(model) -> int:
+    """The longest sequence the model takes: its language model's max_position_embeddings (a Gemma 3
+    multimodal config keeps it in its text_config)."""
+    return model.config.get_text_config().max_position_embeddings
+
+
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Every token that ends an answer: EOS, plus the chat template's end-of-turn.
 

@@ -42,7 +42,7 @@ from common.distributed import DistributedContext, cleanup, gather_rank_states, 
 from common.logprobs import enable_gradient_checkpointing
 from common.lora import lora_parameters
 from common.metrics_log import LoggerUnavailableError, MetricsLogger
-from common.model import check_model_dir, resolve_model_path
+from common.model import check_model_dir, context_length, resolve_model_path
 from common.prompts import encode_prompts
 from common.schedule import warmup_then_schedule
 from common.synth import normalise_question
@@ -337,7 +337,7 @@ class TrainingRun:
         steps they make: (problems, eval problems, steps per epoch, total steps: MAX_STEPS or the
         NUM_EPOCHS epochs)."""
         config = self.config
-        prompt_room = model.config.max_position_embeddings - config["MAX_NEW_TOKENS"]
+        prompt_room = context_length(model) - config["MAX_NEW_TOKENS"]
         problems = questions_that_fit(tokenizer, prompt_format, problems, config["TRAIN_FILE"], prompt_room,
                                       config["SKIP_LONG_PROMPTS"])
         if self.eval_every:

@@ -55,7 +55,7 @@ class Critic(nn.Module):
         if features not in CRITIC_FEATURES:
             raise ValueError(f"critic features must be one of {CRITIC_FEATURES}, got {features!r}")
         self.features = features
-        self.value_head = ValueHead(model.config.hidden_size, mlp_hidden)
+        self.value_head = ValueHead(model.config.get_text_config().hidden_size, mlp_hidden)
         self.adapter = LoRAWeights(model) if features == "adapter" else None
 
 

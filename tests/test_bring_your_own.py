@@ -88,7 +88,8 @@ def test_grpo_on_your_trl_data_with_your_reward_and_tensorboard(micro_model_dir,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: 2 of the 8 questions" in result.stdout  # the eval file is the training file here
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
-    assert len(calls) == 4 and all({"target", "level", "prompt"} <= set(call) for call in calls)
+    # 2 questions x 2 samples in the step, and the 2 eval questions at steps 0 and 1 (the eval scores with it too)
+    assert len(calls) == 8 and all({"target", "level", "prompt"} <= set(call) for call in calls)
     metrics = [json.loads(line) for line in (tmp_path / "yours.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1]
     assert list((tmp_path / "tensorboard" / "yours").glob("events.out.tfevents.*"))
