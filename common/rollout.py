@@ -65,25 +65,32 @@ class RolloutBatch:
         return (self.input_ids[rows, first_column:last_column].to(device),
                 attention_mask[:, first_column:last_column].to(device), first_column)
 
-    def completion_part(self, per_position: torch.Tensor, first_column: int) -> torch.Tensor:
-        """[n, completion_width]: entry j is ``per_position[:, prompt_width - first_column - 1 + j]``,
-        i.e. of the position that predicts completion token j (for log-probs, whose index t is the
-        prediction of column first_column + t + 1; for hidden states, the state before token j),
-        zero-padded on the right to the full completion width."""
-        part = per_position[:, self.prompt_width - first_column - 1:]
+    def completion_start(self, first_column: int) -> int:
+        """The position (of inputs cut at ``first_column``) whose prediction is completion token 0."""
+        return self.prompt_width - first_column - 1
+
+    def pad_completion(self, part: torch.Tensor) -> torch.Tensor:
+        """[n, completion_width]: ``part`` (entry j of completion token j) zero-padded on the right."""
         return F.pad(part, (0, self.completion_width - part.size(1)))
+
+    def completion_part(self, per_position: torch.Tensor, first_column: int) -> torch.Tensor:
+        """[n, completion_width]: entry j is ``per_position[:, completion_start + j]``, i.e. of the
+        position that predicts completion token j (for log-probs, whose index t is the prediction of
+        column first_column + t + 1; for hidden states, the state before token j), zero-padded."""
+        return self.pad_completion(per_position[:, self.completion_start(first_column):])
 
     def completion_logprobs_for(self, model, rows: torch.Tensor, temperature: float, chunk_size: int,
                                 with_entropy: bool = False):
         """Log-probs [n, completion_width] of the completion tokens of ``rows`` under ``model`` at
-        ``temperature`` (and their entropies), 0 past each completion's end.  Differentiable."""
+        ``temperature`` (and their entropies), 0 past each completion's end.  Differentiable. The
+        output head runs on the completion's predictions only (from_position), not the prompt's."""
         input_ids, attention_mask, first_column = self.model_inputs(rows, next(model.parameters()).device)
-        result = token_logprobs(model, input_ids, attention_mask, temperature=temperature,
-                                chunk_size=chunk_size, return_entropy=with_entropy)
+        result = token_logprobs(model, input_ids, attention_mask, temperature=temperature, chunk_size=chunk_size,
+                                return_entropy=with_entropy, from_position=self.completion_start(first_column))
         if with_entropy:
             logp, entropy = result
-            return self.completion_part(logp, first_column), self.completion_part(entropy, first_column)
-        return self.completion_part(result, first_column)
+            return self.pad_completion(logp), self.pad_completion(entropy)
+        return self.pad_completion(result)
 
     def completion_logprobs(self, model, temperature: float, micro_batch_size: int, chunk_size: int) -> torch.Tensor:
         """Log-probs of every row's completion, computed micro-batch by micro-batch (call under no_grad)."""
@@ -151,7 +158,7 @@ def sample_and_score(model, tokenizer, prompt_format, batch: list[dict], reward,
                      generator=generator,
                      max_rows_per_chunk=rows_per_chunk or None, sampler=sampler)
     seconds = time.perf_counter() - start - samples.compile_seconds
-    if samples.compile_seconds:  # a new prompt-length bucket
+    if samples.compile_seconds:  # the first call, a recompilation, or a CUDA graph recorded for a new shape
         tqdm.write(f"compiled the decode step in {samples.compile_seconds:.1f}s (not counted in generate_s, step_s)")
     rows = [batch[i] for i in samples.prompt_index.tolist()]
     return samples, rows, score_batch(reward, samples.texts, rows, samples.truncated), seconds

@@ -72,11 +72,12 @@ def completion_logprobs_and_values(model, critic: Critic, batch: RolloutBatch, r
     """
     input_ids, attention_mask, first_column = batch.model_inputs(rows, next(model.parameters()).device)
     hidden_states = body_hidden_states(model, input_ids, attention_mask)
-    result = head_token_logprobs(model, hidden_states, input_ids, temperature, chunk_size, with_entropy)
+    result = head_token_logprobs(model, hidden_states, input_ids, temperature, chunk_size, with_entropy,
+                                 from_position=batch.completion_start(first_column))  # the head on the answer only
     logp, entropy = result if with_entropy else (result, None)
-    logp = batch.completion_part(logp, first_column)
+    logp = batch.pad_completion(logp)
     if entropy is not None:
-        entropy = batch.completion_part(entropy, first_column)
+        entropy = batch.pad_completion(entropy)
 
     if critic.features == "adapter":
         with use_lora_weights(model, critic.adapter):
@@ -89,7 +90,7 @@ def completion_logprobs_and_values(model, critic: Critic, batch: RolloutBatch, r
     # completion_part reads from the state before token 0; one column further than a row's
     # length L is the state after its last token.
     lengths = batch.completion_mask[rows].sum(dim=1).long().to(state_values.device)
-    from_first_state = state_values[:, batch.prompt_width - first_column - 1:]
+    from_first_state = state_values[:, batch.completion_start(first_column):]
     bootstrap_values = from_first_state.gather(1, lengths.unsqueeze(1)).squeeze(1)
     values = batch.completion_part(state_values[:, :-1], first_column)
     values = torch.where(batch.completion_mask[rows].to(values.device).bool(), values, 0.0)
