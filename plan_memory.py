@@ -1,0 +1,75 @@
+"""The memory plan of a training run, before anything is downloaded or loaded: will it fit on this GPU?
+
+    python plan_memory.py --MODEL_PATH=models/gemma-2-2b-it                     # the GRPO defaults, this machine's GPU
+    python plan_memory.py --MODEL_PATH=meta-llama/Llama-3.1-8B-Instruct --QUANT=nf4 --GRADIENT_CHECKPOINTING=true \
+        --DEVICE=cuda --GPU_MEMORY_GB=12 --PROMPTS_PER_STEP=8 --MICRO_BATCH_SIZE=8    # a 12 GB card
+    python plan_memory.py ... --GENERATION_BATCH_SIZE=auto      # the most rollout rows sampled together that fit
+
+Only the model's config.json is read (a Hub id fetches that file alone). Prints, in GB, the weights
+(by QUANT and dtype), the LoRA and its AdamW state, the rollout's KV cache, a micro-batch's activations
+with and without gradient checkpointing, the chunked head's buffers and the peak; then whether it fits
+in the GPU's free memory (or GPU_MEMORY_GB) and, when it does not, the settings that would make it fit.
+How each item is counted: common/memory_plan.py. The constants are the trainers' (run_train_grpo.py).
+"""
+
+from typing import Annotated, Literal
+
+from common.config import Dtype, configure
+from common.quant import Quant
+
+# ---------------------------------------------------------------- constants
+MODEL_PATH = "models/gemma-2-2b-it"  # model directory or Hub id (only its config.json is read)
+QUANT: Quant = "none"  # none, or nf4: the base's linear layers in 4 bits
+DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DEVICE: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # the device the run will use (auto: this machine's, cuda > mps > cpu)
+PROMPTS_PER_STEP: Annotated[int, ">= 0"] = 16  # questions per step (0 = no rollouts: SFT, DPO)
+NUM_SAMPLES_PER_PROMPT: Annotated[int, ">= 1"] = 8  # completions sampled per question
+GENERATION_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 0"] = 0  # rows sampled together (0 = all of a step's; auto = the most that fit)
+PROMPT_TOKENS: Annotated[int, ">= 1"] = 256  # the longest prompt, in tokens
+MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # completion length limit
+MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 16  # sequences per forward and backward
+LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head
+EVAL_BATCH_SIZE: Annotated[int, ">= 0"] = 64  # prompts per eval generation batch (0 = no evaluation)
+LORA_R: Annotated[int, ">= 1"] = 16  # adapter rank
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # adapted layers (or all-linear)
+GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in the backward
+SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # the static and compiled samplers keep their KV buffers
+GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory to plan for (0 = the GPU's free memory; none to compare with off CUDA)
+
+config = configure(globals())
+# ---------------------------------------------------------------------------
+
+import torch  # noqa: E402
+
+from common.memory_plan import (MemoryPlanError, check_fits, free_gpu_memory_gb, largest_generation_batch,  # noqa: E402
+                                plan_memory)
+from common.model import get_device, get_dtype  # noqa: E402
+
+device = get_device("auto") if DEVICE == "auto" else torch.device(DEVICE)
+planning_ahead = device.type == "cuda" and not torch.cuda.is_available()  # for a GPU this machine lacks
+dtype = torch.bfloat16 if planning_ahead and DTYPE == "auto" else get_dtype(DTYPE, device)
+gpu_gb = GPU_MEMORY_GB or free_gpu_memory_gb(device)
+rows = PROMPTS_PER_STEP * NUM_SAMPLES_PER_PROMPT
+plan = plan_memory(MODEL_PATH, quant=QUANT, dtype=dtype, device=device.type, rows=rows,
+                   samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=PROMPT_TOKENS,
+                   max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=MICRO_BATCH_SIZE, lora_r=LORA_R,
+                   lora_targets=LORA_TARGETS, gradient_checkpointing=GRADIENT_CHECKPOINTING,
+                   logprob_chunk_size=LOGPROB_CHUNK_SIZE, sampler=SAMPLER, eval_rows=EVAL_BATCH_SIZE)
+if GENERATION_BATCH_SIZE == "auto":
+    if gpu_gb is None:
+        raise SystemExit("error: GENERATION_BATCH_SIZE=auto needs a GPU here or --GPU_MEMORY_GB=...")
+    chunk = largest_generation_batch(plan, gpu_gb)
+    if chunk:
+        print(f"GENERATION_BATCH_SIZE=auto: {chunk} of the step's {rows} rows sampled together")
+        plan = plan.with_settings(rows=chunk)
+    else:
+        print("GENERATION_BATCH_SIZE=auto: no number of rows fits with the other settings")
+elif GENERATION_BATCH_SIZE:
+    plan = plan.with_settings(rows=min(GENERATION_BATCH_SIZE, rows))
+print(plan.table(gpu_gb))
+if gpu_gb is None:
+    print("no GPU here to compare with: give --GPU_MEMORY_GB=... (and --DEVICE=cuda) to plan for one")
+try:
+    check_fits(plan, gpu_gb)
+except MemoryPlanError as error:
+    raise SystemExit(f"error: {error}") from None
