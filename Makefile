@@ -8,7 +8,7 @@ SYNTH  := --TRAIN_FILE=data/synth_train.jsonl --EVAL_FILE=data/synth_test.jsonl
 # The GRPO demo: the constants of run_train_grpo.py set for the tiny model (see README, "The demo").
 DEMO_GRPO := --MODEL_PATH=$(TINY) $(SYNTH) --EVAL_LIMIT=0 --EVAL_EVERY=25 --MAX_STEPS=150 \
              --PROMPTS_PER_STEP=16 --NUM_SAMPLES_PER_PROMPT=8 --MAX_NEW_TOKENS=40 --LR=2e-4 \
-             --RUN_NAME=demo-grpo --SAMPLE_EVERY=25 --SAVE_EVERY=50
+             --RUN_NAME=demo-grpo --SAMPLE_EVERY=25 --SAVE_EVERY=50 --OVERWRITE=true
 
 # The soup demo: the GRPO demo's checkpoints at steps 50, 100 and 150, souped (see README, "Model soup").
 DEMO_SOUP_RUN := checkpoints/demo-grpo
@@ -20,13 +20,13 @@ DEMO_PAIRS := --MODEL_PATH=$(TINY) $(SYNTH) --NUM_PROMPTS=1500 --MAX_NEW_TOKENS=
               --OUT_FILE=logs/demo/dpo_pairs.jsonl
 DEMO_DPO := --MODEL_PATH=$(TINY) --TRAIN_FILE=logs/demo/dpo_pairs.jsonl --EVAL_FILE=data/synth_test.jsonl \
             --EVAL_LIMIT=0 --EVAL_EVERY=20 --MAX_NEW_TOKENS=40 --NUM_EPOCHS=2 --LR=1e-4 --RPO_ALPHA=1.0 \
-            --MICRO_BATCH_SIZE=16 --RUN_NAME=demo-dpo
+            --MICRO_BATCH_SIZE=16 --RUN_NAME=demo-dpo --OVERWRITE=true
 
 # The PPO demo: LoRA actor + value-head critic, KL penalty in the token rewards.
 DEMO_PPO := --MODEL_PATH=$(TINY) $(SYNTH) --EVAL_LIMIT=0 --EVAL_EVERY=20 --MAX_STEPS=100 --MAX_NEW_TOKENS=40 \
-            --LR=2e-4 --RUN_NAME=demo-ppo --SAMPLE_EVERY=50
+            --LR=2e-4 --RUN_NAME=demo-ppo --SAMPLE_EVERY=50 --OVERWRITE=true
 
-.PHONY: demo demo-dpo demo-ppo demo-soup test venv tiny-model clean-venv
+.PHONY: demo demo-qlora demo-dpo demo-ppo demo-soup test venv tiny-model clean-venv
 
 # A stamp per requirements file: re-installs only when the file changes.
 $(VENV)/.runtime-installed: requirements.txt
@@ -55,6 +55,16 @@ demo: tiny-model
 	@echo ">> [3/3] the trained LoRA on the same held-out problems, before -> after"
 	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-grpo --EVAL_FILE=data/synth_test.jsonl \
 	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/grpo.jsonl --COMPARE_TO=logs/demo/base.summary.json
+
+demo-qlora: tiny-model $(VENV)/.dev-installed
+	@echo ">> [1/3] baseline with the base in 4-bit NF4 (QUANT=nf4, bitsandbytes from requirements-dev.txt)"
+	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --EVAL_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 --QUANT=nf4 \
+	    --OUT_FILE=logs/demo/base-nf4.jsonl
+	@echo ">> [2/3] GRPO with a LoRA on the 4-bit base: the demo's settings (checkpoints/demo-qlora/)"
+	$(PY) run_train_grpo.py $(DEMO_GRPO) --QUANT=nf4 --RUN_NAME=demo-qlora
+	@echo ">> [3/3] the trained LoRA on the 4-bit base, before -> after"
+	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-qlora --EVAL_FILE=data/synth_test.jsonl \
+	    --MAX_NEW_TOKENS=40 --QUANT=nf4 --OUT_FILE=logs/demo/qlora.jsonl --COMPARE_TO=logs/demo/base-nf4.summary.json
 
 demo-dpo: tiny-model
 	@echo ">> [1/4] baseline: greedy accuracy of the tiny model on the 500 held-out synthetic problems"

@@ -40,6 +40,7 @@ SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decodin
 SKIP_LONG_PROMPTS = False  # leave out (and count) problems too long for the context, instead of refusing the file
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
 DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 OUT_FILE: Path | None = None  # per-question JSONL (None = logs/eval_<model>_<time>.jsonl)
 COMPARE_TO: Path | None = None  # summary JSON of an earlier eval (e.g. the base model's) to print before -> after
 
@@ -64,7 +65,7 @@ if distributed.is_main:
 preflight_model(MODEL_PATH)
 reward = load_reward(REWARD)
 problems = load_problems(EVAL_FILE, EVAL_LIMIT or None, GOLD_FIELD, reward.needs_numeric_gold)
-model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE, QUANT)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 problems = questions_that_fit(tokenizer, prompt_format, problems, EVAL_FILE,
                               context_length(model) - MAX_NEW_TOKENS, SKIP_LONG_PROMPTS)

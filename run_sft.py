@@ -64,6 +64,7 @@ OVERWRITE = False  # replace an earlier run's OUT_DIR and metrics (else a new ru
 SEED = 0  # python / torch seed: the same seed gives the same model
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
 DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
@@ -82,12 +83,14 @@ from common.schedule import warmup_then_schedule  # noqa: E402
 # ------------------------------------------------- plumbing (common/run.py)
 distributed = setup_distributed(DEVICE)
 run = TrainingRun("sft", config, distributed, run_dir=OUT_DIR)
+if QUANT != "none" and LORA_R == 0:
+    raise SystemExit("error: QUANT=nf4 keeps the base's weights in 4 bits, frozen: train a LoRA on it (--LORA_R=16)")
 if BATCH_SIZE % distributed.world_size:
     raise SystemExit(f"error: BATCH_SIZE={BATCH_SIZE} does not divide between {distributed.world_size} processes; "
                      f"make it a multiple of the number of processes")
 random.seed(SEED)
 torch.manual_seed(SEED)  # the same on every rank: the same initialisation
-model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE, QUANT)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 if LORA_R > 0:
     wrapped = apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)

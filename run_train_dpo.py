@@ -86,6 +86,7 @@ INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an S
 SEED = 0  # data order and initialisation
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
 DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
@@ -112,7 +113,7 @@ warn_shared_questions([pair["question"] for pair in pairs], [p["question"] for p
 run.check_divides(BATCH_SIZE, "BATCH_SIZE")
 length_normalise = LOSS_TYPE == "ipo"  # IPO's target 1 / (2 beta) is per token, not per answer
 
-model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE, QUANT)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 answer_end_id = answer_end_token_id(tokenizer, model)  # the token that closes an assistant turn, else EOS
 prompt_ids = encode_prompts(tokenizer, pairs, prompt_format)

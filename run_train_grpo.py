@@ -102,6 +102,7 @@ SAMPLE_EVERY: Annotated[int, ">= 0"] = 10  # print one sampled completion with i
 SEED = 0  # data order, sampling and initialisation
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
 DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
@@ -125,7 +126,7 @@ torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
 reward = load_reward(REWARD, REWARD_WEIGHTS)
 problems, eval_problems = run.load_questions(reward, PROMPTS_PER_STEP)
 
-model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE, QUANT)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)  # before stop_token_ids
 problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(model, tokenizer, prompt_format, problems,
                                                                           eval_problems, PROMPTS_PER_STEP)
