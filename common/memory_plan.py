@@ -28,8 +28,10 @@ one small file, no weights). A step of an RL trainer holds, at its peak,
   only each layer's input, plus one layer recomputed during the backward. At the start of the backward
   the chunked head holds [chunk, vocab] fp32 buffers (logits, the soft-cap's tanh, d loss / d logits, and
   their cast to a bf16 head's dtype); on a CPU or mps a bf16 head is also copied to fp32. Then each
-  layer's backward needs about its own saved activations again for the gradients it makes.
-* a 4-bit model dequantizes one linear layer's weight at a time (bitsandbytes' matmul_4bit), in both phases.
+  layer's backward needs some more for the gradients it makes (layer_backward_bytes), and, checkpointed,
+  its activations recomputed.
+* a 4-bit model dequantizes one linear layer's weight at a time (bitsandbytes' matmul_4bit), inside the
+  model's forward and backward.
 
 These are live tensor bytes, what torch.cuda.max_memory_allocated reports; the CUDA context (a few hundred
 MB) is outside them, and the caching allocator's fragmentation is what ALLOCATOR_HEADROOM keeps free.
@@ -150,9 +152,8 @@ class RunSettings:
     rows: int = 0                           # rollout rows sampled together (a GENERATION_BATCH_SIZE chunk; 0 = none)
     samples_per_prompt: int = 1             # G: rows per distinct prompt (the prefill runs each prompt once)
     prompt_tokens: int = 256                # the longest prompt, in tokens
-    max_new_tokens: int = 256               # MAX_NEW_TOKENS
+    max_new_tokens: int = 256               # MAX_NEW_TOKENS (SFT, DPO: the longest answer)
     micro_batch_size: int = 1               # MICRO_BATCH_SIZE: sequences per forward and backward
-    train_tokens: int | None = None         # tokens of a policy-pass sequence (None = prompt + max_new_tokens)
     lora_r: int = 16                        # LORA_R
     lora_targets: tuple | str = "all-linear"  # LORA_TARGETS
     gradient_checkpointing: bool = False    # GRADIENT_CHECKPOINTING
@@ -167,7 +168,13 @@ class RunSettings:
 
     @property
     def sequence_tokens(self) -> int:
-        return self.train_tokens or self.prompt_tokens + self.max_new_tokens
+        return self.prompt_tokens + self.max_new_tokens
+
+    @property
+    def head_positions(self) -> int:
+        """Positions per sequence the output head runs on: the completion's predictions (the trainers'
+        passes give token_logprobs from_position = the prompt's width - 1)."""
+        return self.max_new_tokens
 
     @property
     def static_kv_cache(self) -> bool:
@@ -302,10 +309,11 @@ def layer_activation_bytes(shape: ModelShape, settings: RunSettings, rows: int, 
 def activation_bytes(shape: ModelShape, settings: RunSettings, checkpointing: bool) -> float:
     """The saved activations of one micro-batch's forward, at the start of its backward: every layer's
     (or, checkpointed, every layer's input), the rotary cos and sin, the final norm's input, and what the
-    chunked head keeps per predicting position: its hidden state, target id, log-sum-exp and entropy."""
+    chunked head keeps per position it runs on (head_positions): the hidden state, the target id, the
+    log-sum-exp and the entropy."""
     b = dtype_bytes(settings.dtype)
     rows, length = settings.micro_batch_size, settings.sequence_tokens
-    tokens, positions = rows * length, rows * (length - 1)
+    tokens, positions = rows * length, rows * settings.head_positions
     if checkpointing:
         layers = shape.layers * tokens * shape.hidden * b
     else:
@@ -321,7 +329,7 @@ def head_backward_bytes(shape: ModelShape, settings: RunSettings) -> float:
     fp32 logits, tanh of the soft-cap, d loss / d logits and its cast to a bf16 head's dtype; the
     gradient of the hidden states; off CUDA, a bf16 head's fp32 copy."""
     b = dtype_bytes(settings.dtype)
-    positions = settings.micro_batch_size * (settings.sequence_tokens - 1)
+    positions = settings.micro_batch_size * settings.head_positions
     chunk = min(settings.logprob_chunk_size, positions)
     per_entry = FP32 * (2 + (1 if shape.final_softcap else 0)) + (b if b != FP32 else 0)
     head_copy = 0
@@ -339,32 +347,46 @@ def rollout_bytes(shape: ModelShape, settings: RunSettings, rows: int, samples_p
         return 0.0
     b = dtype_bytes(settings.dtype)
     full = kv_cache_bytes(shape, settings, rows)
-    # A decode step's [rows, vocab] buffers, at the larger of two moments. In the model: the previous
-    # step's logits, the new ones (and the soft-cap's temporary), and on the eager path a layer's K and V
-    # grown by torch.cat before the old ones go. In the sampler: the logits, their fp32 copy (unless
-    # fp32), and SAMPLING_BUFFERS - 1 more fp32 buffers.
-    in_model = rows * shape.vocab * (3 if shape.final_softcap else 2) * b
-    in_model += 0 if settings.static_kv_cache else full / shape.layers
+    # A decode step's buffers, at the larger of two moments. In the model: the previous step's [rows,
+    # vocab] logits, the new ones (and the soft-cap's temporary), a 4-bit layer's dequantized weight, and
+    # on the eager path a layer's keys (then values) grown by torch.cat before the old ones go. In the
+    # sampler: the logits, their fp32 copy (unless fp32), and SAMPLING_BUFFERS - 1 more fp32 buffers.
+    in_model = rows * shape.vocab * (3 if shape.final_softcap else 2) * b + dequantized_layer_bytes(shape, settings)
+    in_model += 0 if settings.static_kv_cache else full / shape.layers / 2
     in_sampler = rows * shape.vocab * (b + (SAMPLING_BUFFERS - 1 + (b != FP32)) * FP32)
     decode = max(in_model, in_sampler)
+    # The prefill runs each distinct prompt once: its cache, and one layer's activations at a time (the
+    # eager scores in the dtype and in fp32, the MLP's three intermediates); then the cache is copied to
+    # the rows (and on the static path into the static buffers, both alive).
     prompts, length = math.ceil(rows / samples_per_prompt), settings.prompt_tokens
-    prompt_part = rows * length * shape.layers * shape.kv_heads * shape.head_dim * 2 * b
+    prompt_cache = length * shape.layers * shape.kv_heads * shape.head_dim * 2 * b
     scores = prompts * shape.heads * length * length * (2 * b + FP32) if shape.eager_attention else 0
-    prefill = prompt_part + scores + prompts * length * (3 * shape.intermediate + 4 * shape.hidden) * b
-    if settings.static_kv_cache:
-        prefill += full  # the prefill's cache is copied into the static buffers, both alive
-    return max(full + decode, prefill) + dequantized_layer_bytes(shape, settings)
+    prefill = (prompts * prompt_cache + scores + prompts * length * (3 * shape.intermediate + 4 * shape.hidden) * b
+               + dequantized_layer_bytes(shape, settings))
+    copied = (prompts + rows) * prompt_cache + (full if settings.static_kv_cache else 0)
+    return max(full + decode, prefill, copied)
+
+
+def layer_backward_bytes(shape: ModelShape, settings: RunSettings, rows: int, length: int) -> float:
+    """What one decoder layer's backward allocates beyond the saved tensors it frees as it goes, per
+    token: the gradient coming in and the one it sends along the residual stream (2 x hidden), and one
+    intermediate-sized gradient more than the MLP's backward frees, or, with eager attention, the fp32
+    gradient of the [heads, L] scores, whichever is larger. Measured on the CPU at 0.9-1.0 times this
+    (checkpointed runs of tests/test_memory_plan.py's sizes)."""
+    b = dtype_bytes(settings.dtype)
+    widest = max(shape.intermediate * b, shape.heads * length * FP32 if shape.eager_attention else 0)
+    return rows * length * (widest + 2 * shape.hidden * b)
 
 
 def policy_bytes(shape: ModelShape, settings: RunSettings, checkpointing: bool) -> float:
-    """A micro-batch's forward and backward at its peak: the saved activations, then the larger of the
-    head's backward buffers and one layer's backward (about its saved activations again; checkpointed,
-    plus that layer recomputed)."""
+    """A micro-batch's forward and backward at its peak: the saved activations, plus the larger of the
+    head's backward buffers (it runs first) and a layer's backward (with a 4-bit weight dequantized;
+    checkpointed, with that layer's activations recomputed for it)."""
     rows, length = settings.micro_batch_size, settings.sequence_tokens
-    layer = layer_activation_bytes(shape, settings, rows, length)
-    layer_backward = 2 * layer if checkpointing else layer
-    return (activation_bytes(shape, settings, checkpointing) + max(head_backward_bytes(shape, settings), layer_backward)
-            + dequantized_layer_bytes(shape, settings))
+    layer_backward = layer_backward_bytes(shape, settings, rows, length) + dequantized_layer_bytes(shape, settings)
+    if checkpointing:
+        layer_backward += layer_activation_bytes(shape, settings, rows, length)
+    return activation_bytes(shape, settings, checkpointing) + max(head_backward_bytes(shape, settings), layer_backward)
 
 
 @dataclass(frozen=True)
