@@ -95,7 +95,7 @@ def test_peft_loads_the_exported_adapter(arch, targets, use_rslora, dropout, tmp
 def test_an_adapter_peft_wrote_loads_here_and_gives_peft_logits(arch, targets, use_rslora, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    # init_lora_weights=False: B is random too, so the adapter changes the logits.
+    # With init_lora_weights=False B is random too, so the adapter changes the logits.
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=use_rslora,
                              init_lora_weights=False, task_type="CAUSAL_LM")
     peft_model = get_peft_model(micro_arch_model(arch), peft_config).eval()
