@@ -160,6 +160,8 @@ class RunSettings:
     logprob_chunk_size: int = 1024          # LOGPROB_CHUNK_SIZE
     sampler: str = "auto"                   # SAMPLER: the static / compiled paths keep their KV buffers
     eval_rows: int = 0                      # prompts of an evaluation batch (EVAL_BATCH_SIZE), greedy, 1 sample
+    head_on_prompt: bool = False            # the head runs on every position (SFT, DPO), not the completion's only
+    entropy: bool = True                    # the policy pass computes entropies (GRPO, PPO; not SFT, DPO)
 
     def __post_init__(self):
         if self.quant not in QUANTS:
@@ -172,9 +174,9 @@ class RunSettings:
 
     @property
     def head_positions(self) -> int:
-        """Positions per sequence the output head runs on: the completion's predictions (the trainers'
-        passes give token_logprobs from_position = the prompt's width - 1)."""
-        return self.max_new_tokens
+        """Positions per sequence the output head runs on: the completion's predictions (GRPO's and PPO's
+        passes give token_logprobs from_position = the prompt's width - 1), or all but the last."""
+        return self.sequence_tokens - 1 if self.head_on_prompt else self.max_new_tokens
 
     @property
     def static_kv_cache(self) -> bool:
@@ -259,7 +261,9 @@ def layer_activation_bytes(shape: ModelShape, settings: RunSettings, rows: int, 
       attention  eager: q, k and v at the query heads (matmul's contiguous copies), the [heads, L]
                  scores (_score_bytes) and the output's copy o_proj reads. sdpa: q, k and v (at the
                  query heads when repeat_kv copies them, 1 < KV heads < heads), its fp32 log-sum-exp, its
-                 output (which o_proj reads as it is) and its [L, L] mask; q/k norms' inputs
+                 output (which o_proj reads as it is) and its [L, L] mask: a batch with padding, as a
+                 step's is (without, transformers passes no mask and the KV heads as they are); q/k
+                 norms' inputs
       MLP        the gate's output, the activation's output and the up projection's (the product's inputs)
       adapters   each adapted layer's input (the norm's output for q/k/v and gate/up, the attention
                  output for o, the product for down) and A·x (r); in bf16, the cast copies of A and B.
@@ -320,18 +324,18 @@ def activation_bytes(shape: ModelShape, settings: RunSettings, checkpointing: bo
         layers = (layer_activation_bytes(shape, settings, rows, length, first_layer=True)
                   + (shape.layers - 1) * layer_activation_bytes(shape, settings, rows, length))
     final_norm = tokens * (FP32 * shape.hidden + FP32) + (FP32 * shape.hidden if shape.one_plus_weight_norms else 0)
-    head = positions * (shape.hidden * b + 8 + 2 * FP32)
+    head = positions * (shape.hidden * b + 8 + FP32 + (FP32 if settings.entropy else 0))
     return layers + tokens * 2 * shape.head_dim * b + final_norm + head
 
 
 def head_backward_bytes(shape: ModelShape, settings: RunSettings) -> float:
-    """The chunked head's backward (common/logprobs.py, with the entropy the trainers log): [chunk, vocab]
-    fp32 logits, tanh of the soft-cap, d loss / d logits and its cast to a bf16 head's dtype; the
+    """The chunked head's backward (common/logprobs.py): [chunk, vocab] fp32 logits, tanh of the soft-cap,
+    d loss / d logits (in the logits' buffer without entropy) and its cast to a bf16 head's dtype; the
     gradient of the hidden states; off CUDA, a bf16 head's fp32 copy."""
     b = dtype_bytes(settings.dtype)
     positions = settings.micro_batch_size * settings.head_positions
     chunk = min(settings.logprob_chunk_size, positions)
-    per_entry = FP32 * (2 + (1 if shape.final_softcap else 0)) + (b if b != FP32 else 0)
+    per_entry = FP32 * (1 + settings.entropy + shape.final_softcap) + (b if b != FP32 else 0)
     head_copy = 0
     if b != FP32 and settings.device != "cuda":
         # The head in fp32, and d loss / d logits, rounded to bf16, back in fp32 to multiply it.

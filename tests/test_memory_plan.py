@@ -110,6 +110,31 @@ def test_saved_activations_are_what_autograd_saves(arch, dtype, kv_heads, target
     assert activation_bytes(model_shape(config), settings, checkpointing=False) == sum(saved.values())
 
 
+def test_saved_activations_of_a_pass_over_every_position_without_entropy():
+    """SFT's and DPO's pass: the head on every position, no entropy."""
+    config = small_config("qwen2")
+    model = model_of(config)
+    apply_lora(model, r=4, alpha=8, target_modules="all-linear")
+    model.train()
+    input_ids = torch.randint(3, config.vocab_size, (2, 15), generator=torch.Generator().manual_seed(0))
+    frozen = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    saved, kept = {}, []
+
+    def pack(tensor):
+        kept.append(tensor)
+        if tensor.untyped_storage().data_ptr() not in frozen:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # a left-padded row, as a batch of answers of different lengths has
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        token_logprobs(model, input_ids, attention_mask, chunk_size=7)
+    settings = RunSettings(dtype="float32", device="cpu", micro_batch_size=2, prompt_tokens=5, max_new_tokens=10,
+                           lora_r=4, head_on_prompt=True, entropy=False)
+    assert activation_bytes(model_shape(config), settings, checkpointing=False) == sum(saved.values())
+
+
 def test_the_eager_kv_cache_is_what_a_forward_keeps():
     # Gemma 2 with a sliding window shorter than the rows: its sliding layers keep only the window.
     config = small_config("gemma2", sliding_window=24)
