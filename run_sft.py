@@ -40,7 +40,7 @@ SYSTEM_PROMPT = ""  # a system message before every prompt ("" for none)
 CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or the path of a Jinja file
 EVAL_LIMIT: Annotated[int, ">= 0"] = 500  # how many eval problems (0 = all)
 EVAL_EVERY: Annotated[int, ">= 0"] = 700  # steps between evals, plus one at step 0 and at the end (0 = no evaluation)
-MAX_STEPS: Annotated[int, ">= 1"] = 700  # optimizer steps
+MAX_STEPS: Annotated[int, ">= 0"] = 700  # optimizer steps (0: the model as it is, evaluated and saved)
 BATCH_SIZE: Annotated[int, ">= 1"] = 64  # examples per step
 LR: Annotated[float, "> 0"] = 2e-3  # peak learning rate of AdamW
 WARMUP_STEPS: Annotated[int, ">= 0"] = 30  # linear warm-up from 0 to LR
@@ -195,4 +195,6 @@ for step in run.steps(MAX_STEPS):  # a stream of problems: no epochs
                "answer_tokens": int(answer_tokens), "step_s": seconds, "tokens_per_s": totals["tokens"] / seconds}
     run.bar.set_postfix(loss=f"{metrics['loss']:.3f}", gnorm=f"{metrics['grad_norm']:.2f}")
     run.end_step(step + 1, metrics)
+if MAX_STEPS == 0:  # nothing to train (bench/learning_table.py's base row): saved as it is, after the step-0 eval
+    run.save(0)
 run.finish()
