@@ -71,5 +71,4 @@ def truncated_importance_weights(train_logp: torch.Tensor, sampler_logp: torch.T
     padding (where the log-probs mean nothing) cannot overflow; mask it in the loss."""
     if not cap > 0:
         raise ValueError(f"the TIS cap must be positive, got {cap}")
-    log_ratio = (train_logp.detach() - sampler_logp.detach()).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    return torch.exp(log_ratio).clamp(max=cap)
+    return importance_ratio(train_logp.detach() - sampler_logp.detach()).clamp(max=cap)
