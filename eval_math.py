@@ -67,8 +67,8 @@ reward = load_reward(REWARD)
 problems = load_problems(EVAL_FILE, EVAL_LIMIT or None, GOLD_FIELD, reward.needs_numeric_gold)
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE, QUANT)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
-problems = questions_that_fit(tokenizer, prompt_format, problems, EVAL_FILE,
-                              context_length(model) - MAX_NEW_TOKENS, SKIP_LONG_PROMPTS)
+problems, _ = questions_that_fit(tokenizer, prompt_format, problems, EVAL_FILE,
+                                 context_length(model) - MAX_NEW_TOKENS, SKIP_LONG_PROMPTS)
 if LORA_CKPT is not None:
     LORA_CKPT = resolve_checkpoint(LORA_CKPT)
     checkpoint = load_lora_checkpoint(model, LORA_CKPT)

@@ -41,8 +41,7 @@ config = configure(globals())
 
 import torch  # noqa: E402
 
-from common.memory_plan import (MemoryPlanError, check_fits, free_gpu_memory_gb, largest_generation_batch,  # noqa: E402
-                                plan_memory)
+from common.memory_plan import MemoryPlanError, check_fits, free_gpu_memory_gb, generation_batch, plan_memory  # noqa: E402
 from common.model import get_device, get_dtype  # noqa: E402
 
 device = get_device("auto") if DEVICE == "auto" else torch.device(DEVICE)
@@ -55,17 +54,11 @@ plan = plan_memory(MODEL_PATH, quant=QUANT, dtype=dtype, device=device.type, row
                    max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=MICRO_BATCH_SIZE, lora_r=LORA_R,
                    lora_targets=LORA_TARGETS, gradient_checkpointing=GRADIENT_CHECKPOINTING,
                    logprob_chunk_size=LOGPROB_CHUNK_SIZE, sampler=SAMPLER, eval_rows=EVAL_BATCH_SIZE)
-if GENERATION_BATCH_SIZE == "auto":
-    if gpu_gb is None:
-        raise SystemExit("error: GENERATION_BATCH_SIZE=auto needs a GPU here or --GPU_MEMORY_GB=...")
-    chunk = largest_generation_batch(plan, gpu_gb)
-    if chunk:
-        print(f"GENERATION_BATCH_SIZE=auto: {chunk} of the step's {rows} rows sampled together")
-        plan = plan.with_settings(rows=chunk)
-    else:
-        print("GENERATION_BATCH_SIZE=auto: no number of rows fits with the other settings")
-elif GENERATION_BATCH_SIZE:
-    plan = plan.with_settings(rows=min(GENERATION_BATCH_SIZE, rows))
+if GENERATION_BATCH_SIZE == "auto" and gpu_gb is None:
+    raise SystemExit("error: GENERATION_BATCH_SIZE=auto needs a GPU here or --GPU_MEMORY_GB=...")
+plan, _, auto_choice = generation_batch(plan, GENERATION_BATCH_SIZE, gpu_gb)
+if auto_choice:
+    print(auto_choice)
 print(plan.table(gpu_gb))
 if gpu_gb is None:
     print("no GPU here to compare with: give --GPU_MEMORY_GB=... (and --DEVICE=cuda) to plan for one")

@@ -53,6 +53,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapter's input
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds the [positions, vocab] logits in memory)
 GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
+GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): the memory plan
+#                                   (LORA_R > 0) printed at start refuses a run that would not fit, before the model loads
 MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 64  # eval generation length
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decoding: auto (compiled static-cache decode
 #                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
@@ -75,7 +77,7 @@ from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gra
 from common.evaluate import evaluate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing, token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
-from common.model import answer_end_token_id, load_model_and_tokenizer  # noqa: E402
+from common.model import answer_end_token_id, get_device, get_dtype, load_model, load_tokenizer  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
@@ -90,8 +92,30 @@ if BATCH_SIZE % distributed.world_size:
                      f"make it a multiple of the number of processes")
 random.seed(SEED)
 torch.manual_seed(SEED)  # the same on every rank: the same initialisation
-model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE, QUANT)
+tokenizer, device = load_tokenizer(run.model_path), get_device(DEVICE)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
+answer_end_id = answer_end_token_id(tokenizer, run.model_config)  # the token that closes an assistant turn, else EOS
+eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None)
+held_out_questions = {synth.normalise_question(p["question"]) for p in load_problems(EVAL_FILE)}
+if TRAIN_FILE is not None:
+    train_problems = [p for p in load_problems(TRAIN_FILE) if "solution" in p]
+    if not train_problems:
+        raise SystemExit(f"{TRAIN_FILE}: no line has a 'solution' field to train on")
+
+# The memory plan, before the weights load, for the longest example: of TRAIN_FILE, or of 1,000 synthetic problems.
+if LORA_R > 0:
+    plan_rng = random.Random(SEED + 1)
+    examples = train_problems if TRAIN_FILE is not None else [synth.make_problem(plan_rng) for _ in range(1000)]
+    run.check_memory(
+        device, prompt_tokens=max(len(ids) for ids in encode_prompts(tokenizer, examples + eval_problems,
+                                                                     prompt_format)),
+        max_new_tokens=1 + max(len(ids) for ids in tokenizer([p["solution"] for p in examples],
+                                                             add_special_tokens=False)["input_ids"]),
+        eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=BATCH_SIZE // distributed.world_size,
+        head_on_prompt=True, entropy=False)
+else:
+    print("no memory plan: it counts a LoRA's training (LORA_R > 0), not every weight's")
+model = load_model(run.model_path, device, get_dtype(DTYPE, device), QUANT)
 if LORA_R > 0:
     wrapped = apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
     print(f"LoRA r={LORA_R} alpha={LORA_ALPHA} on {len(wrapped)} layers")
@@ -101,15 +125,7 @@ trainable = lora_parameters(model) if LORA_R > 0 else [p for p in model.paramete
 print(f"training {sum(p.numel() for p in trainable) / 1e6:.3f}M of "
       f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters")
 model.train()
-answer_end_id = answer_end_token_id(tokenizer, model)  # the token that closes an assistant turn, else EOS
-eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None)
-held_out_questions = {synth.normalise_question(p["question"]) for p in load_problems(EVAL_FILE)}
-
 data_rng = random.Random(SEED)
-if TRAIN_FILE is not None:
-    train_problems = [p for p in load_problems(TRAIN_FILE) if "solution" in p]
-    if not train_problems:
-        raise SystemExit(f"{TRAIN_FILE}: no line has a 'solution' field to train on")
 
 
 def draw_problem() -> dict:

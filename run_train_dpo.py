@@ -67,6 +67,8 @@ WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
 GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
+GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): the memory plan
+#                                   printed at start refuses a run that would not fit, before the model loads
 # LoRA
 LORA_R: Annotated[int, ">= 1"] = 16  # adapter rank
 LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
@@ -95,7 +97,8 @@ from common.data import load_pairs, load_problems  # noqa: E402
 from common.distributed import all_gather_objects, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
-from common.model import answer_end_token_id, context_length, load_model_and_tokenizer  # noqa: E402
+from common.model import (answer_end_token_id, context_length, get_device, get_dtype, load_model,  # noqa: E402
+                          load_tokenizer)
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
 from common.run import TrainingRun, fit_to_context, questions_that_fit, warn_shared_questions  # noqa: E402
@@ -113,20 +116,25 @@ warn_shared_questions([pair["question"] for pair in pairs], [p["question"] for p
 run.check_divides(BATCH_SIZE, "BATCH_SIZE")
 length_normalise = LOSS_TYPE == "ipo"  # IPO's target 1 / (2 beta) is per token, not per answer
 
-model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE, QUANT)
+tokenizer, device = load_tokenizer(run.model_path), get_device(DEVICE)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
-answer_end_id = answer_end_token_id(tokenizer, model)  # the token that closes an assistant turn, else EOS
+answer_end_id = answer_end_token_id(tokenizer, run.model_config)  # the token that closes an assistant turn, else EOS
 prompt_ids = encode_prompts(tokenizer, pairs, prompt_format)
 tokenized = [tokenize_pair(tokenizer, prompt, pair["chosen"], pair["rejected"], answer_end_id)
              for prompt, pair in zip(prompt_ids, pairs)]
 tokenized = fit_to_context(tokenized, [len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected
-                                       in tokenized], TRAIN_FILE, context_length(model),
+                                       in tokenized], TRAIN_FILE, context_length(run.model_config),
                            "prompt with its longer answer", SKIP_LONG_PROMPTS)
-eval_problems = questions_that_fit(tokenizer, prompt_format, eval_problems, EVAL_FILE,
-                                   context_length(model) - MAX_NEW_TOKENS,
-                                   SKIP_LONG_PROMPTS) if EVAL_EVERY else []
+eval_problems, longest_eval_prompt = questions_that_fit(
+    tokenizer, prompt_format, eval_problems, EVAL_FILE, context_length(run.model_config) - MAX_NEW_TOKENS,
+    SKIP_LONG_PROMPTS) if EVAL_EVERY else ([], 0)
 if len(tokenized) < BATCH_SIZE:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(tokenized)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")
+run.check_memory(  # the memory plan, before the weights load: a micro-batch is its pairs' 2 x MICRO_BATCH_SIZE rows
+    device, prompt_tokens=max(max(len(prompt) for prompt, _, _ in tokenized), longest_eval_prompt),
+    max_new_tokens=max(max(len(chosen), len(rejected)) for _, chosen, rejected in tokenized),
+    eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=2 * MICRO_BATCH_SIZE, head_on_prompt=True, entropy=False)
+model = load_model(run.model_path, device, get_dtype(DTYPE, device), QUANT)
 steps_per_epoch = len(tokenized) // BATCH_SIZE
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)

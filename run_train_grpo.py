@@ -56,7 +56,8 @@ MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # completion length limit (a cut-o
 TEMPERATURE: Annotated[float, "> 0"] = 1.0  # sampling temperature; the training log-probs use the same one
 TOP_P: Annotated[float, "0 < x <= 1"] = 1.0  # nucleus sampling (1.0 = off)
 TOP_K: Annotated[int, ">= 0"] = 0  # top-k sampling (0 = off)
-GENERATION_BATCH_SIZE: Annotated[int, ">= 0"] = 0  # rows sampled together (0 = all PROMPTS_PER_STEP x G at once)
+GENERATION_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 0"] = "auto"  # rows sampled together: auto (the most that
+#                                   fit in the GPU's memory, by the memory plan), or a number (0 = all PROMPTS_PER_STEP x G at once)
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # rollouts and evals: auto (compiled static-cache
 #                                   decode on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 REWARD = "math"  # math (correctness + format - hacks), correctness, your.py:function, or several: math,my.py:brevity
@@ -82,6 +83,8 @@ GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
 MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 16  # sequences per forward/backward (gradient accumulation over the step)
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
 GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
+GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): the memory plan
+#                                   printed at start refuses a run that would not fit, before the model loads
 # LoRA
 LORA_R: Annotated[int, ">= 1"] = 16  # adapter rank
 LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
@@ -110,7 +113,7 @@ config = configure(globals(), quiet=not is_main_process())
 from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
-from common.model import load_model_and_tokenizer  # noqa: E402
+from common.model import get_device, get_dtype, load_model, load_tokenizer  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
@@ -126,10 +129,15 @@ torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
 reward = load_reward(REWARD, REWARD_WEIGHTS)
 problems, eval_problems = run.load_questions(reward, PROMPTS_PER_STEP)
 
-model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE, QUANT)
+tokenizer, device = load_tokenizer(run.model_path), get_device(DEVICE)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)  # before stop_token_ids
-problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(model, tokenizer, prompt_format, problems,
+problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(tokenizer, prompt_format, problems,
                                                                           eval_problems, PROMPTS_PER_STEP)
+generation_batch_size = run.check_memory(  # the memory plan, before the weights load
+    device, rows=PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT,
+    samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
+    micro_batch_size=MICRO_BATCH_SIZE)
+model = load_model(run.model_path, device, get_dtype(DTYPE, device), QUANT)
 sampling_generator = run.sampling_generator(device)  # each rank its own samples
 trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
 run.track(model, tokenizer, optimizer, scheduler,
@@ -147,7 +155,7 @@ for step in run.steps(total_steps, steps_per_epoch):
     # 1. Rollouts: G completions per question in one batch, each scored with its row.
     samples, sample_rows, scores, generate_seconds = sample_and_score(
         model, tokenizer, prompt_format, batch, reward, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE,
-        TOP_P, TOP_K, sampling_generator, GENERATION_BATCH_SIZE, SAMPLER)
+        TOP_P, TOP_K, sampling_generator, generation_batch_size, SAMPLER)
 
     # 2. Group advantages.
     rewards = torch.tensor([s.total for s in scores]).view(len(batch), NUM_SAMPLES_PER_PROMPT)

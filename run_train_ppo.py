@@ -63,7 +63,8 @@ MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # completion length limit (a cut-o
 TEMPERATURE: Annotated[float, "> 0"] = 1.0  # sampling temperature; the training log-probs use the same one
 TOP_P: Annotated[float, "0 < x <= 1"] = 1.0  # nucleus sampling (1.0 = off)
 TOP_K: Annotated[int, ">= 0"] = 0  # top-k sampling (0 = off)
-GENERATION_BATCH_SIZE: Annotated[int, ">= 0"] = 0  # rows sampled together (0 = all PROMPTS_PER_STEP x NUM_SAMPLES_PER_PROMPT at once)
+GENERATION_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 0"] = "auto"  # rows sampled together: auto (the most that
+#                                   fit in the GPU's memory, by the memory plan), or a number (0 = all of a step's at once)
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # rollouts and evals: auto (compiled static-cache
 #                                   decode on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 REWARD = "math"  # math (correctness + format - hacks), correctness, your.py:function, or several: math,my.py:brevity
@@ -97,6 +98,8 @@ GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max gradient norm, of the actor's Lo
 MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 8  # sequences per forward/backward (gradient accumulation over a mini-batch)
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
 GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
+GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): the memory plan
+#                                   printed at start refuses a run that would not fit, before the model loads
 # LoRA
 LORA_R: Annotated[int, ">= 1"] = 16  # adapter rank
 LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
@@ -128,7 +131,7 @@ from common.evaluate import evaluate  # noqa: E402
 from common.kl import kl_estimate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
-from common.model import load_model_and_tokenizer  # noqa: E402
+from common.model import get_device, get_dtype, load_model, load_tokenizer  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
@@ -148,10 +151,18 @@ reward = load_reward(REWARD, REWARD_WEIGHTS)
 problems, eval_problems = run.load_questions(reward, PROMPTS_PER_STEP)
 run.check_divides(MINI_BATCH_SIZE, "MINI_BATCH_SIZE")
 
-model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE, QUANT)
+tokenizer, device = load_tokenizer(run.model_path), get_device(DEVICE)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)  # before stop_token_ids
-problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(model, tokenizer, prompt_format, problems,
+problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(tokenizer, prompt_format, problems,
                                                                           eval_problems, PROMPTS_PER_STEP)
+# The memory plan, before the weights load. The critic's own adapter is a second LoRA of the actor's rank,
+# run as a second body pass whose activations the backward holds too: planned as rank 2r and twice the rows.
+critic_passes = 2 if CRITIC_FEATURES == "adapter" else 1
+generation_batch_size = run.check_memory(
+    device, rows=PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT,
+    samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
+    micro_batch_size=MICRO_BATCH_SIZE * critic_passes, lora_r=LORA_R * critic_passes)
+model = load_model(run.model_path, device, get_dtype(DTYPE, device), QUANT)
 sampling_generator = run.sampling_generator(device)  # each rank its own samples
 start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 critic = Critic(model, CRITIC_FEATURES, CRITIC_HIDDEN).to(device)
@@ -201,7 +212,7 @@ for step in run.steps(total_steps, steps_per_epoch):
     # 1. Rollouts and their task rewards, each scored with its row.
     samples, sample_rows, scores, generate_seconds = sample_and_score(
         model, tokenizer, prompt_format, batch, reward, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE,
-        TOP_P, TOP_K, sampling_generator, GENERATION_BATCH_SIZE, SAMPLER)
+        TOP_P, TOP_K, sampling_generator, generation_batch_size, SAMPLER)
     task_rewards = torch.tensor([s.total for s in scores], dtype=torch.float32)
     rollouts = rollout_batch(samples, None, tokenizer.pad_token_id)
     mask = rollouts.completion_mask

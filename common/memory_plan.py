@@ -160,6 +160,7 @@ class RunSettings:
     logprob_chunk_size: int = 1024          # LOGPROB_CHUNK_SIZE
     sampler: str = "auto"                   # SAMPLER: the static / compiled paths keep their KV buffers
     eval_rows: int = 0                      # prompts of an evaluation batch (EVAL_BATCH_SIZE), greedy, 1 sample
+    eval_max_new_tokens: int | None = None  # the evaluation's MAX_NEW_TOKENS, when not max_new_tokens (SFT, DPO)
     head_on_prompt: bool = False            # the head runs on every position (SFT, DPO), not the completion's only
     entropy: bool = True                    # the policy pass computes entropies (GRPO, PPO; not SFT, DPO)
 
@@ -413,15 +414,20 @@ class MemoryPlan:
         return lora_parameters(self.shape, self.settings) * 4 * FP32  # weights, gradients, two AdamW moments
 
     @property
+    def _eval_settings(self) -> RunSettings:
+        s = self.settings
+        return s if s.eval_max_new_tokens is None else dataclasses.replace(s, max_new_tokens=s.eval_max_new_tokens)
+
+    @property
     def kv_cache(self) -> float:
         s = self.settings
-        return max(kv_cache_bytes(self.shape, s, s.rows), kv_cache_bytes(self.shape, s, s.eval_rows))
+        return max(kv_cache_bytes(self.shape, s, s.rows), kv_cache_bytes(self.shape, self._eval_settings, s.eval_rows))
 
     @property
     def rollout(self) -> float:
         s = self.settings
         return max(rollout_bytes(self.shape, s, s.rows, s.samples_per_prompt),
-                   rollout_bytes(self.shape, s, s.eval_rows, 1))
+                   rollout_bytes(self.shape, self._eval_settings, s.eval_rows, 1))
 
     @property
     def policy(self) -> float:
@@ -456,7 +462,7 @@ class MemoryPlan:
         alone = [(text, self.with_settings(**change)) for text, change in switches.items()]
         alone += [(f"{name}={size}", self.with_settings(**{field: size}))
                   for name, field in sizes.items() if (size := self._largest(field, gpu_gb))]
-        advice = [f"{text} ({plan.total_gb:.1f} GB)" for text, plan in alone if plan.fits(gpu_gb)]
+        advice = [f"{text} ({gb_text(plan.total_gb)} GB)" for text, plan in alone if plan.fits(gpu_gb)]
         if advice:
             return advice
         plan, applied = self, list(switches)
@@ -467,7 +473,7 @@ class MemoryPlan:
         if not plan.with_settings(**smallest).fits(gpu_gb):
             applied += [f"{name}=1" for name, field in sizes.items() if field in fields]
             return [f"nothing fits: {' and '.join(applied)} still need "
-                    f"{plan.with_settings(**smallest).total_gb:.1f} GB; shorten MAX_NEW_TOKENS or the prompts, "
+                    f"{gb_text(plan.with_settings(**smallest).total_gb)} GB; shorten MAX_NEW_TOKENS or the prompts, "
                     f"or take a smaller model"]
         for name, field in sizes.items():
             if field not in fields:
@@ -476,7 +482,7 @@ class MemoryPlan:
             size = plan.with_settings(**smallest)._largest(field, gpu_gb)
             if size < getattr(plan.settings, field):
                 plan, applied = plan.with_settings(**{field: size}), applied + [f"{name}={size}"]
-        return [f"{' and '.join(applied)} ({plan.total_gb:.1f} GB)"]
+        return [f"{' and '.join(applied)} ({gb_text(plan.total_gb)} GB)"]
 
     def _largest(self, field: str, gpu_gb: float) -> int:
         """The largest value of ``field`` (rows, micro_batch_size or eval_rows), at most its current one,
@@ -495,13 +501,14 @@ class MemoryPlan:
         s, shape = self.settings, self.shape
         dtype = str(s.dtype).replace("torch.", "")
         micro = f"{s.micro_batch_size} x {s.sequence_tokens} tokens"
-        rows = (f"{s.rows} rows" if s.rows else "") + (f", eval {s.eval_rows} rows" if s.eval_rows else "")
+        generated = [f"{s.rows} rows x {s.prompt_tokens}+{s.max_new_tokens}"] if s.rows else []
+        if s.eval_rows:
+            generated.append(f"eval {s.eval_rows} x {s.prompt_tokens}+{self._eval_settings.max_new_tokens}")
         items = [
             (f"weights ({'4-bit NF4 linears, the rest in ' if s.quant == 'nf4' else ''}{dtype})", self.weights),
             (f"LoRA r={s.lora_r} ({lora_parameters(shape, s) / 1e6:.1f}M): fp32, gradients, AdamW moments",
              self.lora_state),
-            (f"rollout: KV cache, {rows or 'no rollout'} x {s.prompt_tokens}+{s.max_new_tokens} tokens",
-             self.kv_cache),
+            (f"rollout: KV cache, {', '.join(generated) or 'no generation'} tokens", self.kv_cache),
             ("rollout: at its peak (KV cache, logits, sampling buffers)", self.rollout),
             (f"policy pass: activations, {micro}", activation_bytes(shape, s, False)),
             (f"policy pass: activations, {micro}, checkpointed", activation_bytes(shape, s, True)),
@@ -523,6 +530,11 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def gb_text(gb: float) -> str:
+    """A size in GB for a message: one decimal from 1 GB up, three significant digits below."""
+    return f"{gb:.1f}" if gb >= 1 else f"{gb:.3g}"
+
+
 class MemoryPlanError(RuntimeError):
     """A run that will not fit in the memory it has; the message says what would make it fit."""
 
@@ -532,9 +544,9 @@ def check_fits(plan: MemoryPlan, gpu_gb: float | None) -> None:
     with, nothing is refused), in one line naming what would make it fit."""
     if gpu_gb is None or plan.fits(gpu_gb):
         return
-    raise MemoryPlanError(f"the run needs about {plan.total_gb:.1f} GB and {gpu_gb:.1f} GB are free "
+    raise MemoryPlanError(f"the run needs about {gb_text(plan.total_gb)} GB and {gb_text(gpu_gb)} GB are free "
                           f"({ALLOCATOR_HEADROOM:.0%} kept for the allocator); it would fit with: "
-                          f"{'; '.join(plan.advice(gpu_gb))}")
+                          f"{'; '.join(plan.advice(gpu_gb))} (an estimate: --GPU_MEMORY_GB=N plans for N GB)")
 
 
 def plan_memory(model_path: str | Path, **settings) -> MemoryPlan:
@@ -552,12 +564,37 @@ def largest_generation_batch(plan: MemoryPlan, gpu_gb: float) -> int:
     return plan._largest("rows", gpu_gb)
 
 
+def generation_batch(plan: MemoryPlan, generation_batch_size: int | str, gpu_gb: float | None
+                     ) -> tuple[MemoryPlan, int, str]:
+    """GENERATION_BATCH_SIZE resolved against the plan (whose rows are a whole step's): (the plan with the
+    rows sampled together, the size for the sampler, 0 = all of a step's rows at once, and a line saying
+    what auto chose, "" otherwise). auto: the most rows that fit in ``gpu_gb`` (largest_generation_batch);
+    all of them when there is no memory to compare with, or when no number fits (check_fits then says
+    what would)."""
+    rows = plan.settings.rows
+    if generation_batch_size == "auto":
+        if gpu_gb is None:
+            return plan, 0, (f"GENERATION_BATCH_SIZE=auto: no GPU memory to fit (--GPU_MEMORY_GB=... plans for "
+                             f"one): the step's {rows} rows sampled together")
+        chunk = largest_generation_batch(plan, gpu_gb)
+        if not chunk:
+            return plan, 0, ""
+        return (plan.with_settings(rows=chunk), 0 if chunk == rows else chunk,
+                f"GENERATION_BATCH_SIZE=auto: {chunk} of the step's {rows} rows sampled together")
+    if 0 < generation_batch_size < rows:
+        return plan.with_settings(rows=generation_batch_size), generation_batch_size, ""
+    return plan, 0, ""
+
+
 def free_gpu_memory_gb(device: torch.device) -> float | None:
-    """The free memory of a CUDA device in GB, what a run can still allocate (None off CUDA)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free / GB
+    """The memory a run can still allocate on ``device``, in GB: a CUDA device's free memory; on a Mac
+    (mps), Metal's recommended working set less what this process holds; None on a CPU."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / GB
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()) / GB
+    return None
 
 
 def llama_3_1_8b_config(**overrides):

@@ -180,9 +180,9 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, quant
 
 
 def context_length(model) -> int:
-    """The longest sequence the model takes: its language model's max_position_embeddings (a Gemma 3
-    multimodal config keeps it in its text_config)."""
-    return model.config.get_text_config().max_position_embeddings
+    """The longest sequence the model (or its config) takes: its language model's max_position_embeddings
+    (a Gemma 3 multimodal config keeps it in its text_config)."""
+    return getattr(model, "config", model).get_text_config().max_position_embeddings
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -214,7 +214,8 @@ _ANSWER_PROBE = "ANSWER_END_PROBE"
 
 
 def answer_end_token_id(tokenizer, model=None) -> int:
-    """The token that ends an answer in training data (SFT targets, DPO answers): the first special
+    """The token that ends an answer in training data (SFT targets, DPO answers; ``model``: the model or
+    its config, for its EOS when the tokenizer has none): the first special
     token the chat template writes after an assistant message's content, i.e. the token that closes
     an assistant turn (<end_of_turn> for Gemma, <|im_end|> for Qwen, <|eot_id|> for Llama 3, <|end|>
     for Phi-3, </s> for Mistral); EOS without a template (raw-text prompts end their answers there).
@@ -239,7 +240,9 @@ def answer_end_token_id(tokenizer, model=None) -> int:
                 return int(closing)
     if tokenizer.eos_token_id is not None:
         return int(tokenizer.eos_token_id)
-    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    # A model's generation_config, or a config read before the weights load (its eos_token_id is where
+    # transformers builds a missing generation_config from).
+    generation_eos = getattr(getattr(model, "generation_config", model), "eos_token_id", None)
     if isinstance(generation_eos, (list, tuple)) and generation_eos:
         return int(generation_eos[0])
     if generation_eos is not None:

@@ -10,6 +10,9 @@ lives here, once.
                      files of a killed save are removed.
   preflight          before the model loads: the folders are writable, the model directory is complete,
                      RESUME and INIT_LORA are not both given.
+  memory plan        before the model loads: its memory, estimated from config.json and the prompts'
+                     lengths, printed; a run that will not fit in the GPU's free memory (or GPU_MEMORY_GB)
+                     refused, naming the settings that would make it fit (common/memory_plan.py).
   resume             settings the restored state would override (the optimizer's learning rates and weight
                      decay, the schedule) follow this run's constants; settings a resume cannot change (the
                      LoRA layout, the group size, ...) are refused, one line each; every other change is
@@ -34,6 +37,7 @@ from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from common.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, remove_stale_temporary_files,
                                restore_training_state, save_checkpoint, start_lora)
@@ -41,8 +45,9 @@ from common.data import iter_jsonl, load_problems, step_items
 from common.distributed import DistributedContext, cleanup, gather_rank_states, restore_rank_state, shard
 from common.logprobs import enable_gradient_checkpointing
 from common.lora import lora_parameters
+from common.memory_plan import MemoryPlanError, check_fits, free_gpu_memory_gb, generation_batch, plan_memory
 from common.metrics_log import LoggerUnavailableError, MetricsLogger
-from common.model import check_model_dir, context_length, resolve_model_path
+from common.model import check_model_dir, context_length, get_dtype, resolve_model_path
 from common.prompts import encode_prompts
 from common.schedule import warmup_then_schedule
 from common.synth import normalise_question
@@ -76,13 +81,16 @@ def check_writable(directory: str | Path, what: str) -> Path:
     return directory
 
 
-def preflight_model(path: str | Path) -> None:
-    """The model directory (a Hub id is downloaded first: common.model.resolve_model_path) is complete
-    (check_model_dir), else the run stops here with the message alone: what is missing, how to get it."""
+def preflight_model(path: str | Path) -> Path:
+    """The model directory (a Hub id is downloaded first: common.model.resolve_model_path), once checked
+    complete (check_model_dir); else the run stops here with the message alone: what is missing, how to
+    get it."""
     try:
-        check_model_dir(resolve_model_path(path))
+        path = resolve_model_path(path)
+        check_model_dir(path)
     except FileNotFoundError as error:
         raise RunError(str(error)) from None
+    return path
 
 
 def _process_alive(pid: int) -> bool:
@@ -151,13 +159,14 @@ def fit_to_context(rows: list[dict], lengths: list[int], path: str | Path, max_l
 
 
 def questions_that_fit(tokenizer, prompt_format, problems: list[dict], path: str | Path, max_length: int,
-                       skip: bool) -> list[dict]:
-    """The problems of ``path`` whose prompts fit in ``max_length`` tokens (fit_to_context); a file
-    without any is refused (an eval over nothing would print 0%)."""
+                       skip: bool) -> tuple[list[dict], int]:
+    """The problems of ``path`` whose prompts fit in ``max_length`` tokens (fit_to_context), and the
+    longest of those prompts in tokens; a file without any is refused (an eval over nothing would print 0%)."""
     if not problems:
         raise RunError(f"{path} has no questions")
     lengths = [len(ids) for ids in encode_prompts(tokenizer, problems, prompt_format)]
-    return fit_to_context(problems, lengths, path, max_length, "prompt", skip)
+    kept = fit_to_context(problems, lengths, path, max_length, "prompt", skip)
+    return kept, max((length for length in lengths if length <= max_length), default=0)
 
 
 def warn_shared_questions(train_questions: list[str], eval_questions: list[str], train_path, eval_path) -> int:
@@ -209,7 +218,8 @@ class TrainingRun:
         self.start_step = self.checkpoint["step"] if self.checkpoint is not None else 0
         if distributed.is_main:
             self._claim()
-        preflight_model(config["MODEL_PATH"])
+        self.model_path = preflight_model(config["MODEL_PATH"])
+        self.model_config = AutoConfig.from_pretrained(self.model_path)
         self.generators: dict[str, torch.Generator] = {}  # the run's random generators (sampling_generator)
         try:
             self.metrics = MetricsLogger(self.metrics_path, config.get("LOGGER", "jsonl"), self.name, config,
@@ -330,24 +340,57 @@ class TrainingRun:
             raise RunError(f"{name}={count} does not divide between {self.distributed.world_size} processes; "
                            f"make it a multiple of the number of processes")
 
-    def fit_questions(self, model, tokenizer, prompt_format, problems: list[dict], eval_problems: list[dict],
+    def fit_questions(self, tokenizer, prompt_format, problems: list[dict], eval_problems: list[dict],
                       items_per_step: int) -> tuple[list[dict], list[dict], int, int]:
         """The problems whose prompts leave MAX_NEW_TOKENS of room in the model's context (questions_that_fit:
         SKIP_LONG_PROMPTS decides between refusing and skipping), at least one step's worth, and the
         steps they make: (problems, eval problems, steps per epoch, total steps: MAX_STEPS or the
-        NUM_EPOCHS epochs)."""
+        NUM_EPOCHS epochs). The longest prompt kept is self.longest_prompt, for the memory plan."""
         config = self.config
-        prompt_room = context_length(model) - config["MAX_NEW_TOKENS"]
-        problems = questions_that_fit(tokenizer, prompt_format, problems, config["TRAIN_FILE"], prompt_room,
-                                      config["SKIP_LONG_PROMPTS"])
+        prompt_room = context_length(self.model_config) - config["MAX_NEW_TOKENS"]
+        problems, self.longest_prompt = questions_that_fit(tokenizer, prompt_format, problems, config["TRAIN_FILE"],
+                                                           prompt_room, config["SKIP_LONG_PROMPTS"])
         if self.eval_every:
-            eval_problems = questions_that_fit(tokenizer, prompt_format, eval_problems, config["EVAL_FILE"],
-                                               prompt_room, config["SKIP_LONG_PROMPTS"])
+            eval_problems, longest_eval = questions_that_fit(tokenizer, prompt_format, eval_problems,
+                                                             config["EVAL_FILE"], prompt_room,
+                                                             config["SKIP_LONG_PROMPTS"])
+            self.longest_prompt = max(self.longest_prompt, longest_eval)
         if len(problems) < items_per_step:
             raise RunError(f"{config['TRAIN_FILE']} has {len(problems)} questions, fewer than one step's "
                            f"{items_per_step}")
         steps_per_epoch = len(problems) // items_per_step
         return problems, eval_problems, steps_per_epoch, config["MAX_STEPS"] or config["NUM_EPOCHS"] * steps_per_epoch
+
+    def check_memory(self, device: torch.device, **settings) -> int:
+        """Print this run's memory plan (common/memory_plan.py: from config.json, before the weights load)
+        and refuse a run that will not fit in GPU_MEMORY_GB, or else the device's free memory, naming the
+        settings that would make it fit. ``settings``: the RunSettings only the trainer knows (rows,
+        samples_per_prompt, prompt_tokens, max_new_tokens, micro_batch_size, head_on_prompt, entropy);
+        QUANT, DTYPE, LORA_R, LORA_TARGETS, GRADIENT_CHECKPOINTING, LOGPROB_CHUNK_SIZE, SAMPLER and
+        EVAL_BATCH_SIZE are the config's, unless ``settings`` gives them. Returns GENERATION_BATCH_SIZE resolved for the sampler (auto:
+        the most rows that fit; 0: all of a step's rows together)."""
+        config = self.config
+        generation_batch_size = config.get("GENERATION_BATCH_SIZE", 0)
+        gpu_gb = config.get("GPU_MEMORY_GB") or free_gpu_memory_gb(device)
+        try:
+            plan = plan_memory(self.model_path, **{
+                "quant": config["QUANT"], "dtype": get_dtype(config["DTYPE"], device), "device": device.type,
+                "lora_r": config["LORA_R"], "lora_targets": config["LORA_TARGETS"],
+                "gradient_checkpointing": config["GRADIENT_CHECKPOINTING"],
+                "logprob_chunk_size": config["LOGPROB_CHUNK_SIZE"], "sampler": config["SAMPLER"],
+                "eval_rows": config["EVAL_BATCH_SIZE"] if self.eval_every else 0, **settings})
+        except ValueError as error:  # an architecture the plan does not know: the run goes on without one
+            print(f"no memory plan: {error}")
+            return 0 if generation_batch_size == "auto" else generation_batch_size
+        plan, generation_batch_size, auto_choice = generation_batch(plan, generation_batch_size, gpu_gb)
+        print(plan.table(gpu_gb))
+        if auto_choice:
+            print(auto_choice)
+        try:
+            check_fits(plan, gpu_gb)
+        except MemoryPlanError as error:
+            raise RunError(str(error)) from None
+        return generation_batch_size
 
     def sampling_generator(self, device) -> torch.Generator:
         """The random generator of the rollouts: SEED + rank (each rank samples its own completions),

@@ -262,3 +262,82 @@ def test_plan_memory_reads_config_json_alone_and_names_what_would_fit(tmp_path):
     assert "weights (4-bit NF4 linears, the rest in bfloat16)" in fits.stdout
     assert "GENERATION_BATCH_SIZE=auto: 64 of the step's 64 rows sampled together" in fits.stdout
     assert fits.stdout.rstrip().splitlines()[-1].endswith("fits")
+
+
+# ------------------------------------------------------------------ the trainers' plans
+
+def dpo_pairs(path, count: int):
+    """``count`` preference pairs written as make_dpo_pairs.py writes them."""
+    problems = [json.loads(line) for line in open("data/synth_train.jsonl").read().splitlines()[:count]]
+    path.write_text("".join(json.dumps({"question": p["question"], "chosen": f"Answer: {p['gold_answer']}",
+                                        "rejected": "Answer: 0"}) + "\n" for p in problems))
+    return path
+
+
+def trainer_run(script: str, model_dir, tmp_path) -> list[str]:
+    """A one-step run of ``script`` on ``model_dir``, small settings, its files in ``tmp_path``."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    folders = [f"--LOG_DIR={tmp_path}", "--MAX_STEPS=1", "--DEVICE=cpu", "--EVAL_EVERY=0", "--LORA_R=2"]
+    if script == "run_sft.py":
+        return [script, f"--MODEL_PATH={model_dir}", f"--OUT_DIR={tmp_path / 'sft'}", "--BATCH_SIZE=2", *folders]
+    folders.append(f"--CHECKPOINT_DIR={tmp_path}")
+    if script == "run_train_dpo.py":
+        return [script, f"--MODEL_PATH={model_dir}", f"--TRAIN_FILE={dpo_pairs(tmp_path / 'pairs.jsonl', 4)}",
+                "--BATCH_SIZE=2", "--MICRO_BATCH_SIZE=1", *folders]
+    return [script, f"--MODEL_PATH={model_dir}", "--TRAIN_FILE=data/synth_train.jsonl", "--NUM_PROMPTS=4",
+            "--PROMPTS_PER_STEP=2", "--NUM_SAMPLES_PER_PROMPT=2", "--MAX_NEW_TOKENS=4", *folders]
+
+
+@pytest.mark.parametrize("script", ["run_train_grpo.py", "run_train_ppo.py", "run_train_dpo.py", "run_sft.py"])
+def test_every_trainer_prints_its_plan_and_refuses_a_run_that_will_not_fit_before_loading(
+        script, micro_model_dir, tmp_path):
+    result = run_script([*trainer_run(script, micro_model_dir, tmp_path), "--GPU_MEMORY_GB=0.00001"], check=False)
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert f"memory plan of {micro_model_dir}" in result.stdout and "does NOT fit" in result.stdout
+    assert result.stderr.strip().startswith("error: the run needs about"), result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Loading weights" not in result.stderr  # refused before the weights load
+    assert run_script(trainer_run(script, micro_model_dir, tmp_path / "fits") + ["--GPU_MEMORY_GB=1"]).returncode == 0
+
+
+def test_a_refused_run_fits_with_each_setting_it_names(tmp_path):
+    """The advice of a refused GRPO run, each item applied alone: the run is then planned to fit, and runs."""
+    run = trainer_run("run_train_grpo.py", "models/tiny-gemma2-math", tmp_path) + [
+        "--MAX_NEW_TOKENS=32", "--NUM_SAMPLES_PER_PROMPT=4", "--MICRO_BATCH_SIZE=8", "--LORA_R=16"]
+    table = run_script([*run, "--GPU_MEMORY_GB=0.00001", "--RUN_NAME=table"], check=False).stdout  # refused, cheap
+    total_gb = float(next(line for line in table.splitlines() if line.lstrip().startswith("total:")).split()[-2])
+    gpu = f"--GPU_MEMORY_GB={total_gb}"  # the total itself: 10% short of the allocator's headroom
+    refused = run_script([*run, gpu, "--RUN_NAME=refused"], check=False)
+    assert refused.returncode == 1 and "Loading weights" not in refused.stderr
+    advice = refused.stderr.split("it would fit with: ")[1].split(" (an estimate")[0].split("; ")
+    settings = [item.split(" (")[0] for item in advice]
+    assert "GRADIENT_CHECKPOINTING=true" in settings and any(s.startswith("MICRO_BATCH_SIZE=") for s in settings)
+    for number, setting in enumerate(settings):
+        if setting.startswith("QUANT"):
+            continue  # a 4-bit tiny model: tests/test_quant.py
+        fits = run_script([*run, gpu, f"--{setting}", f"--RUN_NAME=fix{number}"])
+        assert "does NOT fit" not in fits.stdout and "step 1/1" in fits.stdout
+
+
+def test_generation_batch_size_auto_samples_the_most_rows_that_fit(tmp_path):
+    """With checkpointing the rollout is the peak: auto samples the step's rows in chunks, the largest the
+    plan fits, found by a search over the plan made here with the same settings."""
+    from common.model import load_tokenizer
+    from common.prompts import configure_prompts, encode_prompts
+
+    tokenizer = load_tokenizer("models/tiny-gemma2-math")
+    questions = [json.loads(line) for line in open("data/synth_train.jsonl").read().splitlines()[:8]]
+    longest = max(len(ids) for ids in encode_prompts(tokenizer, questions, configure_prompts(tokenizer)))
+    plan = plan_memory("models/tiny-gemma2-math", dtype=torch.float32, device="cpu", rows=64, samples_per_prompt=8,
+                       prompt_tokens=longest, max_new_tokens=256, micro_batch_size=1, lora_r=2,
+                       lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                       gradient_checkpointing=True, logprob_chunk_size=1024, sampler="auto")
+    assert plan.rollout > plan.policy
+    gpu_gb = (plan.weights + plan.lora_state + (plan.rollout + plan.policy) / 2) / GB / 0.9
+    chunk = max(rows for rows in range(1, 65) if plan.with_settings(rows=rows).fits(gpu_gb))
+    assert 1 < chunk < 64
+    result = run_script([*trainer_run("run_train_grpo.py", "models/tiny-gemma2-math", tmp_path), "--NUM_PROMPTS=8",
+                         "--PROMPTS_PER_STEP=8", "--NUM_SAMPLES_PER_PROMPT=8", "--MAX_NEW_TOKENS=256",
+                         "--MICRO_BATCH_SIZE=1", "--GRADIENT_CHECKPOINTING=true", f"--GPU_MEMORY_GB={gpu_gb}"])
+    assert f"GENERATION_BATCH_SIZE=auto: {chunk} of the step's 64 rows sampled together" in result.stdout
+    assert "step 1/1" in result.stdout
