@@ -1,9 +1,10 @@
 """Greedy math accuracy of the base model alone, no LoRA: the baseline every run is compared with.
 
     python eval_math_base.py --MODEL_PATH=models/tiny-gemma2-math --EVAL_FILE=data/synth_test.jsonl
+    python eval_math_base.py --QUANT=nf4 ...   # the base's linear layers in 4-bit NF4 (needs bitsandbytes)
 
-Same constants and output as eval_math.py (it runs that script), but refuses a
-LoRA checkpoint, so a baseline number can never come from an adapted model.
+Same constants (QUANT included) and output as eval_math.py (it runs that script), but
+refuses a LoRA checkpoint, so a baseline number can never come from an adapted model.
 """
 
 import runpy

@@ -16,6 +16,7 @@ SYSTEM_PROMPT and CHAT_TEMPLATE as here.
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -42,6 +43,7 @@ OUT_FILE = "data/dpo_pairs.jsonl"  # pairs JSONL; the counts go to the same name
 SEED = 0  # sampling seed
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 
 config = configure(globals())
 # ---------------------------------------------------------------------------
@@ -61,12 +63,12 @@ if NUM_PROMPTS:
     problems = problems[:NUM_PROMPTS]
 if not problems:
     raise SystemExit(f"error: no training questions left in {TRAIN_FILE} after removing {EVAL_FILE}'s")
-model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
+model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE, QUANT)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 stop_ids = stop_token_ids(model, tokenizer)
 generator = torch.Generator(device=device).manual_seed(SEED)
 print(f"{len(problems)} questions ({excluded} eval questions removed), {NUM_SAMPLES_PER_PROMPT} samples each, "
-      f"on {device}")
+      f"on {device}" + (", linear layers in 4-bit NF4" if QUANT == "nf4" else ""))
 
 texts_per_question, correct_per_question, rewards_per_question = [], [], []
 for first in tqdm(range(0, len(problems), BATCH_SIZE), desc="sampling", unit="batch"):

@@ -19,10 +19,16 @@ adapter_model.safetensors) of the same base.  The soup goes to OUT as an ordinar
 checkpoint (step 0, no optimizer state), which eval_math.py --LORA_CKPT and
 export_lora.py load like any other; a table of each ingredient's dev and test accuracy
 and the soup's is printed and written to OUT with the suffix .summary.json.
+
+QUANT=nf4 evaluates the ingredients and the soup on a 4-bit base (less memory). Nothing is
+merged into the base: each LoRA runs on the adapter path, beside the 4-bit layers, and the
+soup itself is computed from the checkpoints alone, so OUT holds the same adapter as with
+QUANT=none; only the accuracies come from the 4-bit base.
 """
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from common.config import configure
 from common.prompts import INSTRUCTION as MATH_INSTRUCTION
@@ -48,6 +54,7 @@ REWARD = "correctness"  # what judges an answer correct: correctness (the number
 OUT = "checkpoints/soup/soup.pt"  # the soup checkpoint; its table goes beside it as .summary.json
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 
 config = configure(globals())
 # ---------------------------------------------------------------------------
@@ -92,13 +99,15 @@ reward = load_reward(REWARD)
 splits = {"dev": (DEV_FILE, DEV_LIMIT), "test": (TEST_FILE, TEST_LIMIT)}
 problems = {split: load_problems(file, limit or None, GOLD_FIELD, reward.needs_numeric_gold)
             for split, (file, limit) in splits.items() if file is not None}
-print(f"{len(paths)} ingredients on {base_path} ({device}, {dtype}); recipe {RECIPE}, average {AVERAGE}; "
+base_storage = f"{device}, {dtype}" + (", linear layers in 4-bit NF4" if QUANT == "nf4" else "")
+print(f"{len(paths)} ingredients on {base_path} ({base_storage}); recipe {RECIPE}, average {AVERAGE}; "
       + ", ".join(f"{split} {splits[split][0]} ({len(items)} problems)" for split, items in problems.items()))
 
 
 def with_lora(checkpoint: dict, label: str):
-    """A fresh copy of the base model with this LoRA (each adapter has its own rank, so no reuse)."""
-    model = load_model(base_path, device, dtype)
+    """A fresh copy of the base model with this LoRA (each adapter has its own rank, so no reuse); the
+    LoRA stays an adapter beside the base layers, 4-bit ones included (QUANT=nf4), never merged."""
+    model = load_model(base_path, device, dtype, QUANT)
     restore_lora(model, checkpoint, where=label)
     return model
 

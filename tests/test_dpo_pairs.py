@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from common.data import load_pairs
+from common.reward import correctness_reward
 from dpo.pairs import build_pairs, exclude_eval_questions
 from tests.conftest import TINY_MODEL_DIR, run_script
 
@@ -57,4 +60,25 @@ def test_make_dpo_pairs_on_the_tiny_model(tmp_path):
     assert summary["pairs"] + summary["skipped_all_correct"] + summary["skipped_all_wrong"] == 8
     assert summary["excluded_eval_questions"] >= 0
     assert all(pair["gold_answer"] for pair in pairs)
+    assert f"{len(pairs)} pairs from 8 questions" in result.stdout
+
+
+def test_make_dpo_pairs_samples_with_a_4bit_base(tmp_path):
+    """QUANT=nf4: the tiny model samples in 4 bits, still right and wrong often enough to make pairs, and
+    each pair is a right answer over a wrong one."""
+    pytest.importorskip("bitsandbytes")
+    out_file = tmp_path / "pairs.jsonl"
+    result = run_script(["make_dpo_pairs.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--TRAIN_FILE=data/synth_train.jsonl",
+                         "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=8", "--NUM_SAMPLES_PER_PROMPT=4",
+                         "--MAX_NEW_TOKENS=48", "--BATCH_SIZE=4", "--TEMPERATURE=1.5", "--DEVICE=cpu",
+                         "--QUANT=nf4", f"--OUT_FILE={out_file}"])
+    assert "on cpu, linear layers in 4-bit NF4" in result.stdout
+    pairs = load_pairs(out_file)
+    summary = json.loads((tmp_path / "pairs.summary.json").read_text())
+    assert summary["config"]["QUANT"] == "nf4"
+    assert summary["questions"] == 8 and summary["pairs"] == len(pairs) > 0
+    assert summary["pairs"] + summary["skipped_all_correct"] + summary["skipped_all_wrong"] == 8
+    for pair in pairs:
+        assert correctness_reward(pair["chosen"], pair["gold_answer"]) == 1.0
+        assert correctness_reward(pair["rejected"], pair["gold_answer"]) == 0.0
     assert f"{len(pairs)} pairs from 8 questions" in result.stdout

@@ -15,7 +15,7 @@ from common.peft_io import read_peft_adapter, save_peft_adapter
 from common.soup import (check_ingredients, delta_soup, factor_soup, lora_scaling, normalise_weights,
                          soup_lora)
 from common.synth import make_problems, normalise_question
-from tests.conftest import REPO_ROOT, micro_model, run_script
+from tests.conftest import REPO_ROOT, TINY_MODEL_DIR, micro_model, run_script
 
 TARGETS = ("q_proj", "v_proj")
 
@@ -324,3 +324,43 @@ def test_a_trainer_starts_a_run_from_the_soup(uniform_soup, micro_model_dir, tmp
     assert trained["lora_config"] == soup["lora_config"] and trained["step"] == 1
     for key, tensor in soup["lora"].items():
         torch.testing.assert_close(trained["lora"][key], tensor, atol=1e-4, rtol=0)
+
+
+def test_model_soup_evaluates_on_a_4bit_base_and_writes_the_same_soup(tmp_path):
+    """QUANT=nf4: the ingredients and the soup evaluated on the 4-bit tiny model (the adapter path, no merge),
+    accuracies close to the fp32 base's, and the soup written the very adapter QUANT=none writes."""
+    pytest.importorskip("bitsandbytes")
+    ingredients = []
+    for seed in (1, 2):  # small random updates: the tiny model keeps its accuracy (about half right)
+        model, _, _ = load_model_and_tokenizer(TINY_MODEL_DIR, "cpu")
+        apply_lora(model, 4, 8.0, TARGETS)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in lora_modules(model).values():
+                module.lora_A.copy_(torch.randn(module.lora_A.shape, generator=generator) * 0.1)
+                module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * 0.1)
+        ingredients.append(save_checkpoint(tmp_path / f"lora_epoch0_step{seed}.pt", model, TINY_MODEL_DIR,
+                                           config={}, step=seed))
+    runs = {}
+    for quant in ("none", "nf4"):
+        out = tmp_path / f"soup-{quant}.pt"
+        result = run_script(["model_soup.py", f"--CKPTS={','.join(map(str, ingredients))}", "--DEV_FILE=None",
+                             "--TEST_LIMIT=128", "--BATCH_SIZE=128", "--MAX_NEW_TOKENS=40", "--DEVICE=cpu",
+                             f"--OUT={out}", f"--QUANT={quant}"])
+        runs[quant] = result.stdout, load_checkpoint(out), json.loads(out.with_suffix(".summary.json").read_text())
+    stdout, soup, summary = runs["nf4"]
+    fp32_stdout, fp32_soup, fp32_summary = runs["none"]
+    assert "(cpu, torch.float32, linear layers in 4-bit NF4)" in stdout and "4-bit" not in fp32_stdout
+    assert "soup on test: Total: 128" in stdout and summary["config"]["QUANT"] == soup["config"]["QUANT"] == "nf4"
+    # The soup is computed from the checkpoints alone: the same adapter whatever base evaluated it, and its
+    # base fingerprint (embeddings and norms, not 4-bit) lets it load on the full-precision base.
+    assert soup["lora_config"] == fp32_soup["lora_config"] and soup["lora_config"]["r"] == 8
+    assert all(torch.equal(soup["lora"][key], fp32_soup["lora"][key]) for key in fp32_soup["lora"])
+    assert soup["base_model"]["fingerprint"] == fp32_soup["base_model"]["fingerprint"]
+    # Each ingredient's and the soup's accuracy on the 4-bit base is within 10 points of the fp32 base's.
+    accuracies = [row["test_accuracy"] for row in summary["ingredients"]] + [summary["soup"]["test_accuracy"]]
+    fp32_accuracies = [row["test_accuracy"] for row in fp32_summary["ingredients"]] + [
+        fp32_summary["soup"]["test_accuracy"]]
+    assert min(fp32_accuracies) > 0.3, fp32_stdout  # competent, so "close" means something
+    assert all(abs(nf4 - fp32) <= 0.10 for nf4, fp32 in zip(accuracies, fp32_accuracies)), (accuracies,
+                                                                                           fp32_accuracies)

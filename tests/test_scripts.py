@@ -3,6 +3,8 @@
 import json
 import re
 
+import pytest
+
 from tests.conftest import TINY_MODEL_DIR, run_script
 
 ACCURACY_LINE = re.compile(r"Total: (\d+)  Correct: (\d+)  Accuracy: ([\d.]+)%  \(95% CI [\d.]+-[\d.]+%\)  \d+ tokens/s")
@@ -51,6 +53,27 @@ def test_eval_math_base_refuses_lora_checkpoint(micro_model_dir, tmp_path):
         assert "base model only" in str(error)
     else:
         raise AssertionError("eval_math_base.py accepted a LoRA checkpoint")
+
+
+def test_eval_math_base_on_a_4bit_base_is_close_to_fp32(tmp_path):
+    """QUANT=nf4 (passed on to eval_math.py): the untrained tiny model evaluated with its linear layers in
+    4 bits answers some questions otherwise than in fp32 (the 4-bit base ran) and scores within 10 points."""
+    pytest.importorskip("bitsandbytes")
+    records, accuracy = {}, {}
+    for quant in ("none", "nf4"):
+        out_file = tmp_path / f"base-{quant}.jsonl"
+        result = run_script(["eval_math_base.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--EVAL_FILE=data/synth_test.jsonl",
+                             "--EVAL_LIMIT=64", "--MAX_NEW_TOKENS=40", "--DEVICE=cpu", f"--QUANT={quant}",
+                             f"--OUT_FILE={out_file}"])
+        check_eval_output(result.stdout, out_file, 64)
+        records[quant] = [json.loads(line) for line in out_file.read_text().splitlines()]
+        summary = json.loads(out_file.with_suffix(".summary.json").read_text())
+        assert summary["config"]["QUANT"] == quant
+        accuracy[quant] = float(ACCURACY_LINE.search(result.stdout)[3])
+    assert accuracy["none"] >= 25  # the competent tiny model, so "close" means something
+    assert abs(accuracy["nf4"] - accuracy["none"]) <= 10, accuracy
+    assert [r["question"] for r in records["nf4"]] == [r["question"] for r in records["none"]]
+    assert any(a["output"] != b["output"] for a, b in zip(records["nf4"], records["none"]))
 
 
 def test_make_tiny_model_with_tiny_budget(tmp_path):
