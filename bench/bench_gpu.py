@@ -1,4 +1,5 @@
-"""GPU benchmark at Gemma 2 2B's size: sampling with the LoRA applied, and a GRPO step phase by phase.
+"""GPU benchmark at Gemma 2 2B's or Llama 3.1 8B's size: sampling with the LoRA applied, a GRPO step
+phase by phase, and its peak memory beside the memory plan's estimate.
 
     python bench/bench_gpu.py                                  # CUDA: Gemma 2 2B's shapes, 16 x 8 rows, 128 new tokens
     python bench/bench_gpu.py --GRADIENT_CHECKPOINTING=true     # the policy pass with checkpointed decoder layers
@@ -6,13 +7,35 @@
     python bench/bench_gpu.py --DEVICE=cpu --NUM_PROMPTS=2 --NUM_SAMPLES_PER_PROMPT=2 --MAX_NEW_TOKENS=8 \\
         --METHODS=eager,generate                              # the CPU smoke run: a thin body (BODY=auto)
 
-The model is built, not downloaded: a random initialisation of Gemma 2 2B's exact configuration
-(hidden 2304, 26 layers, 8 heads and 4 key-value heads of 256, MLP 9216, vocabulary 256,000,
-soft-capping 50 / 30, tied embeddings, query_pre_attn_scalar 256, sliding window 4096), saved with
-the built-in tiny model's tokenizer in a temporary folder and loaded back by common.model, as a
-real checkpoint would be. On the CPU (BODY=auto) the body is thin (2 layers, hidden 64) and
-everything else stays, the 256k vocabulary included. LoRA r=LORA_R on all seven linear layers,
-with B drawn at random (a fresh B = 0 would skip nothing, but a trained one is what runs).
+The 12 GB check (issue 15): one GRPO step of Llama 3.1 8B's shapes with a 4-bit base, checkpointed,
+8 questions x 8 samples x 256 new tokens, LoRA r16 on the seven linear layers, the GPU capped at 12 GB
+(the issue's target: a peak of at most 11.5 GB), after one untimed step (AdamW's moments then exist).
+The prompts are lengthened to 128 tokens, a GSM8K question's under a chat template (the synthetic
+ones are 30-40). The sampler is the eager one: the compiled sampler's static KV buffers (3 GB here)
+stay allocated through the policy pass, which the plan puts at 12.1 GB in all, and compiling a 4-bit
+model takes minutes. QUANT=nf4 needs bitsandbytes (pip install bitsandbytes==0.50.2; on a machine
+without network, ../shared/GPU-NOTES.md says how to carry its wheel):
+
+    PYTHONUNBUFFERED=1 python bench/bench_gpu.py --MODEL=llama-3.1-8b --QUANT=nf4 --GRADIENT_CHECKPOINTING=true \\
+        --GPU_MEMORY_GB=12 --NUM_PROMPTS=8 --NUM_SAMPLES_PER_PROMPT=8 --MAX_NEW_TOKENS=256 --PROMPT_TOKENS=128 \\
+        --SAMPLER=eager --METHODS= --WARMUP_STEPS=1 --STEPS=1
+    python bench/bench_gpu.py --MODEL=llama-3.1-8b --QUANT=nf4 --GRADIENT_CHECKPOINTING=true --DEVICE=cpu \\
+        --NUM_PROMPTS=2 --NUM_SAMPLES_PER_PROMPT=4 --MAX_NEW_TOKENS=6 --METHODS= --WARMUP_STEPS=0 --STEPS=1
+                                                              # its CPU smoke run: a thin Llama, 4-bit
+
+The model is built, not downloaded, and saved with the built-in tiny model's tokenizer (and its
+token ids) in a temporary folder, then loaded back by common.model (with QUANT) as a real checkpoint
+would be. MODEL=gemma-2-2b: a random initialisation of Gemma 2 2B's exact configuration (hidden 2304,
+26 layers, 8 heads and 4 key-value heads of 256, MLP 9216, vocabulary 256,000, soft-capping 50 / 30,
+tied embeddings, query_pre_attn_scalar 256, sliding window 4096), drawn on the device. MODEL=llama-3.1-8b:
+Llama 3.1 8B's (common.memory_plan.llama_3_1_8b_config: hidden 4096, 32 layers, 32 heads and 8
+key-value heads of 128, MLP 14336, vocabulary 128,256, an untied head, rope theta 500,000) with
+Llama's initialisation (normal, std 0.02; norms 1), drawn one tensor at a time on the device and
+written in shards: its 16 GB in bf16 never sit whole in memory, the GPU's or the host's, so a 12 GB
+card can build it too. On the CPU (BODY=auto) the body is thin (2 layers, hidden 64) and everything
+else stays, the vocabulary included. LoRA r=LORA_R on all seven linear layers, with B drawn at random
+(a fresh B = 0 would skip nothing, but a trained one is what runs). GPU_MEMORY_GB caps the process
+(torch.cuda.set_per_process_memory_fraction) before the model loads.
 
 1. Sampling: the same rows (the first NUM_PROMPTS questions of PROMPTS_FILE, each repeated
    NUM_SAMPLES_PER_PROMPT times), temperature TEMPERATURE, through each of METHODS: our eager
@@ -31,16 +54,25 @@ with B drawn at random (a fresh B = 0 would skip nothing, but a trained one is w
    log-probs and the policy pass's (common.policy_gradient.logprob_mismatch).
 
 Peak GPU memory (torch.cuda.max_memory_allocated) is read per row of the table, from a reset at
-its start. Compilation (our compiled sampler's SampleOutput.compile_seconds, generate's first call)
-is reported apart from the times.
+its start, in GB of 2^30 bytes (as the memory plan, torch.cuda.mem_get_info and nvidia-smi count).
+Compilation (our compiled sampler's SampleOutput.compile_seconds, generate's first call) is reported
+apart from the times. A second table puts the memory plan (common.memory_plan.plan_memory, for the
+same settings: the questions' longest prompt, the rows, micro-batch, LoRA, QUANT, checkpointing and
+sampler) beside what was measured: the weights once loaded, the peaks of the rollout and of the policy
+pass, and the step's. Off CUDA nothing is measured there ("-"): the plan is checked against the CPU's
+resident memory by tests/test_memory_plan.py.
 """
 
+import dataclasses
+import gc
+import json
 import statistics
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated, Literal
 
 # Run as `python bench/bench_gpu.py`, Python puts bench/ on the path, not the repository root with common/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -48,16 +80,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from common.config import configure  # noqa: E402
+from common.quant import Quant  # noqa: E402
 
 # ---------------------------------------------------------------- constants
+MODEL: Literal["gemma-2-2b", "llama-3.1-8b"] = "gemma-2-2b"  # whose configuration the random model takes
+QUANT: Quant = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
+GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # cap of this process's GPU memory, in GB of 2^30 bytes (0 = none;
+#   CUDA only), set before the model loads; the plan's verdict is for it (or for the GPU's free memory)
 TOKENIZER_PATH = "models/tiny-gemma2-math"  # the tokenizer saved beside the random model
 PROMPTS_FILE = "data/synth_test.jsonl"  # questions {"question", ...}; the first NUM_PROMPTS are used
-BODY = "auto"  # auto (Gemma 2 2B's body on CUDA, a thin one elsewhere), full or thin
+PROMPT_TOKENS: Annotated[int, ">= 0"] = 0  # 0: the prompts as they are (30-40 tokens); N: each lengthened to N
+#   tokens (its own tokens repeated before it), as a GSM8K prompt under a real chat template is
+BODY = "auto"  # auto (the model's body on CUDA, a thin one elsewhere), full or thin
+SHARD_GB: Annotated[float, "> 0"] = 2.0  # the random Llama's weights are written in files of about this size
 NUM_PROMPTS = 16  # distinct prompts (questions per GRPO step)
 NUM_SAMPLES_PER_PROMPT = 8  # completions per prompt (group size G)
 MAX_NEW_TOKENS = 128  # limit of new tokens per row
 TEMPERATURE = 1.0  # sampling temperature, and that of the log-probs
 METHODS = ("eager", "compiled", "compiled_base", "generate", "generate_static")  # sampling methods to time
+#   (empty: none, the GRPO step alone)
 REPEATS = 3  # timed calls of each sampling method, after one untimed first call
 SAMPLER = "auto"  # the GRPO step's sampler: auto (compiled on CUDA, eager elsewhere), eager, static, compiled
 GRADIENT_CHECKPOINTING = False  # recompute the decoder layers' activations in the policy pass's backward
@@ -79,15 +120,18 @@ config = configure(globals())
 # ---------------------------------------------------------------------------
 
 import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, Gemma2Config, GenerationConfig  # noqa: E402
 
 from bench import markdown_table, write_results  # noqa: E402
 from common.data import load_problems  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing, token_logprobs  # noqa: E402
 from common.lora import apply_lora, disable_lora, lora_modules, lora_parameters  # noqa: E402
+from common.memory_plan import GB, free_gpu_memory_gb, llama_3_1_8b_config, plan_memory  # noqa: E402
 from common.model import get_device, get_dtype, load_model_and_tokenizer, load_tokenizer, stop_token_ids  # noqa: E402
 from common.policy_gradient import logprob_mismatch  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
+from common.quant import QuantizationUnavailable, check_quant  # noqa: E402
 from common.rollout import rollout_batch  # noqa: E402
 from common.sampler import left_pad, sample  # noqa: E402
 from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
@@ -97,6 +141,7 @@ METHOD_NAMES = {"eager": "our eager sampler", "compiled": "our compiled sampler"
                 "compiled_base": "our compiled sampler, adapters off", "generate": "model.generate",
                 "generate_static": 'model.generate(cache_implementation="static")'}
 PHASES = ("generation", "scoring", "policy", "optimizer")
+MODEL_NAMES = {"gemma-2-2b": "Gemma 2 2B", "llama-3.1-8b": "Llama 3.1 8B"}
 # Gemma 2 2B's configuration (google/gemma-2-2b's config.json), and the body sizes that replace its own on the CPU.
 GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
@@ -114,6 +159,10 @@ if BODY not in ("auto", "full", "thin"):
 device = get_device(DEVICE)
 dtype = get_dtype(DTYPE, device)
 thin = BODY == "thin" or (BODY == "auto" and device.type != "cuda")
+try:
+    check_quant(QUANT, device)  # here, not after 16 GB of random weights are drawn and written
+except QuantizationUnavailable as error:
+    raise SystemExit(f"error: {error}") from None
 torch.manual_seed(SEED)
 
 
@@ -132,29 +181,112 @@ def measured(record: dict):
     yield
     synchronize()
     record["seconds"] = time.perf_counter() - start
-    record["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    record["peak_gb"] = torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None
 
 
-def build_model(folder: Path):
-    """The random Gemma 2 2B (or its thin-bodied variant) saved in ``folder`` with the tiny model's
-    tokenizer and stop tokens, then loaded from there as any checkpoint is."""
-    tokenizer = load_tokenizer(TOKENIZER_PATH)
+def write_random_weights(model_config, folder: Path) -> int:
+    """The weights of a random ``model_config`` (Llama's) written in ``folder`` as a sharded safetensors
+    checkpoint, the way transformers initialises them (normal, std initializer_range; RMSNorm weights 1),
+    one tensor at a time drawn on the device (a GPU draws 8B values in seconds, a CPU core about 0.15B a
+    second), at most SHARD_GB of them on the host: 16 GB never sit whole in memory. The parameters."""
+    start = time.perf_counter()
+    with torch.device("meta"):  # names and shapes, no memory
+        skeleton = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(SEED)
+    shard, weight_map, total = {}, {}, 0
+
+    def write_shard() -> None:
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+        shard.clear()
+
+    for key, meta in skeleton.state_dict().items():
+        tensor = torch.empty(meta.shape, dtype=dtype, device=device)
+        if "norm" in key:
+            tensor.fill_(1.0)
+        else:
+            tensor.normal_(0.0, model_config.initializer_range, generator=generator)
+        shard[key] = tensor.cpu()
+        total += tensor.numel()
+        if sum(t.nbytes for t in shard.values()) >= SHARD_GB * GB:
+            write_shard()
+    if shard:
+        write_shard()
+    index = {"metadata": {"total_size": total * dtype.itemsize}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    skeleton.config.save_pretrained(folder)
+    files = len(set(weight_map.values()))
+    print(f"random weights: {total / 1e9:.3f}B parameters drawn on {device} and written in {files} safetensors "
+          f"file{'s' if files > 1 else ''} in {time.perf_counter() - start:.1f} s")
+    return total
+
+
+def build_model(folder: Path) -> int:
+    """Save in ``folder`` the random model of MODEL (or its thin-bodied variant) with the tiny model's
+    tokenizer and token ids; its number of parameters (counted before any quantization packs them)."""
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
-    model_config = Gemma2Config(**(GEMMA2_2B | THIN_BODY if thin else GEMMA2_2B), pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids)
-    with torch.device(device):  # initialised where it runs: 2.6B parameters are slow to draw on the CPU
-        random_model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation="eager")
-    random_model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                                                      bos_token_id=tokenizer.bos_token_id)
-    random_model.save_pretrained(folder)
+    token_ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids)
+    if MODEL == "llama-3.1-8b":
+        parameters = write_random_weights(llama_3_1_8b_config(**(THIN_BODY if thin else {}), **token_ids), folder)
+    else:
+        model_config = Gemma2Config(**(GEMMA2_2B | THIN_BODY if thin else GEMMA2_2B), **token_ids)
+        with torch.device(device):  # initialised where it runs: 2.6B parameters are slow to draw on the CPU
+            random_model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation="eager")
+        parameters = sum(p.numel() for p in random_model.parameters())
+        random_model.save_pretrained(folder)
+        del random_model
+    GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                     bos_token_id=tokenizer.bos_token_id).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    del random_model
-    return load_model_and_tokenizer(folder, str(device), DTYPE)[:2]
+    return parameters
 
 
+def lengthened(ids: list[int], length: int) -> list[int]:
+    """``ids`` grown to ``length`` tokens by its own tokens after the first (BOS) repeated before them,
+    so that it still ends as a prompt does (the template's opening of the model's turn)."""
+    if len(ids) >= length:
+        return ids
+    body = ids[1:]
+    return ids[:1] + (body * (length // len(body) + 1))[:length - len(ids)] + body
+
+
+def capped_memory_gb() -> float | None:
+    """Cap this process's GPU memory at GPU_MEMORY_GB (CUDA; None elsewhere, or without a cap)."""
+    if not GPU_MEMORY_GB or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    if GPU_MEMORY_GB * GB > total:
+        raise SystemExit(f"error: GPU_MEMORY_GB={GPU_MEMORY_GB} is more than the GPU's {total / GB:.1f} GB")
+    torch.cuda.set_per_process_memory_fraction(GPU_MEMORY_GB * GB / total, device)
+    return GPU_MEMORY_GB
+
+
+tokenizer = load_tokenizer(TOKENIZER_PATH)
+prompt_ids = encode_prompts(tokenizer, [p["question"] for p in load_problems(PROMPTS_FILE, limit=NUM_PROMPTS)])
+if PROMPT_TOKENS:
+    prompt_ids = [lengthened(ids, PROMPT_TOKENS) for ids in prompt_ids]
+num_rows = len(prompt_ids) * NUM_SAMPLES_PER_PROMPT
 with tempfile.TemporaryDirectory() as folder:
-    model, tokenizer = build_model(Path(folder))
-parameters = sum(p.numel() for p in model.parameters())
+    parameters = build_model(Path(folder))
+    # The plan of the run, from the saved config.json alone, as the trainers make it before loading.
+    plan = plan_memory(folder, quant=QUANT, dtype=dtype, device=device.type, rows=num_rows,
+                       samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=max(map(len, prompt_ids)),
+                       max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=MICRO_BATCH_SIZE, lora_r=LORA_R,
+                       lora_targets=LORA_TARGETS, gradient_checkpointing=GRADIENT_CHECKPOINTING,
+                       logprob_chunk_size=LOGPROB_CHUNK_SIZE, sampler=SAMPLER)
+    plan = dataclasses.replace(plan, model=f"a random {'thin-bodied ' if thin else ''}{MODEL_NAMES[MODEL]}")
+    if device.type == "cuda":  # what drawing the weights left in the allocator's cache goes before the cap
+        gc.collect()
+        torch.cuda.empty_cache()
+    cap_gb = capped_memory_gb()
+    print(plan.table(GPU_MEMORY_GB or free_gpu_memory_gb(device)))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(folder, str(device), DTYPE, QUANT)[:2]
+    print(f"loaded with QUANT={QUANT} in {time.perf_counter() - start:.1f} s")
+weights_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else None
 stop_ids = stop_token_ids(model, tokenizer)
 apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS)
 init_generator = torch.Generator(device="cpu").manual_seed(SEED)
@@ -164,8 +296,6 @@ with torch.no_grad():
 if GRADIENT_CHECKPOINTING:
     enable_gradient_checkpointing(model)
 model.eval()
-prompt_ids = encode_prompts(tokenizer, [p["question"] for p in load_problems(PROMPTS_FILE, limit=NUM_PROMPTS)])
-num_rows = len(prompt_ids) * NUM_SAMPLES_PER_PROMPT
 generate_ids, generate_mask = left_pad([ids for ids in prompt_ids for _ in range(NUM_SAMPLES_PER_PROMPT)],
                                        tokenizer.pad_token_id, device)
 
@@ -224,13 +354,18 @@ sampling_generator = torch.Generator(device=device).manual_seed(SEED)
 reward_generator = torch.Generator().manual_seed(SEED)
 
 
+running = {"phase": None}  # the phase under way: an out-of-memory error names it
+
+
 def grpo_step() -> dict:
     """One step, phase by phase: {phase: {seconds, peak_gb}} plus tokens, compile seconds and the mismatch."""
     phases = {name: {} for name in PHASES}
+    running["phase"] = "generation"
     with measured(phases["generation"]):
         model.eval()
         samples = sample(model, prompt_ids, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, eos_token_ids=stop_ids,
                          tokenizer=tokenizer, generator=sampling_generator, sampler=SAMPLER)
+    running["phase"] = "scoring"
     with measured(phases["scoring"]):
         rewards = torch.randint(0, 2, (len(prompt_ids), NUM_SAMPLES_PER_PROMPT), generator=reward_generator).float()
         advantages = group_advantages(rewards, "std").flatten()
@@ -239,6 +374,7 @@ def grpo_step() -> dict:
         row_advantages = advantages[rollouts.rows].to(device)
         sampler_logp = samples.logprobs[rollouts.rows.to(samples.logprobs.device)].to(device)
         num_tokens = rollouts.num_tokens
+    running["phase"] = "policy"
     with measured(phases["policy"]):
         model.train()
         optimizer.zero_grad(set_to_none=True)
@@ -256,6 +392,7 @@ def grpo_step() -> dict:
                                      loss_agg="token_mean", normalizer=num_tokens)
             loss.backward()
             policy_logps.append(logp.detach())
+    running["phase"] = "optimizer"
     with measured(phases["optimizer"]):
         torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
         optimizer.step()
@@ -267,7 +404,13 @@ def grpo_step() -> dict:
             "compile_s": samples.compile_seconds, "logprob_mismatch_mean_max": mismatch}
 
 
-steps = [grpo_step() for _ in range(WARMUP_STEPS + STEPS)][WARMUP_STEPS:]
+try:
+    steps = [grpo_step() for _ in range(WARMUP_STEPS + STEPS)][WARMUP_STEPS:]
+except torch.OutOfMemoryError:
+    cap = f"a cap of {cap_gb:.2f} GB" if cap_gb else "no cap"
+    raise SystemExit(f"error: out of GPU memory in the GRPO step's {running['phase']} phase ({cap}), at "
+                     f"{torch.cuda.max_memory_allocated(device) / GB:.2f} GB allocated; the plan's peak for "
+                     f"the step: {plan.total_gb:.2f} GB (its table is above)") from None
 # Means, not medians: the phases then add up to the step. Compilation inside a timed step (none once
 # warmed up) is taken out of its generation time and reported apart.
 phase_seconds = {name: statistics.mean(s["phases"][name]["seconds"] - (s["compile_s"] if name == "generation" else 0.0)
@@ -281,7 +424,7 @@ step_compile_s = sum(s["compile_s"] for s in steps)
 
 
 def gigabytes(value) -> str:
-    return "-" if value is None else f"{value:.1f}"
+    return "-" if value is None else f"{value:.2f}"
 
 
 rows = [[f"sampling: {METHOD_NAMES[m]}", f"{r['seconds']:.3f}", f"{r['tokens_per_s']:,.0f}",
@@ -300,16 +443,47 @@ step_peak = max(phase_peak_gb.values()) if device.type == "cuda" else None
 rows.append(["GRPO step: whole step", f"{step_seconds:.3f}", "", f"compile {step_compile_s:.1f}" if step_compile_s
              else "", gigabytes(step_peak)])
 device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-print(f"\n{'thin-bodied ' if thin else ''}Gemma 2 2B shapes, random init ({parameters / 1e9:.3f}B parameters), "
-      f"{dtype}, on {device_name or device}; LoRA r={LORA_R} on "
-      f"{len(LORA_TARGETS)} linear layers; {num_rows} rows ({len(prompt_ids)} prompts x {NUM_SAMPLES_PER_PROMPT}), "
+prompt_lengths = sorted(len(ids) for ids in prompt_ids)
+prompt_range = "-".join(dict.fromkeys(str(n) for n in (prompt_lengths[0], prompt_lengths[-1])))  # 31-35, or 128
+print(f"\n{'thin-bodied ' if thin else ''}{MODEL_NAMES[MODEL]} shapes, random init ({parameters / 1e9:.3f}B "
+      f"parameters), {dtype}{', 4-bit NF4 linears' if QUANT == 'nf4' else ''}, on {device_name or device}"
+      f"{f', capped at {cap_gb:.2f} GB' if cap_gb else ''}; LoRA r={LORA_R} on "
+      f"{len(LORA_TARGETS)} linear layers; {num_rows} rows ({len(prompt_ids)} prompts of {prompt_range} tokens x "
+      f"{NUM_SAMPLES_PER_PROMPT}), "
       f"{MAX_NEW_TOKENS} new tokens, temperature {TEMPERATURE}; micro-batch {MICRO_BATCH_SIZE}, gradient "
       f"checkpointing {'on' if GRADIENT_CHECKPOINTING else 'off'}; sampling: medians of {REPEATS} calls, GRPO step: "
       f"means of {STEPS} steps after {WARMUP_STEPS}:\n")
 print(markdown_table(["what", "seconds", "tokens/s", "first call s", "peak GPU GB"], rows))
-at_limit = {m: r["rows_at_limit"] for m, r in sampling.items()}
-print(f"\nRows that ran to {MAX_NEW_TOKENS} tokens without a stop token, per sampling method: {at_limit} of {num_rows} "
-      f"(a random model almost never stops: every method decodes about {num_rows * MAX_NEW_TOKENS:,} tokens).")
+# The plan beside the measured peaks: the weights once loaded, each phase's peak (weights and LoRA state
+# included: the gradients and AdamW's moments of the step before are alive through the rollout too).
+persistent = plan.weights + plan.lora_state
+memory = {"weights, loaded": (plan.weights / GB, weights_gb),
+          "rollout (generation phase): weights + LoRA + rollout": ((persistent + plan.rollout) / GB,
+                                                                    phase_peak_gb["generation"]),
+          "policy pass (policy phase): weights + LoRA + policy pass": ((persistent + plan.policy) / GB,
+                                                                      phase_peak_gb["policy"]),
+          "GRPO step: the plan's total, the step's peak": (plan.total_gb, step_peak)}
+
+
+def ratio(estimate: float, measured_gb) -> str:
+    return "" if measured_gb is None else f"{estimate / measured_gb:.2f}"
+
+
+print()
+print(markdown_table(["memory, GB = 2^30 bytes", "plan GB", "measured peak GB", "plan / measured"],
+                     [[what, f"{estimate:.2f}", gigabytes(measured_gb), ratio(estimate, measured_gb)]
+                      for what, (estimate, measured_gb) in memory.items()]))
+if device.type == "cuda":
+    print(f"\nStep peak (torch.cuda.max_memory_allocated): {step_peak:.2f} GB"
+          + (f" under a cap of {cap_gb:.2f} GB" if cap_gb else "") + f"; the plan: {plan.total_gb:.2f} GB.")
+else:
+    print(f"\nMeasured peaks: torch.cuda.max_memory_allocated, on CUDA only ('-' on {device.type}: the plan is checked "
+          f"against the CPU's resident memory by tests/test_memory_plan.py).")
+if sampling:
+    at_limit = {m: r["rows_at_limit"] for m, r in sampling.items()}
+    print(f"Rows that ran to {MAX_NEW_TOKENS} tokens without a stop token, per sampling method: {at_limit} of "
+          f"{num_rows} (a random model almost never stops: every method decodes about "
+          f"{num_rows * MAX_NEW_TOKENS:,} tokens).")
 print(f"GRPO step rewards drawn at random (a random model's text is empty, so text rewards would drop every group); "
       f"{trained_tokens:.0f} completion tokens trained per step.")
 mismatches = [s["logprob_mismatch_mean_max"] for s in steps if s["logprob_mismatch_mean_max"] is not None]
@@ -317,8 +491,14 @@ if mismatches:
     print(f"Sampler vs policy-pass log-probs of the trained tokens (last step): mean |diff| {mismatches[-1][0]:.2e}, "
           f"max {mismatches[-1][1]:.2e}.")
 out = write_results(OUT_FILE, "gpu", config, {
-    "device": str(device), "device_name": device_name,
-    "dtype": str(dtype), "thin_body": thin, "parameters": parameters, "rows": num_rows, "sampling": sampling,
+    "device": str(device), "device_name": device_name, "model": MODEL, "quant": QUANT, "cap_gb": cap_gb,
+    "dtype": str(dtype), "thin_body": thin, "parameters": parameters, "rows": num_rows,
+    "prompt_tokens": prompt_lengths, "sampling": sampling,
     "steps": steps, "phase_seconds": phase_seconds, "phase_peak_gb": phase_peak_gb, "step_seconds": step_seconds,
-    "step_peak_gb": step_peak, "step_compile_s": step_compile_s})
+    "step_peak_gb": step_peak, "step_compile_s": step_compile_s, "weights_gb": weights_gb,
+    "memory_plan_gb": {"weights": plan.weights / GB, "lora_state": plan.lora_state / GB,
+                       "kv_cache": plan.kv_cache / GB, "rollout": plan.rollout / GB, "policy": plan.policy / GB,
+                       "total": plan.total_gb},
+    "memory_plan_vs_measured_gb": {what: {"plan": estimate, "measured": measured_gb}
+                                   for what, (estimate, measured_gb) in memory.items()}})
 print(f"results in {out}")

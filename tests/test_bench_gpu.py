@@ -2,6 +2,9 @@
 times the sampling methods and a GRPO step, and writes what it promises. No timing is asserted."""
 
 import json
+import re
+
+import pytest
 
 from tests.conftest import run_script
 
@@ -29,3 +32,56 @@ def test_bench_gpu_thin_body_on_the_cpu(tmp_path):
     if step["trained_tokens"]:  # unless every group drew equal random rewards
         mismatch_mean, mismatch_max = step["logprob_mismatch_mean_max"]
         assert mismatch_mean < 1e-5 and mismatch_max < 1e-4  # fp32 on the CPU: the two passes agree
+
+
+def test_bench_gpu_llama_8b_shapes_with_a_4bit_base_on_the_cpu(tmp_path):
+    """The 12 GB check's path (MODEL=llama-3.1-8b, QUANT=nf4, checkpointed, no sampling methods), thin-bodied:
+    the random Llama written in shards (SHARD_GB small enough for several), loaded in 4 bits, one GRPO step,
+    and the memory plan of the same settings beside the measured peaks (none measured off CUDA)."""
+    pytest.importorskip("bitsandbytes")
+    out_file = tmp_path / "gpu.json"
+    result = run_script(["bench/bench_gpu.py", "--MODEL=llama-3.1-8b", "--QUANT=nf4", "--GRADIENT_CHECKPOINTING=true",
+                         "--DEVICE=cpu", "--GPU_MEMORY_GB=12", "--NUM_PROMPTS=2", "--NUM_SAMPLES_PER_PROMPT=4",
+                         "--MAX_NEW_TOKENS=6", "--PROMPT_TOKENS=48", "--METHODS=", "--WARMUP_STEPS=0", "--STEPS=1",
+                         "--MICRO_BATCH_SIZE=4", "--LORA_R=2", "--SHARD_GB=0.02", f"--OUT_FILE={out_file}"])
+    out = result.stdout
+    assert "thin-bodied Llama 3.1 8B shapes" in out and "4-bit NF4 linears" in out
+    # Files of 20 MB: the embeddings (33 MB in fp32) fill the first; the two layers (0.2 MB each) and the
+    # head, the second.
+    assert re.search(r"random weights: 0\.017B parameters drawn on cpu and written in 2 safetensors files", out)
+    assert "8 rows (2 prompts of 48 tokens x 4), 6 new tokens" in out and "gradient checkpointing on" in out
+    # The plan, for the run's own settings, with its verdict for GPU_MEMORY_GB.
+    assert "memory plan of a random thin-bodied Llama 3.1 8B (llama, " in out and "QUANT=nf4, float32, cpu" in out
+    assert "rollout: KV cache, 8 rows x 48+6 tokens" in out and "GPU: 12.00 GB" in out
+    assert "| sampling:" not in out and "Rows that ran to" not in out  # METHODS empty: the GRPO step alone
+    for row in ("| GRPO step: generation (auto sampler) |", "| GRPO step: policy |", "| GRPO step: whole step |"):
+        assert row in out
+    record = json.loads(out_file.read_text())
+    results = record["results"]
+    assert results["model"] == "llama-3.1-8b" and results["quant"] == "nf4" and results["cap_gb"] is None
+    assert results["thin_body"] is True and results["rows"] == 8 and results["prompt_tokens"] == [48, 48]
+    assert results["parameters"] > 2 * 128256 * 64  # the vocabulary kept, the head untied
+    plan = results["memory_plan_gb"]
+    assert 0 < plan["weights"] < plan["total"] and plan["policy"] > 0 and plan["rollout"] > 0
+    compared = results["memory_plan_vs_measured_gb"]
+    assert compared["GRPO step: the plan's total, the step's peak"]["plan"] == plan["total"]
+    assert all(row["measured"] is None for row in compared.values())  # nothing measured off CUDA
+    # The memory table's rows: the plan in GB, the measured peak "-".
+    for what in compared:
+        assert f"| {what} | {compared[what]['plan']:.2f} | - |  |" in out
+    step = results["steps"][0]
+    assert step["generated_tokens"] >= 8 and step["phases"]["policy"]["seconds"] > 0
+
+
+def test_bench_gpu_with_nf4_without_bitsandbytes_says_how_to_install_it(tmp_path, monkeypatch):
+    """Refused in one line before any model is built: a bitsandbytes that fails to import stands for none."""
+    fake = tmp_path / "bitsandbytes"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('no bitsandbytes here')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    result = run_script(["bench/bench_gpu.py", "--MODEL=llama-3.1-8b", "--QUANT=nf4", "--DEVICE=cpu",
+                         f"--OUT_FILE={tmp_path / 'gpu.json'}"], check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == ("error: QUANT=nf4 needs bitsandbytes, which is not installed: "
+                                                      "pip install bitsandbytes==0.50.2 (or use QUANT=none)")
+    assert "memory plan" not in result.stdout and not (tmp_path / "gpu.json").exists()
