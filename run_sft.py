@@ -77,7 +77,7 @@ from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gra
 from common.evaluate import evaluate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing, token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
-from common.model import answer_end_token_id, get_device, get_dtype, load_model, load_tokenizer  # noqa: E402
+from common.model import answer_end_token_id  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
@@ -92,7 +92,7 @@ if BATCH_SIZE % distributed.world_size:
                      f"make it a multiple of the number of processes")
 random.seed(SEED)
 torch.manual_seed(SEED)  # the same on every rank: the same initialisation
-tokenizer, device = load_tokenizer(run.model_path), get_device(DEVICE)
+tokenizer, device = run.load_tokenizer()
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 answer_end_id = answer_end_token_id(tokenizer, run.model_config)  # the token that closes an assistant turn, else EOS
 eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None)
@@ -107,7 +107,7 @@ if LORA_R > 0:
     plan_rng = random.Random(SEED + 1)
     examples = train_problems if TRAIN_FILE is not None else [synth.make_problem(plan_rng) for _ in range(1000)]
     run.check_memory(
-        device, prompt_tokens=max(len(ids) for ids in encode_prompts(tokenizer, examples + eval_problems,
+        prompt_tokens=max(len(ids) for ids in encode_prompts(tokenizer, examples + eval_problems,
                                                                      prompt_format)),
         max_new_tokens=1 + max(len(ids) for ids in tokenizer([p["solution"] for p in examples],
                                                              add_special_tokens=False)["input_ids"]),
@@ -115,7 +115,7 @@ if LORA_R > 0:
         head_on_prompt=True, entropy=False)
 else:
     print("no memory plan: it counts a LoRA's training (LORA_R > 0), not every weight's")
-model = load_model(run.model_path, device, get_dtype(DTYPE, device), QUANT)
+model = run.load_model()
 if LORA_R > 0:
     wrapped = apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
     print(f"LoRA r={LORA_R} alpha={LORA_ALPHA} on {len(wrapped)} layers")

@@ -97,8 +97,7 @@ from common.data import load_pairs, load_problems  # noqa: E402
 from common.distributed import all_gather_objects, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
-from common.model import (answer_end_token_id, context_length, get_device, get_dtype, load_model,  # noqa: E402
-                          load_tokenizer)
+from common.model import answer_end_token_id, context_length  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
 from common.run import TrainingRun, fit_to_context, questions_that_fit, warn_shared_questions  # noqa: E402
@@ -116,7 +115,7 @@ warn_shared_questions([pair["question"] for pair in pairs], [p["question"] for p
 run.check_divides(BATCH_SIZE, "BATCH_SIZE")
 length_normalise = LOSS_TYPE == "ipo"  # IPO's target 1 / (2 beta) is per token, not per answer
 
-tokenizer, device = load_tokenizer(run.model_path), get_device(DEVICE)
+tokenizer, device = run.load_tokenizer()
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 answer_end_id = answer_end_token_id(tokenizer, run.model_config)  # the token that closes an assistant turn, else EOS
 prompt_ids = encode_prompts(tokenizer, pairs, prompt_format)
@@ -131,10 +130,10 @@ eval_problems, longest_eval_prompt = questions_that_fit(
 if len(tokenized) < BATCH_SIZE:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(tokenized)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")
 run.check_memory(  # the memory plan, before the weights load: a micro-batch is its pairs' 2 x MICRO_BATCH_SIZE rows
-    device, prompt_tokens=max(max(len(prompt) for prompt, _, _ in tokenized), longest_eval_prompt),
+    prompt_tokens=max(max(len(prompt) for prompt, _, _ in tokenized), longest_eval_prompt),
     max_new_tokens=max(max(len(chosen), len(rejected)) for _, chosen, rejected in tokenized),
     eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=2 * MICRO_BATCH_SIZE, head_on_prompt=True, entropy=False)
-model = load_model(run.model_path, device, get_dtype(DTYPE, device), QUANT)
+model = run.load_model()
 steps_per_epoch = len(tokenized) // BATCH_SIZE
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)

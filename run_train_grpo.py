@@ -113,7 +113,6 @@ config = configure(globals(), quiet=not is_main_process())
 from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
-from common.model import get_device, get_dtype, load_model, load_tokenizer  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
@@ -129,15 +128,15 @@ torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
 reward = load_reward(REWARD, REWARD_WEIGHTS)
 problems, eval_problems = run.load_questions(reward, PROMPTS_PER_STEP)
 
-tokenizer, device = load_tokenizer(run.model_path), get_device(DEVICE)
+tokenizer, device = run.load_tokenizer()
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)  # before stop_token_ids
 problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(tokenizer, prompt_format, problems,
                                                                           eval_problems, PROMPTS_PER_STEP)
 generation_batch_size = run.check_memory(  # the memory plan, before the weights load
-    device, rows=PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT,
+    rows=PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT,
     samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
     micro_batch_size=MICRO_BATCH_SIZE)
-model = load_model(run.model_path, device, get_dtype(DTYPE, device), QUANT)
+model = run.load_model()
 sampling_generator = run.sampling_generator(device)  # each rank its own samples
 trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
 run.track(model, tokenizer, optimizer, scheduler,

@@ -131,7 +131,6 @@ from common.evaluate import evaluate  # noqa: E402
 from common.kl import kl_estimate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
-from common.model import get_device, get_dtype, load_model, load_tokenizer  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
@@ -151,7 +150,7 @@ reward = load_reward(REWARD, REWARD_WEIGHTS)
 problems, eval_problems = run.load_questions(reward, PROMPTS_PER_STEP)
 run.check_divides(MINI_BATCH_SIZE, "MINI_BATCH_SIZE")
 
-tokenizer, device = load_tokenizer(run.model_path), get_device(DEVICE)
+tokenizer, device = run.load_tokenizer()
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)  # before stop_token_ids
 problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(tokenizer, prompt_format, problems,
                                                                           eval_problems, PROMPTS_PER_STEP)
@@ -159,10 +158,10 @@ problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(tokeni
 # run as a second body pass whose activations the backward holds too: planned as rank 2r and twice the rows.
 critic_passes = 2 if CRITIC_FEATURES == "adapter" else 1
 generation_batch_size = run.check_memory(
-    device, rows=PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT,
+    rows=PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT,
     samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
     micro_batch_size=MICRO_BATCH_SIZE * critic_passes, lora_r=LORA_R * critic_passes)
-model = load_model(run.model_path, device, get_dtype(DTYPE, device), QUANT)
+model = run.load_model()
 sampling_generator = run.sampling_generator(device)  # each rank its own samples
 start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 critic = Critic(model, CRITIC_FEATURES, CRITIC_HIDDEN).to(device)

@@ -47,7 +47,8 @@ from common.logprobs import enable_gradient_checkpointing
 from common.lora import lora_parameters
 from common.memory_plan import MemoryPlanError, check_fits, free_gpu_memory_gb, generation_batch, plan_memory
 from common.metrics_log import LoggerUnavailableError, MetricsLogger
-from common.model import check_model_dir, context_length, get_dtype, resolve_model_path
+from common.model import (check_model_dir, context_length, get_device, get_dtype, load_model, load_tokenizer,
+                          resolve_model_path)
 from common.prompts import encode_prompts
 from common.schedule import warmup_then_schedule
 from common.synth import normalise_question
@@ -361,15 +362,26 @@ class TrainingRun:
         steps_per_epoch = len(problems) // items_per_step
         return problems, eval_problems, steps_per_epoch, config["MAX_STEPS"] or config["NUM_EPOCHS"] * steps_per_epoch
 
-    def check_memory(self, device: torch.device, **settings) -> int:
-        """Print this run's memory plan (common/memory_plan.py: from config.json, before the weights load)
-        and refuse a run that will not fit in GPU_MEMORY_GB, or else the device's free memory, naming the
-        settings that would make it fit. ``settings``: the RunSettings only the trainer knows (rows,
-        samples_per_prompt, prompt_tokens, max_new_tokens, micro_batch_size, head_on_prompt, entropy);
-        QUANT, DTYPE, LORA_R, LORA_TARGETS, GRADIENT_CHECKPOINTING, LOGPROB_CHUNK_SIZE, SAMPLER and
-        EVAL_BATCH_SIZE are the config's, unless ``settings`` gives them. Returns GENERATION_BATCH_SIZE resolved for the sampler (auto:
-        the most rows that fit; 0: all of a step's rows together)."""
-        config = self.config
+    def load_tokenizer(self):
+        """(tokenizer, device): MODEL_PATH's tokenizer and the DEVICE the run computes on. The weights load
+        later (load_model), once the prompts are measured and the memory plan made (check_memory)."""
+        self.device = get_device(self.config["DEVICE"])
+        return load_tokenizer(self.model_path), self.device
+
+    def load_model(self):
+        """MODEL_PATH's causal LM on the run's device, in DTYPE, its linear layers in QUANT (load_model)."""
+        return load_model(self.model_path, self.device, get_dtype(self.config["DTYPE"], self.device),
+                          self.config["QUANT"])
+
+    def check_memory(self, **settings) -> int:
+        """Print this run's memory plan (common/memory_plan.py: from config.json, between load_tokenizer
+        and load_model) and refuse a run that will not fit in GPU_MEMORY_GB, or else the device's free
+        memory, naming the settings that would make it fit. ``settings``: the RunSettings only the trainer
+        knows (rows, samples_per_prompt, prompt_tokens, max_new_tokens, micro_batch_size, head_on_prompt,
+        entropy); QUANT, DTYPE, LORA_R, LORA_TARGETS, GRADIENT_CHECKPOINTING, LOGPROB_CHUNK_SIZE, SAMPLER
+        and EVAL_BATCH_SIZE are the config's, unless ``settings`` gives them. Returns GENERATION_BATCH_SIZE
+        resolved for the sampler (auto: the most rows that fit; 0: all of a step's rows together)."""
+        config, device = self.config, self.device
         generation_batch_size = config.get("GENERATION_BATCH_SIZE", 0)
         gpu_gb = config.get("GPU_MEMORY_GB") or free_gpu_memory_gb(device)
         try:
