@@ -5,12 +5,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TINY   := models/tiny-gemma2-math
 SYNTH  := --TRAIN_FILE=data/synth_train.jsonl --EVAL_FILE=data/synth_test.jsonl
-# The GRPO demo: the constants of run_train_grpo.py set for the tiny model (see README, "The demo").
+# The GRPO demo: the constants of run_train_grpo.py set for the tiny model (see docs/tiny-model.md, "The demo").
 DEMO_GRPO := --MODEL_PATH=$(TINY) $(SYNTH) --EVAL_LIMIT=0 --EVAL_EVERY=25 --MAX_STEPS=150 \
              --PROMPTS_PER_STEP=16 --NUM_SAMPLES_PER_PROMPT=8 --MAX_NEW_TOKENS=40 --LR=2e-4 \
              --RUN_NAME=demo-grpo --SAMPLE_EVERY=25 --SAVE_EVERY=50 --OVERWRITE=true
 
-# The soup demo: the GRPO demo's checkpoints at steps 50, 100 and 150, souped (see README, "Model soup").
+# The soup demo: the GRPO demo's checkpoints at steps 50, 100 and 150, souped (see docs/soup.md).
 DEMO_SOUP_RUN := checkpoints/demo-grpo
 DEMO_SOUP := --MODEL_PATH=$(TINY) --MAX_NEW_TOKENS=40 \
              --CKPTS=$(DEMO_SOUP_RUN)/lora_epoch0_step50.pt,$(DEMO_SOUP_RUN)/lora_epoch0_step100.pt,$(DEMO_SOUP_RUN)/lora_epoch0_step150.pt

@@ -1,6 +1,6 @@
 """Benchmarks, one script each (run from the repository root, e.g. `python bench/bench_sampling.py`).
 
-Each prints a Markdown table (pasted as is into the README's Results) and writes its numbers,
+Each prints a Markdown table (pasted as is into docs/results.md) and writes its numbers,
 its config and the machine to a JSON file under logs/bench/. What they share lives here.
 """
 

@@ -12,7 +12,7 @@ accuracy on the same 500 held-out problems (data/synth_test.jsonl) with a 95% Wi
          models/tiny-gemma2-math bit for bit (the same seed), so the rows below, which start
          from the committed model, start from this SFT;
   GRPO, soup, PPO, DPO   `make demo`, `make demo-soup`, `make demo-ppo`, `make demo-dpo`: exactly
-         the README's demos (each target's time includes its evals; DPO's includes sampling its
+         the demos of docs/tiny-model.md (each target's time includes its evals; DPO's includes sampling its
          preference pairs, the soup's evaluating its three ingredients on dev and test).
 
 Prints the table and writes it to OUT_FILE; each run's output goes to LOG_DIR/<row>.log.

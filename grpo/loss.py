@@ -13,8 +13,8 @@ advantage A_i (grpo.advantage); logp, old_logp, ref_logp the policy's, the sampl
 
 eps_high > eps_low is DAPO's clip-higher (Yu et al. 2025); KL_{i,t} is common.kl's estimator, added to
 the loss as DeepSeekMath does. ``normalizer`` replaces the denominator with the whole step's, so that
-micro-batch losses (and gradients) add up to the step's. Why each choice, and GSPO's gradient: the
-README's GRPO section. The ratio, the surrogate and the log-ratio clamp are common.policy_gradient's.
+micro-batch losses (and gradients) add up to the step's. Why each choice, and GSPO's gradient:
+docs/algorithms.md, "GRPO". The ratio, the surrogate and the log-ratio clamp are common.policy_gradient's.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Where the value head's features come from (CRITIC_FEATURES of run_train_ppo.py):
   "shared"    the actor's hidden states without a stop-gradient: one pass, the value loss
               back-propagates into the actor's LoRA (VF_COEF then balances the two losses).
 
-The README's PPO section gives the measurement that chose the default.
+docs/algorithms.md's PPO section gives the measurement that chose the default.
 
 Positions, in RolloutBatch's layout ([pads | prompt | completion | pads], the completion's
 token j at column prompt_width + j): the value of the state before completion token j is read at

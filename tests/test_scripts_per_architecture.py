@@ -1,4 +1,4 @@
-"""Every script on a micro model of every architecture the README lists, as a user runs them: eval,
+"""Every script on a micro model of every architecture docs/bring-your-own.md lists, as a user runs them: eval,
 SFT (LoRA), GRPO, PPO and DPO one step each, and the PEFT export of the SFT adapter."""
 
 import json
