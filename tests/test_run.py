@@ -8,6 +8,7 @@ path that does not exist where it can be, so that reaching the loading code woul
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -69,13 +70,13 @@ def test_a_running_run_is_locked_and_a_dead_processs_lock_is_taken_over(micro_mo
 
 
 def test_the_lock_is_taken_by_one_process_only(tmp_path):
-    first, second = RunLock(tmp_path), RunLock(tmp_path)
+    first, second = RunLock(tmp_path / ".lock"), RunLock(tmp_path / ".lock")
     first.acquire()
     with pytest.raises(RunError, match="in use by process"):
         second.acquire()
     first.release()
     second.acquire()
-    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    assert json.loads((tmp_path / ".lock").read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
     second.release()
 
 
