@@ -37,6 +37,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -290,6 +291,10 @@ class TrainingRun:
         self.keep_checkpoints = config.get("KEEP_CHECKPOINTS", 0)
         self.skipped_updates = 0
         self.stop_signal = 0  # the signal that asked the run to stop (0: none yet)
+        self.in_steps = False
+        if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
+            for signal_number in STOP_SIGNALS:
+                signal.signal(signal_number, self._on_signal)
         self.overwritten: list[Path] = []  # an earlier run's files, removed when this run starts its steps
         # One lock for all the run writes: its folder, and its metrics file (which two runs with one RUN_NAME
         # and two CHECKPOINT_DIRs would share).
@@ -428,8 +433,7 @@ class TrainingRun:
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.started = self.last_save = time.perf_counter()
         self._remove_overwritten()
-        for signal_number in STOP_SIGNALS:
-            signal.signal(signal_number, self._on_signal)
+        self.in_steps = True
         if self.eval_every and self.start_step == 0:
             self.metrics.log({"step": 0, **self.evaluate(0)})
         bar = tqdm(range(self.start_step, total_steps), desc=self.trainer, unit="step", initial=self.start_step,
@@ -443,6 +447,10 @@ class TrainingRun:
         """The first stop signal is noted (end_step acts on it); a later one ends the process at once.
         os.write, not print: a handler that prints while the loop is printing raises a reentrant-call error."""
         name = signal.Signals(signal_number).name
+        if not self.in_steps:  # nothing trained yet: nothing to save
+            os.write(2, f"\n{name}: stopped before the first step (nothing to save)\n".encode())
+            self.lock.release()
+            raise SystemExit(128 + signal_number)
         if not self.stop_signal:
             self.stop_signal, self.signalled_at = signal_number, time.monotonic()
             os.write(2, f"\n{name}: stopping at the end of this step, then saving (send it again to stop at "
@@ -618,6 +626,7 @@ class TrainingRun:
                          f"{shlex.join(launcher + [Path(sys.argv[0]).name, *arguments, f'--RESUME={path}'])}")
             elif path is not None:
                 line += f", saved {path}"
+            self.bar.close()
             print(line, flush=True)
         self.metrics.close()
         self.lock.release()
