@@ -130,3 +130,34 @@ def test_a_signal_on_one_rank_stops_every_rank_at_one_step_and_the_resume_is_exa
     assert deterministic(metrics_file) == deterministic(tmp_path / "logs" / "whole.jsonl")
     resumed, whole = final_lora(run_dir), final_lora(tmp_path / "ck" / "whole")
     assert all(torch.equal(resumed[name], whole[name]) for name in whole)
+
+
+class Stopping:
+    """What TrainingRun._on_signal reads and writes, of a run in its steps."""
+    in_steps, stop_signal = True, 0
+
+    def __init__(self):
+        self.lock = self
+        self.released = False
+
+    def release(self):
+        self.released = True
+
+
+def test_a_second_signal_ends_the_process_at_once_unless_it_is_the_same_interruption(monkeypatch, capfd):
+    from common.run import TrainingRun
+
+    def exit_now(status):
+        raise SystemExit(f"os._exit({status})")
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    run = Stopping()
+    TrainingRun._on_signal(run, signal.SIGINT, None)
+    assert run.stop_signal == signal.SIGINT and not run.released  # noted: the step goes on
+    TrainingRun._on_signal(run, signal.SIGINT, None)  # at once: the terminal's group, or torchrun forwarding it
+    assert not run.released
+    run.signalled_at -= 10
+    with pytest.raises(SystemExit, match=r"os\._exit\(130\)"):
+        TrainingRun._on_signal(run, signal.SIGINT, None)
+    assert run.released
+    assert "SIGINT again: stopped at once, without saving" in capfd.readouterr().err
