@@ -3,11 +3,13 @@
 CleanRL's split: the algorithm stays inline in each script, in plain sight; what surrounds it
 lives here, once.
 
-  run folder + lock  CHECKPOINT_DIR/RUN_NAME/ and LOG_DIR/RUN_NAME.jsonl belong to one run. A new run on
-                     a name that already holds one is refused before the model loads (offering RESUME,
-                     another RUN_NAME or OVERWRITE=true); a second process on a running run is refused (a
-                     lock file holding the PID; the lock of a dead process is taken over); the temporary
-                     files of a killed save are removed.
+  run folder + lock  CHECKPOINT_DIR/RUN_NAME/ and LOG_DIR/RUN_NAME.jsonl belong to one run (RUN_NAME a plain
+                     name, both resolving inside their folders). A new run on a name that already holds one
+                     is refused before the model loads (offering RESUME where there is a checkpoint, another
+                     RUN_NAME or OVERWRITE=true, which removes only what a run writes, RUN_FILES, once the
+                     steps start); a second process on a running run is refused (a lock file beside the run
+                     folder and the metrics file, holding host and PID; the lock of a dead process of this
+                     host is taken over, another host's never); the temporary files of a killed save are removed.
   preflight          before the model loads: the folders are writable, the model directory is complete,
                      RESUME and INIT_LORA are not both given.
   memory plan        before the model loads: its memory, estimated from config.json and the prompts'
@@ -18,9 +20,14 @@ lives here, once.
                      LoRA layout, the group size, ...) are refused, one line each; every other change is
                      applied and printed.
   metrics log        common.metrics_log.MetricsLogger (LOGGER): one JSON object per line, non-finite
-                     numbers as null; a resumed run drops the lines past its checkpoint's step.
+                     numbers as null; a resumed run drops the lines past its checkpoint's step when it
+                     writes its first step (a resume that fails its checks leaves the file as it was).
   cadence            an eval at step 0, every EVAL_EVERY steps and at the end; a checkpoint every
-                     SAVE_EVERY steps, at the end of each epoch and of the run.
+                     SAVE_EVERY steps, SAVE_EVERY_MINUTES after the last, at the end of each epoch and of
+                     the run; only the newest KEEP_CHECKPOINTS kept (0: all).
+  stop signals       SIGINT (Ctrl-C), SIGTERM, SIGBREAK: the step in flight ends, is saved, one line names
+                     the checkpoint and the command that continues it, and the run exits 128 + the signal's
+                     number; every rank stops at the same step (end_step). A second signal ends it at once.
   non-finite guard   an update whose loss or gradient norm is not finite never reaches the weights; it
                      is skipped and counted (skipped_updates, kept across a resume).
 """
