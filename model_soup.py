@@ -52,6 +52,7 @@ CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or a Jinja
 GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_answer, answer, solution, ground_truth)
 REWARD = "correctness"  # what judges an answer correct: correctness (the number), or your.py:function
 OUT = "checkpoints/soup/soup.pt"  # the soup checkpoint; its table goes beside it as .summary.json
+OVERWRITE = False  # replace an existing OUT (never one of the CKPTS: a training checkpoint stays resumable)
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
@@ -82,6 +83,10 @@ paths = [str(resolve_checkpoint(path)) for path in CKPTS]
 repeated = sorted({path for path in paths if paths.count(path) > 1})
 if repeated:
     raise SystemExit(f"error: CKPTS lists {', '.join(repeated)} more than once (use RECIPE=weighted to weight it)")
+if Path(OUT).resolve() in {Path(path).resolve() for path in paths}:
+    raise SystemExit(f"error: OUT={OUT} is one of the CKPTS: the soup would replace an ingredient; give another --OUT")
+if Path(OUT).exists() and not OVERWRITE:
+    raise SystemExit(f"error: OUT={OUT} exists; give another --OUT, or replace it with --OVERWRITE=true")
 try:
     checkpoints = {path: load_checkpoint(path) for path in paths}
     check_ingredients(checkpoints, AVERAGE)

@@ -35,15 +35,20 @@ except ImportError:
 matplotlib.use("Agg")  # writes files; needs no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.data import iter_jsonl  # noqa: E402
+from common.metrics_log import MetricsFileError, read_metrics  # noqa: E402
 
 PER_STEP_PANELS = {"reward": "mean reward of the step's samples", "accuracy": "accuracy of the step's samples"}
 
 
 def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} of a metric file: "reward", "accuracy" and every "<prefix>/accuracy"."""
+    """{metric: [(step, value), ...]} of a metric file: "reward", "accuracy" and every "<prefix>/accuracy"
+    (a torn last line, a killed run's, is left out with a warning: read_metrics)."""
     curves: dict[str, list[tuple[int, float]]] = {}
-    for _, record in iter_jsonl(path):
+    try:
+        records = read_metrics(path)
+    except MetricsFileError as error:
+        raise SystemExit(f"error: {error}") from None
+    for _, record in records:
         for key, value in record.items():
             wanted = key in PER_STEP_PANELS or key.endswith("/accuracy")
             if wanted and "step" in record and isinstance(value, (int, float)):

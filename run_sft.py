@@ -26,7 +26,7 @@ from typing import Annotated, Literal
 
 import torch
 
-from common.config import Device, Dtype, configure
+from common.config import Device, Dtype, RunName, configure
 from common.distributed import is_main_process
 from common.prompts import INSTRUCTION as MATH_INSTRUCTION
 
@@ -59,10 +59,13 @@ MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 64  # eval generation length
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decoding: auto (compiled static-cache decode
 #                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 128  # prompts per eval batch
-RUN_NAME = "sft"  # name of the run: its metrics file LOG_DIR/RUN_NAME.jsonl (its output is OUT_DIR)
+RUN_NAME: RunName = "sft"  # name of the run: its metrics file LOG_DIR/RUN_NAME.jsonl (its output is OUT_DIR)
 LOG_DIR = "logs"  # where the metrics JSONL goes
 LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
 OVERWRITE = False  # replace an earlier run's OUT_DIR and metrics (else a new run on them is refused)
+SAVE_EVERY_MINUTES: Annotated[float, ">= 0"] = 30.0  # also save when this many minutes have passed since the last save
+#                                   (0 = by steps only): a crash then costs at most that much
+KEEP_CHECKPOINTS: Annotated[int, ">= 0"] = 0  # keep only the newest N step checkpoints in OUT_DIR (a LoRA run; 0 = keep all)
 SEED = 0  # python / torch seed: the same seed gives the same model
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
 DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16

@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 import torch
 from tqdm import tqdm
 
-from common.config import Device, Dtype, configure
+from common.config import Device, Dtype, RunName, configure
 from common.distributed import is_main_process
 from common.prompts import INSTRUCTION as MATH_INSTRUCTION
 
@@ -92,8 +92,11 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapters' input (0 keeps sampling and training the same policy)
 # bookkeeping
 SAVE_EVERY: Annotated[int, ">= 0"] = 0  # steps between checkpoints (0 = only at the end of each epoch and of the run)
+SAVE_EVERY_MINUTES: Annotated[float, ">= 0"] = 30.0  # also save when this many minutes have passed since the last save
+#                                   (0 = by steps only): a crash then costs at most that much
+KEEP_CHECKPOINTS: Annotated[int, ">= 0"] = 0  # keep only the newest N step checkpoints of the run (0 = keep all)
 CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
-RUN_NAME = "grpo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
+RUN_NAME: RunName = "grpo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
 LOG_DIR = "logs"  # where the metrics JSONL goes
 LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
 OVERWRITE = False  # replace an earlier run of the same RUN_NAME (else a new run on its name is refused)

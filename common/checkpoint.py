@@ -25,6 +25,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -131,10 +132,34 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None
         generator.set_state(state["generators"][name])
 
 
+def _tensor_bytes(obj) -> int:
+    """The bytes of every tensor in ``obj`` (dicts, lists, tuples): nearly all of a checkpoint's size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in obj)
+    return 0
+
+
+def _no_space(path: Path, free: int, needed: int) -> OSError:
+    return OSError(errno.ENOSPC, f"No space left on device: {path} ({free / 2**20:.1f} MB free, the checkpoint "
+                                 f"needs about {needed / 2**20:.1f} MB; not written, the earlier checkpoints are "
+                                 f"intact)")
+
+
 def atomic_torch_save(obj, path: str | Path) -> Path:
-    """torch.save to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    """torch.save to a temporary file beside ``path``, fsync, then rename over ``path``. The free space is
+    compared with the size first (its tensors' bytes, plus 64 KB and 1% for the rest and the zip
+    layout); a write that fails for want of space (an OSError ENOSPC, or the RuntimeError torch's zip
+    writer raises on a short write: "[enforce fail at inline_container.cc] unexpected pos") is
+    reported as such, naming the file, the free space and the size."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    needed = int(_tensor_bytes(obj) * 1.01) + 2**16
+    if shutil.disk_usage(path.parent).free < needed:
+        raise _no_space(path, shutil.disk_usage(path.parent).free, needed)
     temporary = _temporary_path(path)
     try:
         with open(temporary, "wb") as f:
@@ -142,10 +167,12 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"No space left on device: {path} (not written; the earlier "
-                                        f"checkpoints are intact)") from None
+    except (OSError, RuntimeError) as error:
+        temporary.unlink(missing_ok=True)
+        short_write = isinstance(error, RuntimeError) and "inline_container" in str(error)
+        if getattr(error, "errno", None) == errno.ENOSPC or (
+                short_write and shutil.disk_usage(path.parent).free < 2 * needed):
+            raise _no_space(path, shutil.disk_usage(path.parent).free, needed) from None
         raise
     finally:
         if temporary.exists():

@@ -22,6 +22,7 @@ before any model loads, in one line naming the constant and what is allowed:
     ADVANTAGE: Literal["mean", "std", "rank"] = "std"   # the allowed choices
     TOP_P: Annotated[float, "0 < x <= 1"] = 1.0          # a condition on the value x
     MAX_STEPS: Annotated[int, ">= 0"] = 0                # shorthand for "x >= 0"
+    RUN_NAME: Annotated[str, re.compile("[A-Za-z0-9._-]+")] = "grpo"  # a pattern the whole value must match
 
 A comment may go on over the following lines: a comment-only line whose text is
 indented (``#`` then two or more spaces) continues the constant above it;
@@ -45,6 +46,9 @@ from typing import Any
 # The annotations of two constants every script has.
 Device = typing.Annotated[str, "x in ('auto', 'cpu', 'mps', 'cuda') or x.startswith('cuda:')"]
 Dtype = typing.Literal["auto", "float32", "bfloat16", "float16"]
+# A run's name names its folder and its metrics file: a plain file name, never a path ("" would be the
+# checkpoint folder itself, ".." the folder above it: OVERWRITE=true would empty them).
+RunName = typing.Annotated[str, re.compile(r"[A-Za-z0-9._-]+"), "x not in ('.', '..')"]
 
 
 class ConfigError(ValueError):
@@ -202,7 +206,8 @@ def rule_text(kind: Any, name: str) -> str:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is typing.Annotated:
         return "; ".join([text for text in [rule_text(args[0], name)] if text]
-                         + [_condition(c, name) for c in args[1:] if isinstance(c, str)])
+                         + [_condition(c, name) if isinstance(c, str) else f"{name} matches {c.pattern}"
+                            for c in args[1:] if isinstance(c, (str, re.Pattern))])
     if origin is typing.Literal:
         return f"one of {_choices(args)}"
     if origin in (typing.Union, types.UnionType):
@@ -217,6 +222,8 @@ def check_value(name: str, value: Any, kind: Any) -> None:
     if origin is typing.Annotated:
         check_value(name, value, args[0])
         for condition in args[1:]:
+            if isinstance(condition, re.Pattern) and not condition.fullmatch(value):
+                raise ConfigError(f"{name}={value!r}: must match {condition.pattern}")
             if isinstance(condition, str):
                 shown = _condition(condition, name)
                 expression = _condition(condition, "x")

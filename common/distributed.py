@@ -114,29 +114,29 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _all_reduce(values, op):
+    names = list(values) if isinstance(values, dict) else None
+    numbers = [float(values[name]) for name in names] if names is not None else [float(values)]
+    if _is_distributed():
+        reduced = torch.tensor(numbers, dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(reduced, op=op)
+        numbers = reduced.tolist()
+    return dict(zip(names, numbers)) if names is not None else numbers[0]
+
+
 def all_reduce_sum(values):
     """The sum over ranks of a number, or of each value of a dict of numbers (in one collective).
 
     Numbers may be ints, floats or one-element tensors; sums come back as floats, added in float64
     so that token counts stay exact. In one process: the values themselves, as floats.
     """
-    names = list(values) if isinstance(values, dict) else None
-    numbers = [float(values[name]) for name in names] if names is not None else [float(values)]
-    if _is_distributed():
-        summed = torch.tensor(numbers, dtype=torch.float64, device=_collective_device())
-        dist.all_reduce(summed)
-        numbers = summed.tolist()
-    return dict(zip(names, numbers)) if names is not None else numbers[0]
+    return _all_reduce(values, dist.ReduceOp.SUM)
 
 
-def all_reduce_max(value) -> float:
-    """The largest over ranks of a number (or one-element tensor), as a float; in one process, itself."""
-    number = float(value)
-    if _is_distributed():
-        largest = torch.tensor([number], dtype=torch.float64, device=_collective_device())
-        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-        number = largest.item()
-    return number
+def all_reduce_max(values):
+    """The largest over ranks of a number (or one-element tensor), or of each value of a dict of them (in
+    one collective), as floats; in one process, the values themselves."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
 
 
 def sum_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import TextIO
 
 
 LOGGERS = ("jsonl", "tensorboard", "wandb")
@@ -48,16 +48,30 @@ def _finite_or_none(value):
     return value
 
 
-def _open_jsonl(path: Path, start_step: int) -> TextIO:
-    """The JSONL file, folders created: written anew for a new run; for a run resumed at ``start_step``
-    its lines up to that step are kept and the file continues after them, so no step is logged twice."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if start_step > 0 and path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        return path.open("a")
-    return path.open("w")
+class MetricsFileError(ValueError):
+    """A metrics file with an unreadable line before its last (the message names the file and line)."""
+
+
+def read_metrics(path: str | Path) -> list[tuple[str, dict]]:
+    """(line, record) for each record of a metrics file. A last line that is not a JSON object is a write
+    cut short (a killed process, a full disk): dropped, with a one-line warning; a bad line before it
+    is refused, naming the file and line."""
+    path = Path(path)
+    lines = [(number, line) for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+             if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append((line, record))
+        elif index == len(lines) - 1:
+            print(f"warning: {path}:{number}: the last line is cut short (a write that did not finish) and is left out")
+        else:
+            raise MetricsFileError(f"{path}:{number}: not a metrics record (a JSON object per line): {line[:60]!r}")
+    return records
 
 
 def _numeric(record: dict) -> dict[str, float]:
@@ -73,34 +87,60 @@ class MetricsLogger:
 
     def __init__(self, path: str | Path, loggers: str | tuple[str, ...] = "jsonl", run_name: str | None = None,
                  config: dict | None = None, start_step: int = 0, is_main: bool = True):
-        path = Path(path)
+        self.path = Path(path)
         self.loggers = parse_loggers(loggers)
+        self.run_name, self.config = run_name or self.path.stem, config or {}
         self.file = self.tensorboard = self.wandb = None
+        self.is_main = is_main
         if not is_main:
             return
-        self.file = _open_jsonl(path, start_step)
-        run_name = run_name or path.stem
+        # A resumed run keeps the lines up to its step; the file is only rewritten at the first record (start):
+        # a run that stops before its first step (a check failing) leaves it as it was.
+        self.kept = None
+        if start_step > 0 and self.path.exists():
+            try:
+                self.kept = [line for line, record in read_metrics(self.path) if record.get("step", 0) <= start_step]
+            except MetricsFileError as error:
+                raise LoggerUnavailableError(str(error)) from None
         if "tensorboard" in self.loggers:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:
                 raise LoggerUnavailableError("LOGGER=tensorboard needs the tensorboard package: "
                                              "`.venv/bin/pip install tensorboard` (or drop it from LOGGER)") from None
-            self.tensorboard = SummaryWriter(log_dir=str(path.parent / "tensorboard" / run_name))
         if "wandb" in self.loggers:
             try:
-                import wandb
+                import wandb  # noqa: F401
             except ImportError:
                 raise LoggerUnavailableError("LOGGER=wandb needs the wandb package: `.venv/bin/pip install wandb`, "
                                              "then `wandb login` (or WANDB_MODE=offline), or drop it from LOGGER"
                                              ) from None
-            self.wandb = wandb.init(name=run_name, config=config or {}, dir=str(path.parent))
+
+    def _start(self) -> None:
+        """Open everything LOGGER names: the JSONL file anew for a new run; for a resumed one its kept
+        lines, written to a temporary file that replaces it (a crash leaves the old file or the new)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.kept is not None:
+            temporary = self.path.with_name(f".{self.path.name}.tmp")
+            temporary.write_text("".join(line + "\n" for line in self.kept))
+            os.replace(temporary, self.path)
+            self.file = self.path.open("a")
+        else:
+            self.file = self.path.open("w")
+        if "tensorboard" in self.loggers:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(log_dir=str(self.path.parent / "tensorboard" / self.run_name))
+        if "wandb" in self.loggers:
+            import wandb
+            self.wandb = wandb.init(name=self.run_name, config=self.config, dir=str(self.path.parent))
 
     def log(self, record: dict) -> None:
         """One line of the JSONL file (flushed: a crash keeps every step so far), and the numeric values
         at record["step"] for TensorBoard and wandb."""
-        if self.file is None:
+        if not self.is_main:
             return
+        if self.file is None:
+            self._start()
         self.file.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
         self.file.flush()
         values, step = _numeric(record), record.get("step")

@@ -3,11 +3,13 @@
 CleanRL's split: the algorithm stays inline in each script, in plain sight; what surrounds it
 lives here, once.
 
-  run folder + lock  CHECKPOINT_DIR/RUN_NAME/ and LOG_DIR/RUN_NAME.jsonl belong to one run. A new run on
-                     a name that already holds one is refused before the model loads (offering RESUME,
-                     another RUN_NAME or OVERWRITE=true); a second process on a running run is refused (a
-                     lock file holding the PID; the lock of a dead process is taken over); the temporary
-                     files of a killed save are removed.
+  run folder + lock  CHECKPOINT_DIR/RUN_NAME/ and LOG_DIR/RUN_NAME.jsonl belong to one run (RUN_NAME a plain
+                     name, both resolving inside their folders). A new run on a name that already holds one
+                     is refused before the model loads (offering RESUME where there is a checkpoint, another
+                     RUN_NAME or OVERWRITE=true, which removes only what a run writes, RUN_FILES, once the
+                     steps start); a second process on a running run is refused (a lock file beside the run
+                     folder and the metrics file, holding host and PID; the lock of a dead process of this
+                     host is taken over, another host's never); the temporary files of a killed save are removed.
   preflight          before the model loads: the folders are writable, the model directory is complete,
                      RESUME and INIT_LORA are not both given.
   memory plan        before the model loads: its memory, estimated from config.json and the prompts'
@@ -18,9 +20,14 @@ lives here, once.
                      LoRA layout, the group size, ...) are refused, one line each; every other change is
                      applied and printed.
   metrics log        common.metrics_log.MetricsLogger (LOGGER): one JSON object per line, non-finite
-                     numbers as null; a resumed run drops the lines past its checkpoint's step.
+                     numbers as null; a resumed run drops the lines past its checkpoint's step when it
+                     writes its first step (a resume that fails its checks leaves the file as it was).
   cadence            an eval at step 0, every EVAL_EVERY steps and at the end; a checkpoint every
-                     SAVE_EVERY steps, at the end of each epoch and of the run.
+                     SAVE_EVERY steps, SAVE_EVERY_MINUTES after the last, at the end of each epoch and of
+                     the run; only the newest KEEP_CHECKPOINTS kept (0: all).
+  stop signals       SIGINT (Ctrl-C), SIGTERM, SIGBREAK: the step in flight ends, is saved, one line names
+                     the checkpoint and the command that continues it, and the run exits 128 + the signal's
+                     number; every rank stops at the same step (end_step). A second signal ends it at once.
   non-finite guard   an update whose loss or gradient norm is not finite never reaches the weights; it
                      is skipped and counted (skipped_updates, kept across a resume).
 """
@@ -28,9 +35,16 @@ lives here, once.
 from __future__ import annotations
 
 import atexit
+import errno
+import json
 import math
 import os
+import shlex
 import shutil
+import signal
+import socket
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -39,10 +53,11 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from common.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, remove_stale_temporary_files,
-                               restore_training_state, save_checkpoint, start_lora)
+from common.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
+                               remove_stale_temporary_files, restore_training_state, save_checkpoint, start_lora)
 from common.data import iter_jsonl, load_problems, step_items
-from common.distributed import DistributedContext, cleanup, gather_rank_states, restore_rank_state, shard
+from common.distributed import (DistributedContext, all_reduce_max, cleanup, gather_rank_states, restore_rank_state,
+                                shard)
 from common.logprobs import enable_gradient_checkpointing
 from common.lora import lora_parameters
 from common.memory_plan import MemoryPlanError, check_fits, free_gpu_memory_gb, generation_batch, plan_memory
@@ -59,6 +74,14 @@ RUN_LOCATION_SETTINGS = ("RESUME", "INIT_LORA", "RUN_NAME", "CHECKPOINT_DIR", "L
 # the random streams continue from the checkpoint's step.
 FIXED_ON_RESUME = ("LORA_R", "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT", "SEED", "NUM_PROMPTS")
 LOCK_FILE = ".lock"
+# What a run writes in its folder: its checkpoints, their temporary files (common.checkpoint), its lock and
+# check_writable's probe. OVERWRITE=true removes these, and never anything else.
+RUN_FILES = ("lora_epoch*_step*.pt", ".*.tmp", LOCK_FILE, ".write-probe-*")
+# The signals that ask a run to stop: Ctrl-C, `kill`, `docker stop`, a scheduler's preemption, and Ctrl-Break.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ())
+# A second signal this soon after the first is the same interruption: a Ctrl-C reaches every process of the
+# terminal's group, and torchrun forwards the one it received to its workers once more.
+SAME_INTERRUPTION_S = 2.0
 
 
 class RunError(SystemExit):
@@ -66,6 +89,14 @@ class RunError(SystemExit):
 
     def __init__(self, message: str):
         super().__init__(f"error: {message}")
+
+
+def _refuse_outside(path: Path, folder: str | Path, name: str) -> None:
+    """A run's file must lie inside its folder, links resolved (RUN_NAME is checked to be a plain name; a
+    link of that name pointing elsewhere is refused here)."""
+    if Path(folder).resolve() not in path.resolve().parents:
+        raise RunError(f"{path} resolves to {path.resolve()}, outside {name} {folder}: give a RUN_NAME whose "
+                       f"folder and metrics file lie inside it")
 
 
 def check_writable(directory: str | Path, what: str) -> Path:
@@ -94,9 +125,34 @@ def preflight_model(path: str | Path) -> Path:
     return path
 
 
-def _process_alive(pid: int) -> bool:
+WINDOWS = os.name == "nt"
+
+
+def _kernel32():
+    import ctypes
+    return ctypes.WinDLL("kernel32", use_last_error=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is running. On Windows ``os.kill(pid, 0)`` would not test
+    it but end it (any signal but CTRL_C_EVENT / CTRL_BREAK_EVENT calls TerminateProcess: Python's
+    documentation of os.kill), so there the process is opened and its exit code read (STILL_ACTIVE
+    while it runs); a process we may not open (ERROR_ACCESS_DENIED) exists."""
+    if WINDOWS:
+        import ctypes
+        kernel32 = _kernel32()
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: alive, another user's
+        try:
+            exit_code = ctypes.c_ulong()
+            if not kernel32.GetExitCodeProcess(handle, ctypes.byref(exit_code)):
+                return True
+            return exit_code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists is checked
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
@@ -104,40 +160,73 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-class RunLock:
-    """A lock file holding the PID of the process that runs a run; a dead process's lock is taken over.
-    ``O_CREAT | O_EXCL`` makes taking it atomic: of two processes starting at once, one wins."""
+def read_lock_owner(path: Path) -> tuple[str | None, int]:
+    """(host, PID) of a lock file: a JSON {"host", "pid"}, or a bare PID (a lock of an older version,
+    host unknown); (None, 0) for an unreadable one."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None, 0
+    try:
+        owner = json.loads(text)
+        if isinstance(owner, int):
+            return None, owner
+        return str(owner["host"]), int(owner["pid"])
+    except (ValueError, KeyError, TypeError):
+        return None, 0
 
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_FILE
-        self.held = False
+
+class RunLock:
+    """Lock files holding the host and PID of the process that runs a run, one beside each thing it
+    writes (its run folder, its metrics file): of two runs sharing either, the second is refused.
+    ``O_CREAT | O_EXCL`` makes taking each atomic: of two processes starting at once, one wins. The
+    lock of a dead process of this machine is taken over; one taken on another machine (a shared
+    folder) never is: its PID says nothing here."""
+
+    def __init__(self, *paths: Path):
+        self.paths = [Path(path) for path in paths]
+        self.held: list[Path] = []
+        self.host = socket.gethostname()
+
+    @property
+    def path(self) -> Path:
+        return self.paths[0]
 
     def acquire(self) -> None:
+        try:
+            for path in self.paths:
+                self._take(path)
+                self.held.append(path)
+        except BaseException:
+            self.release()
+            raise
+        atexit.register(self.release)
+
+    def _take(self, path: Path) -> None:
         for _ in range(2):  # the second try after removing a stale lock
             try:
-                descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                try:
-                    owner = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    owner = 0
-                if owner and _process_alive(owner):
-                    raise RunError(f"run folder {self.path.parent} is in use by process {owner} (lock file "
-                                   f"{self.path}); wait for it, or choose another --RUN_NAME") from None
-                print(f"taking over the stale lock {self.path} (process {owner or '?'} is gone)")
-                self.path.unlink(missing_ok=True)
+                host, owner = read_lock_owner(path)
+                where = path.parent if path.name == LOCK_FILE else path.with_name(path.name[1:-len(".lock")])
+                if host not in (None, self.host):
+                    raise RunError(f"{where} is in use by process {owner} on host {host} (lock file {path}); "
+                                   f"if that run has ended, delete the lock file, or choose another --RUN_NAME"
+                                   ) from None
+                if owner and process_alive(owner):
+                    raise RunError(f"{where} is in use by process {owner} (lock file {path}); wait for it, or "
+                                   f"choose another --RUN_NAME") from None
+                print(f"taking over the stale lock {path} (process {owner or '?'} is gone)")
+                path.unlink(missing_ok=True)
                 continue
             with os.fdopen(descriptor, "w") as lock_file:
-                lock_file.write(f"{os.getpid()}\n")
-            self.held = True
-            atexit.register(self.release)
+                lock_file.write(json.dumps({"host": self.host, "pid": os.getpid()}) + "\n")
             return
-        raise RunError(f"could not take the lock {self.path}")
+        raise RunError(f"could not take the lock {path}")
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        while self.held:
+            self.held.pop().unlink(missing_ok=True)
 
 
 def fit_to_context(rows: list[dict], lengths: list[int], path: str | Path, max_length: int, what: str,
@@ -198,11 +287,25 @@ class TrainingRun:
         self.name = config["RUN_NAME"]
         self.run_dir = Path(run_dir) if run_dir is not None else Path(config["CHECKPOINT_DIR"]) / self.name
         self.metrics_path = Path(config["LOG_DIR"]) / f"{self.name}.jsonl"
+        self.tensorboard_dir = Path(config["LOG_DIR"]) / "tensorboard" / self.name
+        if run_dir is None:
+            _refuse_outside(self.run_dir, config["CHECKPOINT_DIR"], "CHECKPOINT_DIR")
+        _refuse_outside(self.metrics_path, config["LOG_DIR"], "LOG_DIR")
         self.resume_path = config.get("RESUME")
         self.eval_every = config.get("EVAL_EVERY", 0)
         self.save_every = config.get("SAVE_EVERY", 0)
+        self.save_every_minutes = config.get("SAVE_EVERY_MINUTES", 0)
+        self.keep_checkpoints = config.get("KEEP_CHECKPOINTS", 0)
         self.skipped_updates = 0
-        self.lock = RunLock(self.run_dir)
+        self.stop_signal = 0  # the signal that asked the run to stop (0: none yet)
+        self.in_steps = False
+        if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
+            for signal_number in STOP_SIGNALS:
+                signal.signal(signal_number, self._on_signal)
+        self.overwritten: list[Path] = []  # an earlier run's files, removed when this run starts its steps
+        # One lock for all the run writes: its folder, and its metrics file (which two runs with one RUN_NAME
+        # and two CHECKPOINT_DIRs would share).
+        self.lock = RunLock(self.run_dir / LOCK_FILE, self.metrics_path.with_name(f".{self.metrics_path.name}.lock"))
         if self.resume_path is not None and config.get("INIT_LORA") is not None:
             raise RunError("RESUME continues a run, INIT_LORA starts a new one from a LoRA: give one of them")
         try:
@@ -214,6 +317,9 @@ class TrainingRun:
             if saved_trainer != trainer:
                 raise RunError(f"{self.resume_path} is a checkpoint of a {saved_trainer} run: a {trainer} run "
                                f"cannot continue it (start a new run from its LoRA with --INIT_LORA instead)")
+            if self.checkpoint.get("optimizer") is None:
+                raise RunError(f"{self.resume_path} holds no optimizer state (a model_soup.py soup, or an adapter), "
+                               f"so no run can continue it: start a new run from it with --INIT_LORA instead")
             self._refuse_fixed_settings(FIXED_ON_RESUME + tuple(fixed_on_resume))
             self.skipped_updates = self.checkpoint["extra"].get("skipped_updates", 0)
         self.start_step = self.checkpoint["step"] if self.checkpoint is not None else 0
@@ -230,12 +336,16 @@ class TrainingRun:
         self._state: dict = {}
 
     # ----------------------------------------------------------------- start
-    def _holds_a_run(self) -> list[str]:
-        found = sorted(p.name for p in self.run_dir.glob("*") if not p.name.startswith("."))
-        held = [f"{self.run_dir}/ ({len(found)} files, e.g. {found[0]})"] if found else []
-        if self.metrics_path.exists() and self.metrics_path.stat().st_size:
-            held.append(str(self.metrics_path))
-        return held
+    def _files(self) -> tuple[list[Path], list[Path]]:
+        """(what an earlier run on this name wrote, anything else in the run folder). A run writes its
+        checkpoints, their temporary files and its lock in the run folder (run_sft.py a whole model,
+        marked by its sft_info.json), and its metrics file, its lock and its TensorBoard folder in LOG_DIR."""
+        in_folder = sorted(self.run_dir.iterdir()) if self.run_dir.is_dir() else []
+        whole_model = (self.run_dir / "sft_info.json").is_file()
+        ours = [path for path in in_folder if whole_model or any(path.match(pattern) for pattern in RUN_FILES)]
+        others = [path for path in in_folder if path not in ours]
+        ours += [path for path in (self.metrics_path, self.tensorboard_dir) if path.exists()]
+        return ours, others
 
     def _claim(self) -> None:
         check_writable(self.run_dir.parent, "CHECKPOINT_DIR")
@@ -245,22 +355,41 @@ class TrainingRun:
         removed = remove_stale_temporary_files(self.run_dir)
         if removed:
             print(f"removed {len(removed)} temporary file(s) of a killed save in {self.run_dir}")
-        held = self._holds_a_run()
-        if self.checkpoint is None and held:
-            if not self.config.get("OVERWRITE"):
-                self.lock.release()
-                raise RunError(
-                    f"run {self.name!r} already exists: {' and '.join(held)}. Continue it with "
-                    f"--RESUME={self.run_dir} (its newest checkpoint), choose another --RUN_NAME, or "
-                    f"replace it with --OVERWRITE=true")
-            for path in self.run_dir.iterdir():
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.name != LOCK_FILE:
-                    path.unlink()
-            self.metrics_path.unlink(missing_ok=True)
-            print(f"OVERWRITE=true: removed the earlier run {self.name!r} ({' and '.join(held)})")
         check_writable(self.run_dir, "the run folder")
+        if self.checkpoint is not None:
+            return
+        ours, others = self._files()
+        if others:
+            self.lock.release()
+            shown = ", ".join(path.name for path in others[:3]) + (f", ... ({len(others)} in all)"
+                                                                    if len(others) > 3 else "")
+            raise RunError(f"the run folder {self.run_dir} holds files that no run wrote ({shown}): a run, and "
+                           f"OVERWRITE=true, touch only a run's own files; move them, or choose another "
+                           f"--RUN_NAME or CHECKPOINT_DIR")
+        earlier = [path for path in ours if path not in self.lock.paths and not (path == self.metrics_path
+                                                                                 and not path.stat().st_size)]
+        if not earlier:
+            return
+        listing = ", ".join(str(path) for path in earlier[:4]) + (f", ... ({len(earlier)} in all)"
+                                                                  if len(earlier) > 4 else "")
+        if not self.config.get("OVERWRITE"):
+            self.lock.release()
+            resume = (f"Continue it with --RESUME={self.run_dir} (its newest checkpoint), "
+                      if list_checkpoints(self.run_dir) else "")
+            raise RunError(f"run {self.name!r} already exists: {listing}. {resume}"
+                           f"{'c' if resume else 'C'}hoose another --RUN_NAME, or replace it with --OVERWRITE=true")
+        self.overwritten = earlier  # removed when the steps start: a check that fails before then loses nothing
+        print(f"OVERWRITE=true: the earlier run {self.name!r} will be replaced when this one starts: {listing}")
+
+    def _remove_overwritten(self) -> None:
+        for path in self.overwritten:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        if self.overwritten:
+            print(f"OVERWRITE=true: removed {len(self.overwritten)} file(s) of the earlier run {self.name!r}")
+        self.overwritten = []
 
     def _refuse_fixed_settings(self, fixed: tuple[str, ...]) -> None:
         saved = self.checkpoint["config"]
@@ -304,10 +433,14 @@ class TrainingRun:
 
     # ----------------------------------------------------------------- loop
     def steps(self, total_steps: int, steps_per_epoch: int | None = None) -> Iterator[int]:
-        """The steps still to run (0-based), under a tqdm bar; an eval at step 0 of a new run first.
-        ``steps_per_epoch`` None: a stream without epochs (run_sft.py's fresh synthetic problems)."""
+        """The steps still to run (0-based), under a tqdm bar; an eval at step 0 of a new run first. From
+        here on, an earlier run OVERWRITE replaces is gone, and a stop signal ends the run at the end of
+        the step in flight, saved (end_step). ``steps_per_epoch`` None: a stream without epochs
+        (run_sft.py's fresh synthetic problems)."""
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-        self.started = time.perf_counter()
+        self.started = self.last_save = time.perf_counter()
+        self._remove_overwritten()
+        self.in_steps = True
         if self.eval_every and self.start_step == 0:
             self.metrics.log({"step": 0, **self.evaluate(0)})
         bar = tqdm(range(self.start_step, total_steps), desc=self.trainer, unit="step", initial=self.start_step,
@@ -316,6 +449,23 @@ class TrainingRun:
         for step in bar:
             self.step_started = time.perf_counter()
             yield step
+
+    def _on_signal(self, signal_number: int, frame) -> None:
+        """The first stop signal is noted (end_step acts on it); a later one ends the process at once.
+        os.write, not print: a handler that prints while the loop is printing raises a reentrant-call error."""
+        name = signal.Signals(signal_number).name
+        if not self.in_steps:  # nothing trained yet: nothing to save
+            os.write(2, f"\n{name}: stopped before the first step (nothing to save)\n".encode())
+            self.lock.release()
+            raise SystemExit(128 + signal_number)
+        if not self.stop_signal:
+            self.stop_signal, self.signalled_at = signal_number, time.monotonic()
+            os.write(2, f"\n{name}: stopping at the end of this step, then saving (send it again to stop at "
+                        f"once, without saving)\n".encode())
+        elif time.monotonic() - self.signalled_at > SAME_INTERRUPTION_S:
+            os.write(2, f"\n{name} again: stopped at once, without saving\n".encode())
+            self.lock.release()
+            os._exit(128 + signal_number)
 
     def step_seconds(self) -> float:
         """Wall clock since the current step began."""
@@ -449,16 +599,46 @@ class TrainingRun:
             tqdm.write(f"--- sample (reward {reward:.2f}, gold {gold}):\n{text}\n---")
 
     def end_step(self, step: int, metrics: dict) -> dict:
-        """After step ``step`` (1-based): eval when due, the metrics line, a checkpoint when due."""
+        """After step ``step`` (1-based): eval when due, the metrics line, a checkpoint when due: every
+        SAVE_EVERY steps, at the end of an epoch and of the run, SAVE_EVERY_MINUTES after the last save,
+        and when a stop signal came on any rank. Every rank decides alike: the clock and the signals are
+        reduced over the ranks (one all-reduce, where the step already meets); a stop saves and exits
+        with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as the signal would have."""
         metrics["skipped_updates"] = self.skipped_updates
         if self.eval_every and (step % self.eval_every == 0 or step == self.total_steps):
             metrics.update(self.evaluate(step))
         metrics["elapsed_s"] = time.perf_counter() - self.started  # wall clock of the run so far, evals included
         self.metrics.log(metrics)
+        clock_due = bool(self.save_every_minutes) and (time.perf_counter() - self.last_save
+                                                       >= 60 * self.save_every_minutes)
+        decided = all_reduce_max({"signal": self.stop_signal, "clock": clock_due})
         end_of_epoch = self.steps_per_epoch is not None and step % self.steps_per_epoch == 0
-        if (self.save_every and step % self.save_every == 0) or end_of_epoch or step == self.total_steps:
-            self.save(step)
+        if ((self.save_every and step % self.save_every == 0) or end_of_epoch or step == self.total_steps
+                or decided["clock"] or decided["signal"]):
+            path = self.save(step)
+            if decided["signal"]:
+                self._stop(step, int(decided["signal"]), path)
         return metrics
+
+    def _stop(self, step: int, signal_number: int, path: Path | None) -> None:
+        """End a run a signal stopped, saved at ``step``: one line naming the checkpoint and the command
+        that continues it, then the exit status the signal would have given."""
+        if self.distributed.is_main:
+            line = f"{signal.Signals(signal_number).name}: stopped after step {step} of {self.total_steps}"
+            if path is not None and path.suffix == ".pt":
+                arguments = [arg for arg in sys.argv[1:] if not arg.startswith(("--RESUME=", "--OVERWRITE="))]
+                launcher = (["torchrun", f"--nproc_per_node={self.distributed.world_size}"]
+                            if self.distributed.world_size > 1 else ["python"])
+                line += (f", saved {path}; continue it with: "
+                         f"{shlex.join(launcher + [Path(sys.argv[0]).name, *arguments, f'--RESUME={path}'])}")
+            elif path is not None:
+                line += f", saved {path}"
+            self.bar.close()
+            print(line, flush=True)
+        self.metrics.close()
+        self.lock.release()
+        cleanup()
+        raise SystemExit(128 + signal_number)
 
     def evaluate(self, step: int) -> dict:
         result = self._state["evaluate"](step)
@@ -473,15 +653,26 @@ class TrainingRun:
             return None
         if state["save"] is not None:
             path = state["save"](step)
+            self.last_save = time.perf_counter()
             tqdm.write(f"saved {path}")
             return path
         epoch = step // self.steps_per_epoch if self.steps_per_epoch else 0
-        path = save_checkpoint(checkpoint_path(self.run_dir, epoch, step), state["model"],
-                               self.config["MODEL_PATH"], self.config, state["optimizer"], state["scheduler"],
-                               epoch=epoch, step=step, generators=self.generators,
-                               extra={**state["extra"](), "trainer": self.trainer, "ranks": rank_states,
-                                      "skipped_updates": self.skipped_updates})
+        try:
+            path = save_checkpoint(checkpoint_path(self.run_dir, epoch, step), state["model"],
+                                   self.config["MODEL_PATH"], self.config, state["optimizer"], state["scheduler"],
+                                   epoch=epoch, step=step, generators=self.generators,
+                                   extra={**state["extra"](), "trainer": self.trainer, "ranks": rank_states,
+                                          "skipped_updates": self.skipped_updates})
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise RunError(error.strerror) from None
+        self.last_save = time.perf_counter()
         tqdm.write(f"saved {path}")
+        if self.keep_checkpoints:  # the newest KEEP_CHECKPOINTS by step, the one just written always among them
+            others = [older for older in list_checkpoints(self.run_dir) if older != path]
+            for older in others[:max(0, len(others) - (self.keep_checkpoints - 1))]:
+                older.unlink()
         return path
 
     def finish(self) -> None:

@@ -2,6 +2,9 @@
 
 import os
 import random
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from common.checkpoint import (CheckpointError, checkpoint_path, list_checkpoint
                                load_lora_checkpoint, remove_stale_temporary_files, restore_lora,
                                restore_training_state, save_checkpoint)
 from common.lora import LoRAStateError, apply_lora, lora_parameters
-from tests.conftest import micro_model
+from tests.conftest import REPO_ROOT, micro_model
 
 INPUT_IDS = torch.tensor([[2, 5, 9, 11, 4, 7]])
 
@@ -177,3 +180,61 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
         save_checkpoint(path, model, "m", {}, step=2)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora_epoch0_step1.pt"]  # no temporary file left
+
+
+def test_a_checkpoint_larger_than_the_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    model, optimizer = trained_lora_model()
+    path = save_checkpoint(tmp_path / "lora_epoch0_step1.pt", model, "m", {}, optimizer=optimizer, step=1)
+    before, size = path.read_bytes(), path.stat().st_size
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(1, 1, 1000))
+    with pytest.raises(OSError, match=r"No space left on device: .*lora_epoch0_step2\.pt \(0\.0 MB free, "
+                                      r"the checkpoint needs about 0\.\d MB"):
+        save_checkpoint(tmp_path / "lora_epoch0_step2.pt", model, "m", {}, optimizer=optimizer, step=2)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
+    assert checkpoint_module._tensor_bytes(torch.load(path, weights_only=True)) <= size  # the estimate's base
+
+
+def test_torchs_short_write_error_is_named_a_full_disk(tmp_path, monkeypatch):
+    """torch 2.13's zip writer, out of space, raises a RuntimeError, not an OSError (seen on a 3 MB tmpfs)."""
+    model, _ = trained_lora_model()
+    path = save_checkpoint(tmp_path / "lora_epoch0_step1.pt", model, "m", {}, step=1)
+    before = path.read_bytes()
+
+    def short_write(obj, file):
+        file.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 751040 vs 750928")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", short_write)
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(1, 1, 70_000))
+    with pytest.raises(OSError, match=r"No space left on device: .*lora_epoch0_step2\.pt \(0\.1 MB free"):
+        save_checkpoint(tmp_path / "lora_epoch0_step2.pt", model, "m", {}, step=2)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [path.name]
+
+
+FILL_A_SMALL_DISK = '''
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+from common.checkpoint import atomic_torch_save
+os.system("mount -t tmpfs -o size=3m none {folder}")
+atomic_torch_save({{"w": torch.zeros(100_000)}}, "{folder}/first.pt")  # 0.4 MB
+try:  # 1.6 MB of tensors (the estimate) and 2 MB of pickled bytes: a short write, past the check
+    atomic_torch_save({{"w": torch.zeros(400_000), "blob": b"x" * 2_000_000}}, "{folder}/second.pt")
+except OSError as error:
+    print(error.strerror)
+print(sorted(os.listdir("{folder}")), torch.load("{folder}/first.pt")["w"].shape[0])
+'''
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or subprocess.run(
+    ["unshare", "-rm", "true"], capture_output=True).returncode != 0, reason="needs an unprivileged mount namespace")
+def test_a_real_full_disk_is_named_and_the_earlier_checkpoint_kept(tmp_path):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    script = FILL_A_SMALL_DISK.format(repo=str(REPO_ROOT), folder=folder)
+    result = subprocess.run(["unshare", "-rm", sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == 2, result.stderr[-3000:]
+    assert lines[0].startswith(f"No space left on device: {folder}/second.pt (")
+    assert "the checkpoint needs about 1.6 MB" in lines[0]
+    assert lines[1] == "['first.pt'] 100000"  # the earlier checkpoint intact, no temporary file

@@ -8,6 +8,7 @@ path that does not exist where it can be, so that reaching the loading code woul
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
-from common.metrics_log import MetricsLogger
+from common.metrics_log import MetricsFileError, MetricsLogger, read_metrics
 from common.run import RunError, RunLock, check_writable, fit_to_context
 from tests.conftest import run_script
 
@@ -69,13 +70,13 @@ def test_a_running_run_is_locked_and_a_dead_processs_lock_is_taken_over(micro_mo
 
 
 def test_the_lock_is_taken_by_one_process_only(tmp_path):
-    first, second = RunLock(tmp_path), RunLock(tmp_path)
+    first, second = RunLock(tmp_path / ".lock"), RunLock(tmp_path / ".lock")
     first.acquire()
     with pytest.raises(RunError, match="in use by process"):
         second.acquire()
     first.release()
     second.acquire()
-    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    assert json.loads((tmp_path / ".lock").read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
     second.release()
 
 
@@ -265,3 +266,194 @@ def test_a_killed_saves_temporary_file_is_removed_at_the_next_start(micro_model_
     result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=killed", "--MAX_STEPS=1")
     assert "removed 1 temporary file(s) of a killed save" in result.stdout
     assert [p.name for p in run_dir.iterdir()] == ["lora_epoch0_step1.pt"]
+
+
+# ---------------------------------------------------------------- names stay inside their folder
+
+@pytest.mark.parametrize("script", ["run_train_grpo.py", "run_train_ppo.py", "run_train_dpo.py", "run_sft.py"])
+@pytest.mark.parametrize("name, rule", [("", "must match [A-Za-z0-9._-]+"), ("a/b", "must match [A-Za-z0-9._-]+"),
+                                        ("..", "must satisfy RUN_NAME not in ('.', '..')")])
+def test_a_run_name_that_is_not_a_plain_name_is_refused_and_nothing_is_removed(tmp_path, script, name, rule):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "other-run.pt").write_text("another run's")
+    folder = f"--OUT_DIR={tmp_path / 'ck' / 'sft'}" if script == "run_sft.py" else f"--CHECKPOINT_DIR={tmp_path / 'ck'}"
+    result = run_script([script, "--MODEL_PATH=models/not-there", f"--RUN_NAME={name}", "--OVERWRITE=true", folder,
+                         f"--LOG_DIR={tmp_path / 'ck'}"], check=False)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: RUN_NAME={name!r}: {rule}"
+    assert (tmp_path / "ck" / "other-run.pt").read_text() == "another run's"
+
+
+def test_a_run_folder_that_links_outside_checkpoint_dir_is_refused(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "ck" / "linked").symlink_to(tmp_path / "elsewhere")
+    result = grpo("models/not-there", tmp_path, "--RUN_NAME=linked", check=False)
+    refused(result, f"resolves to {tmp_path / 'elsewhere'}, outside CHECKPOINT_DIR")
+
+
+def test_overwrite_removes_only_what_a_run_wrote_and_lists_it(micro_model_dir, tmp_path):
+    grpo(micro_model_dir, tmp_path, "--RUN_NAME=exp", "--MAX_STEPS=2", "--SAVE_EVERY=1")
+    tensorboard = tmp_path / "logs" / "tensorboard" / "exp"
+    tensorboard.mkdir(parents=True)
+    (tensorboard / "events.out").write_text("x")
+    (tmp_path / "logs" / "exp-notes.txt").write_text("mine")  # LOG_DIR's other files are no run's
+    # An OVERWRITE that fails before its first step (a missing training file) removes nothing.
+    result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=exp", "--OVERWRITE=true",
+                  "--TRAIN_FILE=data/missing.jsonl", check=False)
+    assert result.returncode != 0
+    assert sorted(p.name for p in (tmp_path / "ck" / "exp").iterdir()) == ["lora_epoch0_step1.pt", "lora_epoch0_step2.pt"]
+    assert (tmp_path / "logs" / "exp.jsonl").exists() and tensorboard.exists()
+
+    result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=exp", "--MAX_STEPS=1", "--OVERWRITE=true")
+    listed = next(line for line in result.stdout.splitlines() if line.startswith("OVERWRITE=true: the earlier run"))
+    for path in ("lora_epoch0_step1.pt", "lora_epoch0_step2.pt", "exp.jsonl", str(tensorboard)):
+        assert path in listed
+    assert "OVERWRITE=true: removed 4 file(s) of the earlier run 'exp'" in result.stdout
+    assert [p.name for p in (tmp_path / "ck" / "exp").iterdir()] == ["lora_epoch0_step1.pt"]
+    assert not tensorboard.exists() and (tmp_path / "logs" / "exp-notes.txt").read_text() == "mine"
+
+    for name in ("notes.txt", "data.csv", "b.txt", "c.txt"):
+        (tmp_path / "ck" / "exp" / name).write_text("mine")
+    result = grpo("models/not-there", tmp_path, "--RUN_NAME=exp", "--OVERWRITE=true", check=False)
+    refused(result, "holds files that no run wrote (b.txt, c.txt, data.csv, ... (4 in all))")
+    assert len(list((tmp_path / "ck" / "exp").iterdir())) == 5
+
+
+def test_resume_is_offered_only_where_there_is_a_checkpoint(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "exp.jsonl").write_text('{"step": 1}\n')  # a run killed before its first save
+    result = grpo("models/not-there", tmp_path, "--RUN_NAME=exp", check=False)
+    refused(result, "run 'exp' already exists", "Choose another --RUN_NAME, or replace it with --OVERWRITE=true")
+    assert "--RESUME" not in result.stderr
+
+
+# ------------------------------------------------------------ a resume changes nothing until it runs
+
+def test_a_resume_that_fails_its_checks_leaves_the_metrics_file_as_it_was(micro_model_dir, three_step_run, tmp_path):
+    shutil.copytree(three_step_run / "ck", tmp_path / "ck")
+    shutil.copytree(three_step_run / "logs", tmp_path / "logs")
+    before = (tmp_path / "logs" / "base.jsonl").read_bytes()
+    result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=base", "--MAX_STEPS=4", "--TRAIN_FILE=data/typo.jsonl",
+                  f"--RESUME={tmp_path / 'ck' / 'base' / 'lora_epoch0_step1.pt'}", check=False)
+    assert result.returncode != 0
+    assert (tmp_path / "logs" / "base.jsonl").read_bytes() == before
+
+
+def test_a_checkpoint_without_optimizer_state_is_refused_as_a_resume(micro_model_dir, three_step_run, tmp_path):
+    soup = load_checkpoint(three_step_run / "ck" / "base" / "lora_epoch0_step1.pt")
+    soup.update(optimizer=None, scheduler=None, step=0)
+    torch.save(soup, tmp_path / "soup.pt")
+    shutil.copytree(three_step_run / "logs", tmp_path / "logs")
+    before = (tmp_path / "logs" / "base.jsonl").read_bytes()
+    result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=base", f"--RESUME={tmp_path / 'soup.pt'}", check=False)
+    refused(result, "holds no optimizer state", "--INIT_LORA")
+    assert (tmp_path / "logs" / "base.jsonl").read_bytes() == before
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(micro_model_dir, three_step_run, tmp_path):
+    shutil.copytree(three_step_run / "ck", tmp_path / "ck")
+    shutil.copytree(three_step_run / "logs", tmp_path / "logs")
+    metrics_file = tmp_path / "logs" / "base.jsonl"
+    whole = metrics_file.read_text().splitlines()
+    metrics_file.write_text("\n".join(whole[:2]) + "\n" + whole[2][:25])  # step 3's line cut by a kill
+    result = run_script(["plot_metrics.py", f"--RUNS={metrics_file}", f"--OUT_FILE={tmp_path / 'm.png'}"])
+    assert f"warning: {metrics_file}:3: the last line is cut short" in result.stdout
+    result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=base", "--MAX_STEPS=3", "--LR=2e-4",
+                  f"--RESUME={tmp_path / 'ck' / 'base' / 'lora_epoch0_step2.pt'}")
+    assert f"warning: {metrics_file}:3: the last line is cut short" in result.stdout
+    assert [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_bad_metrics_line_before_the_last_is_refused_naming_it(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    with pytest.raises(MetricsFileError, match=r"m.jsonl:2: not a metrics record"):
+        read_metrics(path)
+
+
+# ------------------------------------------------------------------ saves on the clock, kept
+
+def test_save_every_minutes_saves_on_the_clock_and_keep_checkpoints_keeps_the_newest(micro_model_dir, tmp_path):
+    result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=clock", "--MAX_STEPS=3", "--SAVE_EVERY_MINUTES=1e-9",
+                  "--KEEP_CHECKPOINTS=2")
+    assert result.stdout.count("saved ") == 3  # after every step: its minutes have always passed
+    assert sorted(p.name for p in (tmp_path / "ck" / "clock").iterdir()) == ["lora_epoch0_step2.pt",
+                                                                             "lora_epoch0_step3.pt"]
+
+
+# ------------------------------------------------------------------------------------ locks
+
+def test_one_lock_covers_the_metrics_file_too(micro_model_dir, tmp_path):
+    (tmp_path / "logs").mkdir()
+    lock = tmp_path / "logs" / ".exp.jsonl.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))  # a run in another CHECKPOINT_DIR
+    result = grpo("models/not-there", tmp_path, "--RUN_NAME=exp", check=False)
+    refused(result, f"{tmp_path / 'logs' / 'exp.jsonl'} is in use by process {os.getpid()}")
+    assert not (tmp_path / "ck" / "exp" / ".lock").exists()  # the run folder's lock, taken first, is given back
+
+
+def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".lock").write_text(json.dumps({"host": "gpu-node-7", "pid": int(finished.stdout)}))
+    with pytest.raises(RunError, match=f"in use by process {int(finished.stdout)} on host gpu-node-7"):
+        RunLock(tmp_path / ".lock").acquire()
+    assert json.loads((tmp_path / ".lock").read_text())["host"] == "gpu-node-7"
+
+
+class FakeKernel32:
+    """Windows' OpenProcess / GetExitCodeProcess / CloseHandle for a table {pid: exit code} (259: STILL_ACTIVE)."""
+
+    def __init__(self, processes):
+        self.processes, self.closed = processes, []
+
+    def OpenProcess(self, access, inherit, pid):
+        return pid if pid in self.processes else 0
+
+    def GetExitCodeProcess(self, handle, exit_code):
+        exit_code._obj.value = self.processes[handle]
+        return 1
+
+    def CloseHandle(self, handle):
+        self.closed.append(handle)
+
+
+def test_the_windows_lock_check_reads_the_exit_code_and_never_signals(tmp_path, monkeypatch):
+    import ctypes
+
+    import common.run as run_module
+
+    def no_kill(*args):
+        raise AssertionError("os.kill on Windows ends the process it is given")
+
+    kernel32 = FakeKernel32({4242: 259, 4343: 0})  # 4242 runs, 4343 has exited, 4444 is gone (ERROR_INVALID_PARAMETER)
+    monkeypatch.setattr(run_module, "WINDOWS", True)
+    monkeypatch.setattr(run_module, "_kernel32", lambda: kernel32)
+    monkeypatch.setattr(run_module.os, "kill", no_kill)
+    monkeypatch.setattr(ctypes, "get_last_error", lambda: 87, raising=False)
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 4242}))
+    with pytest.raises(RunError, match="in use by process 4242"):
+        RunLock(lock).acquire()
+    for gone in (4343, 4444):
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone}))
+        taken = RunLock(lock)
+        taken.acquire()
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        taken.release()
+    assert kernel32.closed == [4242, 4343]  # every handle opened is closed
+    monkeypatch.setattr(ctypes, "get_last_error", lambda: 5, raising=False)  # ERROR_ACCESS_DENIED: another user's
+    assert run_module.process_alive(4545)
+
+
+def test_model_soup_refuses_to_overwrite_an_ingredient_or_an_existing_file(three_step_run, tmp_path):
+    ingredient = tmp_path / "lora_epoch0_step1.pt"
+    shutil.copy(three_step_run / "ck" / "base" / "lora_epoch0_step1.pt", ingredient)
+    shutil.copy(three_step_run / "ck" / "base" / "lora_epoch0_step2.pt", tmp_path / "b.pt")
+    before = ingredient.read_bytes()
+    soup = ["model_soup.py", f"--CKPTS={ingredient},{tmp_path / 'b.pt'}", "--MODEL_PATH=models/not-there"]
+    result = run_script([*soup, f"--OUT={ingredient}", "--OVERWRITE=true"], check=False)
+    refused(result, f"OUT={ingredient} is one of the CKPTS")
+    (tmp_path / "soup.pt").write_text("an earlier soup")
+    result = run_script([*soup, f"--OUT={tmp_path / 'soup.pt'}"], check=False)
+    refused(result, "exists", "--OVERWRITE=true")
+    assert ingredient.read_bytes() == before and (tmp_path / "soup.pt").read_text() == "an earlier soup"
