@@ -15,11 +15,12 @@ and rank 0 alone prints and writes them. The accuracy and the records are the si
 """
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from common.config import Device, Dtype, configure
+from common.config import Device, Dtype, configure, repo_path
 from common.distributed import is_main_process
 from common.prompts import INSTRUCTION as MATH_INSTRUCTION
 
@@ -41,7 +42,7 @@ SKIP_LONG_PROMPTS = False  # leave out (and count) problems too long for the con
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
 DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
-OUT_FILE: Path | None = None  # per-question JSONL (None = logs/eval_<model>_<time>.jsonl)
+OUT_FILE: Path | None = None  # per-question JSONL (None = logs/eval_<model>_<time>_<process id>.jsonl)
 COMPARE_TO: Path | None = None  # summary JSON of an earlier eval (e.g. the base model's) to print before -> after
 
 config = configure(globals(), quiet=not is_main_process())
@@ -51,15 +52,16 @@ from common.checkpoint import load_lora_checkpoint, resolve_checkpoint  # noqa: 
 from common.data import load_problems  # noqa: E402
 from common.distributed import cleanup, setup_distributed  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
-from common.model import context_length, load_model_and_tokenizer  # noqa: E402
+from common.model import load_model_and_tokenizer  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
-from common.run import check_writable, preflight_model, questions_that_fit  # noqa: E402
+from common.run import check_writable, preflight_model, questions_that_fit, room_for_prompts  # noqa: E402
 
 distributed = setup_distributed(DEVICE)
 # Before the model loads: a missing model file or an unwritable OUT_FILE would otherwise cost the whole evaluation.
 run_name = Path(LORA_CKPT).stem if LORA_CKPT else Path(MODEL_PATH).name
-out_file = Path(OUT_FILE or f"logs/eval_{run_name}_{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+# The process id makes the default unique: two evals started in the same second write two files.
+out_file = Path(OUT_FILE or repo_path(f"logs/eval_{run_name}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.jsonl"))
 if distributed.is_main:
     check_writable(out_file.parent, "the folder of OUT_FILE")
 preflight_model(MODEL_PATH)
@@ -68,7 +70,7 @@ problems = load_problems(EVAL_FILE, EVAL_LIMIT or None, GOLD_FIELD, reward.needs
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE, QUANT)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 problems, _ = questions_that_fit(tokenizer, prompt_format, problems, EVAL_FILE,
-                                 context_length(model) - MAX_NEW_TOKENS, SKIP_LONG_PROMPTS)
+                                 room_for_prompts(model, MAX_NEW_TOKENS), SKIP_LONG_PROMPTS)
 if LORA_CKPT is not None:
     LORA_CKPT = resolve_checkpoint(LORA_CKPT)
     checkpoint = load_lora_checkpoint(model, LORA_CKPT)

@@ -54,7 +54,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from common.checkpoint import load_checkpoint, restore_lora  # noqa: E402
 from common.lora import merge_and_unload  # noqa: E402
 from common.model import base_model_name, get_device, get_dtype, load_model, resolve_model_path, saved_dtype  # noqa: E402
-from common.peft_io import save_peft_adapter  # noqa: E402
+from common.peft_io import give_usual_mode, save_peft_adapter  # noqa: E402
 
 checkpoint = load_checkpoint(LORA_CKPT)
 base_path = resolve_model_path(MODEL_PATH or checkpoint["base_model"]["path"])
@@ -75,4 +75,5 @@ if MERGED_DIR is not None:
     merged_layers = merge_and_unload(model)
     model.save_pretrained(MERGED_DIR)
     AutoTokenizer.from_pretrained(base_path).save_pretrained(MERGED_DIR)
+    give_usual_mode(Path(MERGED_DIR).glob("*.safetensors"))
     print(f"merged model ({len(merged_layers)} layers merged, {dtype}) written to {MERGED_DIR}")

@@ -103,7 +103,7 @@ from common.lora import disable_lora  # noqa: E402
 from common.model import answer_end_token_id, context_length  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
-from common.run import TrainingRun, fit_to_context, questions_that_fit, warn_shared_questions  # noqa: E402
+from common.run import TrainingRun, fit_to_context, questions_that_fit, room_for_prompts, warn_shared_questions  # noqa: E402
 from dpo.loss import dpo_loss, dpo_stats, sft_loss  # noqa: E402
 from dpo.pairs import pack_pairs, pair_logprobs, tokenize_pair  # noqa: E402
 
@@ -128,7 +128,7 @@ tokenized = fit_to_context(tokenized, [len(prompt) + max(len(chosen), len(reject
                                        in tokenized], TRAIN_FILE, context_length(run.model_config),
                            "prompt with its longer answer", SKIP_LONG_PROMPTS)
 eval_problems, longest_eval_prompt = questions_that_fit(
-    tokenizer, prompt_format, eval_problems, EVAL_FILE, context_length(run.model_config) - MAX_NEW_TOKENS,
+    tokenizer, prompt_format, eval_problems, EVAL_FILE, room_for_prompts(run.model_config, MAX_NEW_TOKENS),
     SKIP_LONG_PROMPTS) if EVAL_EVERY else ([], 0)
 if len(tokenized) < BATCH_SIZE:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(tokenized)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")

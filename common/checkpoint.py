@@ -26,11 +26,13 @@ import pickle
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.errors import UserError
 from common.lora import apply_lora, load_lora_state_dict, lora_config, lora_modules, lora_state_dict
 from common.peft_io import is_peft_adapter_dir, read_peft_adapter
 
@@ -39,8 +41,13 @@ CHECKPOINT_KEYS = ("lora", "lora_config", "base_model", "optimizer", "scheduler"
 _NAME = re.compile(r"lora_epoch(\d+)_step(\d+)\.pt$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read, or that does not fit the model it is loaded into."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """A checkpoint path that does not exist, or a run folder without checkpoints."""
+
 
 
 def checkpoint_path(run_dir: str | Path, epoch: int, step: int) -> Path:
@@ -73,7 +80,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir() and not is_peft_adapter_dir(path):
         found = list_checkpoints(path)
         if not found:
-            raise FileNotFoundError(f"no lora_epoch*_step*.pt checkpoint in {path}")
+            raise CheckpointNotFoundError(f"no lora_epoch*_step*.pt checkpoint in {path}")
         return found[-1]
     return path
 
@@ -212,7 +219,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if is_peft_adapter_dir(path):
         return read_peft_adapter(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: anything else is some other file
+        raise CheckpointError(f"{path}: not a checkpoint (a .pt from this repository, or a PEFT adapter folder)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -24,6 +24,10 @@ before any model loads, in one line naming the constant and what is allowed:
     MAX_STEPS: Annotated[int, ">= 0"] = 0                # shorthand for "x >= 0"
     RUN_NAME: Annotated[str, re.compile("[A-Za-z0-9._-]+")] = "grpo"  # a pattern the whole value must match
 
+A default path into one of the repository's own folders (``REPO_FOLDERS``: "models/...",
+"data/...", "checkpoints", "logs") is the repository's, whatever folder the script is started from;
+a path given on the command line is relative to the current folder, as usual (``repo_path``).
+
 A comment may go on over the following lines: a comment-only line whose text is
 indented (``#`` then two or more spaces) continues the constant above it;
 ``# rollouts`` (one space) is a section heading.
@@ -42,6 +46,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from common.errors import UserError, report_user_errors
+
 
 # The annotations of two constants every script has.
 Device = typing.Annotated[str, "x in ('auto', 'cpu', 'mps', 'cuda') or x.startswith('cuda:')"]
@@ -51,8 +57,23 @@ Dtype = typing.Literal["auto", "float32", "bfloat16", "float16"]
 RunName = typing.Annotated[str, re.compile(r"[A-Za-z0-9._-]+"), "x not in ('.', '..')"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A command-line override that cannot be applied."""
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The repository's own folders: a default path into one of them is taken from REPO_ROOT.
+REPO_FOLDERS = ("models", "data", "checkpoints", "logs")
+
+
+def repo_path(path: str | Path) -> str | Path:
+    """A relative ``path`` into one of REPO_FOLDERS, as the repository's own: prefixed with REPO_ROOT
+    when the script runs in another folder (unchanged in the root, so the printed and stored configs
+    of a run started there stay as they were); any other path unchanged. Same type as ``path``."""
+    parts = Path(path).parts
+    if not parts or Path(path).is_absolute() or parts[0] not in REPO_FOLDERS or Path.cwd().resolve() == REPO_ROOT:
+        return path
+    return type(path)(REPO_ROOT / path)
 
 
 # Settings whose values must not reach logs or checkpoints (an access token, say).
@@ -271,11 +292,15 @@ def configure(namespace: dict, argv: list[str] | None = None, source_file: str |
 
     Updates ``namespace`` in place (the script's globals), prints the resolved
     config unless ``quiet``, and returns it as a JSON-friendly dict (paths as
-    strings, tuples as lists) for logs and checkpoints.  Reading ``sys.argv``
-    (``argv`` None), a bad override exits with the message and status 2 instead
-    of a traceback; with an explicit ``argv`` it raises ConfigError.
+    strings, tuples as lists) for logs and checkpoints.  A default left as it is
+    that points into the repository's folders is made the repository's (repo_path).
+    Reading ``sys.argv`` (``argv`` None: a script), a bad override exits with the
+    message and status 2 instead of a traceback, and from then on any UserError
+    the script meets is reported the same way, exit status 1 (common.errors); with
+    an explicit ``argv`` it raises ConfigError.
     """
     if argv is None:
+        report_user_errors()
         try:
             return _configure(namespace, sys.argv[1:], source_file, quiet)
         except ConfigError as exc:
@@ -296,6 +321,7 @@ def _configure(namespace: dict, argv: list[str], source_file: str | None, quiet:
         print(help_text(script, declarations, namespace))
         raise SystemExit(0)
 
+    given = set()
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"{script}: arguments are --NAME=value, got {arg!r} (try --help)")
@@ -305,6 +331,10 @@ def _configure(namespace: dict, argv: list[str], source_file: str | None, quiet:
             raise ConfigError(f"{script}: unknown constant {name!r}; valid names: {valid}")
         kind = _resolve_annotation(declarations[name]["annotation"], namespace)
         namespace[name] = convert(raw, kind, namespace[name], name)
+        given.add(name)
+    for name in declarations.keys() - given:
+        if isinstance(namespace[name], (str, Path)):
+            namespace[name] = repo_path(namespace[name])
     # Every value, the defaults too: a constant edited at the top of the script is checked as well.
     for name, info in declarations.items():
         check_value(name, namespace[name], _resolve_annotation(info["annotation"], namespace))

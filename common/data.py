@@ -13,9 +13,10 @@ A "question" is bare: the prompt builder (common/prompts.py) wraps it in the ins
 "prompt" is the user's own and is used as given.  The gold answer is the first present of
 ``GOLD_FIELDS`` (or the field named by ``gold_field``); "$7" and "1,000" are normalised to "7" and
 "1000", and a text gold with a "####" line or a \\boxed{...} reads the number there.  Every other
-field stays in the row: a reward function receives them all.  Every invalid line is reported as
-``<file> line <n>: <what>`` with the 1-based line number, so a broken dataset fails at load time
-and points at the line instead of failing mid-training.
+field stays in the row: a reward function receives them all.  Invalid lines are reported as
+``<file>:<n>: <what>`` with the 1-based line number, the first MAX_BAD_LINES of them at once, so a
+broken dataset fails at load time and points at its lines instead of failing mid-training.  A file
+may start with a UTF-8 byte-order mark and end its lines with CRLF (Windows editors write both).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from common.errors import UserError
 from common.reward import parse_number
 
 # Scripts that create the data files, named in the error for a missing file.
@@ -39,10 +41,16 @@ GOLD_FIELDS = ("gold_answer", "answer", "solution", "ground_truth")
 _GSM8K_HINT = ("raw GSM8K lines are {\"question\", \"answer\": \"... #### 72\"}; "
                "`python prepare_gsm8k.py --TRAIN_FILE=train.jsonl --TEST_FILE=test.jsonl` converts them")
 _BOXED = re.compile(r"\\boxed\s*\{([^{}]*)\}")
+# Invalid lines one error lists: enough to see a pattern, few enough to read.
+MAX_BAD_LINES = 5
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset line that is not valid; the message names the file and line."""
+
+
+class DataFileNotFoundError(UserError, FileNotFoundError):
+    """A dataset file that does not exist; the message says which script creates it, if one does."""
 
 
 def _missing_file(path: Path) -> FileNotFoundError:
@@ -51,27 +59,61 @@ def _missing_file(path: Path) -> FileNotFoundError:
         for marker, script in _GENERATORS.items():
             if marker in path.name:
                 message += f" (run `python {script}` from the repository root to create it)"
-    return FileNotFoundError(message)
+    return DataFileNotFoundError(message)
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(1-based line number, object) for each non-blank line; each line must be a JSON object."""
-    path = Path(path)
+def _parsed_lines(path: Path) -> Iterator[tuple[int, dict | DataError]]:
+    """(1-based line number, object, or the DataError of a line that is not a JSON object) for each
+    non-blank line. utf-8-sig reads a file with or without a byte-order mark; text mode turns CRLF
+    into LF."""
     if not path.is_file():
         raise _missing_file(path)
-    with path.open(encoding="utf-8") as lines:
+    with path.open(encoding="utf-8-sig") as lines:
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {line_number}: bad JSON "
-                                f"({exc.msg} at column {exc.colno})") from None
+                yield line_number, DataError(f"{path}:{line_number}: bad JSON ({exc.msg} at column {exc.colno})")
+                continue
             if not isinstance(record, dict):
-                raise DataError(f"{path} line {line_number}: expected a JSON object, "
-                                f"got {type(record).__name__}")
+                record = DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
             yield line_number, record
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for each non-blank line; each line must be a JSON object (DataError
+    at the first that is not)."""
+    for line_number, record in _parsed_lines(Path(path)):
+        if isinstance(record, DataError):
+            raise record
+        yield line_number, record
+
+
+def _valid_rows(path: str | Path, limit: int | None, row_of) -> list[dict]:
+    """``row_of(line_number, record, where)`` for each of the first ``limit`` (None = all) lines of ``path``.
+    A line it refuses (DataError) is collected and reading goes on: one DataError then lists the first
+    MAX_BAD_LINES bad lines, one per line of its message, and says when there are more."""
+    rows: list[dict] = []
+    bad: list[str] = []
+    for lines_read, (line_number, record) in enumerate(_parsed_lines(Path(path)), start=1):
+        try:
+            if isinstance(record, DataError):
+                raise record
+            rows.append(row_of(line_number, record, f"{path}:{line_number}"))
+        except DataError as error:
+            bad.append(str(error))
+            if len(bad) > MAX_BAD_LINES:
+                break
+        if lines_read == limit:
+            break
+    if len(bad) > MAX_BAD_LINES:
+        raise DataError("\n".join(bad[:MAX_BAD_LINES]) + f"\n{path}: more bad lines follow (the first "
+                        f"{MAX_BAD_LINES} are shown)")
+    if bad:
+        raise DataError("\n".join(bad))
+    return rows
 
 
 def _require_text(record: dict, field: str, where: str) -> str:
@@ -195,22 +237,21 @@ def load_problems(path: str | Path, limit: int | None = None, gold_field: str | 
     number (what the built-in math rewards and the numeric evaluation read); False for a reward of
     your own that reads the row itself."""
     _check_limit(limit)
-    problems: list[dict] = []
     if limit == 0:
-        return problems
-    file_format = first_line = None
-    for line_number, record in iter_jsonl(path):
-        where = f"{path} line {line_number}"
+        return []
+    file_format = first_line = None  # the file's format: that of its first line
+
+    def problem(line_number: int, record: dict, where: str) -> dict:
+        nonlocal file_format, first_line
         line_format = _check_format(record, where, "problems", file_format, first_line)
         if file_format is None:
             file_format, first_line = line_format, line_number
         text = _prompt(record, where, line_format)
         row = {**record, "gold_answer": _gold(record, where, gold_field, numeric_gold)}
         row.setdefault("question", text)
-        problems.append(row)
-        if len(problems) == limit:
-            break
-    return problems
+        return row
+
+    return _valid_rows(path, limit, problem)
 
 
 def _answer_text(record: dict, field: str, where: str) -> str:
@@ -236,12 +277,12 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
     object with chosen and rejected as text and, for TRL prompts without a "question" field,
     "question" (the prompt's text)."""
     _check_limit(limit)
-    pairs: list[dict] = []
     if limit == 0:
-        return pairs
-    file_format = first_line = None
-    for line_number, record in iter_jsonl(path):
-        where = f"{path} line {line_number}"
+        return []
+    file_format = first_line = None  # the file's format: that of its first line
+
+    def pair(line_number: int, record: dict, where: str) -> dict:
+        nonlocal file_format, first_line
         line_format = _check_format(record, where, "pairs", file_format, first_line)
         if file_format is None:
             file_format, first_line = line_format, line_number
@@ -251,10 +292,9 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
             raise DataError(f"{where}: chosen and rejected are the same text")
         row = {**record, "chosen": chosen, "rejected": rejected}
         row.setdefault("question", text)
-        pairs.append(row)
-        if len(pairs) == limit:
-            break
-    return pairs
+        return row
+
+    return _valid_rows(path, limit, pair)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:

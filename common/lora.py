@@ -38,11 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import UserError
 from common.quant import is_quantized
 
 
-class LoRAStateError(ValueError):
+class LoRAStateError(UserError, ValueError):
     """A LoRA state dict that does not fit the model's LoRA layers."""
+
+
+class LoRATargetError(UserError, ValueError):
+    """LORA_TARGETS naming no linear layer of the model; the message lists the names it has."""
 
 
 class LoRALinear(nn.Module):
@@ -180,6 +185,28 @@ def all_linear_targets(model: nn.Module) -> list[str]:
                    if isinstance(module, nn.Linear) and module is not head})
 
 
+def lora_targets(model: nn.Module, target_modules: Iterable[str]) -> list[str]:
+    """The sorted full names of the ``nn.Linear`` layers of ``model`` that ``target_modules`` names (see
+    apply_lora); LoRATargetError, listing the model's linear layer names, for a name that matches none.
+    A model built on the meta device (from its config.json, no weights) answers the same, in a moment:
+    LORA_TARGETS is checked before the weights load."""
+    if target_modules == ALL_LINEAR or list(target_modules) == [ALL_LINEAR]:
+        target_modules = all_linear_targets(model)
+    if isinstance(target_modules, str):
+        raise TypeError(f"target_modules must be a list of attribute names, got the string {target_modules!r}")
+    targets = set(target_modules)
+    if not targets:
+        raise LoRATargetError("LORA_TARGETS is empty: name the linear layers that get an adapter")
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    to_wrap = sorted(name for name in linear_names if _attribute_name(name) in targets)
+    unmatched = targets - {_attribute_name(name) for name in to_wrap}
+    if unmatched:
+        available = ", ".join(dict.fromkeys(_attribute_name(name) for name in linear_names))
+        raise LoRATargetError(f"LORA_TARGETS: no nn.Linear layer named {', '.join(sorted(unmatched))} in "
+                              f"{type(model).__name__}; its linear layers are: {available}")
+    return to_wrap
+
+
 def apply_lora(model: nn.Module, r: int, alpha: float, target_modules: Iterable[str], dropout: float = 0.0,
                use_rslora: bool = False) -> list[str]:
     """Wrap every ``nn.Linear`` whose attribute name is in ``target_modules`` in a LoRALinear.
@@ -192,26 +219,11 @@ def apply_lora(model: nn.Module, r: int, alpha: float, target_modules: Iterable[
     the string) is PEFT's shorthand: every linear layer except the output head.
     Returns the sorted full names of the wrapped layers.
     """
-    if target_modules == ALL_LINEAR or list(target_modules) == [ALL_LINEAR]:
-        target_modules = all_linear_targets(model)
-    if isinstance(target_modules, str):
-        raise TypeError(f"target_modules must be a list of attribute names, got the string {target_modules!r}")
-    targets = set(target_modules)
-    if not targets:
-        raise ValueError("target_modules is empty")
     existing = lora_modules(model)
     if existing:
         raise RuntimeError(f"apply_lora: the model already has {len(existing)} LoRA layers "
                            f"(e.g. {next(iter(existing))}); apply LoRA once per model")
-
-    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    to_wrap = sorted(name for name in linear_names if _attribute_name(name) in targets)
-    unmatched = targets - {_attribute_name(name) for name in to_wrap}
-    if unmatched:
-        available = ", ".join(dict.fromkeys(_attribute_name(name) for name in linear_names))
-        raise ValueError(f"no nn.Linear layer named {', '.join(sorted(unmatched))} in "
-                         f"{type(model).__name__}; its linear layers are: {available}")
-
+    to_wrap = lora_targets(model, target_modules)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for name in to_wrap:

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from common.errors import UserError
 from common.quant import QUANTS
 
 GB = 2 ** 30  # the tables' GB are GiB, as torch.cuda.mem_get_info counts and nvidia-smi reports (in MiB)
@@ -535,7 +536,7 @@ def gb_text(gb: float) -> str:
     return f"{gb:.1f}" if gb >= 1 else f"{gb:.3g}"
 
 
-class MemoryPlanError(RuntimeError):
+class MemoryPlanError(UserError, RuntimeError):
     """A run that will not fit in the memory it has; the message says what would make it fit."""
 
 

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import torch
 
+from common.config import REPO_FOLDERS, REPO_ROOT
+from common.errors import UserError
+
 TINY_MODEL_PATH = "models/tiny-gemma2-math"
 DEFAULT_HUB_ID = "google/gemma-2-2b-it"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """A model directory that does not exist, with the commands that create it."""
 
 
@@ -60,8 +63,11 @@ def get_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def missing_model_message(path: str | Path) -> str:
+    in_repo = REPO_ROOT / path
+    where = (f" (a relative path is taken from the current folder, {Path.cwd()}; the repository has "
+             f"{in_repo})") if not Path(path).is_absolute() and in_repo.is_dir() else ""
     return (
-        f"model directory {str(path)!r} not found.\n"
+        f"model directory {str(path)!r} not found{where}.\n"
         f"  Gemma 2 2B Instruct: accept the licence at https://huggingface.co/{DEFAULT_HUB_ID}, then\n"
         f"      hf download {DEFAULT_HUB_ID} --local-dir models/gemma-2-2b-it\n"
         f"  (or: python download_model.py --REPO_ID={DEFAULT_HUB_ID} --LOCAL_DIR=models/gemma-2-2b-it)\n"
@@ -70,7 +76,7 @@ def missing_model_message(path: str | Path) -> str:
     )
 
 
-class IncompleteModelError(FileNotFoundError):
+class IncompleteModelError(UserError, FileNotFoundError):
     """A model directory with a file missing or cut short; the message names it."""
 
 
@@ -179,6 +185,16 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, quant
     return model
 
 
+def meta_model(path: str | Path):
+    """The causal LM of ``path`` built from its config.json on the meta device: its modules and shapes
+    without weights or memory (checking LORA_TARGETS before the weights load)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def context_length(model) -> int:
     """The longest sequence the model (or its config) takes: its language model's max_position_embeddings
     (a Gemma 3 multimodal config keeps it in its text_config)."""
@@ -261,9 +277,11 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 def looks_like_hub_id(name: str | Path) -> bool:
     """Whether ``name`` reads as a Hub repository id ("Qwen/Qwen2.5-1.5B-Instruct") rather than a local
-    path: owner/name, and the owner is not a local directory ("models/gemma-2-2b-it" is a path)."""
+    path: owner/name, and the owner is neither a local directory nor one of the repository's folders
+    ("models/gemma-2-2b-it" is a path, from any folder: never sent to the Hub)."""
     text = str(name)
-    return bool(_HUB_ID.fullmatch(text)) and not Path(text.split("/")[0]).exists()
+    owner = text.split("/")[0]
+    return bool(_HUB_ID.fullmatch(text)) and not Path(owner).exists() and owner not in REPO_FOLDERS
 
 
 def download_model(repo_id: str, local_dir: str | Path, revision: str | None = None, token: str | None = None) -> Path:

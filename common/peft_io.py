@@ -16,12 +16,15 @@ tests check both directions against it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.errors import UserError
 from common.lora import lora_config, lora_state_dict
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -34,8 +37,18 @@ _UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "lay
                 "target_parameters": None}
 
 
-class PeftAdapterError(ValueError):
+class PeftAdapterError(UserError, ValueError):
     """An adapter directory that is not a LoRA adapter this project can load; the message says why."""
+
+
+def give_usual_mode(paths: Iterable[str | Path]) -> None:
+    """Give the files ``paths`` the mode a new file gets (0o666 less the umask: 0o644 usually).
+    safetensors (0.8) writes through a private temporary file, so the files it writes, transformers'
+    model.safetensors included, would stay 0o600: unreadable to a group that serves the model."""
+    umask = os.umask(0)  # reading the umask means setting it
+    os.umask(umask)
+    for path in paths:
+        Path(path).chmod(0o666 & ~umask)
 
 
 def is_peft_adapter_dir(path: str | Path) -> bool:
@@ -68,6 +81,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_
         "init_lora_weights": True,
     }
     (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+    give_usual_mode([out_dir / PEFT_WEIGHTS_FILE])
     return out_dir
 
 

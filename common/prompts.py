@@ -23,6 +23,12 @@ from pathlib import Path
 
 from jinja2.exceptions import TemplateError
 
+from common.errors import UserError
+
+class ChatTemplateNotFoundError(UserError, FileNotFoundError):
+    """A CHAT_TEMPLATE file that does not exist."""
+
+
 INSTRUCTION = "Solve step by step. End with the line 'Answer: <number>'."
 
 
@@ -48,9 +54,9 @@ def configure_prompts(tokenizer, instruction: str = INSTRUCTION, system_prompt: 
     elif str(chat_template) != "auto":
         path = Path(chat_template)
         if not path.is_file():
-            raise FileNotFoundError(f"CHAT_TEMPLATE {str(chat_template)!r}: no such file (give auto for the "
-                                    f"tokenizer's own template, none for raw text, or a Jinja file)")
-        tokenizer.chat_template = path.read_text(encoding="utf-8")
+            raise ChatTemplateNotFoundError(f"CHAT_TEMPLATE {str(chat_template)!r}: no such file (give auto for the "
+                                            f"tokenizer's own template, none for raw text, or a Jinja file)")
+        tokenizer.chat_template = path.read_text(encoding="utf-8-sig")  # with or without a byte-order mark
     return PromptFormat(instruction, system_prompt)
 
 

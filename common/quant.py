@@ -30,13 +30,15 @@ from typing import Literal
 import torch
 from torch import nn
 
+from common.errors import UserError
+
 QUANTS = ("none", "nf4")
 # The annotation of a script's QUANT constant (common.config checks it at start-up).
 Quant = Literal["none", "nf4"]
 BITSANDBYTES_REQUIREMENT = "bitsandbytes==0.50.2"
 
 
-class QuantizationUnavailable(RuntimeError):
+class QuantizationUnavailable(UserError, RuntimeError):
     """QUANT=nf4 asked for where it cannot run: bitsandbytes missing, or a device it does not support."""
 
 

@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import UserError
+
 # One number as written in model output: optional sign (ASCII or unicode minus),
 # optional "$", digits with thousands commas or plain digits (with an optional
 # exponent, 1.2e3) or ".5", an optional "/denominator" for simple fractions, an
@@ -296,7 +298,7 @@ def get_reward_fn(name: str) -> Callable[..., RewardResult]:
 # --- rewards you bring ----------------------------------------------------------
 
 
-class RewardSpecError(ValueError):
+class RewardSpecError(UserError, ValueError):
     """A REWARD spec that cannot be loaded, or a reward function that returned something unusable."""
 
 

@@ -55,15 +55,16 @@ from transformers import AutoConfig
 
 from common.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
                                remove_stale_temporary_files, restore_training_state, save_checkpoint, start_lora)
+from common.errors import UserError
 from common.data import iter_jsonl, load_problems, step_items
 from common.distributed import (DistributedContext, all_reduce_max, cleanup, gather_rank_states, restore_rank_state,
                                 shard)
 from common.logprobs import enable_gradient_checkpointing
-from common.lora import lora_parameters
+from common.lora import lora_parameters, lora_targets
 from common.memory_plan import MemoryPlanError, check_fits, free_gpu_memory_gb, generation_batch, plan_memory
 from common.metrics_log import LoggerUnavailableError, MetricsLogger
 from common.model import (check_model_dir, context_length, get_device, get_dtype, load_model, load_tokenizer,
-                          resolve_model_path)
+                          meta_model, resolve_model_path)
 from common.prompts import encode_prompts
 from common.schedule import warmup_then_schedule
 from common.synth import normalise_question
@@ -84,11 +85,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(
 SAME_INTERRUPTION_S = 2.0
 
 
-class RunError(SystemExit):
+class RunError(UserError):
     """A run that must not start: the message is printed as ``error: ...`` and the exit status is 1."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
 
 
 def _refuse_outside(path: Path, folder: str | Path, name: str) -> None:
@@ -103,6 +101,9 @@ def check_writable(directory: str | Path, what: str) -> Path:
     """Create ``directory`` if needed and prove it writable (a probe file made and removed), so that a
     bad folder fails now and not at the first save, hours later."""
     directory = Path(directory)
+    for folder in (directory, *directory.parents):  # mkdir would say "File exists" or "Not a directory"
+        if folder.exists() and not folder.is_dir():
+            raise RunError(f"{what} {directory}: {folder} is a file, not a folder")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-probe-{os.getpid()}"
@@ -239,13 +240,23 @@ def fit_to_context(rows: list[dict], lengths: list[int], path: str | Path, max_l
     too_long = [index for index, length in enumerate(lengths) if length > max_length]
     if too_long and not skip:
         first = too_long[0]
-        raise RunError(f"{path} line {line_numbers[first]}: the {what} is {lengths[first]} tokens, more than the "
+        raise RunError(f"{path}:{line_numbers[first]}: the {what} is {lengths[first]} tokens, more than the "
                        f"{max_length} that fit ({len(too_long)} such line(s)); shorten them, or skip them with "
                        f"--SKIP_LONG_PROMPTS=true")
     if too_long:
         print(f"skipped {len(too_long)} line(s) of {path} whose {what} is longer than {max_length} tokens")
     dropped = set(too_long)
     return [row for index, row in enumerate(rows) if index not in dropped]
+
+
+def room_for_prompts(model, max_new_tokens: int) -> int:
+    """The tokens a prompt may have in the context of ``model`` (or its config) beside MAX_NEW_TOKENS of
+    answer; refused when that leaves none."""
+    context = context_length(model)
+    if max_new_tokens >= context:
+        raise RunError(f"MAX_NEW_TOKENS={max_new_tokens} leaves no room for the prompt in the model's context of "
+                       f"{context} tokens: a prompt and MAX_NEW_TOKENS must fit in it together")
+    return context - max_new_tokens
 
 
 def questions_that_fit(tokenizer, prompt_format, problems: list[dict], path: str | Path, max_length: int,
@@ -498,7 +509,7 @@ class TrainingRun:
         steps they make: (problems, eval problems, steps per epoch, total steps: MAX_STEPS or the
         NUM_EPOCHS epochs). The longest prompt kept is self.longest_prompt, for the memory plan."""
         config = self.config
-        prompt_room = context_length(self.model_config) - config["MAX_NEW_TOKENS"]
+        prompt_room = room_for_prompts(self.model_config, config["MAX_NEW_TOKENS"])
         problems, self.longest_prompt = questions_that_fit(tokenizer, prompt_format, problems, config["TRAIN_FILE"],
                                                            prompt_room, config["SKIP_LONG_PROMPTS"])
         if self.eval_every:
@@ -519,7 +530,11 @@ class TrainingRun:
         return load_tokenizer(self.model_path), self.device
 
     def load_model(self):
-        """MODEL_PATH's causal LM on the run's device, in DTYPE, its linear layers in QUANT (load_model)."""
+        """MODEL_PATH's causal LM on the run's device, in DTYPE, its linear layers in QUANT (load_model). A
+        new LoRA's LORA_TARGETS are checked first, on the model built without its weights (meta_model)."""
+        config = self.config
+        if config.get("LORA_R") and self.checkpoint is None and config.get("INIT_LORA") is None:
+            lora_targets(meta_model(self.model_path), config["LORA_TARGETS"])
         return load_model(self.model_path, self.device, get_dtype(self.config["DTYPE"], self.device),
                           self.config["QUANT"])
 

@@ -48,7 +48,7 @@ def test_problems_load_with_extra_fields_and_answers_as_strings(tmp_path):
 def test_blank_lines_are_skipped_and_line_numbers_still_count_them(tmp_path):
     path = write_lines(tmp_path, [GOOD_PROBLEM, "", "   ", GOOD_PROBLEM, '{"question": "x?"}'])
     message = error_for(load_problems, path)
-    assert message.startswith(f"{path} line 5: no gold answer: none of the fields gold_answer, answer, solution, "
+    assert message.startswith(f"{path}:5: no gold answer: none of the fields gold_answer, answer, solution, "
                               f"ground_truth (name yours with GOLD_FIELD)")
 
     path = write_lines(tmp_path, ["", GOOD_PROBLEM, "", GOOD_PROBLEM, ""])
@@ -70,13 +70,13 @@ def test_limit_stops_early(tmp_path):
 def test_bad_json_names_file_line_and_the_json_error(tmp_path):
     path = write_lines(tmp_path, [GOOD_PROBLEM, GOOD_PROBLEM, '{"question": "x", "gold_answer": }'])
     message = error_for(load_problems, path)
-    assert message.startswith(f"{path} line 3: bad JSON (Expecting value")
+    assert message.startswith(f"{path}:3: bad JSON (Expecting value")
 
 
 @pytest.mark.parametrize("line, kind", [("[1, 2]", "list"), ('"text"', "str"), ("7", "int")])
 def test_a_line_that_is_not_an_object(tmp_path, line, kind):
     path = write_lines(tmp_path, [GOOD_PROBLEM, line])
-    assert error_for(load_problems, path) == f"{path} line 2: expected a JSON object, got {kind}"
+    assert error_for(load_problems, path) == f"{path}:2: expected a JSON object, got {kind}"
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -100,7 +100,7 @@ def test_a_line_that_is_not_an_object(tmp_path, line, kind):
 ])
 def test_invalid_problems(tmp_path, line, problem):
     path = write_lines(tmp_path, [GOOD_PROBLEM, GOOD_PROBLEM, GOOD_PROBLEM, line])
-    assert error_for(load_problems, path) == f"{path} line 4: {problem}"
+    assert error_for(load_problems, path) == f"{path}:4: {problem}"
 
 
 def test_pairs_load(tmp_path):
@@ -147,9 +147,9 @@ def test_invalid_pairs(tmp_path, line, problem):
     path = write_lines(tmp_path, [GOOD_PAIR, line])
     message = error_for(load_pairs, path)
     if problem is None:
-        assert message.startswith(f"{path} line 2: bad JSON (")
+        assert message.startswith(f"{path}:2: bad JSON (")
     else:
-        assert message == f"{path} line 2: {problem}"
+        assert message == f"{path}:2: {problem}"
 
 
 def test_problems_load_with_golds_in_any_common_form(tmp_path):
@@ -171,7 +171,7 @@ def test_gold_fields_are_read_in_order_or_as_named(tmp_path):
     assert load_problems(path)[0]["gold_answer"] == "3"
     assert load_problems(path, gold_field="label")[0]["gold_answer"] == "6"
     message = error_for(lambda p: load_problems(p, gold_field="target"), path)
-    assert message == f"{path} line 1: missing field 'target' (the GOLD_FIELD)"
+    assert message == f"{path}:1: missing field 'target' (the GOLD_FIELD)"
 
 
 def test_raw_gsm8k_loads_with_the_number_after_the_hashes(tmp_path):
@@ -204,7 +204,10 @@ def test_a_gold_is_optional_and_may_be_text_for_a_reward_of_your_own(tmp_path):
     path = write_lines(tmp_path, ['{"prompt": "Capital of France?", "answer": "Paris"}',
                                   '{"prompt": "Write a haiku."}', '{"prompt": "Price?", "answer": "$7"}'])
     assert [p["gold_answer"] for p in load_problems(path, numeric_gold=False)] == ["Paris", None, "7"]
-    assert error_for(load_problems, path) == f"{path} line 1: answer 'Paris' is not a number"
+    assert error_for(load_problems, path).splitlines() == [
+        f"{path}:1: answer 'Paris' is not a number",
+        f"{path}:2: no gold answer: none of the fields gold_answer, answer, solution, ground_truth (name yours "
+        f"with GOLD_FIELD)"]
 
 
 @pytest.mark.parametrize("prompt, problem", [
@@ -218,7 +221,7 @@ def test_a_gold_is_optional_and_may_be_text_for_a_reward_of_your_own(tmp_path):
 def test_invalid_conversations(tmp_path, prompt, problem):
     good = json.dumps({"prompt": [{"role": "user", "content": "2 + 3?"}], "gold_answer": "5"})
     path = write_lines(tmp_path, [good, json.dumps({"prompt": prompt, "gold_answer": "1"})])
-    assert error_for(load_problems, path).startswith(f"{path} line 2: {problem}")
+    assert error_for(load_problems, path).startswith(f"{path}:2: {problem}")
 
 
 def test_data_error_is_a_value_error():
