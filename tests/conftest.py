@@ -155,3 +155,12 @@ def micro_arch_dir(tmp_path_factory):
         return made[arch]
 
     return make
+
+
+def sample_with(model, prompt_ids, tokenizer=None, eos_token_ids=None, pad_token_id=None, **settings):
+    """common.sampler.sample with its SamplingParams given as keywords (num_samples, max_new_tokens,
+    temperature, top_p, top_k, chunk_rows, sampler, generator): the tests vary them one at a time."""
+    from common.sampler import SamplingParams, sample
+
+    return sample(model, prompt_ids, SamplingParams(**settings), tokenizer=tokenizer, eos_token_ids=eos_token_ids,
+                  pad_token_id=pad_token_id)
