@@ -530,14 +530,18 @@ def _compiler_has_gpu_backend() -> bool:
     return False
 
 
+def _auto_path(device: torch.device) -> str:
+    """What ``auto`` samples with on ``device``: compiled on CUDA, static there without Triton, else eager."""
+    if device.type != "cuda":
+        return "eager"
+    return "compiled" if _compiler_has_gpu_backend() else "static"
+
+
 def _sample_rows(model, prompt_rows, settings: SamplingParams, stop_ids, pad_id):
     """One chunk of rows through the path ``settings.sampler`` names; ``auto`` takes the compiled static
     path on CUDA (static without Triton) when it can run these rows (else the eager one), and the eager
     path elsewhere."""
-    path = settings.sampler
-    if path == "auto":
-        on_cuda = next(model.parameters()).device.type == "cuda"
-        path = ("compiled" if _compiler_has_gpu_backend() else "static") if on_cuda else "eager"
+    path = _auto_path(next(model.parameters()).device) if settings.sampler == "auto" else settings.sampler
     if path != "eager":
         refusal = _static_path_refusal(model, max(len(row) for row in prompt_rows), settings.max_new_tokens)
         if refusal is not None and settings.sampler != "auto":

@@ -21,6 +21,14 @@ TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-gemma2-math"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: also runs on CUDA where a GPU is at hand (pytest -m cuda)")
+
+
+# The devices an equivalence test (marked cuda) runs on: the CPU always, CUDA where it is at hand.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
 def micro_config(arch: str = "gemma2", vocab_size: int = 64, **overrides):
     """A transformers config for a micro model of ``arch`` (gemma2, llama or qwen2)."""
     from transformers import Gemma2Config, LlamaConfig, Qwen2Config
