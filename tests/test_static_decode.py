@@ -155,10 +155,11 @@ def test_the_models_own_decode_attention_repeats_the_kv_buffers(arch, attention,
 @pytest.mark.parametrize("arch", MICRO_ARCHITECTURES)
 def test_static_path_gives_the_eager_tokens_and_logprobs_in_fp32_on_every_architecture(arch, device):
     model = micro_arch_model(arch, num_attention_heads=4, num_key_value_heads=2).to(device)
-    stop = stop_token_of(model.cpu()) if device == "cpu" else stop_token_of(model.cpu().to(device))
-    model = model.to(device)
-    settings = dict(num_samples=3, max_new_tokens=12, temperature=0.9, top_k=20, eos_token_ids=[stop],
-                    pad_token_id=PAD, chunk_rows=4)  # 9 rows: chunks of 4, 4 and 1 padded to 4
+    settings = dict(num_samples=3, max_new_tokens=12, temperature=0.9, top_k=20, pad_token_id=PAD,
+                    chunk_rows=4)  # 9 rows: chunks of 4, 4 and 1 padded to 4
+    free_run = sample_with(model, PROMPTS, sampler="eager", generator=torch.Generator(device).manual_seed(3),
+                           eos_token_ids=[-1], **settings)
+    settings["eos_token_ids"] = [int(free_run.completion_ids[0, 2])]  # row 0 stops by its third token
     eager = sample_with(model, PROMPTS, sampler="eager", generator=torch.Generator(device).manual_seed(3), **settings)
     static = sample_with(model, PROMPTS, sampler="static", generator=torch.Generator(device).manual_seed(3),
                          **settings)
