@@ -56,6 +56,7 @@ from common.model import load_model_and_tokenizer  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
 from common.run import check_writable, preflight_model, questions_that_fit, room_for_prompts  # noqa: E402
+from common.sampler import SamplingParams  # noqa: E402
 
 distributed = setup_distributed(DEVICE)
 # Before the model loads: a missing model file or an unwritable OUT_FILE would otherwise cost the whole evaluation.
@@ -77,8 +78,9 @@ if LORA_CKPT is not None:
     print(f"loaded LoRA {LORA_CKPT} (step {checkpoint['step']}, trained on {checkpoint['base_model']['path']})")
 print(f"evaluating {MODEL_PATH}{' + ' + str(LORA_CKPT) if LORA_CKPT else ''} on {len(problems)} problems of {EVAL_FILE} ({device}, {next(model.parameters()).dtype})")
 
-result = evaluate(model, tokenizer, problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,  # sharded across the ranks
-                  reward=reward, prompt_format=prompt_format, sampler=SAMPLER)
+eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE, sampler=SAMPLER)
+result = evaluate(model, tokenizer, problems, eval_sampling,  # sharded across the ranks
+                  reward=reward, prompt_format=prompt_format)
 cleanup()
 if not distributed.is_main:  # rank 0 alone writes: every rank holds the same gathered result
     raise SystemExit(0)

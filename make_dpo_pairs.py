@@ -52,7 +52,7 @@ from common.data import load_problems, write_jsonl  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward, score_batch  # noqa: E402
-from common.sampler import sample  # noqa: E402
+from common.sampler import SamplingParams, sample  # noqa: E402
 from dpo.pairs import build_pairs, exclude_eval_questions  # noqa: E402
 
 torch.manual_seed(SEED)
@@ -66,15 +66,18 @@ if not problems:
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE, QUANT)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 stop_ids = stop_token_ids(model, tokenizer)
-generator = torch.Generator(device=device).manual_seed(SEED)
+# Each batch's rows sampled together; the static path pads the last batch to as many.
+sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE,
+                          chunk_rows=BATCH_SIZE * NUM_SAMPLES_PER_PROMPT,
+                          generator=torch.Generator(device=device).manual_seed(SEED))
 print(f"{len(problems)} questions ({excluded} eval questions removed), {NUM_SAMPLES_PER_PROMPT} samples each, "
       f"on {device}" + (", linear layers in 4-bit NF4" if QUANT == "nf4" else ""))
 
 texts_per_question, correct_per_question, rewards_per_question = [], [], []
 for first in tqdm(range(0, len(problems), BATCH_SIZE), desc="sampling", unit="batch"):
     batch = problems[first:first + BATCH_SIZE]
-    samples = sample(model, encode_prompts(tokenizer, batch, prompt_format), NUM_SAMPLES_PER_PROMPT,
-                     MAX_NEW_TOKENS, TEMPERATURE, eos_token_ids=stop_ids, tokenizer=tokenizer, generator=generator)
+    samples = sample(model, encode_prompts(tokenizer, batch, prompt_format), sampling, tokenizer=tokenizer,
+                     eos_token_ids=stop_ids)
     scores = score_batch(reward, samples.texts, [batch[i] for i in samples.prompt_index.tolist()], samples.truncated)
     # Rows are question-major (row = question * K + k): slice each question's K answers.
     for start in range(0, len(scores), NUM_SAMPLES_PER_PROMPT):

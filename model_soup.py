@@ -74,6 +74,7 @@ from common.checkpoint import (CheckpointError, load_checkpoint, resolve_checkpo
                                save_checkpoint)
 from common.data import load_problems  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
+from common.sampler import SamplingParams  # noqa: E402
 from common.model import get_device, get_dtype, load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
@@ -117,12 +118,15 @@ def with_lora(checkpoint: dict, label: str):
     return model
 
 
+eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=BATCH_SIZE)
+
+
 def accuracy(model, split: str, label: str) -> float | None:
     """Greedy accuracy on the split (None when its file is None)."""
     if split not in problems:
         return None
-    result = evaluate(model, tokenizer, problems[split], BATCH_SIZE, MAX_NEW_TOKENS, desc=f"{split}: {label}",
-                      reward=reward, prompt_format=prompt_format)
+    result = evaluate(model, tokenizer, problems[split], eval_sampling, desc=f"{split}: {label}", reward=reward,
+                      prompt_format=prompt_format)
     print(f"{label} on {split}: {result.summary()}")
     return result.accuracy
 

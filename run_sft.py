@@ -78,6 +78,7 @@ from common import synth  # noqa: E402  (after configure: --help stays fast)
 from common.data import load_problems  # noqa: E402
 from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
+from common.sampler import SamplingParams  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing, token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.model import answer_end_token_id  # noqa: E402
@@ -180,9 +181,12 @@ scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, MAX_STEPS, LR_SCHEDULE
 final_eval: dict = {}  # the last eval's metrics, for sft_info.json
 
 
+eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE, sampler=SAMPLER)
+
+
 def run_eval(step: int):
-    result = evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, desc=f"eval@{step}",
-                      prompt_format=prompt_format, sampler=SAMPLER)
+    result = evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
+                      prompt_format=prompt_format)
     final_eval.update(result.metrics())
     return result
 

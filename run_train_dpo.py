@@ -99,6 +99,7 @@ config = configure(globals(), quiet=not is_main_process())
 from common.data import load_pairs, load_problems  # noqa: E402
 from common.distributed import all_gather_objects, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
+from common.sampler import SamplingParams  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
 from common.model import answer_end_token_id, context_length  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
@@ -140,10 +141,10 @@ model = run.load_model()
 steps_per_epoch = len(tokenized) // BATCH_SIZE
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
+eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE, sampler=SAMPLER)
 run.track(model, tokenizer, optimizer, scheduler,
-          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
-                                         desc=f"eval@{step}", reward=eval_reward, prompt_format=prompt_format,
-                                         sampler=SAMPLER))
+          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
+                                         reward=eval_reward, prompt_format=prompt_format))
 print(f"{len(tokenized)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {BATCH_SIZE // distributed.world_size} pairs per step")

@@ -120,6 +120,7 @@ from common.policy_gradient import logprob_mismatch, truncated_importance_weight
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
 from common.rollout import rollout_batch, rollout_means, rollout_summary, rollout_sums, sample_and_score  # noqa: E402
+from common.sampler import SamplingParams, even_chunk_rows  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
 from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
 from grpo.loss import grpo_loss  # noqa: E402
@@ -135,17 +136,23 @@ tokenizer, device = run.load_tokenizer()
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)  # before stop_token_ids
 problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(tokenizer, prompt_format, problems,
                                                                           eval_problems, PROMPTS_PER_STEP)
+rows_per_step = PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT  # this rank's
 generation_batch_size = run.check_memory(  # the memory plan, before the weights load
-    rows=PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT,
+    rows=rows_per_step,
     samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
     micro_batch_size=MICRO_BATCH_SIZE)
 model = run.load_model()
-sampling_generator = run.sampling_generator(device)  # each rank its own samples
+# The sampling settings, as one value: a step's rows in equal chunks of at most GENERATION_BATCH_SIZE
+# (the static path pads the last chunk, and the last eval batch, to one row count per run).
+sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
+                          chunk_rows=even_chunk_rows(rows_per_step, generation_batch_size), sampler=SAMPLER,
+                          generator=run.sampling_generator(device))  # each rank its own samples
+eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE,
+                               sampler=SAMPLER)
 trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
 run.track(model, tokenizer, optimizer, scheduler,
-          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
-                                         desc=f"eval@{step}", reward=reward, prompt_format=prompt_format,
-                                         sampler=SAMPLER))
+          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
+                                         reward=reward, prompt_format=prompt_format))
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step")
@@ -156,8 +163,7 @@ for step in run.steps(total_steps, steps_per_epoch):
 
     # 1. Rollouts: G completions per question in one batch, each scored with its row.
     samples, sample_rows, scores, generate_seconds = sample_and_score(
-        model, tokenizer, prompt_format, batch, reward, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE,
-        TOP_P, TOP_K, sampling_generator, generation_batch_size, SAMPLER)
+        model, tokenizer, prompt_format, batch, reward, sampling)
 
     # 2. Group advantages.
     rewards = torch.tensor([s.total for s in scores]).view(len(batch), NUM_SAMPLES_PER_PROMPT)

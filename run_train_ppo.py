@@ -138,6 +138,7 @@ from common.policy_gradient import logprob_mismatch, truncated_importance_weight
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
 from common.rollout import rollout_batch, rollout_means, rollout_summary, rollout_sums, sample_and_score  # noqa: E402
+from common.sampler import SamplingParams, even_chunk_rows  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
 from ppo.critic import Critic, completion_logprobs_and_values  # noqa: E402
@@ -160,12 +161,19 @@ problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(tokeni
 # The memory plan, before the weights load. The critic's own adapter is a second LoRA of the actor's rank,
 # run as a second body pass whose activations the backward holds too: planned as rank 2r and twice the rows.
 critic_passes = 2 if CRITIC_FEATURES == "adapter" else 1
+rows_per_step = PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT  # this rank's
 generation_batch_size = run.check_memory(
-    rows=PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT,
+    rows=rows_per_step,
     samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
     micro_batch_size=MICRO_BATCH_SIZE * critic_passes, lora_r=LORA_R * critic_passes)
 model = run.load_model()
-sampling_generator = run.sampling_generator(device)  # each rank its own samples
+# The sampling settings, as one value: a step's rows in equal chunks of at most GENERATION_BATCH_SIZE
+# (the static path pads the last chunk, and the last eval batch, to one row count per run).
+sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
+                          chunk_rows=even_chunk_rows(rows_per_step, generation_batch_size), sampler=SAMPLER,
+                          generator=run.sampling_generator(device))  # each rank its own samples
+eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE,
+                               sampler=SAMPLER)
 start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 critic = Critic(model, CRITIC_FEATURES, CRITIC_HIDDEN).to(device)
 if GRADIENT_CHECKPOINTING:
@@ -184,9 +192,8 @@ optimizer = torch.optim.AdamW(parameter_groups, weight_decay=WEIGHT_DECAY)
 scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
 run.restore(optimizer, scheduler)
 run.track(model, tokenizer, optimizer, scheduler,
-          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
-                                         desc=f"eval@{step}", reward=reward, prompt_format=prompt_format,
-                                         sampler=SAMPLER),
+          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
+                                         reward=reward, prompt_format=prompt_format),
           extra=lambda: {"critic": critic.state_dict(), "critic_features": CRITIC_FEATURES})
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in actor_parameters) / 1e6:.3f}M + critic ({CRITIC_FEATURES}) "
@@ -213,8 +220,7 @@ for step in run.steps(total_steps, steps_per_epoch):
 
     # 1. Rollouts and their task rewards, each scored with its row.
     samples, sample_rows, scores, generate_seconds = sample_and_score(
-        model, tokenizer, prompt_format, batch, reward, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE,
-        TOP_P, TOP_K, sampling_generator, generation_batch_size, SAMPLER)
+        model, tokenizer, prompt_format, batch, reward, sampling)
     task_rewards = torch.tensor([s.total for s in scores], dtype=torch.float32)
     rollouts = rollout_batch(samples, None, tokenizer.pad_token_id)
     mask = rollouts.completion_mask

@@ -133,7 +133,7 @@ from common.policy_gradient import logprob_mismatch  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
 from common.quant import QuantizationUnavailable, check_quant  # noqa: E402
 from common.rollout import rollout_batch  # noqa: E402
-from common.sampler import left_pad, sample  # noqa: E402
+from common.sampler import SamplingParams, left_pad, sample  # noqa: E402
 from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
 from grpo.loss import grpo_loss  # noqa: E402
 
@@ -302,9 +302,9 @@ generate_ids, generate_mask = left_pad([ids for ids in prompt_ids for _ in range
 
 def our_sampler(sampler: str, seed: int) -> tuple[int, float, int]:
     """(generated tokens, compile seconds, rows that ran to the limit) of one call of common.sampler.sample."""
-    samples = sample(model, prompt_ids, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, eos_token_ids=stop_ids,
-                     pad_token_id=tokenizer.pad_token_id, generator=torch.Generator(device=device).manual_seed(seed),
-                     sampler=sampler)
+    settings = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, sampler=sampler,
+                              generator=torch.Generator(device=device).manual_seed(seed))
+    samples = sample(model, prompt_ids, settings, eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id)
     return int(samples.completion_mask.sum()), samples.compile_seconds, int(samples.truncated.sum())
 
 
@@ -363,8 +363,9 @@ def grpo_step() -> dict:
     running["phase"] = "generation"
     with measured(phases["generation"]):
         model.eval()
-        samples = sample(model, prompt_ids, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, eos_token_ids=stop_ids,
-                         tokenizer=tokenizer, generator=sampling_generator, sampler=SAMPLER)
+        samples = sample(model, prompt_ids, SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE,
+                                                           sampler=SAMPLER, generator=sampling_generator),
+                         tokenizer=tokenizer, eos_token_ids=stop_ids)
     running["phase"] = "scoring"
     with measured(phases["scoring"]):
         rewards = torch.randint(0, 2, (len(prompt_ids), NUM_SAMPLES_PER_PROMPT), generator=reward_generator).float()

@@ -78,7 +78,7 @@ from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
 from common.reward import get_reward_fn  # noqa: E402
 from common.rollout import rollout_batch  # noqa: E402
-from common.sampler import sample  # noqa: E402
+from common.sampler import SamplingParams, sample  # noqa: E402
 from common.schedule import lr_factor  # noqa: E402
 from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
 from grpo.loss import grpo_loss  # noqa: E402
@@ -128,8 +128,9 @@ def grpo_step(step: int) -> int:
     with timer.phase("generation"):
         model.eval()
         prompt_ids = encode_prompts(tokenizer, [p["question"] for p in batch])
-        samples = sample(model, prompt_ids, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
-                         eos_token_ids=stop_ids, tokenizer=tokenizer, generator=sampling_generator)
+        samples = sample(model, prompt_ids, SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P,
+                                                           TOP_K, generator=sampling_generator),
+                         tokenizer=tokenizer, eos_token_ids=stop_ids)
     with timer.phase("scoring"):
         golds = [batch[i]["gold_answer"] for i in samples.prompt_index.tolist()]
         rewards = torch.tensor([reward_fn(text, gold, bool(cut)).total

@@ -48,7 +48,7 @@ from bench import markdown_table, write_results  # noqa: E402
 from common.data import load_problems  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
-from common.sampler import left_pad, sample  # noqa: E402
+from common.sampler import SamplingParams, left_pad, sample  # noqa: E402
 
 model, tokenizer, device = load_model_and_tokenizer(MODEL_PATH, DEVICE, DTYPE)
 stop_ids = stop_token_ids(model, tokenizer)
@@ -63,9 +63,9 @@ else:
 
 def shared_sampler(seed: int) -> int:
     """Sample with common/sampler.py; returns the number of real generated tokens."""
-    samples = sample(model, prompt_ids, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
-                     eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id,
-                     generator=torch.Generator(device=device).manual_seed(seed))
+    settings = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
+                              generator=torch.Generator(device=device).manual_seed(seed))
+    samples = sample(model, prompt_ids, settings, eos_token_ids=stop_ids, pad_token_id=tokenizer.pad_token_id)
     return int(samples.completion_mask.sum())
 
 

@@ -20,7 +20,7 @@ from common.distributed import all_gather_objects, is_main_process, shard
 from common.model import stop_token_ids
 from common.prompts import PromptFormat, encode_prompts
 from common.reward import answers_match, extract_answer
-from common.sampler import sample
+from common.sampler import SamplingParams, sample
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -67,30 +67,33 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, problems: list[dict], batch_size: int = 64, max_new_tokens: int = 256,
-             progress: bool = True, desc: str = "eval", reward=None, prompt_format: PromptFormat | None = None,
-             sampler: str = "auto") -> EvalResult:
+def evaluate(model, tokenizer, problems: list[dict], settings: SamplingParams, progress: bool = True,
+             desc: str = "eval", reward=None, prompt_format: PromptFormat | None = None) -> EvalResult:
     """Greedy-decode every problem (prompts from common.prompts with ``prompt_format``) and score it:
     the extracted number against the gold answer, or, given a ``reward`` (common.reward.load_reward),
     the reward's ``correct``, which is how a non-numeric task is evaluated.
 
-    ``sampler`` is common.sampler.sample's (auto: the compiled static-cache path on CUDA, eager elsewhere).
+    ``settings``: greedy SamplingParams (temperature 0, one sample); its ``chunk_rows`` problems are
+    decoded together (0 = all), the static path padding the last batch to as many rows.
 
     Under torchrun every rank must call it (it shards ``problems`` and gathers the records); each
     gets the whole result.
     """
+    if settings.temperature != 0 or settings.num_samples != 1:
+        raise ValueError("evaluate() decodes greedily: settings need temperature 0 and num_samples 1 "
+                         "(SamplingParams.greedy())")
     was_training = model.training
     model.eval()
     stop_ids = stop_token_ids(model, tokenizer)
     own_problems = shard(problems)
     records, generated = [], 0
     start = time.perf_counter()
+    batch_size = settings.chunk_rows or max(1, len(own_problems))
     batches = range(0, len(own_problems), batch_size)
     for first in tqdm(batches, desc=desc, disable=not (progress and is_main_process()), unit="batch"):
         batch = own_problems[first:first + batch_size]
-        out = sample(model, encode_prompts(tokenizer, batch, prompt_format), num_samples=1,
-                     max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=stop_ids,
-                     tokenizer=tokenizer, sampler=sampler)
+        out = sample(model, encode_prompts(tokenizer, batch, prompt_format), settings, tokenizer=tokenizer,
+                     eos_token_ids=stop_ids)
         generated += int(out.completion_mask.sum())
         for problem, text, cut_off in zip(batch, out.texts, out.truncated.tolist()):
             prediction = extract_answer(text)

@@ -116,6 +116,18 @@ def _scaled_logits(hidden: torch.Tensor, head_weight: torch.Tensor, softcap: flo
     return logits.div_(temperature), tanh_of_logits
 
 
+def head_logits(model, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The model's logits [..., V] of hidden states [..., H] (``body_hidden_states``) through the same
+    head as token_logprobs: fp32 output (fp64 for an fp64 model), Gemma 2's soft-cap applied once in
+    fp32, no temperature. What the sampler draws from, so that its log-probs are the trainer's."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("token_logprobs supports output heads without bias only")
+    flat = hidden_states.reshape(-1, hidden_states.size(-1))
+    logits, _ = _scaled_logits(flat, _head_operand(head.weight), _final_logit_softcap(model), 1.0)
+    return logits.view(*hidden_states.shape[:-1], -1)
+
+
 class _ChunkedHeadLogprobs(torch.autograd.Function):
     """log p(target) (and optionally entropy) of N positions from hidden states [N, H] and the head
     weight [V, H], chunk by chunk in forward and in backward (see the module docstring)."""

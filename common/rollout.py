@@ -28,7 +28,7 @@ from common.policy_gradient import check_completion_mask
 from common.model import stop_token_ids
 from common.prompts import encode_prompts
 from common.reward import score_batch
-from common.sampler import SampleOutput, left_pad, sample
+from common.sampler import SampleOutput, SamplingParams, left_pad, sample
 
 
 @dataclass
@@ -142,21 +142,17 @@ def rollout_means(totals: dict, generate_seconds: float) -> dict:
             "tokens_per_s": totals["length"] / generate_seconds}
 
 
-def sample_and_score(model, tokenizer, prompt_format, batch: list[dict], reward, num_samples: int,
-                     max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                     generator: torch.Generator, rows_per_chunk: int, sampler: str
+def sample_and_score(model, tokenizer, prompt_format, batch: list[dict], reward, settings: SamplingParams
                      ) -> tuple[SampleOutput, list[dict], list, float]:
-    """An RL step's rollouts: ``num_samples`` completions of each question of ``batch`` in one batch
-    (common.sampler.sample, rows_per_chunk 0 = all rows at once), each stopping at EOS or the chat
-    template's end of turn, then each scored by ``reward`` with its row. Returns (samples, each
-    sample's row, scores, seconds of sampling); the seconds leave out a compilation of the decode
-    step, which is reported once here instead."""
+    """An RL step's rollouts: ``settings.num_samples`` completions of each question of ``batch`` in one
+    batch (common.sampler.sample), each stopping at EOS or the chat template's end of turn, then each
+    scored by ``reward`` with its row. Returns (samples, each sample's row, scores, seconds of
+    sampling); the seconds leave out a compilation of the decode step, which is reported once here
+    instead."""
     start = time.perf_counter()
     model.eval()
-    samples = sample(model, encode_prompts(tokenizer, batch, prompt_format), num_samples, max_new_tokens,
-                     temperature, top_p, top_k, eos_token_ids=stop_token_ids(model, tokenizer), tokenizer=tokenizer,
-                     generator=generator,
-                     max_rows_per_chunk=rows_per_chunk or None, sampler=sampler)
+    samples = sample(model, encode_prompts(tokenizer, batch, prompt_format), settings, tokenizer=tokenizer,
+                     eos_token_ids=stop_token_ids(model, tokenizer))
     seconds = time.perf_counter() - start - samples.compile_seconds
     if samples.compile_seconds:  # the first call, a recompilation, or a CUDA graph recorded for a new shape
         tqdm.write(f"compiled the decode step in {samples.compile_seconds:.1f}s (not counted in generate_s, step_s)")

@@ -21,43 +21,102 @@ gives the same tokens on both:
   KV cache copied to its rows, and a row that has stopped leaves the batch (its
   cache and mask rows are dropped), so later steps compute only the rows still
   going.  That needs the host to know, at every token, which rows stopped.
-* ``static`` / ``compiled`` (``auto`` picks ``compiled`` on CUDA): the same
-  prefill, with prompts left-padded to a multiple of PROMPT_BUCKET tokens,
-  copied into KV buffers of a fixed size, [rows, kv heads, bucketed width +
-  max_new_tokens - 1 slots or more, head dim], which the model reads through
-  a 4D attention mask of the slots each row attends to.  Every decode step
-  then has the same shapes: a stopped row keeps computing (on a pad token, its
-  outputs masked out), and "have all rows stopped" is asked every
-  STOP_CHECK_EVERY tokens instead of at each one.  ``compiled`` runs that step
-  through ``torch.compile(mode="reduce-overhead")``, which on CUDA replays it
-  as a CUDA graph: one launch per token instead of one per kernel.  Rows and
-  cache length are marked dynamic, so one compilation serves every shape; each
-  new shape still records its own graph.  The buffers outlive the call (the
-  graphs read them at fixed addresses): 2 * layers * kv heads * head dim *
-  slots * rows numbers, 2.6 GB for Gemma 2 2B at 128 rows of 191 slots in bf16.
-  What the first two decode steps of a call take beyond the third (the
-  compilation, the graph's warm-up and recording) is returned as
+* ``static`` / ``compiled`` (``auto`` picks ``compiled`` on CUDA, ``static`` there
+  when the compiler has no GPU backend): the same prefill, with prompts left-padded
+  to a multiple of PROMPT_BUCKET tokens, copied into KV buffers of a fixed size,
+  [rows, kv heads, slots, head dim] with slots = bucketed width + max_new_tokens - 1
+  rounded up to a multiple of SLOT_MULTIPLE, which the model reads through a 4D
+  attention mask of the slots each row attends to.  Every decode step then has
+  the same shapes: a stopped row keeps computing (on a pad token, its outputs
+  masked out), and "have all rows stopped" is asked every STOP_CHECK_EVERY tokens
+  instead of at each one.  A chunk of rows is padded with dummy rows (stopped from
+  the start, drawing nothing from the race) to ``SamplingParams.chunk_rows``, so a
+  run meets one row count for its rollouts and one for its evals; the buffers of
+  every shape are views at the start of one allocation per layer (_KV_STORAGE),
+  which grows to the largest shape met and never moves otherwise: a long prompt
+  bucket is attended over only while it lasts.  The decode step reads the KV
+  buffers un-repeated through ``gqa_decode_attention`` (Gemma 2, Llama, Qwen 2/3,
+  Mistral), where transformers' eager and compiled sdpa attention would copy them
+  to every query head.  ``compiled`` runs that step through
+  ``torch.compile(mode="reduce-overhead")``, which on CUDA replays it as a CUDA
+  graph: one launch per token instead of one per kernel.  Rows and cache length
+  are marked dynamic, so one compilation serves every shape; each new shape still
+  records its own graph.  What the first two decode steps of a call take beyond
+  the third (the compilation, the graph's warm-up and recording) is returned as
   ``SampleOutput.compile_seconds``, for a trainer to report apart from its step
   time.
+
+On every path the logits come from the body's last hidden state through the
+trainer's head (common.logprobs.head_logits: fp32 output, Gemma 2's soft-cap once
+in fp32), so the sampler's log-probs are the trainer's up to the body's rounding.
+The settings (samples, length, temperature, top-p, top-k, generator, rows per
+chunk, path) travel as one SamplingParams.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import importlib.util
+import math
+import sys
 import time
 import weakref
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, StaticLayer
+
+from common.logprobs import head_logits
 
 SAMPLERS = ("auto", "eager", "static", "compiled")
 # Prompts are left-padded to a multiple of this many tokens on the static path, so a run meets a few
 # cache shapes (each one a CUDA graph to record), not one per batch.
 PROMPT_BUCKET = 64
+# The static path's KV slots are rounded up to a multiple of this: an odd slot count makes sdpa's
+# memory-efficient kernel copy a padded mask, and the GEMMs over the slots prefer aligned lengths.
+SLOT_MULTIPLE = 16
 # The static path asks "have all rows stopped?" (a host-device sync) once every this many tokens;
 # at most this many - 1 steps are computed after the last row stopped.
 STOP_CHECK_EVERY = 8
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample, as one value (like vLLM's SamplingParams, transformers' GenerationConfig): built
+    once from a script's constants and handed down unchanged to sample() and evaluate()."""
+    num_samples: int = 1                    # completions per prompt
+    max_new_tokens: int = 256               # completion length limit
+    temperature: float = 1.0                # 0 = greedy
+    top_p: float = 1.0                      # nucleus sampling (1.0 = off)
+    top_k: int = 0                          # top-k sampling (0 = off)
+    chunk_rows: int = 0                     # rows sampled together (0 = all); the static path pads a chunk to this
+    sampler: str = "auto"                   # eager, static, compiled, or auto (see the module docstring)
+    generator: torch.Generator | None = None  # the race's random source (None: the device's default one)
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.num_samples < 1 or self.chunk_rows < 0:
+            raise ValueError(f"num_samples must be >= 1 and chunk_rows >= 0, got {self.num_samples}, "
+                             f"{self.chunk_rows}")
+
+    def greedy(self) -> SamplingParams:
+        """The same settings for a greedy evaluation: one sample per prompt at temperature 0."""
+        return dataclasses.replace(self, num_samples=1, temperature=0.0, top_p=1.0, top_k=0, generator=None)
+
+
+def even_chunk_rows(num_rows: int, max_rows: int) -> int:
+    """Rows per chunk when ``num_rows`` are sampled at most ``max_rows`` at a time (0 = all) in chunks
+    of equal size, the last one padded: 128 rows at most 80 at a time are 2 chunks of 64, not 80 + 48."""
+    if not max_rows or max_rows >= num_rows:
+        return num_rows
+    chunks = -(-num_rows // max_rows)
+    return -(-num_rows // chunks)
 
 
 @dataclass
@@ -108,9 +167,58 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device,
     return input_ids.to(device), attention_mask.to(device)
 
 
+def gqa_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                         **kwargs):
+    """Attention of one new token per row against the un-repeated K/V of grouped-query attention.
+
+    query [B, H, 1, D], key / value [B, KV, L, D] with H = KV * G: the query heads of KV head k are
+    k * G ... k * G + G - 1 (transformers' repeat_kv), so q viewed as [B, KV, G, D] multiplies each KV
+    head's keys once for its whole group. Eager attention expands K and V to [B, H, L, D] first, and
+    under torch.compile sdpa does too: a copy of the whole cache per layer per token. The rest is
+    eager attention's: scores * scaling, the soft-cap c tanh(s / c) (Gemma 2), the additive mask, a
+    softmax in fp32 cast back. A multi-token query (a prefill) goes to the model's own eager attention.
+    Returns (output [B, 1, H, D], weights [B, H, 1, L]), as every attention function does."""
+    batch, heads, query_length, head_dim = query.shape
+    if query_length != 1:
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                     **({"softcap": softcap} if softcap is not None else {}), **kwargs)
+    kv_heads = key.size(1)
+    if scaling is None:
+        scaling = head_dim ** -0.5
+    grouped_query = query.view(batch, kv_heads, heads // kv_heads, head_dim)
+    weights = torch.matmul(grouped_query, key.transpose(2, 3)) * scaling  # [B, KV, G, L]
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
+    if attention_mask is not None:
+        weights = weights + attention_mask  # [B, 1, 1, L]: the same slots for every head
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(weights, value)  # [B, KV, G, D]
+    return output.reshape(batch, 1, heads, head_dim), weights.reshape(batch, heads, 1, -1)
+
+
+GQA_DECODE = "gqa_decode"
+AttentionInterface.register(GQA_DECODE, gqa_decode_attention)
+# The architectures whose attention layers the static path switches to GQA_DECODE for its decode steps.
+_GQA_DECODE_MODEL_TYPES = frozenset({"gemma2", "llama", "qwen2", "qwen3", "mistral"})
+
+
+@contextlib.contextmanager
+def _decode_attention(model):
+    """The model's attention layers run GQA_DECODE inside, where its architecture is one of
+    _GQA_DECODE_MODEL_TYPES; its own attention again after."""
+    original = model.config._attn_implementation
+    if model.config.model_type in _GQA_DECODE_MODEL_TYPES:
+        model.config._attn_implementation = GQA_DECODE
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = original
+
+
 def _prefill(model, prompt_rows, pad_id, width=None):
     """Each distinct prompt through the model once, then its cache, mask and positions copied to each
-    of its rows: (DynamicCache over the rows, next-token logits [N, V], prompt mask [N, width],
+    of its rows: (DynamicCache over the rows, next-token logits [N, V] in fp32, prompt mask [N, width],
     last positions [N, 1])."""
     device = next(model.parameters()).device
     distinct_prompts: dict[tuple[int, ...], int] = {}
@@ -118,48 +226,46 @@ def _prefill(model, prompt_rows, pad_id, width=None):
                               device=device)
     prompt_ids, prompt_mask = left_pad([list(prompt) for prompt in distinct_prompts], pad_id, device, width)
     prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-    outputs = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
-                    logits_to_keep=1)  # only the last position is needed: no [N, L, vocab] tensor at prefill
+    outputs = model.get_decoder()(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
+                                  use_cache=True)
     cache = outputs.past_key_values
     cache.batch_select_indices(row_prompt)
-    return cache, outputs.logits[row_prompt, -1], prompt_mask[row_prompt], prompt_positions[row_prompt, -1:]
+    # The head on the last position alone: no [N, L, vocab] tensor at prefill.
+    logits = head_logits(model, outputs.last_hidden_state[:, -1])
+    return cache, logits[row_prompt], prompt_mask[row_prompt], prompt_positions[row_prompt, -1:]
 
 
-def _draw_tokens(logits, temperature, top_p, top_k, generator, num_rows, batch_rows=None):
-    """(next token, its log-prob) for each row of ``logits`` [rows, V]: the argmax when temperature
-    is 0, else the exponential race. The race is drawn for all ``num_rows`` rows of the batch, and
-    read at ``batch_rows`` (the rows still going) when given."""
-    logits = logits.float()  # soft-capping (Gemma 2) is already applied inside the model
-    if temperature == 0:
+def _draw_tokens(logits, settings: SamplingParams, num_rows, batch_rows=None):
+    """(next token, its log-prob) for each row of the fp32 ``logits`` [rows, V]: the argmax when
+    temperature is 0, else the exponential race. The race is drawn for the batch's ``num_rows`` real
+    rows, read at ``batch_rows`` (the rows still going) when given; rows past ``num_rows`` (the static
+    path's dummy rows) draw nothing and take their argmax."""
+    if settings.temperature == 0:
         next_token = logits.argmax(dim=-1)
         return next_token, logits.log_softmax(dim=-1).gather(-1, next_token[:, None]).squeeze(-1)
-    log_dist = filter_logits(logits / temperature, top_k, top_p).log_softmax(dim=-1)
+    log_dist = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p).log_softmax(dim=-1)
     # torch.multinomial(p, 1) is argmax(p / E), E ~ Exp(1) drawn for all its rows; drawn here for every
     # row, stopped ones too, the random stream (and so each seed's tokens) is what multinomial's was.
-    race = torch.empty((num_rows, log_dist.size(-1)), dtype=log_dist.dtype, device=log_dist.device)
-    race.exponential_(generator=generator)
+    race = torch.empty((log_dist.size(0) if batch_rows is None else num_rows, log_dist.size(-1)),
+                       dtype=log_dist.dtype, device=log_dist.device)
+    race[:num_rows].exponential_(generator=settings.generator)
+    race[num_rows:] = 1.0
     if batch_rows is not None:
         race = race[batch_rows]
     next_token = (log_dist.exp() / race).argmax(dim=-1)
     return next_token, log_dist.gather(-1, next_token[:, None]).squeeze(-1)
 
 
-def _check_finite(logprobs: torch.Tensor) -> None:
-    # A token drawn from NaN or +inf logits has a NaN log-prob; torch.multinomial refused such distributions, and
-    # so does this, once at the end rather than with a host sync at every step.
-    if torch.isnan(logprobs).any():
-        raise ValueError("the model's logits are not finite (NaN or inf) at some sampled position")
-
-
 # inference_mode, not just no_grad: no autograd bookkeeping at all on the many small ops of a decode step
 # (about 8% faster on the CPU). Its tensors cannot enter autograd later; sample() passes every one of them
 # through torch.cat, whose results are ordinary tensors.
 @torch.inference_mode()
-def _sample_rows_eager(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id, generator):
+def _sample_rows_eager(model, prompt_rows, settings: SamplingParams, stop_ids, pad_id):
     device = next(model.parameters()).device
-    num_rows = len(prompt_rows)
+    num_rows, max_new_tokens = len(prompt_rows), settings.max_new_tokens
     cache, logits, attention_mask, positions = _prefill(model, prompt_rows, pad_id)
     stop_ids_tensor = torch.tensor(stop_ids, device=device)
+    body = model.get_decoder()
 
     completion_ids = torch.full((num_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     completion_mask = torch.zeros((num_rows, max_new_tokens), device=device)
@@ -171,9 +277,10 @@ def _sample_rows_eager(model, prompt_rows, max_new_tokens, temperature, top_p, t
         if step:
             positions = positions + 1
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            logits = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True).logits[:, -1]
-        next_token, token_logprob = _draw_tokens(logits, temperature, top_p, top_k, generator, num_rows, batch_rows)
+            hidden = body(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
+                          past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            logits = head_logits(model, hidden)
+        next_token, token_logprob = _draw_tokens(logits, settings, num_rows, batch_rows)
         completion_ids[batch_rows, step] = next_token
         logprobs[batch_rows, step] = token_logprob
         completion_mask[batch_rows, step] = 1.0
@@ -188,7 +295,10 @@ def _sample_rows_eager(model, prompt_rows, max_new_tokens, temperature, top_p, t
             batch_rows, next_token, positions = batch_rows[going], next_token[going], positions[going]
             attention_mask = attention_mask[going]
             cache.batch_select_indices(going)
-    _check_finite(logprobs)
+    # A token drawn from NaN or +inf logits has a NaN log-prob; torch.multinomial refused such
+    # distributions, and so does this, once at the end rather than with a host sync at every step.
+    if torch.isnan(logprobs).any():
+        raise ValueError("the model's logits are not finite (NaN or inf) at some sampled position")
     return (completion_ids[:, :steps_taken], completion_mask[:, :steps_taken], logprobs[:, :steps_taken],
             truncated, 0.0)
 
@@ -208,7 +318,7 @@ def _static_path_refusal(model, prompt_width: int, max_new_tokens: int) -> str |
     if device.type not in ("cuda", "cpu"):
         return f"it runs on cuda or cpu, not {device.type}"
     attention = model.config._attn_implementation
-    if attention not in ("eager", "sdpa"):
+    if attention not in ("eager", "sdpa", GQA_DECODE):
         return f"it builds its own attention masks, which {attention!r} attention does not take (eager, sdpa)"
     if max_new_tokens < 1:
         return "max_new_tokens < 1"
@@ -227,30 +337,62 @@ def _bucketed_width(prompt_width: int, max_new_tokens: int, window: int | None) 
     return width if window is None else max(prompt_width, min(width, window - max_new_tokens))
 
 
-# model -> ((rows, kv heads, head dim, dtype, device), Cache): the KV buffers of the model's latest
-# static-path call, one set per model. A CUDA graph reads them at fixed addresses, so they are kept
-# and reused by the next call with as many rows, and only grow in length: a longer prompt bucket
-# reallocates them (and every graph is recorded again), a shorter one leaves the slots past its rows
-# masked. Another number of rows replaces them.
-_KV_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _KVStorage:
+    """One model's static KV memory: per layer, one flat allocation for the keys and one for the values,
+    and the Cache of each shape met, whose layers are views at the start of those allocations. A CUDA
+    graph reads them at fixed addresses, so they outlive a call; a shape larger than any before
+    reallocates them (and every shape's graph is recorded again), a smaller one, such as the next step's
+    after a long prompt, is a view of as many slots as it needs."""
+
+    def __init__(self, numels, dtype, device):
+        self.dtype, self.device = dtype, device
+        self.flat = [(torch.zeros(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device))
+                     for n in numels]
+        self.caches: dict[tuple, Cache] = {}
+
+    def fits(self, numels, dtype, device) -> bool:
+        return (dtype, device) == (self.dtype, self.device) and len(numels) == len(self.flat) and all(
+            n <= keys.numel() for n, (keys, _) in zip(numels, self.flat))
+
+    def cache(self, shapes, slots: int) -> Cache:
+        key = (tuple(shapes), slots)
+        if key not in self.caches:
+            cache = Cache(layers=[StaticLayer(max_cache_len=slots) for _ in shapes])
+            for layer, shape, (keys, values) in zip(cache.layers, shapes, self.flat):
+                layer.dtype, layer.device = self.dtype, self.device
+                layer.batch_size, layer.num_heads, _, layer.k_head_dim = shape
+                layer.v_head_dim = layer.k_head_dim
+                layer.keys, layer.values = (flat[:math.prod(shape)].view(shape) for flat in (keys, values))
+                layer.cumulative_length = layer.cumulative_length.to(self.device)
+                for buffer in (layer.keys, layer.values, layer.cumulative_length):
+                    torch._dynamo.mark_static_address(buffer)
+                for buffer in (layer.keys, layer.values):  # rows and length: one compilation for every shape
+                    torch._dynamo.maybe_mark_dynamic(buffer, 0)
+                    torch._dynamo.maybe_mark_dynamic(buffer, 2)
+                layer.is_initialized = True
+            self.caches[key] = cache
+        return self.caches[key]
 
 
-def _static_kv_cache(model, prefilled: Cache, width: int, min_length: int) -> Cache:
-    """A cache of StaticLayer buffers [rows, kv heads, length >= min_length, head dim] holding the
-    prefill's keys and values in their first ``width`` slots and zeros after them, positioned to write
-    the next token at slot ``width``."""
+# model -> its _KVStorage (see there): the static path's KV buffers, one allocation per layer for K and V.
+_KV_STORAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _static_kv_cache(model, prefilled: Cache, width: int, slots: int) -> Cache:
+    """A cache of StaticLayer buffers [rows, kv heads, slots, head dim] holding the prefill's keys and
+    values in their first ``width`` slots and zeros after them, positioned to write the next token at
+    slot ``width``."""
+    shapes = [(layer.keys.size(0), layer.keys.size(1), slots, layer.keys.size(3)) for layer in prefilled.layers]
+    numels = [math.prod(shape) for shape in shapes]
     first = prefilled.layers[0].keys
-    kind = (first.size(0), first.size(1), first.size(3), first.dtype, first.device)
-    kept_kind, cache = _KV_BUFFERS.get(model, (None, None))
-    if kept_kind != kind or cache.layers[0].max_cache_len < min_length:
-        _KV_BUFFERS.pop(model, None)  # free the old buffers before allocating the new ones
-        cache = Cache(layers=[StaticLayer(max_cache_len=min_length) for _ in prefilled.layers])
-        for layer, prefilled_layer in zip(cache.layers, prefilled.layers):
-            layer.lazy_initialization(prefilled_layer.keys, prefilled_layer.values)
-            for buffer in (layer.keys, layer.values):  # rows and length: one compilation for every shape
-                torch._dynamo.maybe_mark_dynamic(buffer, 0)
-                torch._dynamo.maybe_mark_dynamic(buffer, 2)
-        _KV_BUFFERS[model] = (kind, cache)
+    storage = _KV_STORAGE.get(model)
+    if storage is None or not storage.fits(numels, first.dtype, first.device):
+        if storage is not None and storage.fits([0] * len(numels), first.dtype, first.device):
+            numels = [max(n, keys.numel()) for n, (keys, _) in zip(numels, storage.flat)]  # the largest met
+        _KV_STORAGE.pop(model, None)
+        storage = None  # the old buffers are freed before the new ones are allocated
+        _KV_STORAGE[model] = _KVStorage(numels, first.dtype, first.device)
+    cache = _KV_STORAGE[model].cache(shapes, slots)
     for layer, prefilled_layer in zip(cache.layers, prefilled.layers):
         for buffer, prefilled_buffer in ((layer.keys, prefilled_layer.keys), (layer.values, prefilled_layer.values)):
             buffer[:, :, :width] = prefilled_buffer
@@ -261,14 +403,16 @@ def _static_kv_cache(model, prefilled: Cache, width: int, min_length: int) -> Ca
 
 def _decode_step(model, cache: Cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  slot_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token logits [N, V] of one new token per row [N, 1] against the static cache. ``slot_mask``
-    [N, cache length] is True on the slots a row attends to: its prompt's real tokens and every token
-    since, the one written now included; the model gets it as a 4D additive mask, which it takes as
-    is (transformers' masking_utils returns 4D masks unchanged)."""
+    """Next-token logits [N, V] (fp32, from the trainer's head) of one new token per row [N, 1] against
+    the static cache. ``slot_mask`` [N, cache length] is True on the slots a row attends to: its
+    prompt's real tokens and every token since, the one written now included; the model gets it as a
+    4D additive mask, which it takes as is (transformers' masking_utils returns 4D masks unchanged)."""
     additive_mask = torch.zeros(slot_mask.shape, dtype=model.dtype, device=slot_mask.device)
     additive_mask.masked_fill_(~slot_mask, torch.finfo(model.dtype).min)
-    return model(input_ids=input_ids, attention_mask=additive_mask[:, None, None, :], position_ids=position_ids,
-                 past_key_values=cache, use_cache=True).logits[:, -1]
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=additive_mask[:, None, None, :],
+                                 position_ids=position_ids, past_key_values=cache,
+                                 use_cache=True).last_hidden_state[:, -1]
+    return head_logits(model, hidden)
 
 
 @functools.cache
@@ -309,129 +453,129 @@ def _one_off_seconds(step_seconds: list[float]) -> float:
 # no_grad rather than inference_mode: the KV buffers outlive the call and are written in place by the
 # next one, and torch.compile traces ordinary tensors (HF's generate runs its compiled steps the same way).
 @torch.no_grad()
-def _sample_rows_static(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id, generator,
-                        compiled):
+def _sample_rows_static(model, prompt_rows, settings: SamplingParams, stop_ids, pad_id, compiled):
     device = next(model.parameters()).device
-    num_rows = len(prompt_rows)
+    num_rows, max_new_tokens = len(prompt_rows), settings.max_new_tokens
+    # Dummy rows (the first prompt again: no extra prefill) up to the run's chunk size, at least 2 (a
+    # dimension of size 1 would be specialised, and compiled again).
+    rows = max(2, settings.chunk_rows, num_rows)
     width = _bucketed_width(max(len(row) for row in prompt_rows), max_new_tokens, _sliding_window(model.config))
-    prefilled, logits, prompt_mask, positions = _prefill(model, prompt_rows, pad_id, width)
+    prefilled, logits, prompt_mask, positions = _prefill(model, prompt_rows + [prompt_rows[0]] * (rows - num_rows),
+                                                         pad_id, width)
     # The last sampled token is never fed back: width + max_new_tokens - 1 slots are written at most.
-    cache = _static_kv_cache(model, prefilled, width, width + max_new_tokens - 1)
-    cache_length = cache.layers[0].max_cache_len
+    slots = -(-(width + max_new_tokens - 1) // SLOT_MULTIPLE) * SLOT_MULTIPLE
+    cache = _static_kv_cache(model, prefilled, width, slots)
     del prefilled
-    slot_mask = torch.zeros((num_rows, cache_length), dtype=torch.bool, device=device)
+    slot_mask = torch.zeros((rows, slots), dtype=torch.bool, device=device)
     slot_mask[:, :width] = prompt_mask.bool()
     decode_step = _compiled_decode_step() if compiled else _decode_step
     step_seconds = []  # of the first three decode steps of a compiled call, for _one_off_seconds
-    random_source = _random_source(generator, device) if temperature > 0 else None
+    random_source = _random_source(settings.generator, device) if settings.temperature > 0 else None
     states_after_draw = []
     stop_ids_tensor = torch.tensor(stop_ids, device=device)
 
-    completion_ids = torch.full((num_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    completion_mask = torch.zeros((num_rows, max_new_tokens), device=device)
-    logprobs = torch.zeros((num_rows, max_new_tokens), device=device)
-    stopped = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    completion_ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    completion_mask = torch.zeros((rows, max_new_tokens), device=device)
+    logprobs = torch.zeros((rows, max_new_tokens), device=device)
+    stopped = torch.arange(rows, device=device) >= num_rows  # the dummy rows, from the start
     steps_run = 0
-    for step in range(max_new_tokens):
-        if step:
-            slot_mask[:, width + step - 1] = True  # the slot the token fed now is written to
-            positions = positions + 1
-            token_ids = next_token[:, None]
-            if compiled:
-                for tensor in (token_ids, positions, slot_mask):  # rows, and the cache length: dynamic
-                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
-                torch._dynamo.maybe_mark_dynamic(slot_mask, 1)
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are no longer read
-            timed = compiled and step <= 3
-            start = _synchronized_clock(device) if timed else 0.0
-            logits = decode_step(model, cache, token_ids, positions, slot_mask)
-            if timed:
-                step_seconds.append(_synchronized_clock(device) - start)
-        next_token, token_logprob = _draw_tokens(logits, temperature, top_p, top_k, generator, num_rows)
-        if random_source is not None:
-            states_after_draw.append(random_source.get_state())
-        completion_ids[:, step] = next_token.masked_fill(stopped, pad_id)
-        logprobs[:, step] = token_logprob.masked_fill(stopped, 0.0)
-        completion_mask[:, step] = (~stopped).float()
-        stopped = stopped | torch.isin(next_token, stop_ids_tensor)
-        next_token = next_token.masked_fill(stopped, pad_id)  # a stopped row computes on, on a pad token
-        steps_run = step + 1
-        if steps_run % STOP_CHECK_EVERY == 0 and bool(stopped.all()):
-            break
-    steps_taken = int(completion_mask.sum(dim=1).max())
+    with _decode_attention(model):
+        for step in range(max_new_tokens):
+            if step:
+                slot_mask[:, width + step - 1] = True  # the slot the token fed now is written to
+                positions = positions + 1
+                token_ids = next_token[:, None]
+                if compiled:
+                    for tensor in (token_ids, positions, slot_mask):  # rows, and the cache length: dynamic
+                        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                    torch._dynamo.maybe_mark_dynamic(slot_mask, 1)
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are no longer read
+                timed = compiled and step <= 3
+                start = _synchronized_clock(device) if timed else 0.0
+                logits = decode_step(model, cache, token_ids, positions, slot_mask)
+                if timed:
+                    step_seconds.append(_synchronized_clock(device) - start)
+            next_token, token_logprob = _draw_tokens(logits, settings, num_rows)
+            if random_source is not None:
+                states_after_draw.append(random_source.get_state())
+            completion_ids[:, step] = next_token.masked_fill(stopped, pad_id)
+            logprobs[:, step] = token_logprob.masked_fill(stopped, 0.0)
+            completion_mask[:, step] = (~stopped).float()
+            stopped = stopped | torch.isin(next_token, stop_ids_tensor)
+            next_token = next_token.masked_fill(stopped, pad_id)  # a stopped row computes on, on a pad token
+            steps_run = step + 1
+            if steps_run % STOP_CHECK_EVERY == 0 and bool(stopped.all()):
+                break
+    # One host read for both: the longest completion, and whether a token was drawn from NaN or +inf logits.
+    steps_taken, not_finite = torch.stack([completion_mask.sum(dim=1).max(),
+                                           torch.isnan(logprobs).any().float()]).tolist()
+    if not_finite:
+        raise ValueError("the model's logits are not finite (NaN or inf) at some sampled position")
+    steps_taken = int(steps_taken)
     if random_source is not None and steps_run > steps_taken:
         # The eager path draws no more once every row has stopped: rewind the generator to that point,
         # so that the next call draws what it would draw after the eager path.
         random_source.set_state(states_after_draw[steps_taken - 1])
-    _check_finite(logprobs)
-    return (completion_ids[:, :steps_taken], completion_mask[:, :steps_taken], logprobs[:, :steps_taken],
-            ~stopped, _one_off_seconds(step_seconds))
+    return (completion_ids[:num_rows, :steps_taken], completion_mask[:num_rows, :steps_taken],
+            logprobs[:num_rows, :steps_taken], ~stopped[:num_rows], _one_off_seconds(step_seconds))
 
 
-def _sample_rows(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id, generator,
-                 sampler):
-    """One chunk of rows through the path ``sampler`` names; ``auto`` takes the compiled static path on
-    CUDA when it can run these rows (else the eager one), and the eager path elsewhere."""
-    path = sampler
-    if sampler == "auto":
-        path = "compiled" if next(model.parameters()).device.type == "cuda" else "eager"
+@functools.cache
+def _compiler_has_gpu_backend() -> bool:
+    """Whether inductor can compile for the GPU here: it needs Triton, which Windows and some Linux
+    installs lack. Says once when not."""
+    if importlib.util.find_spec("triton") is not None:
+        return True
+    print("sampler auto: no Triton here, so no GPU compiler: the static-cache path runs uncompiled")
+    return False
+
+
+def _auto_path(device: torch.device) -> str:
+    """What ``auto`` samples with on ``device``: compiled on CUDA, static there without Triton, else eager."""
+    if device.type != "cuda":
+        return "eager"
+    return "compiled" if _compiler_has_gpu_backend() else "static"
+
+
+def _sample_rows(model, prompt_rows, settings: SamplingParams, stop_ids, pad_id):
+    """One chunk of rows through the path ``settings.sampler`` names; ``auto`` takes the compiled static
+    path on CUDA (static without Triton) when it can run these rows (else the eager one), and the eager
+    path elsewhere."""
+    path = _auto_path(next(model.parameters()).device) if settings.sampler == "auto" else settings.sampler
     if path != "eager":
-        refusal = _static_path_refusal(model, max(len(row) for row in prompt_rows), max_new_tokens)
-        if refusal is not None and sampler != "auto":
-            raise ValueError(f"sampler={sampler!r} cannot sample here: {refusal}; use sampler='eager'")
+        refusal = _static_path_refusal(model, max(len(row) for row in prompt_rows), settings.max_new_tokens)
+        if refusal is not None and settings.sampler != "auto":
+            raise ValueError(f"sampler={settings.sampler!r} cannot sample here: {refusal}; use sampler='eager'")
         if refusal is not None:
             path = "eager"
     if path == "eager":
-        return _sample_rows_eager(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id,
-                                  generator)
-    return _sample_rows_static(model, prompt_rows, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id,
-                               generator, compiled=path == "compiled")
+        return _sample_rows_eager(model, prompt_rows, settings, stop_ids, pad_id)
+    return _sample_rows_static(model, prompt_rows, settings, stop_ids, pad_id, compiled=path == "compiled")
 
 
-def sample(
-    model,
-    prompt_ids: list[list[int]],
-    num_samples: int = 1,
-    max_new_tokens: int = 256,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    eos_token_ids: list[int] | None = None,
-    pad_token_id: int | None = None,
-    tokenizer=None,
-    max_rows_per_chunk: int | None = None,
-    generator: torch.Generator | None = None,
-    sampler: str = "auto",
-) -> SampleOutput:
-    """Sample ``num_samples`` completions for each prompt (temperature 0 = greedy).
+def sample(model, prompt_ids: list[list[int]], settings: SamplingParams, tokenizer=None,
+           eos_token_ids: list[int] | None = None, pad_token_id: int | None = None) -> SampleOutput:
+    """Sample ``settings.num_samples`` completions for each prompt (temperature 0 = greedy).
 
     ``prompt_ids`` are formatted, tokenized prompts (common.prompts.encode_prompts).
     ``eos_token_ids`` lists the stop tokens (common.model.stop_token_ids); a
     ``tokenizer`` supplies the defaults for them and for the pad id, and decodes
-    ``texts``.  ``max_rows_per_chunk`` bounds memory: the B * K rows are sampled
-    in chunks of at most that many rows.  ``sampler``: ``eager``, ``static``,
-    ``compiled`` or ``auto`` (compiled on CUDA, eager elsewhere; see the module
-    docstring); all give the same tokens for a seed.
+    ``texts``.  ``settings.chunk_rows`` bounds memory: the B * K rows are sampled
+    in chunks of that many rows (even_chunk_rows makes them equal).  All paths
+    give the same tokens for a seed (see the module docstring).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if eos_token_ids is None:
         if tokenizer is None or tokenizer.eos_token_id is None:
             raise ValueError("sample() needs eos_token_ids, or a tokenizer with an eos token")
         eos_token_ids = [tokenizer.eos_token_id]
     if pad_token_id is None:
         pad_token_id = tokenizer.pad_token_id if tokenizer is not None else eos_token_ids[0]
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
 
-    rows = [list(p) for p in prompt_ids for _ in range(num_samples)]
-    prompt_index = torch.arange(len(prompt_ids)).repeat_interleave(num_samples)
-    chunk = max_rows_per_chunk or len(rows)
-    parts = [
-        _sample_rows(model, rows[start:start + chunk], max_new_tokens, temperature, top_p, top_k,
-                     eos_token_ids, pad_token_id, generator, sampler)
-        for start in range(0, len(rows), chunk)
-    ]
+    rows = [list(p) for p in prompt_ids for _ in range(settings.num_samples)]
+    prompt_index = torch.arange(len(prompt_ids)).repeat_interleave(settings.num_samples)
+    chunk = settings.chunk_rows or len(rows)
+    parts = [_sample_rows(model, rows[start:start + chunk], settings, eos_token_ids, pad_token_id)
+             for start in range(0, len(rows), chunk)]
     width = max(p[0].size(1) for p in parts)
 
     def pad_right(tensor, value):
@@ -442,10 +586,9 @@ def sample(
     logprobs = torch.cat([pad_right(p[2], 0.0) for p in parts])
     truncated = torch.cat([p[3] for p in parts])
     texts = []
-    if tokenizer is not None:
-        lengths = completion_mask.sum(dim=1).long().tolist()
-        texts = [tokenizer.decode(ids[:n].tolist(), skip_special_tokens=True)
-                 for ids, n in zip(completion_ids, lengths)]
+    if tokenizer is not None:  # one copy to the host for every row: [length, ids...] per row
+        host_rows = torch.cat([completion_mask.sum(dim=1, keepdim=True).long(), completion_ids], dim=1).tolist()
+        texts = [tokenizer.decode(row[1:1 + row[0]], skip_special_tokens=True) for row in host_rows]
     return SampleOutput(
         prompt_ids=rows,
         completion_ids=completion_ids,

@@ -21,6 +21,14 @@ TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-gemma2-math"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: also runs on CUDA where a GPU is at hand (pytest -m cuda)")
+
+
+# The devices an equivalence test (marked cuda) runs on: the CPU always, CUDA where it is at hand.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
 def micro_config(arch: str = "gemma2", vocab_size: int = 64, **overrides):
     """A transformers config for a micro model of ``arch`` (gemma2, llama or qwen2)."""
     from transformers import Gemma2Config, LlamaConfig, Qwen2Config
@@ -155,3 +163,12 @@ def micro_arch_dir(tmp_path_factory):
         return made[arch]
 
     return make
+
+
+def sample_with(model, prompt_ids, tokenizer=None, eos_token_ids=None, pad_token_id=None, **settings):
+    """common.sampler.sample with its SamplingParams given as keywords (num_samples, max_new_tokens,
+    temperature, top_p, top_k, chunk_rows, sampler, generator): the tests vary them one at a time."""
+    from common.sampler import SamplingParams, sample
+
+    return sample(model, prompt_ids, SamplingParams(**settings), tokenizer=tokenizer, eos_token_ids=eos_token_ids,
+                  pad_token_id=pad_token_id)

@@ -27,7 +27,7 @@ from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.model import load_model  # noqa: E402
 from common.rollout import rollout_batch  # noqa: E402
-from common.sampler import sample  # noqa: E402
+from common.sampler import SamplingParams, sample  # noqa: E402
 
 
 def status_kb(field: str) -> int:
@@ -65,9 +65,9 @@ class Run:
     def rollout(self):
         self.model.eval()
         # The stop token is one past the vocabulary, never sampled: every row runs to the end, the worst case.
-        return sample(self.model, self.prompts, self.settings["samples_per_prompt"], self.settings["max_new_tokens"],
-                      temperature=1.0, eos_token_ids=[self.model.config.vocab_size], pad_token_id=0,
-                      generator=torch.Generator().manual_seed(0), sampler="eager")
+        settings = SamplingParams(self.settings["samples_per_prompt"], self.settings["max_new_tokens"],
+                                  temperature=1.0, sampler="eager", generator=torch.Generator().manual_seed(0))
+        return sample(self.model, self.prompts, settings, eos_token_ids=[self.model.config.vocab_size], pad_token_id=0)
 
     def policy_pass(self, samples) -> None:
         self.model.train()

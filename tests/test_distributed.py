@@ -143,7 +143,8 @@ import common.sampler
 ANSWERS = ["Answer: 4", "2 + 2 = 4\\nAnswer: 4", "I think it is 5", "Answer: 5\\nAnswer: 5\\nAnswer: 5"]
 
 
-def fixed_sample(model, prompt_ids, num_samples, max_new_tokens, *args, eos_token_ids, tokenizer, **kwargs):
+def fixed_sample(model, prompt_ids, settings, tokenizer, eos_token_ids, **kwargs):
+    num_samples = settings.num_samples
     rows = [prompt for prompt in prompt_ids for _ in range(num_samples)]
     texts = [ANSWERS[0] if len(prompt) % 4 == 0 else ANSWERS[(k + len(prompt)) % len(ANSWERS)]
              for prompt in prompt_ids for k in range(num_samples)]

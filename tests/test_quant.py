@@ -15,8 +15,7 @@ from common.logprobs import enable_gradient_checkpointing, token_logprobs
 from common.model import load_model
 from common.peft_io import save_peft_adapter
 from common.quant import QuantizationUnavailable, check_quant, is_quantized, require_bitsandbytes
-from common.sampler import sample
-from tests.conftest import run_script
+from tests.conftest import run_script, sample_with
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -173,7 +172,7 @@ def test_disable_lora_gives_the_4bit_base_and_sampling_matches_the_training_logp
     assert not torch.allclose(logits_of(model), base_logits, atol=1e-3)
     with disable_lora(model):
         assert torch.equal(logits_of(model), base_logits)
-    out = sample(model, [[2, 5, 9, 12], [2, 7]], num_samples=2, max_new_tokens=6, eos_token_ids=[1],
+    out = sample_with(model, [[2, 5, 9, 12], [2, 7]], num_samples=2, max_new_tokens=6, eos_token_ids=[1],
                  pad_token_id=0, generator=torch.Generator().manual_seed(0), sampler="eager")
     prompt_width = 4
     rows = [[0] * (prompt_width - len(p)) + p for p in out.prompt_ids]

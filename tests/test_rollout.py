@@ -4,15 +4,14 @@ import pytest
 import torch
 
 from common.rollout import rollout_batch
-from common.sampler import sample
-from tests.conftest import micro_model
+from tests.conftest import micro_model, sample_with
 
 PROMPTS = [[2, 5, 9, 11, 4], [2, 7, 3], [2, 13, 6, 8]]
 EOS, PAD = 1, 0
 
 
 def sampled(model, temperature=1.0):
-    return sample(model, PROMPTS, num_samples=2, max_new_tokens=7, temperature=temperature, eos_token_ids=[EOS, 17],
+    return sample_with(model, PROMPTS, num_samples=2, max_new_tokens=7, temperature=temperature, eos_token_ids=[EOS, 17],
                   pad_token_id=PAD, generator=torch.Generator().manual_seed(2))
 
 

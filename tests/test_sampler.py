@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from common.sampler import filter_logits, left_pad, sample
-from tests.conftest import micro_model
+from common.sampler import filter_logits, left_pad
+from tests.conftest import micro_model, sample_with
 
 PROMPTS = [[2, 5, 9, 11, 4], [2, 7, 3], [2, 13, 6, 8]]  # different lengths: left padding matters
 EOS = 1
@@ -32,7 +32,7 @@ def test_left_pad():
 
 def test_rows_are_prompts_times_samples():
     model = micro_model("gemma2")
-    out = sample(model, PROMPTS, num_samples=4, max_new_tokens=5, temperature=1.0, eos_token_ids=[EOS],
+    out = sample_with(model, PROMPTS, num_samples=4, max_new_tokens=5, temperature=1.0, eos_token_ids=[EOS],
                  pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
     assert out.completion_ids.shape[0] == 12
     assert out.prompt_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
@@ -44,7 +44,7 @@ def test_greedy_equals_generate(arch):
     """Token for token, with left padding, against transformers' own generate()."""
     model = micro_model(arch)
     new_tokens = 8
-    ours = sample(model, PROMPTS, max_new_tokens=new_tokens, temperature=0.0, eos_token_ids=[EOS],
+    ours = sample_with(model, PROMPTS, max_new_tokens=new_tokens, temperature=0.0, eos_token_ids=[EOS],
                   pad_token_id=PAD)
     input_ids, attention_mask = left_pad(PROMPTS, PAD, torch.device("cpu"))
     reference = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
@@ -58,12 +58,12 @@ def test_greedy_equals_generate(arch):
 
 def test_stop_token_is_inside_the_mask_and_nothing_after():
     model = micro_model("gemma2")
-    free_run = sample(model, PROMPTS, max_new_tokens=10, temperature=0.0, eos_token_ids=[63],
+    free_run = sample_with(model, PROMPTS, max_new_tokens=10, temperature=0.0, eos_token_ids=[63],
                       pad_token_id=PAD)
     # Declare the token that row 0 emits third a stop token: that row must end right there.
     stop = int(free_run.completion_ids[0, 2])
     first_stop = free_run.completion_ids[0].tolist().index(stop)
-    out = sample(model, PROMPTS, max_new_tokens=10, temperature=0.0, eos_token_ids=[stop], pad_token_id=PAD)
+    out = sample_with(model, PROMPTS, max_new_tokens=10, temperature=0.0, eos_token_ids=[stop], pad_token_id=PAD)
     mask = out.completion_mask[0]
     assert mask[:first_stop + 1].tolist() == [1.0] * (first_stop + 1)  # the stop token counts
     assert mask[first_stop + 1:].sum() == 0
@@ -76,16 +76,16 @@ def test_stop_token_is_inside_the_mask_and_nothing_after():
 def test_mask_is_not_built_from_pad_id_when_pad_equals_eos():
     """With pad == EOS (a common default), the EOS a row emits must still be in its mask."""
     model = micro_model("gemma2")
-    free_run = sample(model, PROMPTS, max_new_tokens=6, temperature=0.0, eos_token_ids=[63], pad_token_id=PAD)
+    free_run = sample_with(model, PROMPTS, max_new_tokens=6, temperature=0.0, eos_token_ids=[63], pad_token_id=PAD)
     stop = int(free_run.completion_ids[1, 1])
-    out = sample(model, PROMPTS, max_new_tokens=6, temperature=0.0, eos_token_ids=[stop], pad_token_id=stop)
+    out = sample_with(model, PROMPTS, max_new_tokens=6, temperature=0.0, eos_token_ids=[stop], pad_token_id=stop)
     first_stop = out.completion_ids[1].tolist().index(stop)
     assert out.completion_lengths[1] == first_stop + 1
 
 
 def test_row_without_stop_token_is_truncated():
     model = micro_model("gemma2")
-    out = sample(model, PROMPTS, max_new_tokens=4, temperature=1.0, eos_token_ids=[999], pad_token_id=PAD,
+    out = sample_with(model, PROMPTS, max_new_tokens=4, temperature=1.0, eos_token_ids=[999], pad_token_id=PAD,
                  generator=torch.Generator().manual_seed(0))
     assert out.truncated.all()
     assert out.completion_mask.sum(dim=1).tolist() == [4.0, 4.0, 4.0]
@@ -105,7 +105,7 @@ def test_top_k_top_p_never_leave_the_kept_set(top_k, top_p):
             break
         kept.add(token)
         cumulative += float(probs[token])
-    out = sample(model, [prompt], num_samples=300, max_new_tokens=1, temperature=0.9, top_k=top_k, top_p=top_p,
+    out = sample_with(model, [prompt], num_samples=300, max_new_tokens=1, temperature=0.9, top_k=top_k, top_p=top_p,
                  eos_token_ids=[EOS], pad_token_id=PAD, generator=torch.Generator().manual_seed(1))
     emitted = set(out.completion_ids[:, 0].tolist())
     assert emitted <= kept
@@ -114,15 +114,15 @@ def test_top_k_top_p_never_leave_the_kept_set(top_k, top_p):
 
 def test_chunking_and_seed_reproducibility():
     model = micro_model("llama")
-    whole = sample(model, PROMPTS, num_samples=3, max_new_tokens=6, temperature=0.0, eos_token_ids=[EOS],
+    whole = sample_with(model, PROMPTS, num_samples=3, max_new_tokens=6, temperature=0.0, eos_token_ids=[EOS],
                    pad_token_id=PAD)
-    chunked = sample(model, PROMPTS, num_samples=3, max_new_tokens=6, temperature=0.0, eos_token_ids=[EOS],
-                     pad_token_id=PAD, max_rows_per_chunk=4)
+    chunked = sample_with(model, PROMPTS, num_samples=3, max_new_tokens=6, temperature=0.0, eos_token_ids=[EOS],
+                     pad_token_id=PAD, chunk_rows=4)
     width = whole.completion_ids.size(1)
     assert torch.equal(chunked.completion_ids[:, :width], whole.completion_ids)
-    first = sample(model, PROMPTS, num_samples=2, max_new_tokens=6, eos_token_ids=[EOS], pad_token_id=PAD,
+    first = sample_with(model, PROMPTS, num_samples=2, max_new_tokens=6, eos_token_ids=[EOS], pad_token_id=PAD,
                    generator=torch.Generator().manual_seed(7))
-    second = sample(model, PROMPTS, num_samples=2, max_new_tokens=6, eos_token_ids=[EOS], pad_token_id=PAD,
+    second = sample_with(model, PROMPTS, num_samples=2, max_new_tokens=6, eos_token_ids=[EOS], pad_token_id=PAD,
                     generator=torch.Generator().manual_seed(7))
     assert torch.equal(first.completion_ids, second.completion_ids)
 
@@ -133,7 +133,7 @@ def test_sampler_logprobs_equal_recomputed_token_logprobs(arch, temperature):
     from common.logprobs import token_logprobs
 
     model = micro_model(arch)
-    out = sample(model, PROMPTS, num_samples=2, max_new_tokens=6, temperature=temperature, eos_token_ids=[EOS],
+    out = sample_with(model, PROMPTS, num_samples=2, max_new_tokens=6, temperature=temperature, eos_token_ids=[EOS],
                  pad_token_id=PAD, generator=torch.Generator().manual_seed(5))
     # Rebuild each row as left-padded prompt + completion, then read the completion's log-probs.
     rows = [prompt + ids[:n].tolist() for prompt, ids, n in
@@ -172,7 +172,7 @@ def test_sampled_tokens_equal_a_naive_multinomial_loop_with_the_same_seed(arch, 
     of it changes which tokens a seed gives."""
     torch.manual_seed(0)
     model = micro_model(arch)
-    ours = sample(model, PROMPTS, num_samples=4, max_new_tokens=12, temperature=temperature, eos_token_ids=[EOS],
+    ours = sample_with(model, PROMPTS, num_samples=4, max_new_tokens=12, temperature=temperature, eos_token_ids=[EOS],
                   pad_token_id=PAD, generator=torch.Generator().manual_seed(3))
     reference = naive_multinomial_sample(model, PROMPTS, 4, 12, temperature, torch.Generator().manual_seed(3))
     lengths = ours.completion_lengths.tolist()

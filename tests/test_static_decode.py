@@ -1,0 +1,284 @@
+"""The static path as a GPU runs it, seen on the CPU: the decode graph reads the KV buffers without
+repeating them (GQA), one KV allocation per slot bucket and at most two compilations over a GRPO run
+with uneven chunks and evals, log-probs from the trainer's head in bf16, no host read but the stop
+checks, and the same tokens and log-probs as the eager path on every architecture (marked cuda: a
+`pytest -m cuda` run repeats them on the GPU)."""
+
+import functools
+import inspect
+import json
+import sys
+
+import pytest
+import torch
+import transformers
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import common.rollout
+import common.sampler
+from common.logprobs import token_logprobs
+from common.sampler import STOP_CHECK_EVERY, SamplingParams, even_chunk_rows, gqa_decode_attention, left_pad, sample
+from tests.conftest import (DEVICES, MICRO_ARCHITECTURES, REPO_ROOT, TINY_MODEL_DIR, micro_arch_model, run_script,
+                            sample_with)
+
+PROMPTS = [[2, 5, 9, 11, 4], [2, 7, 3], [2, 13, 6, 8]]
+PAD = 0
+GQA_ARCHITECTURES = ("gemma2", "llama", "qwen2", "qwen3", "mistral")
+
+
+def grouped_model(arch: str, device: str = "cpu"):
+    """A micro model with 4 query heads sharing 2 KV heads (a group of 2)."""
+    return micro_arch_model(arch, num_attention_heads=4, num_key_value_heads=2).to(device)
+
+
+def stop_token_of(model, device="cpu") -> int:
+    """A token row 0 emits third when nothing stops it: as a stop token it ends some rows early."""
+    free_run = sample_with(model, PROMPTS, num_samples=2, max_new_tokens=12, temperature=0.0, eos_token_ids=[-1],
+                           pad_token_id=PAD, sampler="eager")
+    return int(free_run.completion_ids[0, 2])
+
+
+def test_even_chunk_rows_hand_worked():
+    assert even_chunk_rows(128, 80) == 64  # 2 chunks of 64, not 80 + 48
+    assert even_chunk_rows(130, 80) == 65
+    assert even_chunk_rows(127, 64) == 64  # 64 + 63, padded to 64
+    assert even_chunk_rows(6, 4) == 3
+    assert even_chunk_rows(6, 0) == 6 and even_chunk_rows(6, 10) == 6
+
+
+def test_sampling_params_is_one_checked_frozen_value():
+    settings = SamplingParams(4, 32, 0.7, 0.9, 5, chunk_rows=8, sampler="static")
+    with pytest.raises(Exception):
+        settings.temperature = 1.0
+    greedy = settings.greedy()
+    assert (greedy.num_samples, greedy.temperature, greedy.top_p, greedy.top_k) == (1, 0.0, 1.0, 0)
+    assert (greedy.max_new_tokens, greedy.chunk_rows, greedy.sampler) == (32, 8, "static")
+    for bad in (dict(sampler="fast"), dict(temperature=-1.0), dict(num_samples=0), dict(chunk_rows=-1)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_no_sampler_function_takes_more_than_six_parameters():
+    # gqa_decode_attention's signature is transformers' attention interface.
+    functions = [value for name, value in vars(common.sampler).items() if inspect.isfunction(value)
+                 and value.__module__ == "common.sampler" and name != "gqa_decode_attention"]
+    functions.append(common.rollout.sample_and_score)
+    assert len(functions) > 15
+    too_many = {f.__name__: len(inspect.signature(inspect.unwrap(f)).parameters) for f in functions
+                if len(inspect.signature(inspect.unwrap(f)).parameters) > 6}
+    assert not too_many
+
+
+@pytest.mark.parametrize("softcap", [None, 50.0])
+def test_gqa_decode_attention_equals_eager_attention(softcap):
+    """Against Gemma 2's eager attention (repeat_kv, then the same soft-cap, mask and fp32 softmax), for a
+    one-token query (the grouped path) and for a prefill (the fallback)."""
+    from transformers.models.gemma2 import modeling_gemma2
+
+    module = modeling_gemma2.Gemma2Attention(transformers.Gemma2Config(
+        hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8), 0)
+    module.eval()
+    generator = torch.Generator().manual_seed(0)
+    for query_length in (1, 3):
+        query = torch.randn(3, 6, query_length, 8, generator=generator)
+        key, value = torch.randn(2, 3, 2, 11, 8, generator=generator)
+        mask = torch.zeros(3, 1, query_length, 11)
+        mask[0, ..., :4] = torch.finfo(torch.float32).min  # a left-padded row
+        ours = gqa_decode_attention(module, query, key, value, mask, scaling=0.3, softcap=softcap)
+        eager = modeling_gemma2.eager_attention_forward(module, query, key, value, mask, scaling=0.3, softcap=softcap)
+        torch.testing.assert_close(ours[0], eager[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ours[1], eager[1], atol=1e-6, rtol=1e-6)
+
+
+def traced_decode_graphs(model, monkeypatch, attention_switch: bool = True):
+    """The aot (aten-level) graphs of the decode step the compiled path traces for ``model``."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        def keep(graph, inputs):
+            graphs.append(graph)
+            return graph.forward
+
+        from functorch.compile import make_boxed_func
+        return aot_module_simplified(graph_module, example_inputs, fw_compiler=lambda g, i: make_boxed_func(keep(g, i)))
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(common.sampler, "_compiled_decode_step",
+                        functools.cache(lambda: torch.compile(common.sampler._decode_step, backend=backend,
+                                                              fullgraph=True)))
+    if not attention_switch:
+        monkeypatch.setattr(common.sampler, "_GQA_DECODE_MODEL_TYPES", frozenset())
+    sample_with(model, PROMPTS, num_samples=2, max_new_tokens=4, temperature=0.0, eos_token_ids=[-1],
+                pad_token_id=PAD, sampler="compiled")
+    torch._dynamo.reset()
+    return graphs
+
+
+def repeated_kv_nodes(graphs, model) -> list[str]:
+    """Nodes holding K or V repeated to every query head: [rows, kv, group, slots, D] (repeat_kv's
+    expand) or [rows, heads, slots, D] with slots > 1 (its copy)."""
+    config = model.config
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    found = []
+    for graph in graphs:
+        for node in graph.graph.nodes:
+            value = node.meta.get("val")
+            if not isinstance(value, torch.Tensor):
+                continue
+            shape = [str(size) for size in value.shape]
+            if (len(shape) == 5 and shape[1:3] == [str(kv_heads), str(heads // kv_heads)]
+                    and shape[4] == str(head_dim)) or (
+                    len(shape) == 4 and shape[1] == str(heads) and shape[3] == str(head_dim) and shape[2] != "1"):
+                found.append(f"{node.target}: {shape}")
+    return found
+
+
+@pytest.mark.parametrize("arch", GQA_ARCHITECTURES)
+def test_decode_graph_holds_no_copy_of_the_repeated_kv_buffers(arch, monkeypatch):
+    model = grouped_model(arch)
+    graphs = traced_decode_graphs(model, monkeypatch)
+    assert graphs and not repeated_kv_nodes(graphs, model)
+
+
+@pytest.mark.parametrize("arch, attention", [("gemma2", "eager"), ("llama", "sdpa")])
+def test_the_models_own_decode_attention_repeats_the_kv_buffers(arch, attention, monkeypatch):
+    """What the test above looks for is there without GQA_DECODE: eager attention's repeat_kv, and
+    sdpa's, which transformers skips for a one-token query only when not compiling."""
+    model = grouped_model(arch)
+    model.set_attn_implementation(attention)
+    assert repeated_kv_nodes(traced_decode_graphs(model, monkeypatch, attention_switch=False), model)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", MICRO_ARCHITECTURES)
+def test_static_path_gives_the_eager_tokens_and_logprobs_in_fp32_on_every_architecture(arch, device):
+    model = micro_arch_model(arch, num_attention_heads=4, num_key_value_heads=2).to(device)
+    settings = dict(num_samples=3, max_new_tokens=12, temperature=0.9, top_k=20, pad_token_id=PAD,
+                    chunk_rows=4)  # 9 rows: chunks of 4, 4 and 1 padded to 4
+    free_run = sample_with(model, PROMPTS, sampler="eager", generator=torch.Generator(device).manual_seed(3),
+                           eos_token_ids=[-1], **settings)
+    settings["eos_token_ids"] = [int(free_run.completion_ids[0, 2])]  # row 0 stops by its third token
+    eager = sample_with(model, PROMPTS, sampler="eager", generator=torch.Generator(device).manual_seed(3), **settings)
+    static = sample_with(model, PROMPTS, sampler="static", generator=torch.Generator(device).manual_seed(3),
+                         **settings)
+    assert torch.equal(static.completion_ids, eager.completion_ids)
+    assert torch.equal(static.completion_mask, eager.completion_mask)
+    assert torch.equal(static.truncated, eager.truncated)
+    torch.testing.assert_close(static.logprobs, eager.logprobs, atol=1e-5, rtol=0)
+    assert eager.completion_lengths.min() < eager.completion_lengths.max()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sampler", ["eager", "static"])
+def test_bf16_sampler_logprobs_are_the_trainers(sampler, device):
+    """In bf16 the sampler draws from the trainer's fp32-output head (soft-capped once in fp32): its
+    log-probs are the trainer's recomputation's to 1e-3 (from the model's bf16 logits, 5.7e-2 at most)."""
+    from common.data import load_problems
+    from common.model import load_model_and_tokenizer, stop_token_ids
+    from common.prompts import encode_prompts
+
+    model, tokenizer, _ = load_model_and_tokenizer(TINY_MODEL_DIR, device, "bfloat16")
+    questions = [problem["question"] for problem in load_problems("data/synth_test.jsonl", limit=4)]
+    out = sample(model, encode_prompts(tokenizer, questions),
+                 SamplingParams(4, 40, temperature=1.0, sampler=sampler,
+                                generator=torch.Generator(device).manual_seed(0)),
+                 tokenizer=tokenizer, eos_token_ids=stop_token_ids(model, tokenizer))
+    lengths = out.completion_lengths.tolist()
+    rows = [prompt + ids[:n].tolist() for prompt, ids, n in zip(out.prompt_ids, out.completion_ids.cpu(), lengths)]
+    input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id, torch.device(device))
+    with torch.no_grad():
+        trainer = token_logprobs(model, input_ids, attention_mask, temperature=1.0)
+    gaps = torch.cat([(trainer[row, trainer.size(1) - n:] - out.logprobs[row, :n]).abs().cpu()
+                      for row, n in enumerate(lengths)])
+    assert gaps.numel() > 100 and gaps.max() < 1e-3
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts the host reads of device values: item / bool / int (aten._local_scalar_dense), and the
+    tolist calls (counted by the test's wrapper: on the CPU they do not dispatch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_static_sampler_reads_the_host_once_per_stop_check_plus_two_per_call(monkeypatch):
+    from common.model import load_tokenizer
+
+    tokenizer = load_tokenizer(TINY_MODEL_DIR)
+    model = grouped_model("llama")
+    model.resize_token_embeddings(len(tokenizer))
+    reads = ScalarReads()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(tensor):
+        reads.count += 1
+        return tolist(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    max_new_tokens, rows = 3 * STOP_CHECK_EVERY, 12
+    settings = SamplingParams(4, max_new_tokens, temperature=1.0, chunk_rows=8, sampler="static",
+                              generator=torch.Generator().manual_seed(0))
+    with reads:  # no row stops (the stop token is never drawn): every stop check runs
+        out = sample(model, PROMPTS, settings, tokenizer=tokenizer, eos_token_ids=[len(tokenizer) + 5])
+    assert len(out.texts) == rows and out.truncated.all()
+    chunks = 2
+    assert reads.count <= chunks * (max_new_tokens // STOP_CHECK_EVERY) + 2 * chunks
+
+
+LAUNCHER = '''
+import atexit, functools, json, runpy, sys
+import torch
+import common.sampler as sampler
+
+counts = {"compiles": 0, "allocations": 0, "slots": [], "rows": []}
+
+def counting_backend(graph_module, example_inputs):
+    counts["compiles"] += 1
+    return graph_module.forward
+
+sampler._compiled_decode_step = functools.cache(
+    lambda: torch.compile(sampler._decode_step, backend=counting_backend, fullgraph=True))
+allocate = sampler._KVStorage.__init__
+def counted_allocation(self, *args):
+    counts["allocations"] += 1
+    allocate(self, *args)
+sampler._KVStorage.__init__ = counted_allocation
+static_kv_cache = sampler._static_kv_cache
+def seen(model, prefilled, width, slots):
+    counts["slots"].append(slots)
+    counts["rows"].append(prefilled.layers[0].keys.size(0))
+    return static_kv_cache(model, prefilled, width, slots)
+sampler._static_kv_cache = seen
+atexit.register(lambda: print("COUNTS " + json.dumps(counts)))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def test_grpo_run_allocates_once_per_slot_bucket_and_compiles_at_most_twice(micro_model_dir, tmp_path):
+    """20 steps of 2 questions x 3 samples, sampled 4 rows at a time (equal chunks of 3), with 3 evals
+    of 5 questions 3 at a time (the last batch padded): the compiled path with a counting backend."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    result = run_script([str(launcher), "run_train_grpo.py", f"--MODEL_PATH={micro_model_dir}",
+                         "--TRAIN_FILE=data/synth_train.jsonl", "--EVAL_FILE=data/synth_test.jsonl",
+                         "--NUM_PROMPTS=40", "--PROMPTS_PER_STEP=2", "--NUM_SAMPLES_PER_PROMPT=3",
+                         "--GENERATION_BATCH_SIZE=4", "--MAX_NEW_TOKENS=6", "--MAX_STEPS=20", "--EVAL_EVERY=10",
+                         "--EVAL_LIMIT=5", "--EVAL_BATCH_SIZE=3", "--SAMPLER=compiled", "--DEVICE=cpu",
+                         "--MICRO_BATCH_SIZE=6", f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}",
+                         "--RUN_NAME=counted", "--SAMPLE_EVERY=0"])
+    counts = json.loads(result.stdout.split("COUNTS ")[-1])
+    assert "step 20/20" in result.stdout
+    assert len(counts["slots"]) == 20 * 2 + 3 * 2  # every step's two chunks and every eval's two batches
+    assert set(counts["rows"]) == {3}  # one row count: the chunks and the eval batches padded alike
+    assert counts["allocations"] <= len(set(counts["slots"]))
+    assert 1 <= counts["compiles"] <= 2
