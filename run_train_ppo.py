@@ -212,6 +212,7 @@ for step in run.steps(total_steps, steps_per_epoch):
     samples, sample_rows, scores, generate_seconds = sample_and_score(
         model, tokenizer, prompt_format, batch, reward, NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE,
         TOP_P, TOP_K, sampling_generator, generation_batch_size, SAMPLER)
+    run.release_rollout_memory(model)  # the static KV, where the memory plan says it does not fit beside the policy pass
     task_rewards = torch.tensor([s.total for s in scores], dtype=torch.float32)
     rollouts = rollout_batch(samples, None, tokenizer.pad_token_id)
     mask = rollouts.completion_mask

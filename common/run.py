@@ -54,6 +54,7 @@ from common.metrics_log import LoggerUnavailableError, MetricsLogger
 from common.model import (check_model_dir, context_length, dtype_line, get_device, get_dtype, load_model,
                           load_tokenizer, resolve_model_path)
 from common.prompts import encode_prompts
+from common.sampler import release_static_cache
 from common.schedule import warmup_then_schedule
 from common.synth import normalise_question
 
@@ -242,6 +243,7 @@ class TrainingRun:
         self.save_every = config.get("SAVE_EVERY", 0)
         self.skipped_updates = 0
         self.loss_scaler = LossScaler(torch.float32, torch.device("cpu"))  # set by load_model, from the model's dtype
+        self.release_static_kv = False  # set by check_memory: free the sampler's static KV before each policy pass
         self.lock = RunLock(self.run_dir)
         if self.resume_path is not None and config.get("INIT_LORA") is not None:
             raise RunError("RESUME continues a run, INIT_LORA starts a new one from a LoRA: give one of them")
@@ -461,6 +463,7 @@ class TrainingRun:
             print(f"no memory plan: {error}")
             return 0 if generation_batch_size == "auto" else generation_batch_size
         plan, generation_batch_size, auto_choice = generation_batch(plan, generation_batch_size, gpu_gb)
+        self.release_static_kv = plan.settings.release_static_kv  # the kept KV does not fit: freed before each policy pass
         print(plan.table(gpu_gb))
         if auto_choice:
             print(auto_choice)
@@ -469,6 +472,12 @@ class TrainingRun:
         except MemoryPlanError as error:
             raise RunError(str(error)) from None
         return generation_batch_size
+
+    def release_rollout_memory(self, model) -> None:
+        """Before the policy pass: the sampler's static KV buffers freed when the memory plan says they do
+        not fit beside it (check_memory), else kept for the next rollout."""
+        if self.release_static_kv:
+            release_static_cache(model)
 
     def sampling_generator(self, device) -> torch.Generator:
         """The random generator of the rollouts: SEED + rank (each rank samples its own completions),
