@@ -40,7 +40,7 @@ SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decodin
 #                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 SKIP_LONG_PROMPTS = False  # leave out (and count) problems too long for the context, instead of refusing the file
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
-DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DTYPE: Dtype = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 OUT_FILE: Path | None = None  # per-question JSONL (None = logs/eval_<model>_<time>_<process id>.jsonl)
 COMPARE_TO: Path | None = None  # summary JSON of an earlier eval (e.g. the base model's) to print before -> after

@@ -42,7 +42,7 @@ CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or a Jinja
 OUT_FILE = "data/dpo_pairs.jsonl"  # pairs JSONL; the counts go to the same name with .summary.json
 SEED = 0  # sampling seed
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
-DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DTYPE = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 
 config = configure(globals())

@@ -54,7 +54,7 @@ REWARD = "correctness"  # what judges an answer correct: correctness (the number
 OUT = "checkpoints/soup/soup.pt"  # the soup checkpoint; its table goes beside it as .summary.json
 OVERWRITE = False  # replace an existing OUT (never one of the CKPTS: a training checkpoint stays resumable)
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
-DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DTYPE = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 
 config = configure(globals())

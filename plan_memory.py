@@ -20,7 +20,7 @@ from common.quant import Quant
 # ---------------------------------------------------------------- constants
 MODEL_PATH = "models/gemma-2-2b-it"  # model directory or Hub id (only its config.json is read)
 QUANT: Quant = "none"  # none, or nf4: the base's linear layers in 4 bits
-DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DTYPE: Dtype = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 DEVICE: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # the device the run will use (auto: this machine's, cuda > mps > cpu)
 PROMPTS_PER_STEP: Annotated[int, ">= 0"] = 16  # questions per step (0 = no rollouts: SFT, DPO)
 NUM_SAMPLES_PER_PROMPT: Annotated[int, ">= 1"] = 8  # completions sampled per question

@@ -68,7 +68,7 @@ SAVE_EVERY_MINUTES: Annotated[float, ">= 0"] = 30.0  # also save when this many 
 KEEP_CHECKPOINTS: Annotated[int, ">= 0"] = 0  # keep only the newest N step checkpoints in OUT_DIR (a LoRA run; 0 = keep all)
 SEED = 0  # python / torch seed: the same seed gives the same model
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
-DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DTYPE: Dtype = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 
 config = configure(globals(), quiet=not is_main_process())
@@ -206,12 +206,13 @@ for step in run.steps(MAX_STEPS):  # a stream of problems: no epochs
     answer_tokens = all_reduce_sum(target_mask.sum())  # the whole batch's, over every rank
     loss = -(token_logp * target_mask).sum() / answer_tokens
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    run.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
     sum_gradients(trainable)
+    run.unscale_gradients(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
     totals = all_reduce_sum({"loss": loss.detach(), "tokens": attention_mask.sum()})  # the step's: every rank's share
     if run.update_is_finite(step + 1, grad_norm, totals["loss"]):
-        optimizer.step()
+        run.optimizer_step(optimizer)
     scheduler.step()
     seconds = time.perf_counter() - step_start
     metrics = {"step": step + 1, "loss": totals["loss"], "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],

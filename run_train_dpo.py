@@ -90,7 +90,7 @@ INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an S
 #                                its layout replaces LORA_*; the KL reference stays the base model
 SEED = 0  # data order and initialisation
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
-DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DTYPE: Dtype = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 
 config = configure(globals(), quiet=not is_main_process())
@@ -207,7 +207,7 @@ for step in run.steps(total_steps, steps_per_epoch):
             sft = sft_loss(token_logps[:len(micro)], chosen_mask) * (chosen_mask.sum() / chosen_tokens)
             loss = loss + RPO_ALPHA * sft
             step_sft = step_sft + sft.detach()
-        loss.backward()
+        run.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
         step_loss = step_loss + loss.detach()
         losses.append(pair_losses.detach())
         chosen_rewards.append(micro_chosen_rewards)
@@ -216,10 +216,11 @@ for step in run.steps(total_steps, steps_per_epoch):
         rejected_logps.append(policy_rejected.detach())
     step_totals = all_reduce_sum({"loss": step_loss, "sft": step_sft})  # the step's: every rank's share
     sum_gradients(trainable)
+    run.unscale_gradients(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
     # The loss and the gradients are the same on every rank, so every rank decides the same.
     if run.update_is_finite(step + 1, grad_norm, step_totals["loss"]):
-        optimizer.step()
+        run.optimizer_step(optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
     scheduler.step()

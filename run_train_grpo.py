@@ -107,7 +107,7 @@ INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an S
 SAMPLE_EVERY: Annotated[int, ">= 0"] = 10  # print one sampled completion with its reward every this many steps (0 = never)
 SEED = 0  # data order, sampling and initialisation
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
-DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DTYPE: Dtype = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 
 config = configure(globals(), quiet=not is_main_process())
@@ -164,6 +164,7 @@ for step in run.steps(total_steps, steps_per_epoch):
     # 1. Rollouts: G completions per question in one batch, each scored with its row.
     samples, sample_rows, scores, generate_seconds = sample_and_score(
         model, tokenizer, prompt_format, batch, reward, sampling)
+    run.release_rollout_memory(model)  # the static KV, where the memory plan says it does not fit beside the policy pass
 
     # 2. Group advantages.
     rewards = torch.tensor([s.total for s in scores]).view(len(batch), NUM_SAMPLES_PER_PROMPT)
@@ -214,7 +215,7 @@ for step in run.steps(total_steps, steps_per_epoch):
                 eps_low=CLIP_EPS_LOW, eps_high=CLIP_EPS_HIGH, loss_agg=LOSS_AGG,
                 importance_level=IMPORTANCE_LEVEL, normalizer=normalizer, max_tokens=MAX_NEW_TOKENS,
                 kl_estimator=KL_ESTIMATOR, sampler_correction=correction)
-            loss.backward()
+            run.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
             iteration_loss += loss.detach()
             update_sums["entropy"] += (entropy.detach() * mask).sum()
             for key in ("kl", "clip_frac", "approx_kl"):
@@ -225,12 +226,13 @@ for step in run.steps(total_steps, steps_per_epoch):
                 mismatch_max = torch.maximum(mismatch_max, micro_max)
         update_sums["loss"] += iteration_loss
         sum_gradients(trainable)
+        run.unscale_gradients(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
         # The step's loss (every rank's share) and the gradients are the same on every rank: every rank decides the same.
         if not run.update_is_finite(step + 1, grad_norm, all_reduce_sum(iteration_loss)):
             optimizer.zero_grad(set_to_none=True)
             break
-        optimizer.step()
+        run.optimizer_step(optimizer)
     scheduler.step()
     policy_seconds = time.perf_counter() - policy_start
     step_seconds = run.step_seconds() - samples.compile_seconds

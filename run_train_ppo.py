@@ -122,7 +122,7 @@ INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an S
 SAMPLE_EVERY: Annotated[int, ">= 0"] = 10  # print one sampled completion with its reward every this many steps (0 = never)
 SEED = 0  # data order, sampling, mini-batch order and initialisation
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
-DTYPE: Dtype = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DTYPE: Dtype = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 
 config = configure(globals(), quiet=not is_main_process())
@@ -221,6 +221,7 @@ for step in run.steps(total_steps, steps_per_epoch):
     # 1. Rollouts and their task rewards, each scored with its row.
     samples, sample_rows, scores, generate_seconds = sample_and_score(
         model, tokenizer, prompt_format, batch, reward, sampling)
+    run.release_rollout_memory(model)  # the static KV, where the memory plan says it does not fit beside the policy pass
     task_rewards = torch.tensor([s.total for s in scores], dtype=torch.float32)
     rollouts = rollout_batch(samples, None, tokenizer.pad_token_id)
     mask = rollouts.completion_mask
@@ -276,7 +277,7 @@ for step in run.steps(total_steps, steps_per_epoch):
                                                micro_mask, VALUE_CLIP, normalizer=normalizer)
                 entropy_term = entropy_bonus(entropy, micro_mask, normalizer=normalizer)
                 loss = ppo_total_loss(policy_loss, value_loss, entropy_term, VF_COEF, ENT_COEF)
-                loss.backward()
+                run.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
                 mini_batch_loss += loss.detach()
                 # Statistics as sums over tokens: the losses above are sums divided by the normaliser.
                 micro_tokens = micro_mask.sum()
@@ -286,6 +287,7 @@ for step in run.steps(total_steps, steps_per_epoch):
                 update_sums["approx_kl"] += policy_stats["approx_kl"] * micro_tokens
                 update_sums["clip_frac"] += policy_stats["clip_frac"] * micro_tokens
             sum_gradients(actor_parameters + critic_parameters)
+            run.unscale_gradients(optimizer)
             # Separately: the critic's gradient would otherwise dominate the LoRA's norm and shrink its step.
             lora_grad_norm = float(torch.nn.utils.clip_grad_norm_(actor_parameters, GRAD_CLIP))
             value_grad_norm = float(torch.nn.utils.clip_grad_norm_(critic_parameters, GRAD_CLIP))
@@ -293,7 +295,7 @@ for step in run.steps(total_steps, steps_per_epoch):
             if not run.update_is_finite(step + 1, lora_grad_norm, value_grad_norm, all_reduce_sum(mini_batch_loss)):
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            optimizer.step()
+            run.optimizer_step(optimizer)
             lora_grad_norms.append(lora_grad_norm)
             value_grad_norms.append(value_grad_norm)
         epochs_run += 1

@@ -43,6 +43,8 @@ before the sampler's temperature.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Model types whose ForCausalLM.forward computes logits = lm_head(body(...).last_hidden_state)
@@ -94,26 +96,102 @@ def _matmul_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.to(b.dtype) @ b
 
 
-def _scaled_logits(hidden: torch.Tensor, head_weight: torch.Tensor, softcap: float | None, temperature: float,
-                   keep_tanh: bool = False):
-    """s = softcap(hidden @ W^T) / T, with the same operations in the same order as the model's
-    forward followed by the sampler's division by T, in fp32 (fp64 for an fp64 model) whatever the
-    dtype of ``head_weight`` (a ``_head_operand``). With ``keep_tanh`` also returns tanh(logits / cap)
-    (the soft-cap's derivative is 1 - tanh^2), None without soft-capping.
+def _head_logits(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+    """The raw logits hidden @ W^T of one chunk, in fp32 (fp64 for an fp64 model) whatever the dtype of
+    ``head_weight`` (a ``_head_operand``).
 
     Not bf16, even for a bf16 model, because bf16 keeps 8 significant bits: Gemma's logits of
     magnitude 16-30 would be rounded to multiples of 0.125, log-probs would be off by as much, and
     the log-sum-exp over 256k entries accumulates more rounding. Policy ratios and KL terms compare
     log-probs that differ by far less than that."""
-    logits = _matmul_fp32_out(hidden, head_weight.T)
+    return _matmul_fp32_out(hidden, head_weight.T)
+
+
+# The per-chunk epilogues: everything between a chunk's head matmul and its [chunk] results (forward)
+# or its d loss / d logits (backward), with the model's operations in the model's order (soft-cap,
+# then the sampler's / T). Eager, each op is one pass over the [chunk, V] fp32 buffer, done in place
+# so that the chunk holds one such buffer (two with entropy or soft-cap in backward); that is 10-12
+# passes, about 20 GB of memory traffic per 1024 x 256k chunk around a 1.5 ms matmul. On CUDA they are
+# compiled (_epilogue), which fuses them into a few kernels that read the logits once or twice and,
+# in forward, write nothing of size V. Under the compiler the logits are cloned first: the clone is
+# fused away, and the graph then mutates no input (a mutated input is written back: one more pass).
+def _forward_epilogue(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None, temperature: float,
+                      with_entropy: bool):
+    """(log p(target), logsumexp(s), entropy or None), each [n], from a chunk's raw logits [n, V]
+    (overwritten when eager), s = softcap(logits) / T."""
+    if torch.compiler.is_compiling():
+        logits = logits.clone()
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    if temperature != 1.0:  # no pass at all at T = 1
+        logits.div_(temperature)
+    target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)
+    # logsumexp(s) = m + log S with S = sum exp(s - m), m = max s.
+    row_max = logits.amax(-1, keepdim=True)
+    shifted = logits.sub_(row_max)
+    entropy = None
+    if with_entropy:
+        # H = logsumexp(s) - sum p s = log S - sum exp(s - m) (s - m) / S
+        exp_shifted = shifted.exp()
+        sum_exp = exp_shifted.sum(-1)
+        entropy = sum_exp.log() - exp_shifted.mul_(shifted).sum(-1) / sum_exp
+    else:
+        sum_exp = shifted.exp_().sum(-1)
+    logsumexp = row_max.squeeze(-1) + sum_exp.log()
+    return target_logits - logsumexp, logsumexp, entropy
+
+
+def _backward_epilogue(logits: torch.Tensor, targets: torch.Tensor, logsumexp: torch.Tensor,
+                       entropy: torch.Tensor | None, grad_logprobs: torch.Tensor | None,
+                       grad_entropies: torch.Tensor | None, softcap: float | None, temperature: float,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d logits [n, V] in ``out_dtype``, from a chunk's raw logits recomputed (overwritten
+    when eager) and the forward's log-sum-exp and entropy (see the module docstring's formulas)."""
+    if torch.compiler.is_compiling():
+        logits = logits.clone()
     tanh_of_logits = None
     if softcap is not None:
-        if keep_tanh:
-            tanh_of_logits = logits.div_(softcap).tanh_()
-            logits = tanh_of_logits * softcap
-        else:
-            logits.div_(softcap).tanh_().mul_(softcap)
-    return logits.div_(temperature), tanh_of_logits
+        tanh_of_logits = logits.div_(softcap).tanh_()  # the soft-cap's derivative is 1 - tanh^2
+        logits = tanh_of_logits * softcap
+    if temperature != 1.0:
+        logits.div_(temperature)
+    log_probs = logits.sub_(logsumexp[:, None])
+    # d loss / d s_j = -p_j * (g_logp + g_H * (log p_j + H)), plus g_logp at the target.
+    if grad_entropies is not None:
+        grad_logits = log_probs.exp()
+        coefficient = log_probs.add_(entropy[:, None]).mul_(grad_entropies[:, None])
+        if grad_logprobs is not None:
+            coefficient.add_(grad_logprobs[:, None])
+        grad_logits.mul_(coefficient).neg_()
+        del coefficient  # log_probs itself, updated in place: freed before the next chunk's
+    else:
+        grad_logits = log_probs.exp_().mul_(grad_logprobs[:, None]).neg_()
+    if grad_logprobs is not None:
+        grad_logits.scatter_add_(-1, targets[:, None], grad_logprobs[:, None])
+    if temperature != 1.0:
+        grad_logits.div_(temperature)  # d loss / d c
+    if tanh_of_logits is not None:
+        grad_logits.mul_(tanh_of_logits.square_().neg_().add_(1))  # d loss / d l
+    return grad_logits.to(out_dtype)
+
+
+def _compiles_epilogues(device: torch.device) -> bool:
+    """Whether the epilogues run compiled: on CUDA, where inductor has Triton to write the fused
+    kernels; the CPU and mps keep the eager in-place ops (tests/test_logprobs.py compares both)."""
+    from torch.utils._triton import has_triton
+
+    return device.type == "cuda" and has_triton()
+
+
+@functools.cache
+def _compiled(epilogue):
+    # dynamic=None: the first shape compiles static, a second (the last, shorter chunk) once more with
+    # the row count symbolic, which then covers every chunk; fullgraph: a graph break would be a bug.
+    return torch.compile(epilogue, fullgraph=True, dynamic=None)
+
+
+def _epilogue(epilogue, device: torch.device):
+    return _compiled(epilogue) if _compiles_epilogues(device) else epilogue
 
 
 def head_logits(model, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -135,33 +213,21 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, temperature, chunk_size, with_entropy):
         head_weight = _head_operand(weight)
+        epilogue = _epilogue(_forward_epilogue, hidden.device)
         num_positions = hidden.shape[0]
         logprobs = hidden.new_empty(num_positions, dtype=torch.promote_types(weight.dtype, torch.float32))
         logsumexps = torch.empty_like(logprobs)
         entropies = torch.empty_like(logprobs) if with_entropy else None
         for start in range(0, num_positions, chunk_size):
             end = min(start + chunk_size, num_positions)
-            logits, _ = _scaled_logits(hidden[start:end], head_weight, softcap, temperature)
-            target_logits = logits.gather(-1, targets[start:end, None]).squeeze(-1)
-            # logsumexp(s) = m + log S with S = sum exp(s - m), m = max s; in place, so that one
-            # [chunk, V] buffer (two with entropy) is all the chunk holds.
-            row_max = logits.amax(-1, keepdim=True)
-            shifted = logits.sub_(row_max)
+            # One call, the logits unnamed: the epilogue's in-place ops then free the chunk's [chunk, V]
+            # buffer on return, before the next chunk's is allocated (else the peak holds two chunks:
+            # measured 4.4 GB instead of 2.3 GB at V = 256k).
+            logprob, logsumexp, entropy = epilogue(_head_logits(hidden[start:end], head_weight),
+                                                   targets[start:end], softcap, temperature, with_entropy)
+            logprobs[start:end], logsumexps[start:end] = logprob, logsumexp
             if with_entropy:
-                # H = logsumexp(s) - sum p s = log S - sum exp(s - m) (s - m) / S
-                exp_shifted = shifted.exp()
-                sum_exp = exp_shifted.sum(-1)
-                entropies[start:end] = sum_exp.log() - exp_shifted.mul_(shifted).sum(-1) / sum_exp
-            else:
-                sum_exp = shifted.exp_().sum(-1)
-            logsumexp = row_max.squeeze(-1) + sum_exp.log()
-            logsumexps[start:end] = logsumexp
-            logprobs[start:end] = target_logits - logsumexp
-            # Free this chunk's [chunk, V] buffers now: otherwise they live until the next chunk's
-            # are allocated, and the peak holds two chunks (measured: 4.4 GB instead of 2.3 GB at V = 256k).
-            del logits, shifted, sum_exp
-            if with_entropy:
-                del exp_shifted
+                entropies[start:end] = entropy
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, targets, logsumexps, entropies)
         ctx.softcap, ctx.temperature, ctx.chunk_size = softcap, temperature, chunk_size
@@ -175,37 +241,27 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         if grad_logprobs is None and grad_entropies is None:
             return None, None, None, None, None, None, None
         head_weight = _head_operand(weight)
+        epilogue = _epilogue(_backward_epilogue, hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
         grad_head_weight = (torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                                         device=weight.device) if needs_weight_grad else None)
+        # The tensor cores take d loss / d logits rounded to the weight's dtype (bf16: a relative error
+        # of at most 2^-9 per entry, unbiased); rounded so on every device, the CPU tests check what
+        # CUDA computes. Rounded by the epilogue itself when only the hidden states need it (LoRA).
+        grad_dtype = grad_head_weight.dtype if needs_weight_grad else weight.dtype
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
-            logits, tanh_of_logits = _scaled_logits(hidden[start:end], head_weight, ctx.softcap,
-                                                    ctx.temperature, keep_tanh=True)
-            log_probs = logits.sub_(logsumexps[start:end, None])
-            # d loss / d s_j = -p_j * (g_logp + g_H * (log p_j + H)), plus g_logp at the target.
-            if grad_entropies is not None:
-                grad_logits = log_probs.exp()
-                coefficient = log_probs.add_(entropies[start:end, None]).mul_(grad_entropies[start:end, None])
-                if grad_logprobs is not None:
-                    coefficient.add_(grad_logprobs[start:end, None])
-                grad_logits.mul_(coefficient).neg_()
-                del coefficient  # log_probs itself, updated in place
-            else:
-                grad_logits = log_probs.exp_().mul_(grad_logprobs[start:end, None]).neg_()
-            if grad_logprobs is not None:
-                grad_logits.scatter_add_(-1, targets[start:end, None], grad_logprobs[start:end, None])
-            grad_logits.div_(ctx.temperature)  # d loss / d c
-            if tanh_of_logits is not None:
-                grad_logits.mul_(tanh_of_logits.square_().neg_().add_(1))  # d loss / d l
+            chunk = slice(start, end)
+            grad_logits = epilogue(_head_logits(hidden[chunk], head_weight), targets[chunk], logsumexps[chunk],
+                                   None if entropies is None else entropies[chunk],
+                                   None if grad_logprobs is None else grad_logprobs[chunk],
+                                   None if grad_entropies is None else grad_entropies[chunk],
+                                   ctx.softcap, ctx.temperature, grad_dtype)
             if needs_hidden_grad:
-                # The tensor cores take d loss / d logits rounded to the weight's dtype (bf16: a relative
-                # error of at most 2^-9 per entry, unbiased); rounded so on every device, the CPU tests
-                # check what CUDA computes.
-                grad_hidden[start:end] = _matmul_fp32_out(grad_logits.to(weight.dtype), head_weight)
+                grad_hidden[chunk] = _matmul_fp32_out(grad_logits.to(weight.dtype), head_weight)
             if needs_weight_grad:  # the head trains: full fine-tuning only, never under LoRA
-                grad_head_weight.addmm_(grad_logits.T, hidden[start:end].to(grad_head_weight.dtype))
-            del logits, tanh_of_logits, log_probs, grad_logits  # as in forward: one chunk's buffers at a time
+                grad_head_weight.addmm_(grad_logits.T, hidden[chunk].to(grad_head_weight.dtype))
+            del grad_logits  # as in forward: one chunk's buffers at a time
         grad_weight = grad_head_weight.to(weight.dtype) if needs_weight_grad else None
         return grad_hidden, grad_weight, None, None, None, None, None
 

@@ -21,7 +21,10 @@ one small file, no weights). A step of an RL trainer holds, at its peak,
   path; the static path sizes every layer alike, prompts bucketed to PROMPT_BUCKET); plus what a decode
   step allocates: the [rows, vocab] logits and about five fp32 copies of them in the sampling race; or,
   at the prefill, one layer's activations over the distinct prompts. The static path's KV buffers stay
-  allocated after the rollout (they are reused by the next one), so they count in the policy pass too.
+  allocated after the rollout (they are reused by the next one), so they count in the policy pass too,
+  and so does the compiled path's CUDA-graph pool (graph_pool_bytes), which stays reserved. When the
+  kept buffers are what does not fit, the trainers free them before each policy pass instead
+  (release_static_kv: common.sampler.release_static_cache; the next rollout allocates them again).
 * policy pass (common/logprobs.py token_logprobs + backward), one micro-batch of rows x (prompt + new
   tokens): the activations autograd saves, enumerated below per decoder layer and checked against
   torch.autograd.graph.saved_tensors_hooks in tests/test_memory_plan.py; with gradient checkpointing
@@ -164,6 +167,7 @@ class RunSettings:
     eval_max_new_tokens: int | None = None  # the evaluation's MAX_NEW_TOKENS, when not max_new_tokens (SFT, DPO)
     head_on_prompt: bool = False            # the head runs on every position (SFT, DPO), not the completion's only
     entropy: bool = True                    # the policy pass computes entropies (GRPO, PPO; not SFT, DPO)
+    release_static_kv: bool = False         # the static KV buffers are freed before each policy pass
 
     def __post_init__(self):
         if self.quant not in QUANTS:
@@ -183,6 +187,11 @@ class RunSettings:
     @property
     def static_kv_cache(self) -> bool:
         return self.sampler in ("static", "compiled") or (self.sampler == "auto" and self.device == "cuda")
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """The compiled static path, whose decode step replays CUDA graphs (auto takes it on CUDA)."""
+        return self.device == "cuda" and self.sampler in ("compiled", "auto")
 
 
 def _targets(shape: ModelShape, lora_targets) -> tuple[str, ...]:
@@ -346,6 +355,29 @@ def head_backward_bytes(shape: ModelShape, settings: RunSettings) -> float:
     return chunk * shape.vocab * per_entry + positions * shape.hidden * b + head_copy
 
 
+# The compiled decode step writes each layer's keys and values repeated to every query head (transformers'
+# repeat_kv under torch.compile, issue 21 item 1); False once a grouped-query decode attention reads them
+# un-repeated.
+DECODE_REPEATS_KV = True
+
+
+def graph_pool_bytes(shape: ModelShape, settings: RunSettings, rows: int) -> float:
+    """The CUDA-graph pool of the compiled decode step of ``rows`` rows: the graph's intermediates live in
+    a private pool, reserved from the first replay on and not handed back (max_memory_allocated does not
+    see them; max_memory_reserved does). The pool reuses memory between layers, so it holds about one
+    decode step's largest moment: the [rows, vocab] logits in the dtype and in fp32, and one layer's
+    keys and values repeated to every query head (the traced graph's clone of expand in repeat_kv,
+    rows x heads x slots x head dim x 2; none without grouped-query attention), about 0.7 GiB for
+    Gemma 2 2B at 128 x 511 slots, within the 0.3-1 GB read in torch's cudagraph_trees.py."""
+    if not settings.cuda_graphs or rows == 0:
+        return 0.0
+    b = dtype_bytes(settings.dtype)
+    slots = kv_cache_bytes(shape, settings, 1) / (shape.layers * shape.kv_heads * shape.head_dim * 2 * b)
+    repeats = DECODE_REPEATS_KV and shape.heads > shape.kv_heads
+    repeated = rows * shape.heads * slots * shape.head_dim * 2 * b if repeats else 0.0
+    return rows * shape.vocab * (b + FP32) + repeated
+
+
 def rollout_bytes(shape: ModelShape, settings: RunSettings, rows: int, samples_per_prompt: int) -> float:
     """The rollout of ``rows`` rows at its peak: the full KV cache with a decode step's buffers, or the
     prefill's (the prompt part of the cache, the distinct prompts' activations of one layer)."""
@@ -431,9 +463,30 @@ class MemoryPlan:
                    rollout_bytes(self.shape, self._eval_settings, s.eval_rows, 1))
 
     @property
+    def graph_pool(self) -> float:
+        s = self.settings
+        return max(graph_pool_bytes(self.shape, s, s.rows), graph_pool_bytes(self.shape, self._eval_settings, s.eval_rows))
+
+    @property
+    def kept_through_policy(self) -> float:
+        """What the rollout leaves allocated through the policy pass: the static KV buffers (unless
+        released) and the CUDA-graph pool."""
+        s = self.settings
+        kept_kv = self.kv_cache if s.static_kv_cache and not s.release_static_kv else 0.0
+        return kept_kv + self.graph_pool
+
+    @property
     def policy(self) -> float:
-        policy = policy_bytes(self.shape, self.settings, self.settings.gradient_checkpointing)
-        return policy + (self.kv_cache if self.settings.static_kv_cache else 0.0)  # the static buffers are kept
+        return policy_bytes(self.shape, self.settings, self.settings.gradient_checkpointing) + self.kept_through_policy
+
+    def release_static_kv_advice(self, gpu_gb: float | None) -> MemoryPlan | None:
+        """The plan with the static KV buffers freed before each policy pass, when the buffers kept are
+        what keeps this plan from fitting in ``gpu_gb`` (and freeing them makes it fit); else None."""
+        s = self.settings
+        if gpu_gb is None or not s.static_kv_cache or s.release_static_kv or not s.rows or self.fits(gpu_gb):
+            return None
+        released = self.with_settings(release_static_kv=True)
+        return released if released.fits(gpu_gb) else None
 
     @property
     def total(self) -> float:
@@ -514,8 +567,10 @@ class MemoryPlan:
             (f"policy pass: activations, {micro}", activation_bytes(shape, s, False)),
             (f"policy pass: activations, {micro}, checkpointed", activation_bytes(shape, s, True)),
             (f"policy pass: chunked head's buffers (chunk {s.logprob_chunk_size})", head_backward_bytes(shape, s)),
+            *([("rollout: CUDA-graph pool, reserved from the first replay on", self.graph_pool)] if self.graph_pool else []),
             (f"policy pass: at its peak, {'checkpointed' if s.gradient_checkpointing else 'not checkpointed'}"
-             f"{' (+ kept KV cache)' if s.static_kv_cache and s.rows else ''}", self.policy),
+             f"{' (+ kept KV cache)' if s.static_kv_cache and s.rows and not s.release_static_kv else ''}"
+             f"{' (+ graph pool)' if self.graph_pool else ''}", self.policy),
             ("total: weights + LoRA + max(rollout, policy pass)", self.total),
         ]
         size = f"{shape.parameters / 1e9:.2f}B" if shape.parameters >= 1e9 else f"{shape.parameters / 1e6:.2f}M"
@@ -568,23 +623,33 @@ def largest_generation_batch(plan: MemoryPlan, gpu_gb: float) -> int:
 def generation_batch(plan: MemoryPlan, generation_batch_size: int | str, gpu_gb: float | None
                      ) -> tuple[MemoryPlan, int, str]:
     """GENERATION_BATCH_SIZE resolved against the plan (whose rows are a whole step's): (the plan with the
-    rows sampled together, the size for the sampler, 0 = all of a step's rows at once, and a line saying
-    what auto chose, "" otherwise). auto: the most rows that fit in ``gpu_gb`` (largest_generation_batch);
+    rows sampled together, the size for the sampler, 0 = all of a step's rows at once, and the lines
+    saying what was chosen, "" when nothing was). First, when the static KV buffers kept through the
+    policy pass are what does not fit, the plan frees them before each policy pass instead
+    (release_static_kv_advice). auto: then the most rows that fit in ``gpu_gb`` (largest_generation_batch);
     all of them when there is no memory to compare with, or when no number fits (check_fits then says
     what would)."""
     rows = plan.settings.rows
-    if generation_batch_size == "auto":
-        if gpu_gb is None:
-            return plan, 0, (f"GENERATION_BATCH_SIZE=auto: no GPU memory to fit (--GPU_MEMORY_GB=... plans for "
-                             f"one): the step's {rows} rows sampled together")
-        chunk = largest_generation_batch(plan, gpu_gb)
-        if not chunk:
-            return plan, 0, ""
-        return (plan.with_settings(rows=chunk), 0 if chunk == rows else chunk,
-                f"GENERATION_BATCH_SIZE=auto: {chunk} of the step's {rows} rows sampled together")
-    if 0 < generation_batch_size < rows:
-        return plan.with_settings(rows=generation_batch_size), generation_batch_size, ""
-    return plan, 0, ""
+    if generation_batch_size != "auto" and 0 < generation_batch_size < rows:
+        plan = plan.with_settings(rows=generation_batch_size)
+    released = plan.release_static_kv_advice(gpu_gb)
+    lines = []
+    if released is not None:
+        plan = released
+        lines.append(f"memory plan: the static KV cache ({gb_text(plan.kv_cache / GB)} GB) does not fit beside the "
+                     f"policy pass in {gb_text(gpu_gb)} GB: it is freed before each policy pass and allocated again "
+                     f"by the next rollout (with CUDA graphs, recorded again too)")
+    if generation_batch_size != "auto":
+        size = generation_batch_size if 0 < generation_batch_size < rows else 0
+        return plan, size, "\n".join(lines)
+    if gpu_gb is None:
+        return plan, 0, (f"GENERATION_BATCH_SIZE=auto: no GPU memory to fit (--GPU_MEMORY_GB=... plans for "
+                         f"one): the step's {rows} rows sampled together")
+    chunk = largest_generation_batch(plan, gpu_gb)
+    if not chunk:
+        return plan, 0, "\n".join(lines)
+    lines.append(f"GENERATION_BATCH_SIZE=auto: {chunk} of the step's {rows} rows sampled together")
+    return plan.with_settings(rows=chunk), 0 if chunk == rows else chunk, "\n".join(lines)
 
 
 def free_gpu_memory_gb(device: torch.device) -> float | None:

@@ -48,18 +48,56 @@ def get_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def _has_native_bf16(device: torch.device) -> bool:
+    """Whether ``device``'s card computes in bf16 natively (Ampere, compute capability 8.0, and later;
+    every ROCm card). torch.cuda.is_bf16_supported() alone also says yes where bf16 is only emulated
+    (T4, V100, RTX 20xx: a bf16 tensor can be made, the matmuls run without tensor cores), which is why
+    including_emulation=False (torch >= 2.4; torch 2.11 and 2.13 have it) is asked; the capability
+    check is the fallback where the keyword is missing."""
+    with torch.cuda.device(device):
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:
+            return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """(dtype, why) of DTYPE=auto on ``device``, ``why`` for the start-up line:
+
+    * bf16 on a CUDA card that has it natively;
+    * fp16 on an older card with fp16 tensor cores (compute capability 7.x: V100, T4, RTX 20xx), the
+      LoRA masters in fp32 and the loss scaled (common.run.LossScaler): fp16's 5 exponent bits
+      underflow small gradients, which dynamic loss scaling lifts back into range;
+    * fp32 elsewhere: older CUDA cards (fp16 there has no tensor cores, and on Pascal runs at 1/64
+      rate), mps (bf16 matmuls are incomplete on older macOS) and the CPU."""
+    if device.type != "cuda":
+        return torch.float32, f"float32 on {device.type}"
+    name = torch.cuda.get_device_name(device)
+    if _has_native_bf16(device):
+        return torch.bfloat16, f"bfloat16 on {name} (native bf16)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 7:
+        return torch.float16, (f"float16 on {name} (compute capability {major}.{minor}: bf16 only emulated), "
+                               f"fp32 LoRA masters, dynamic loss scaling")
+    return torch.float32, f"float32 on {name} (compute capability {major}.{minor}: no bf16, no fp16 tensor cores)"
+
+
 def get_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 on a CUDA GPU that supports it, fp32 elsewhere (mps bf16 matmuls are
-    incomplete on older macOS, and fp16 training needs loss scaling we do not do)."""
+    """DTYPE resolved: ``auto`` as auto_dtype decides, else the dtype named."""
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return auto_dtype(device)[0]
     dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if name not in dtypes:
         raise ValueError(f"unknown DTYPE {name!r}; use auto or one of {sorted(dtypes)}")
     return dtypes[name]
+
+
+def dtype_line(name: str, device: torch.device) -> str:
+    """The start-up line that says which dtype DTYPE gave, and why for auto."""
+    if name == "auto":
+        return f"DTYPE=auto: {auto_dtype(device)[1]}"
+    return f"DTYPE={name}"
 
 
 def missing_model_message(path: str | Path) -> str:
@@ -377,6 +415,7 @@ def load_model_and_tokenizer(path: str | Path, device_name: str = "auto", dtype_
     path = resolve_model_path(path)
     device = get_device(device_name)
     dtype = get_dtype(dtype_name, device)
+    print(dtype_line(dtype_name, device))
     tokenizer = load_tokenizer(path)
     model = load_model(path, device, dtype, quant)
     return model, tokenizer, device

@@ -36,10 +36,14 @@ QUANTS = ("none", "nf4")
 # The annotation of a script's QUANT constant (common.config checks it at start-up).
 Quant = Literal["none", "nf4"]
 BITSANDBYTES_REQUIREMENT = "bitsandbytes==0.50.2"
+# transformers' 4-bit loader refuses to run without accelerate (quantizer_bnb_4bit.validate_environment),
+# with or without a device_map; requirements.txt pins it.
+ACCELERATE_REQUIREMENT = "accelerate==1.16.0"
 
 
 class QuantizationUnavailable(UserError, RuntimeError):
-    """QUANT=nf4 asked for where it cannot run: bitsandbytes missing, or a device it does not support."""
+    """QUANT=nf4 asked for where it cannot run: bitsandbytes or accelerate missing, or a device bitsandbytes
+    does not support."""
 
 
 def require_bitsandbytes():
@@ -59,6 +63,11 @@ def check_quant(quant: str, device: torch.device) -> None:
     if quant == "none":
         return
     bitsandbytes = require_bitsandbytes()
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise QuantizationUnavailable(f"QUANT=nf4 needs accelerate, which is not installed: pip install "
+                                      f"{ACCELERATE_REQUIREMENT} (it is in requirements.txt), or use QUANT=none") from None
     supported = getattr(bitsandbytes, "supported_torch_devices", {"cuda", "cpu"})
     if device.type not in supported:
         raise QuantizationUnavailable(f"QUANT=nf4 on {device.type}: bitsandbytes {bitsandbytes.__version__} does not "

@@ -30,6 +30,10 @@ lives here, once.
                      number; every rank stops at the same step (end_step). A second signal ends it at once.
   non-finite guard   an update whose loss or gradient norm is not finite never reaches the weights; it
                      is skipped and counted (skipped_updates, kept across a resume).
+  loss scaling       an fp16 model (DTYPE=auto on a V100, T4, RTX 20xx) scales the loss before backward
+                     (LossScaler: torch.amp.GradScaler); the trainers call run.backward(loss),
+                     run.unscale_gradients(optimizer) before clipping and run.optimizer_step(optimizer),
+                     which are plain backward / nothing / optimizer.step() for every other dtype.
 """
 
 from __future__ import annotations
@@ -63,9 +67,10 @@ from common.logprobs import enable_gradient_checkpointing
 from common.lora import lora_parameters, lora_targets
 from common.memory_plan import MemoryPlanError, check_fits, free_gpu_memory_gb, generation_batch, plan_memory
 from common.metrics_log import LoggerUnavailableError, MetricsLogger
-from common.model import (check_model_dir, context_length, get_device, get_dtype, load_model, load_tokenizer,
-                          meta_model, resolve_model_path)
+from common.model import (check_model_dir, context_length, dtype_line, get_device, get_dtype, load_model,
+                          load_tokenizer, meta_model, resolve_model_path)
 from common.prompts import encode_prompts
+from common.sampler import release_static_cache
 from common.schedule import warmup_then_schedule
 from common.synth import normalise_question
 
@@ -281,6 +286,41 @@ def warn_shared_questions(train_questions: list[str], eval_questions: list[str],
     return shared
 
 
+class LossScaler:
+    """Dynamic loss scaling (Micikevicius et al. 2018, "Mixed Precision Training"; torch.amp.GradScaler)
+    for an fp16 base under fp32 LoRA masters: fp16 keeps 5 exponent bits, so activation gradients
+    below ~6e-8 flush to zero in the base's backward. The loss is multiplied by a scale S before
+    backward, the fp32 master gradients divided by S before clipping; an overflow (a non-finite
+    gradient) skips the update and halves S, and S doubles after 2000 updates without one.
+
+    Every other dtype: disabled, and each method is what the trainers did without it."""
+
+    def __init__(self, model_dtype: torch.dtype, device: torch.device):
+        self.enabled = model_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """The true gradients (divided by S), for clipping and for the gradient norm: call once per
+        update, after any all-reduce and before clip_grad_norm_."""
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """optimizer.step() on the unscaled gradients, then S's update."""
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def skip(self) -> str:
+        """After an update the non-finite guard skipped: halve S (an fp16 overflow is what loss scaling
+        expects now and then, and what brings S down to where gradients fit). What to tell the user."""
+        if not self.enabled:
+            return ""
+        self.scaler.update()
+        return f"; fp16 loss scale now {self.scaler.get_scale():g}"
+
+
 class TrainingRun:
     """The bookkeeping of one trainer run; see the module docstring. Constructed right after
     ``configure`` and ``setup_distributed``, before the model loads, so that every refusal costs
@@ -316,6 +356,8 @@ class TrainingRun:
         self.overwritten: list[Path] = []  # an earlier run's files, removed when this run starts its steps
         # One lock for all the run writes: its folder, and its metrics file (which two runs with one RUN_NAME
         # and two CHECKPOINT_DIRs would share).
+        self.loss_scaler = LossScaler(torch.float32, torch.device("cpu"))  # set by load_model, from the model's dtype
+        self.release_static_kv = False  # set by check_memory: free the sampler's static KV before each policy pass
         self.lock = RunLock(self.run_dir / LOCK_FILE, self.metrics_path.with_name(f".{self.metrics_path.name}.lock"))
         if self.resume_path is not None and config.get("INIT_LORA") is not None:
             raise RunError("RESUME continues a run, INIT_LORA starts a new one from a LoRA: give one of them")
@@ -425,6 +467,8 @@ class TrainingRun:
         hyperparameters = [{key: value for key, value in group.items() if key != "params"}
                            for group in optimizer.param_groups]
         restore_training_state(self.checkpoint, optimizer, scheduler)
+        if self.loss_scaler.enabled and self.checkpoint["extra"].get("loss_scaler"):
+            self.loss_scaler.scaler.load_state_dict(self.checkpoint["extra"]["loss_scaler"])
         restore_rank_state(self.checkpoint, self.distributed, self.generators)
         for group, wanted in zip(optimizer.param_groups, hyperparameters):
             group.update(wanted)
@@ -530,13 +574,37 @@ class TrainingRun:
         return load_tokenizer(self.model_path), self.device
 
     def load_model(self):
-        """MODEL_PATH's causal LM on the run's device, in DTYPE, its linear layers in QUANT (load_model). A
-        new LoRA's LORA_TARGETS are checked first, on the model built without its weights (meta_model)."""
+        """MODEL_PATH's causal LM on the run's device, in DTYPE, its linear layers in QUANT (load_model),
+        the dtype said in one line. A new LoRA's LORA_TARGETS are checked first, on the model built without
+        its weights (meta_model). An fp16 model gets the run's LossScaler. DTYPE=auto trains a full
+        model (no LoRA: run_sft.py with LORA_R=0) in fp32 where it would give fp16: fp16 weights would
+        be their own optimizer masters, and updates below their resolution would be lost."""
         config = self.config
         if config.get("LORA_R") and self.checkpoint is None and config.get("INIT_LORA") is None:
             lora_targets(meta_model(self.model_path), config["LORA_TARGETS"])
-        return load_model(self.model_path, self.device, get_dtype(self.config["DTYPE"], self.device),
-                          self.config["QUANT"])
+        name = self.config["DTYPE"]
+        dtype = self.dtype
+        line = dtype_line(name, self.device)
+        if dtype is torch.float16 and name == "auto" and self.config.get("LORA_R", 1) == 0:
+            dtype, line = torch.float32, f"{line}; float32 instead: LORA_R=0 trains every weight"
+        if self.distributed.is_main:
+            print(line)
+        self.loss_scaler = LossScaler(dtype, self.device)
+        return load_model(self.model_path, self.device, dtype, self.config["QUANT"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return get_dtype(self.config["DTYPE"], self.device)
+
+    # The update, through the run's LossScaler (a pass-through unless the model is fp16).
+    def backward(self, loss: torch.Tensor) -> None:
+        self.loss_scaler.backward(loss)
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        self.loss_scaler.unscale_gradients(optimizer)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.loss_scaler.step(optimizer)
 
     def check_memory(self, **settings) -> int:
         """Print this run's memory plan (common/memory_plan.py: from config.json, between load_tokenizer
@@ -560,6 +628,7 @@ class TrainingRun:
             print(f"no memory plan: {error}")
             return 0 if generation_batch_size == "auto" else generation_batch_size
         plan, generation_batch_size, auto_choice = generation_batch(plan, generation_batch_size, gpu_gb)
+        self.release_static_kv = plan.settings.release_static_kv  # the kept KV does not fit: freed before each policy pass
         print(plan.table(gpu_gb))
         if auto_choice:
             print(auto_choice)
@@ -568,6 +637,12 @@ class TrainingRun:
         except MemoryPlanError as error:
             raise RunError(str(error)) from None
         return generation_batch_size
+
+    def release_rollout_memory(self, model) -> None:
+        """Before the policy pass: the sampler's static KV buffers freed when the memory plan says they do
+        not fit beside it (check_memory), else kept for the next rollout."""
+        if self.release_static_kv:
+            release_static_cache(model)
 
     def sampling_generator(self, device) -> torch.Generator:
         """The random generator of the rollouts: SEED + rank (each rank samples its own completions),
@@ -604,7 +679,8 @@ class TrainingRun:
         if all(math.isfinite(value) for value in values):
             return True
         self.skipped_updates += 1
-        tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({self.skipped_updates} so far)")
+        scale = self.loss_scaler.skip()
+        tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({self.skipped_updates} so far{scale})")
         return False
 
     def show_sample(self, step: int, text: str, reward: float, gold) -> None:
@@ -677,7 +753,8 @@ class TrainingRun:
                                    self.config["MODEL_PATH"], self.config, state["optimizer"], state["scheduler"],
                                    epoch=epoch, step=step, generators=self.generators,
                                    extra={**state["extra"](), "trainer": self.trainer, "ranks": rank_states,
-                                          "skipped_updates": self.skipped_updates})
+                                          "skipped_updates": self.skipped_updates,
+                                          "loss_scaler": self.loss_scaler.scaler.state_dict()})
         except OSError as error:
             if error.errno != errno.ENOSPC:
                 raise

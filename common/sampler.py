@@ -401,6 +401,16 @@ def _static_kv_cache(model, prefilled: Cache, width: int, slots: int) -> Cache:
     return cache
 
 
+def release_static_cache(model) -> int:
+    """Free the static path's KV buffers kept for ``model`` (the next static-path call allocates them
+    again; under CUDA graphs at a new address, so the graphs are recorded again); the bytes freed. The
+    trainers call it before the policy pass when the memory plan says the two do not fit together."""
+    kept = _KV_BUFFERS.pop(model, None)
+    if kept is None:
+        return 0
+    return sum(buffer.numel() * buffer.element_size() for layer in kept[1].layers for buffer in (layer.keys, layer.values))
+
+
 def _decode_step(model, cache: Cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  slot_mask: torch.Tensor) -> torch.Tensor:
     """Next-token logits [N, V] (fp32, from the trainer's head) of one new token per row [N, 1] against

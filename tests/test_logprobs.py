@@ -421,3 +421,57 @@ def test_peak_memory_is_bounded_by_the_chunk_not_the_batch():
     increments = json.loads(result.stdout.splitlines()[-1])
     assert increments["naive"] > 500, increments
     assert increments["chunked"] < 0.25 * increments["naive"], increments
+
+
+def test_compiled_epilogues_equal_the_eager_ones_with_gradients(monkeypatch):
+    """The per-chunk epilogues as CUDA runs them (torch.compile: inductor, here its CPU backend) against
+    the eager in-place ops the CPU runs: log-probs, entropies and every gradient to fp32 rounding (the
+    fused kernels sum in another order), over chunks of two sizes (the last one shorter), with the soft-cap and T != 1 (T = 1 and no soft-cap
+only drop operations). About a minute of CPU compiling."""
+    import common.logprobs as logprobs
+
+    torch._dynamo.reset()
+    input_ids, attention_mask = left_padded_batch()
+    results = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(logprobs, "_compiles_epilogues", lambda device, compiled=compiled: compiled)
+        model = build_model("gemma2-capped", tie_word_embeddings=False)
+        outputs = token_logprobs(model, input_ids, attention_mask, temperature=0.7, chunk_size=5,
+                                 return_entropy=True)
+        loss = (outputs[0] * torch.linspace(-1, 1, outputs[0].numel()).view_as(outputs[0])).sum() + outputs[1].sum()
+        loss.backward()
+        results[compiled] = [output.detach() for output in outputs] + [
+            parameter.grad for parameter in model.parameters() if parameter.grad is not None]
+    assert len(results[True]) == len(results[False]) > 2
+    for compiled_value, eager_value in zip(results[True], results[False]):
+        scale = max(1.0, eager_value.abs().max().item())
+        torch.testing.assert_close(compiled_value, eager_value, atol=2e-6 * scale, rtol=1e-5)
+    assert logprobs._compiled.cache_info().currsize == 2  # forward and backward epilogue, compiled
+
+
+def test_no_divide_at_temperature_one():
+    """At T = 1 (and no soft-cap: Llama) the forward and backward epilogues run no division: the pass
+    over the [chunk, V] buffer that / T costs is skipped, not multiplied by 1."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountDivisions(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket in (torch.ops.aten.div, torch.ops.aten.div_)
+            return func(*args, **(kwargs or {}))
+
+    model = build_model("llama")
+    hidden = torch.randn(1, 6, 16, requires_grad=True)
+    input_ids = torch.randint(0, VOCAB_SIZE, (1, 6))
+    counts = {}
+    for temperature in (1.0, 0.7):
+        with CountDivisions() as counter:
+            logps, entropy = head_token_logprobs(model, hidden, input_ids, temperature, chunk_size=4,
+                                                 return_entropy=True)
+            logps.sum().backward()
+        counts[temperature] = counter.count
+    # The entropy's / S is per position ([chunk]), the only division left at T = 1: one per chunk.
+    assert counts[1.0] == 2 and counts[0.7] == 2 + 3 * 2

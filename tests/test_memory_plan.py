@@ -14,9 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.lora import apply_lora
 from common.logprobs import token_logprobs
-from common.memory_plan import (GB, MemoryPlan, MemoryPlanError, RunSettings, activation_bytes, check_fits,
-                                kv_cache_bytes, largest_generation_batch, llama_3_1_8b_config, model_shape,
-                                plan_memory)
+from common.memory_plan import (ALLOCATOR_HEADROOM, GB, MemoryPlan, MemoryPlanError, RunSettings, activation_bytes,
+                                check_fits, kv_cache_bytes, largest_generation_batch, llama_3_1_8b_config, model_shape,
+                                plan_memory, policy_bytes)
 from common.model import EAGER_ATTENTION_MODEL_TYPES, load_model
 from common.quant import is_quantized
 from tests.conftest import REPO_ROOT, run_script
@@ -260,6 +260,8 @@ def test_plan_memory_reads_config_json_alone_and_names_what_would_fit(tmp_path):
     fits = run_script(["plan_memory.py", *common, "--QUANT=nf4", "--GRADIENT_CHECKPOINTING=true",
                        "--MICRO_BATCH_SIZE=4", "--GENERATION_BATCH_SIZE=auto"])
     assert "weights (4-bit NF4 linears, the rest in bfloat16)" in fits.stdout
+    # 64 rows fit once the static KV is freed before the policy pass (the graph pool stays reserved).
+    assert "the static KV cache (3.0 GB) does not fit beside the policy pass in 12.0 GB" in fits.stdout
     assert "GENERATION_BATCH_SIZE=auto: 64 of the step's 64 rows sampled together" in fits.stdout
     assert fits.stdout.rstrip().splitlines()[-1].endswith("fits")
 
@@ -341,3 +343,71 @@ def test_generation_batch_size_auto_samples_the_most_rows_that_fit(tmp_path):
                          "--MICRO_BATCH_SIZE=1", "--GRADIENT_CHECKPOINTING=true", f"--GPU_MEMORY_GB={gpu_gb}"])
     assert f"GENERATION_BATCH_SIZE=auto: {chunk} of the step's 64 rows sampled together" in result.stdout
     assert "step 1/1" in result.stdout
+
+
+def gemma_2_2b_shape():
+    from transformers import Gemma2Config
+
+    from bench.bench_gpu import GEMMA2_2B
+    return model_shape(Gemma2Config(**GEMMA2_2B))
+
+
+def test_the_graph_pool_and_the_static_kv_are_counted_through_the_policy_pass():
+    """Gemma 2 2B, 128 rows x (200 -> 256 bucketed + 256 new - 1 = 511 slots): the static KV (26 layers x 4
+    KV heads x 256 x 2 x bf16) stays through the policy pass on the static paths; the compiled path's graph
+    pool (the [128, 256000] logits in bf16 and fp32, and one layer's K, V repeated to 8 heads) too;
+    neither on the eager path."""
+    shape = gemma_2_2b_shape()
+    settings = dict(dtype="bfloat16", rows=128, samples_per_prompt=8, prompt_tokens=200, max_new_tokens=256,
+                    micro_batch_size=16, device="cuda")
+    compiled, static, eager = (MemoryPlan("gemma-2-2b", shape, RunSettings(sampler=sampler, **settings))
+                               for sampler in ("compiled", "static", "eager"))
+    kv = 128 * 511 * 26 * 4 * 256 * 2 * 2
+    pool = 128 * 256000 * (2 + 4) + 128 * 8 * 511 * 256 * 2 * 2
+    assert compiled.kv_cache == static.kv_cache == kv  # 6.5 GiB
+    assert compiled.graph_pool == pool and 0.6 * GB < pool < 0.8 * GB
+    assert static.graph_pool == eager.graph_pool == 0
+    policy_alone = policy_bytes(shape, eager.settings, False)
+    assert compiled.policy == policy_alone + kv + pool
+    assert static.policy == policy_alone + kv and eager.policy == policy_alone
+    auto = MemoryPlan("gemma-2-2b", shape, RunSettings(sampler="auto", **settings))
+    assert auto.graph_pool == pool  # auto compiles on CUDA
+    assert "CUDA-graph pool" in compiled.table() and "CUDA-graph pool" not in eager.table()
+    released = compiled.with_settings(release_static_kv=True)
+    assert released.policy == policy_alone + pool  # the pool stays reserved; the KV is freed
+
+
+def test_the_static_kv_is_released_only_when_it_is_what_does_not_fit():
+    shape = gemma_2_2b_shape()
+    plan = MemoryPlan("gemma-2-2b", shape, RunSettings(dtype="bfloat16", rows=128, samples_per_prompt=8,
+                                                       prompt_tokens=200, max_new_tokens=256, micro_batch_size=16,
+                                                       sampler="compiled", gradient_checkpointing=True))
+    released = plan.with_settings(release_static_kv=True)
+    assert released.total < plan.total and plan.policy > plan.rollout  # the kept KV makes the policy pass the peak
+    between = (released.total_gb + plan.total_gb) / 2 / (1 - ALLOCATOR_HEADROOM)
+    assert not plan.fits(between) and released.fits(between)
+    assert plan.release_static_kv_advice(between) == released
+    assert plan.release_static_kv_advice(plan.total_gb / (1 - ALLOCATOR_HEADROOM) + 0.1) is None  # it fits as it is
+    assert plan.release_static_kv_advice(released.total_gb * 0.5) is None  # freeing it is not enough
+    assert plan.with_settings(sampler="eager").release_static_kv_advice(between) is None  # no static KV to free
+
+
+def test_release_static_cache_frees_the_sampler_buffers_and_the_next_call_allocates_them_again(micro_model_dir):
+    from common.model import load_model, load_tokenizer
+    from common.sampler import _KV_BUFFERS, release_static_cache, sample
+
+    model = load_model(micro_model_dir, torch.device("cpu"), torch.float32)
+    tokenizer = load_tokenizer(micro_model_dir)
+    prompts = [tokenizer("2 + 2 =").input_ids, tokenizer("3 + 4 =").input_ids]
+
+    def draw():
+        return sample(model, prompts, num_samples=2, max_new_tokens=5, tokenizer=tokenizer,
+                      generator=torch.Generator().manual_seed(0), sampler="static")
+
+    first = draw()
+    layers = _KV_BUFFERS[model][1].layers
+    expected = sum(layer.keys.numel() * 4 + layer.values.numel() * 4 for layer in layers)
+    assert release_static_cache(model) == expected > 0 and model not in _KV_BUFFERS
+    assert release_static_cache(model) == 0
+    second = draw()
+    assert model in _KV_BUFFERS and torch.equal(first.completion_ids, second.completion_ids)  # the same tokens from new buffers

@@ -15,7 +15,7 @@ from common.logprobs import enable_gradient_checkpointing, token_logprobs
 from common.model import load_model
 from common.peft_io import save_peft_adapter
 from common.quant import QuantizationUnavailable, check_quant, is_quantized, require_bitsandbytes
-from tests.conftest import run_script, sample_with
+from tests.conftest import REPO_ROOT, run_script, sample_with
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -202,6 +202,25 @@ def test_nf4_without_bitsandbytes_is_one_clear_error(micro_model_dir, monkeypatc
         load_model(micro_model_dir, CPU, torch.float32, quant="nf4")
     check_quant("none", CPU)  # QUANT=none never needs it
     assert load_model(micro_model_dir, CPU, torch.float32).model.layers[0].mlp.up_proj.__class__ is nn.Linear
+
+
+def test_nf4_without_accelerate_is_one_clear_error_and_requirements_txt_pins_it(micro_model_dir, monkeypatch):
+    """transformers' 4-bit loader needs accelerate: a fresh requirements.txt install plus bitsandbytes
+    has it (pinned at the version these tests run with), and an install without it gets one line."""
+    import importlib.metadata
+    import re
+
+    from common.quant import ACCELERATE_REQUIREMENT
+
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (REPO_ROOT / "requirements.txt").read_text(), re.M))
+    assert f"accelerate=={pins['accelerate']}" == ACCELERATE_REQUIREMENT
+    assert pins["accelerate"] == importlib.metadata.version("accelerate")
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    with pytest.raises(QuantizationUnavailable, match=r"QUANT=nf4 needs accelerate, which is not installed: "
+                                                      r"pip install accelerate==1\.16\.0"):
+        load_model(micro_model_dir, CPU, torch.float32, quant="nf4")
+    monkeypatch.undo()
+    assert is_quantized(load_model(micro_model_dir, CPU, torch.float32, quant="nf4").model.layers[0].mlp.up_proj)
 
 
 def test_nf4_on_a_device_bitsandbytes_does_not_support_is_refused(monkeypatch):
