@@ -174,13 +174,13 @@ def to_device(tree, device: torch.device):
     collect(tree)
     moved: dict[int, torch.Tensor] = {}
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for leaf in leaves:
-        if leaf.device == device:
-            moved[id(leaf)] = leaf
-        else:
+    for leaf in leaves:  # host tensors travel (on a CPU device too: one no-op .to per dtype, as on a GPU)
+        if leaf.device.type == "cpu":
             by_dtype.setdefault(leaf.dtype, []).append(leaf)
+        else:
+            moved[id(leaf)] = leaf
     for dtype, group in by_dtype.items():
-        flat = torch.cat([leaf.reshape(-1).cpu() for leaf in group])
+        flat = torch.cat([leaf.reshape(-1) for leaf in group])
         if device.type == "cuda":
             flat = flat.pin_memory()
         flat = flat.to(device, non_blocking=True)

@@ -148,7 +148,10 @@ def test_to_device_keeps_values_and_structure():
     layout = pass_layout([torch.tensor([7, 8, 9])], [2], 2, None, True, PAD)
     tree = {"layouts": [layout], "x": torch.arange(6.0).view(2, 3)}
     moved = to_device(tree, torch.device("cpu"))
-    assert moved["layouts"][0].input_ids is layout.input_ids  # on its device already: no copy
+    assert isinstance(moved["layouts"][0], type(layout)) and moved["layouts"][0].num_sequences == 1
+    for name in ("input_ids", "position_ids", "predicting", "destination", "last_position"):
+        assert torch.equal(getattr(moved["layouts"][0], name), getattr(layout, name))
+    assert moved["layouts"][0].attention_mask is None
     assert torch.equal(moved["x"], tree["x"])
 
 
