@@ -52,6 +52,10 @@ LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # LoRA scaling numerator: the update
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # layers with an adapter
 LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapter's input
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds the [positions, vocab] logits in memory)
+PACKING = True  # pack the batch's examples into rows without pads (common/packing.py); false = padded rectangles.
+#                 Padded anyway for an attention the packing tests do not cover
+PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the batch's longest
+#                                   example; one row under flash-attention's variable-length kernels) or tokens
 GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
 GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): a run whose
 #                                   memory plan (printed at start; LORA_R > 0) does not fit is refused before the model loads
@@ -78,10 +82,11 @@ from common import synth  # noqa: E402  (after configure: --help stays fast)
 from common.data import load_problems  # noqa: E402
 from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
+from common.logprobs import body_hidden_states, enable_gradient_checkpointing, head_token_logprobs  # noqa: E402
 from common.sampler import SamplingParams  # noqa: E402
-from common.logprobs import enable_gradient_checkpointing, token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.model import answer_end_token_id  # noqa: E402
+from common.packing import PassLayout, packing_plan, pass_layout, resolve_pack_length, to_device  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
@@ -120,6 +125,7 @@ if LORA_R > 0:
 else:
     print("no memory plan: it counts a LoRA's training (LORA_R > 0), not every weight's")
 model = run.load_model()
+packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 if LORA_R > 0:
     wrapped = apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
     print(f"LoRA r={LORA_R} alpha={LORA_ALPHA} on {len(wrapped)} layers")
@@ -127,7 +133,7 @@ if GRADIENT_CHECKPOINTING:
     enable_gradient_checkpointing(model)
 trainable = lora_parameters(model) if LORA_R > 0 else [p for p in model.parameters() if p.requires_grad]
 print(f"training {sum(p.numel() for p in trainable) / 1e6:.3f}M of "
-      f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters")
+      f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters; {packing_line}")
 model.train()
 data_rng = random.Random(SEED)
 
@@ -145,20 +151,18 @@ def next_batch() -> list[dict]:
     return [draw_problem() for _ in range(BATCH_SIZE)]
 
 
-def collate(problems):
-    """Right-padded input ids, attention mask and answer mask ([B, L] each), built from lengths."""
+def collate(problems) -> PassLayout:
+    """The examples (prompt + solution + answer end) laid out for one pass (common/packing.py): packed
+    into rows of at most PACK_LENGTH tokens, or right-padded; the answers, end included, are the
+    predicted tokens. On the device."""
     prompts = encode_prompts(tokenizer, problems, prompt_format)
-    answers = tokenizer([p["solution"] for p in problems], add_special_tokens=False)["input_ids"]
-    sequences = [prompt + answer + [answer_end_id] for prompt, answer in zip(prompts, answers)]
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    answer_mask = torch.zeros_like(input_ids, dtype=torch.float32)
-    for row, (prompt, sequence) in enumerate(zip(prompts, sequences)):
-        input_ids[row, :len(sequence)] = torch.tensor(sequence)
-        attention_mask[row, :len(sequence)] = 1
-        answer_mask[row, len(prompt):len(sequence)] = 1.0
-    return input_ids.to(device), attention_mask.to(device), answer_mask.to(device)
+    answers = [answer + [answer_end_id] for answer in
+               tokenizer([p["solution"] for p in problems], add_special_tokens=False)["input_ids"]]
+    sequences = [torch.tensor(prompt + answer) for prompt, answer in zip(prompts, answers)]
+    lengths = [len(answer) for answer in answers]
+    longest = max(len(sequence) for sequence in sequences)
+    return to_device(pass_layout(sequences, lengths, max(lengths), resolve_pack_length(pack_length, longest), packing,
+                                 tokenizer.pad_token_id), device)
 
 
 def save_full_model(step: int) -> Path:
@@ -199,18 +203,19 @@ train_start = time.perf_counter()
 for step in run.steps(MAX_STEPS):  # a stream of problems: no epochs
     step_start = time.perf_counter()
     # Every rank draws the same batch (same seed) and trains on its share of it.
-    input_ids, attention_mask, answer_mask = collate(shard(next_batch()))
-    # Entry t of token_logp is log p(token t+1 | tokens <= t): the answer mask shifts by one with it.
-    token_logp = token_logprobs(model, input_ids, attention_mask, chunk_size=LOGPROB_CHUNK_SIZE)
-    target_mask = answer_mask[:, 1:]
-    answer_tokens = all_reduce_sum(target_mask.sum())  # the whole batch's, over every rank
-    loss = -(token_logp * target_mask).sum() / answer_tokens
+    layout = collate(shard(next_batch()))
+    # The log-prob of each answer token, from the position before it (the head runs on those alone).
+    hidden_states = body_hidden_states(model, layout.input_ids, layout.attention_mask, layout.position_ids)
+    answer_logp = head_token_logprobs(model, hidden_states, layout.input_ids, chunk_size=LOGPROB_CHUNK_SIZE,
+                                      from_position=layout.predicting)
+    answer_tokens = all_reduce_sum(answer_logp.numel())  # the whole batch's, over every rank
+    loss = -answer_logp.sum() / answer_tokens
     optimizer.zero_grad(set_to_none=True)
     run.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
     sum_gradients(trainable)
     run.unscale_gradients(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
-    totals = all_reduce_sum({"loss": loss.detach(), "tokens": attention_mask.sum()})  # the step's: every rank's share
+    totals = all_reduce_sum({"loss": loss.detach(), "tokens": layout.real_tokens})  # the step's: every rank's share
     if run.update_is_finite(step + 1, grad_norm, totals["loss"]):
         run.optimizer_step(optimizer)
     scheduler.step()

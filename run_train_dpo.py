@@ -65,6 +65,10 @@ WARMUP_STEPS: Annotated[int, ">= 0"] = 5  # linear warm-up steps
 LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
 WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
+PACKING = True  # the chosen + rejected pass packs a micro-batch's sequences into rows without pads (common/packing.py);
+#                 false = padded rectangles. Padded anyway for an attention the packing tests do not cover
+PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the micro-batch's longest
+#                                   sequence; one row per micro-batch under flash-attention's variable-length kernels) or tokens
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
 GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
 GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): a run whose
@@ -102,6 +106,7 @@ from common.evaluate import evaluate  # noqa: E402
 from common.sampler import SamplingParams  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
 from common.model import answer_end_token_id, context_length  # noqa: E402
+from common.packing import packing_plan, resolve_pack_length  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
 from common.run import TrainingRun, fit_to_context, questions_that_fit, room_for_prompts, warn_shared_questions  # noqa: E402
@@ -138,6 +143,7 @@ run.check_memory(  # the memory plan, before the weights load: a micro-batch is 
     max_new_tokens=max(max(len(chosen), len(rejected)) for _, chosen, rejected in tokenized),
     eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=2 * MICRO_BATCH_SIZE, head_on_prompt=True, entropy=False)
 model = run.load_model()
+packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 steps_per_epoch = len(tokenized) // BATCH_SIZE
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
@@ -147,7 +153,14 @@ run.track(model, tokenizer, optimizer, scheduler,
                                          reward=eval_reward, prompt_format=prompt_format))
 print(f"{len(tokenized)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
-      f"{distributed.world_size} process(es) x {BATCH_SIZE // distributed.world_size} pairs per step")
+      f"{distributed.world_size} process(es) x {BATCH_SIZE // distributed.world_size} pairs per step; {packing_line}")
+
+
+def micro_batch_pairs(indices: list[int]):
+    """The PairBatch of the pairs ``indices``, packed into rows of at most PACK_LENGTH (auto: their longest sequence)."""
+    pairs = [tokenized[i] for i in indices]
+    longest = max(len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected in pairs)
+    return pack_pairs(pairs, tokenizer.pad_token_id, packing, resolve_pack_length(pack_length, longest))
 
 
 @torch.no_grad()
@@ -159,8 +172,7 @@ def reference_logprobs(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     chosen, rejected = [], []
     with disable_lora(model):
         for first in range(0, len(indices), MICRO_BATCH_SIZE):
-            batch = pack_pairs([tokenized[i] for i in indices[first:first + MICRO_BATCH_SIZE]],
-                               tokenizer.pad_token_id)
+            batch = micro_batch_pairs(indices[first:first + MICRO_BATCH_SIZE])
             chosen_logps, rejected_logps, _ = pair_logprobs(model, batch, LOGPROB_CHUNK_SIZE, length_normalise)
             chosen.append(chosen_logps.cpu())
             rejected.append(rejected_logps.cpu())
@@ -193,7 +205,7 @@ for step in run.steps(total_steps, steps_per_epoch):
             ref_chosen, ref_rejected = (logps[micro] for logps in cached_reference)
         else:
             ref_chosen, ref_rejected = reference_logprobs(micro)
-        batch = pack_pairs([tokenized[i] for i in micro], tokenizer.pad_token_id)
+        batch = micro_batch_pairs(micro)
         policy_chosen, policy_rejected, token_logps = pair_logprobs(model, batch, LOGPROB_CHUNK_SIZE,
                                                                     length_normalise)
         pair_losses, micro_chosen_rewards, micro_rejected_rewards = dpo_loss(

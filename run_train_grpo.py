@@ -81,6 +81,13 @@ LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: consta
 WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
 MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 16  # sequences per forward/backward (gradient accumulation over the step)
+MICRO_BATCH_TOKENS: Annotated[int, ">= 0"] = 0  # fill each micro-batch with whole sequences up to this many tokens
+#                                   instead of MICRO_BATCH_SIZE sequences (0 = off); the normaliser stays the step's
+PACKING = True  # the policy passes pack each micro-batch's sequences into rows without pads (common/packing.py);
+#                 false = padded rectangles. Padded anyway for an attention the packing tests do not cover
+PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the step's longest
+#                                   sequence, so no row costs more attention than a padded one; one row per
+#                                   micro-batch under flash-attention's variable-length kernels) or a number of tokens
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
 GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
 GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): a run whose
@@ -116,6 +123,7 @@ config = configure(globals(), quiet=not is_main_process())
 from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
 from common.evaluate import evaluate  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
+from common.packing import packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
@@ -142,6 +150,7 @@ generation_batch_size = run.check_memory(  # the memory plan, before the weights
     samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
     micro_batch_size=MICRO_BATCH_SIZE)
 model = run.load_model()
+packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 # The sampling settings, as one value: a step's rows in equal chunks of at most GENERATION_BATCH_SIZE
 # (the static path pads the last chunk, and the last eval batch, to one row count per run).
 sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
@@ -155,7 +164,8 @@ run.track(model, tokenizer, optimizer, scheduler,
                                          reward=reward, prompt_format=prompt_format))
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
-      f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step")
+      f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step; "
+      f"{packing_line}")
 
 # ------------------------------------------------------------ the algorithm
 for step in run.steps(total_steps, steps_per_epoch):
@@ -171,6 +181,13 @@ for step in run.steps(total_steps, steps_per_epoch):
     advantages = group_advantages(rewards, ADVANTAGE).flatten()
     informative = ~zero_advantage_groups(rewards).repeat_interleave(NUM_SAMPLES_PER_PROMPT)
     rollouts = rollout_batch(samples, informative, tokenizer.pad_token_id)
+    # This rank's micro-batches, packed (or padded) on the CPU, then moved to the device with everything the
+    # update reads, in one copy per dtype (pinned, non_blocking): the micro-batch loops copy nothing.
+    micro_batches = rollouts.micro_batches(MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS)
+    step_pack_length = resolve_pack_length(pack_length, max(rollouts.sequence_lengths.tolist(), default=1))
+    layouts, completion_mask, row_advantages, sampler_logp = to_device(
+        ([rollouts.layout(rows, packing, step_pack_length) for rows in micro_batches], rollouts.completion_mask,
+         advantages[rollouts.rows], samples.logprobs[rollouts.rows]), device)  # sampler_logp: what each token was drawn with
 
     # 3. Reference (adapters off) and, for several iterations, old log-probs: once, before any update.
     reference_start = time.perf_counter()
@@ -178,18 +195,16 @@ for step in run.steps(total_steps, steps_per_epoch):
     with torch.no_grad():
         if KL_COEF > 0 and rollouts.num_rows:
             with disable_lora(model):
-                ref_logp = rollouts.completion_logprobs(model, TEMPERATURE, MICRO_BATCH_SIZE, LOGPROB_CHUNK_SIZE)
+                ref_logp = rollouts.completion_logprobs(model, TEMPERATURE, layouts, LOGPROB_CHUNK_SIZE)
         if NUM_ITERATIONS > 1 and rollouts.num_rows:
-            old_logp = rollouts.completion_logprobs(model, TEMPERATURE, MICRO_BATCH_SIZE, LOGPROB_CHUNK_SIZE)
+            old_logp = rollouts.completion_logprobs(model, TEMPERATURE, layouts, LOGPROB_CHUNK_SIZE)
     reference_seconds = time.perf_counter() - reference_start
 
     # 4. Policy update(s), accumulated over micro-batches with the whole step's normaliser, counted
     #    over every rank; the gradients are then summed over the ranks (see sum_gradients). Statistics
-    #    stay on the device until the end of the step: no host sync per micro-batch.
+    #    stay on the device until the end of the step: one host sync per update (gradient norm and loss).
     policy_start = time.perf_counter()
     model.train()
-    row_advantages = advantages[rollouts.rows].to(device)
-    sampler_logp = samples.logprobs[rollouts.rows].to(device)  # the log-probs the sampler drew each token with
     step_counts = all_reduce_sum({"rows": rollouts.num_rows, "tokens": rollouts.num_tokens})
     normalizer = {"token_mean": step_counts["tokens"], "seq_mean": step_counts["rows"],
                   "seq_sum_const": step_counts["rows"] * MAX_NEW_TOKENS}[LOSS_AGG]
@@ -200,18 +215,18 @@ for step in run.steps(total_steps, steps_per_epoch):
     for iteration in range(NUM_ITERATIONS if step_counts["rows"] else 0):
         optimizer.zero_grad(set_to_none=True)
         iteration_loss = torch.zeros((), device=device)
-        for micro in rollouts.micro_batches(MICRO_BATCH_SIZE):
-            logp, entropy = rollouts.completion_logprobs_for(model, micro, TEMPERATURE, LOGPROB_CHUNK_SIZE,
+        for micro, layout in zip(micro_batches, layouts):
+            logp, entropy = rollouts.completion_logprobs_for(model, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE,
                                                              with_entropy=True)
-            mask = rollouts.completion_mask[micro].to(device)
+            mask = completion_mask[micro]
             # The trainer's log-probs of the policy that sampled: the sampler's own differ by the
             # training-inference mismatch (logged; corrected with IMPORTANCE_CORRECTION=tis).
-            trainer_old_logp = logp.detach() if old_logp is None else old_logp[micro].to(device)
+            trainer_old_logp = logp.detach() if old_logp is None else old_logp[micro]
             correction = (truncated_importance_weights(trainer_old_logp, sampler_logp[micro], TIS_CAP)
                           if IMPORTANCE_CORRECTION == "tis" else None)
             loss, stats = grpo_loss(
                 logp, trainer_old_logp, row_advantages[micro], mask,
-                ref_logp=None if ref_logp is None else ref_logp[micro].to(device), beta=KL_COEF,
+                ref_logp=None if ref_logp is None else ref_logp[micro], beta=KL_COEF,
                 eps_low=CLIP_EPS_LOW, eps_high=CLIP_EPS_HIGH, loss_agg=LOSS_AGG,
                 importance_level=IMPORTANCE_LEVEL, normalizer=normalizer, max_tokens=MAX_NEW_TOKENS,
                 kl_estimator=KL_ESTIMATOR, sampler_correction=correction)
@@ -227,9 +242,11 @@ for step in run.steps(total_steps, steps_per_epoch):
         update_sums["loss"] += iteration_loss
         sum_gradients(trainable)
         run.unscale_gradients(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
+        # The gradient norm and the loss in one read: the update's only host sync.
+        grad_norm, rank_loss = torch.stack([torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP).to(iteration_loss),
+                                            iteration_loss]).tolist()
         # The step's loss (every rank's share) and the gradients are the same on every rank: every rank decides the same.
-        if not run.update_is_finite(step + 1, grad_norm, all_reduce_sum(iteration_loss)):
+        if not run.update_is_finite(step + 1, grad_norm, all_reduce_sum(rank_loss)):
             optimizer.zero_grad(set_to_none=True)
             break
         run.optimizer_step(optimizer)

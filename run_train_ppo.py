@@ -96,6 +96,10 @@ LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: consta
 WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max gradient norm, of the actor's LoRA and of the critic separately
 MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 8  # sequences per forward/backward (gradient accumulation over a mini-batch)
+PACKING = True  # the actor's and critic's passes pack each micro-batch's sequences into rows without pads
+#                 (common/packing.py); false = padded rectangles. Padded anyway for an attention the tests do not cover
+PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the step's longest
+#                                   sequence; one row per micro-batch under flash-attention's variable-length kernels) or tokens
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
 GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
 GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): a run whose
@@ -134,6 +138,7 @@ from common.evaluate import evaluate  # noqa: E402
 from common.kl import kl_estimate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
+from common.packing import packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
@@ -167,6 +172,7 @@ generation_batch_size = run.check_memory(
     samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
     micro_batch_size=MICRO_BATCH_SIZE * critic_passes, lora_r=LORA_R * critic_passes)
 model = run.load_model()
+packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 # The sampling settings, as one value: a step's rows in equal chunks of at most GENERATION_BATCH_SIZE
 # (the static path pads the last chunk, and the last eval batch, to one row count per run).
 sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
@@ -198,7 +204,8 @@ run.track(model, tokenizer, optimizer, scheduler,
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in actor_parameters) / 1e6:.3f}M + critic ({CRITIC_FEATURES}) "
       f"{sum(p.numel() for p in critic_parameters) / 1e6:.3f}M trainable parameters on {device}; "
-      f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step")
+      f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step; "
+      f"{packing_line}")
 
 
 def mini_batch_generator(step: int) -> torch.Generator:
@@ -207,11 +214,12 @@ def mini_batch_generator(step: int) -> torch.Generator:
     return torch.Generator().manual_seed(SEED * 1_000_003 + step)
 
 
-def rollout_logprobs_and_values(rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Old log-probs, values [N, T] and bootstrap values [N] of every rollout, on the CPU (call under no_grad)."""
-    parts = [completion_logprobs_and_values(model, critic, rollouts, rows, TEMPERATURE, LOGPROB_CHUNK_SIZE)
-             for rows in rollouts.micro_batches(MICRO_BATCH_SIZE)]
-    return tuple(torch.cat([part[index].cpu() for part in parts]) for index in (0, 2, 3))
+def rollout_logprobs_and_values(rollouts, layouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Old log-probs, values [N, T] and bootstrap values [N] of every rollout, from the layouts of its
+    consecutive micro-batches, on the CPU (call under no_grad)."""
+    parts = [completion_logprobs_and_values(model, critic, rollouts, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE)
+             for layout in layouts]
+    return tuple(torch.cat([part[index] for part in parts]).cpu() for index in (0, 2, 3))
 
 
 # ------------------------------------------------------------ the algorithm
@@ -225,14 +233,18 @@ for step in run.steps(total_steps, steps_per_epoch):
     task_rewards = torch.tensor([s.total for s in scores], dtype=torch.float32)
     rollouts = rollout_batch(samples, None, tokenizer.pad_token_id)
     mask = rollouts.completion_mask
+    # Each rank packs its own rows (common/packing.py), into rows of at most the step's pack length.
+    step_pack_length = resolve_pack_length(pack_length, max(rollouts.sequence_lengths.tolist(), default=1))
+    layouts = to_device([rollouts.layout(rows, packing, step_pack_length)
+                         for rows in rollouts.micro_batches(MICRO_BATCH_SIZE)], device)
 
     # 2. The sampling policy's log-probs and values, and the reference's log-probs: once, before any update.
     reference_start = time.perf_counter()
     with torch.no_grad():
-        old_logp, old_values, bootstrap_values = rollout_logprobs_and_values(rollouts)
+        old_logp, old_values, bootstrap_values = rollout_logprobs_and_values(rollouts, layouts)
         if KL_COEF > 0:
             with disable_lora(model):
-                ref_logp = rollouts.completion_logprobs(model, TEMPERATURE, MICRO_BATCH_SIZE, LOGPROB_CHUNK_SIZE)
+                ref_logp = rollouts.completion_logprobs(model, TEMPERATURE, layouts, LOGPROB_CHUNK_SIZE).cpu()
         else:
             ref_logp = old_logp  # no reference pass: the KL term is 0
     reference_seconds = time.perf_counter() - reference_start
@@ -266,9 +278,10 @@ for step in run.steps(total_steps, steps_per_epoch):
             optimizer.zero_grad(set_to_none=True)
             normalizer = all_reduce_sum(mask[mini_batch].sum())  # the tokens of the mini-batch on every rank
             mini_batch_loss = torch.zeros((), device=device)
-            for micro in mini_batch.split(MICRO_BATCH_SIZE):
+            for micro in mini_batch.split(MICRO_BATCH_SIZE):  # shuffled rows: each micro-batch packed as it comes
+                layout = to_device(rollouts.layout(micro, packing, step_pack_length), device)
                 logp, entropy, values, _ = completion_logprobs_and_values(
-                    model, critic, rollouts, micro, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
+                    model, critic, rollouts, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
                 micro_mask = mask[micro].to(device)
                 policy_loss, policy_stats = ppo_policy_loss(
                     logp, old_logp[micro].to(device), advantages[micro].to(device), micro_mask, CLIP_EPS,

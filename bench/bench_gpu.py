@@ -119,16 +119,16 @@ OUT_FILE = "logs/bench/gpu.json"  # where the results go
 config = configure(globals())
 # ---------------------------------------------------------------------------
 
-import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, Gemma2Config, GenerationConfig  # noqa: E402
 
 from bench import markdown_table, write_results  # noqa: E402
 from common.data import load_problems  # noqa: E402
-from common.logprobs import enable_gradient_checkpointing, token_logprobs  # noqa: E402
+from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import apply_lora, disable_lora, lora_modules, lora_parameters  # noqa: E402
 from common.memory_plan import GB, free_gpu_memory_gb, llama_3_1_8b_config, plan_memory  # noqa: E402
 from common.model import get_device, get_dtype, load_model_and_tokenizer, load_tokenizer, stop_token_ids  # noqa: E402
+from common.packing import to_device  # noqa: E402
 from common.policy_gradient import logprob_mismatch  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
 from common.quant import QuantizationUnavailable, check_quant  # noqa: E402
@@ -381,12 +381,10 @@ def grpo_step() -> dict:
         optimizer.zero_grad(set_to_none=True)
         policy_logps = []
         for micro in rollouts.micro_batches(MICRO_BATCH_SIZE):
-            input_ids, attention_mask, first_column = rollouts.model_inputs(micro, device)
-            # The head on the completion tokens alone: the predictions from the last prompt position on.
-            logp, _entropy = token_logprobs(model, input_ids, attention_mask, TEMPERATURE, LOGPROB_CHUNK_SIZE,
-                                            return_entropy=True,
-                                            from_position=rollouts.prompt_width - first_column - 1)
-            logp = F.pad(logp, (0, rollouts.completion_width - logp.size(1)))
+            # run_train_grpo.py's padded layout (PACKING=false): the head on the completion tokens alone.
+            layout = to_device(rollouts.layout(micro, False, None), device)
+            logp, _entropy = rollouts.completion_logprobs_for(model, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE,
+                                                              with_entropy=True)
             mask = rollouts.completion_mask[micro].to(device)
             # run_train_grpo.py's defaults: one iteration (the old log-probs are these, detached), clip 0.2 / 0.28.
             loss, _stats = grpo_loss(logp, logp.detach(), row_advantages[micro], mask, eps_low=0.2, eps_high=0.28,

@@ -301,17 +301,25 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def head_token_logprobs(model, hidden_states: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
-                        chunk_size: int = 1024, return_entropy: bool = False, from_position: int = 0):
+                        chunk_size: int = 1024, return_entropy: bool = False,
+                        from_position: int | torch.Tensor = 0):
     """token_logprobs from hidden states the caller already has (``body_hidden_states`` of
     ``input_ids``): the chunked output head alone, so that one body pass can feed both the
     log-probs and something else (PPO's value head). Same results and gradients as
-    token_logprobs, [B, L-1-from_position]."""
+    token_logprobs, [B, L-1-from_position]; for a tensor ``from_position``, [len(from_position)]."""
     _check_arguments(temperature, chunk_size)
     softcap = _final_logit_softcap(model)
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("token_logprobs supports output heads without bias only")
     batch_size, length, hidden_size = hidden_states.shape
+    if isinstance(from_position, torch.Tensor):
+        # A set of positions, flat indices t of [B * L], none the last of its row: the head runs on
+        # those alone (packed rows: the positions that predict answer tokens), target token t + 1.
+        predicting_hidden = hidden_states.reshape(-1, hidden_size).index_select(0, from_position)
+        targets = input_ids.reshape(-1).index_select(0, from_position + 1)
+        return _ChunkedHeadLogprobs.apply(predicting_hidden, head.weight, targets, softcap, float(temperature),
+                                          chunk_size, return_entropy)
     if not 0 <= from_position <= length - 1:
         raise ValueError(f"from_position must be in [0, {length - 1}] for sequences of {length}, got {from_position}")
     # The hidden state at position t predicts token t + 1; the last position predicts nothing here.

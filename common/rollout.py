@@ -7,10 +7,12 @@ same in training as in sampling:
     [pad pad p p p p | c c c EOS pad pad]
      <- prompt_width -> <- completion_width ->
 
-The completion token j of a row sits at column prompt_width + j and is predicted by the logits
-at column prompt_width + j - 1: its log-prob is entry prompt_width - 1 + j of token_logprobs.
-A micro-batch is cut down to the columns its rows use (drop columns that are padding in every
-row), which changes no value: masked positions get exactly zero attention weight.
+The completion token j of a row sits at column prompt_width + j. For the policy pass a
+micro-batch's rows are laid out again (common.packing): each row's prompt and completion, without
+pads, packed into rows of at most PACK_LENGTH tokens with position ids restarting per sequence,
+or right-padded rectangles with an attention mask (PACKING=false). Position ids count each
+sequence's tokens from 0 either way, as in sampling. Per-token results come back as
+[rows, completion_width], entry j that of completion token j.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.logprobs import token_logprobs
+from common.logprobs import body_hidden_states, head_token_logprobs
 from common.policy_gradient import check_completion_mask
 from common.model import stop_token_ids
+from common.packing import PassLayout, pass_layout, token_budget_ranges
 from common.prompts import encode_prompts
 from common.reward import score_batch
 from common.sampler import SampleOutput, SamplingParams, left_pad, sample
@@ -38,6 +40,7 @@ class RolloutBatch:
     completion_mask: torch.Tensor  # [N, completion_width] float, 1 up to and including the stop token
     prompt_width: int
     rows: torch.Tensor             # [N] the rows of the SampleOutput these came from
+    pad_token_id: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -51,51 +54,45 @@ class RolloutBatch:
     def completion_width(self) -> int:
         return int(self.completion_mask.size(1))
 
-    def micro_batches(self, size: int) -> list[torch.Tensor]:
-        """Row indices of consecutive micro-batches of at most ``size`` rows."""
-        return [torch.arange(start, min(start + size, self.num_rows)) for start in range(0, self.num_rows, size)]
+    @property
+    def sequence_lengths(self) -> torch.Tensor:
+        """[N] real tokens of each row: its prompt and its completion."""
+        return self.attention_mask.sum(dim=1)
 
-    def model_inputs(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """input_ids and attention_mask of ``rows`` on ``device``, cut to the columns they use (from
-        the first real token of any row to the end of the longest completion), and the first
-        column kept. Per-position results of these inputs go back through ``completion_part``."""
-        attention_mask = self.attention_mask[rows]
-        first_column = int(attention_mask.float().argmax(dim=1).min())
-        last_column = self.prompt_width + int(self.completion_mask[rows].sum(dim=1).max())
-        return (self.input_ids[rows, first_column:last_column].to(device),
-                attention_mask[:, first_column:last_column].to(device), first_column)
+    def micro_batches(self, size: int, tokens: int = 0) -> list[slice]:
+        """Consecutive micro-batches of rows, as slices: ``size`` rows each, or (``tokens`` > 0) as
+        many whole rows as fit in that many real tokens (common.packing.token_budget_ranges)."""
+        return token_budget_ranges(self.sequence_lengths.tolist(), size, tokens)
 
-    def completion_start(self, first_column: int) -> int:
-        """The position (of inputs cut at ``first_column``) whose prediction is completion token 0."""
-        return self.prompt_width - first_column - 1
+    def layout(self, rows: slice | torch.Tensor, packing: bool, pack_length: int | None) -> PassLayout:
+        """The model inputs of ``rows`` (on the CPU), packed into rows of at most ``pack_length``
+        tokens or as padded rectangles (common.packing); per-token results come back through
+        PassLayout.per_token as [n, completion_width], entry j that of completion token j."""
+        attention_mask, input_ids = self.attention_mask[rows], self.input_ids[rows]
+        completion_lengths = self.completion_mask[rows].sum(dim=1).long().tolist()
+        prompt_lengths = attention_mask[:, :self.prompt_width].sum(dim=1).tolist()
+        sequences = [ids[self.prompt_width - prompt:self.prompt_width + completion]
+                     for ids, prompt, completion in zip(input_ids, prompt_lengths, completion_lengths)]
+        return pass_layout(sequences, completion_lengths, self.completion_width, pack_length, packing,
+                           self.pad_token_id)
 
-    def pad_completion(self, part: torch.Tensor) -> torch.Tensor:
-        """[n, completion_width]: ``part`` (entry j of completion token j) zero-padded on the right."""
-        return F.pad(part, (0, self.completion_width - part.size(1)))
-
-    def completion_part(self, per_position: torch.Tensor, first_column: int) -> torch.Tensor:
-        """[n, completion_width]: entry j is ``per_position[:, completion_start + j]``, i.e. of the
-        position that predicts completion token j (for log-probs, whose index t is the prediction of
-        column first_column + t + 1; for hidden states, the state before token j), zero-padded."""
-        return self.pad_completion(per_position[:, self.completion_start(first_column):])
-
-    def completion_logprobs_for(self, model, rows: torch.Tensor, temperature: float, chunk_size: int,
+    def completion_logprobs_for(self, model, layout: PassLayout, temperature: float, chunk_size: int,
                                 with_entropy: bool = False):
-        """Log-probs [n, completion_width] of the completion tokens of ``rows`` under ``model`` at
-        ``temperature`` (and their entropies), 0 past each completion's end.  Differentiable. The
-        output head runs on the completion's predictions only (from_position), not the prompt's."""
-        input_ids, attention_mask, first_column = self.model_inputs(rows, next(model.parameters()).device)
-        result = token_logprobs(model, input_ids, attention_mask, temperature=temperature, chunk_size=chunk_size,
-                                return_entropy=with_entropy, from_position=self.completion_start(first_column))
+        """Log-probs [n, completion_width] of the completion tokens of ``layout`` (on the model's
+        device) under ``model`` at ``temperature`` (and their entropies), 0 past each completion's
+        end. Differentiable. The output head runs on the positions that predict completion tokens
+        alone (from_position as a set), not on the prompts' or the pads'."""
+        hidden_states = body_hidden_states(model, layout.input_ids, layout.attention_mask, layout.position_ids)
+        result = head_token_logprobs(model, hidden_states, layout.input_ids, temperature, chunk_size,
+                                     with_entropy, from_position=layout.predicting)
         if with_entropy:
-            logp, entropy = result
-            return self.pad_completion(logp), self.pad_completion(entropy)
-        return self.pad_completion(result)
+            return layout.per_token(result[0]), layout.per_token(result[1])
+        return layout.per_token(result)
 
-    def completion_logprobs(self, model, temperature: float, micro_batch_size: int, chunk_size: int) -> torch.Tensor:
-        """Log-probs of every row's completion, computed micro-batch by micro-batch (call under no_grad)."""
-        return torch.cat([self.completion_logprobs_for(model, rows, temperature, chunk_size).cpu()
-                          for rows in self.micro_batches(micro_batch_size)])
+    def completion_logprobs(self, model, temperature: float, layouts: list[PassLayout], chunk_size: int) -> torch.Tensor:
+        """Log-probs of every row's completion, micro-batch by micro-batch (``layouts`` of consecutive
+        micro-batches, on the model's device), on that device (call under no_grad)."""
+        return torch.cat([self.completion_logprobs_for(model, layout, temperature, chunk_size) for layout in layouts])
 
 
 def rollout_batch(samples: SampleOutput, keep: torch.Tensor | None, pad_token_id: int) -> RolloutBatch:
@@ -106,7 +103,7 @@ def rollout_batch(samples: SampleOutput, keep: torch.Tensor | None, pad_token_id
     completion_ids = samples.completion_ids[rows].cpu()
     if len(rows) == 0:
         empty = torch.zeros(0, 0, dtype=torch.long)
-        return RolloutBatch(empty, empty, completion_mask, 0, rows)
+        return RolloutBatch(empty, empty, completion_mask, 0, rows, pad_token_id)
     prompt_ids, prompt_mask = left_pad([samples.prompt_ids[i] for i in rows.tolist()], pad_token_id,
                                        torch.device("cpu"))
     # Past a completion's stop token the ids are padding: masked out, never attended to.
@@ -117,6 +114,7 @@ def rollout_batch(samples: SampleOutput, keep: torch.Tensor | None, pad_token_id
         completion_mask=completion_mask.float(),
         prompt_width=prompt_ids.size(1),
         rows=rows,
+        pad_token_id=pad_token_id,
     )
 
 

@@ -11,15 +11,17 @@ not hold empty text (common.data.load_pairs). A question with no eligible correc
 skipped as all-wrong, one with no eligible incorrect answer as all-correct: such a group
 carries no preference.
 
-Layout (run_train_dpo.py). A batch of n pairs is ONE tensor of 2n rows, the n chosen
-sequences then the n rejected ones, each  prompt + answer + answer-end token, RIGHT-padded:
+Layout (run_train_dpo.py). A batch of n pairs is ONE forward pass over 2n sequences, the n chosen
+then the n rejected, each  prompt + answer + answer-end token, laid out by common.packing: packed
+into rows without pads (position ids restarting per sequence), or one right-padded row each
+(PACKING=false):
 
-    [p p p p a a a END pad pad]
+    packed  [p p p a a a END | p p a a END | ...]      padded  [p p p p a a a END pad pad]
 
 The answer mask is built from the lengths, never from pad ids (the pad id may also be a real
-token). token_logprobs' entry t is the log-prob of token t + 1, so answer token j (at column
-prompt_len + j) is entry prompt_len + j - 1: the mask over entries is the mask over tokens
-shifted left by one.
+token): answer_mask[i, j] is 1 for answer token j of sequence i, the per-token log-probs come back
+in the same [2n, longest answer] layout (PassLayout.per_token), and the output head runs on the
+positions that predict answer tokens alone.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.logprobs import sequence_logprobs, token_logprobs
+from common.logprobs import body_hidden_states, head_token_logprobs, sequence_logprobs
+from common.packing import PassLayout, pass_layout, to_device
 from common.synth import normalise_question
 
 
@@ -93,47 +96,44 @@ def tokenize_pair(tokenizer, prompt_ids: list[int], chosen: str, rejected: str,
 
 @dataclass
 class PairBatch:
-    input_ids: torch.Tensor       # [2n, L] chosen rows then rejected rows, right-padded
-    attention_mask: torch.Tensor  # [2n, L]
-    answer_mask: torch.Tensor     # [2n, L - 1] float, aligned with token_logprobs: 1 where entry t
-                                  # predicts an answer token (t + 1 in the answer)
+    layout: PassLayout            # the 2n sequences, chosen then rejected (common.packing)
+    answer_mask: torch.Tensor     # [2n, longest answer] float, 1 on each sequence's answer tokens
 
     @property
     def num_pairs(self) -> int:
-        return self.input_ids.size(0) // 2
+        return self.answer_mask.size(0) // 2
 
     @property
     def answer_lengths(self) -> torch.Tensor:
         return self.answer_mask.sum(dim=1)
 
 
-def pack_pairs(tokenized: list[tuple[list[int], list[int], list[int]]], pad_token_id: int) -> PairBatch:
-    """The 2n-row right-padded batch of n tokenized pairs (see the module docstring)."""
+def pack_pairs(tokenized: list[tuple[list[int], list[int], list[int]]], pad_token_id: int, packing: bool = True,
+               pack_length: int | None = None) -> PairBatch:
+    """The 2n sequences of n tokenized pairs laid out for one pass (see the module docstring): packed
+    into rows of at most ``pack_length`` tokens (None: one row), or padded rows."""
     prompts = [prompt for prompt, _, _ in tokenized] * 2
     answers = [chosen for _, chosen, _ in tokenized] + [rejected for _, _, rejected in tokenized]
-    width = max(len(prompt) + len(answer) for prompt, answer in zip(prompts, answers))
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    answer_mask = torch.zeros((len(prompts), width - 1), dtype=torch.float32)
-    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
-        length = len(prompt) + len(answer)
-        input_ids[row, :length] = torch.tensor(prompt + answer, dtype=torch.long)
-        attention_mask[row, :length] = 1
-        answer_mask[row, len(prompt) - 1:length - 1] = 1.0  # entry t predicts token t + 1
-    return PairBatch(input_ids, attention_mask, answer_mask)
+    sequences = [torch.tensor(prompt + answer, dtype=torch.long) for prompt, answer in zip(prompts, answers)]
+    answer_lengths = [len(answer) for answer in answers]
+    width = max(answer_lengths)
+    answer_mask = (torch.arange(width) < torch.tensor(answer_lengths)[:, None]).float()
+    return PairBatch(pass_layout(sequences, answer_lengths, width, pack_length, packing, pad_token_id), answer_mask)
 
 
 def pair_logprobs(model, batch: PairBatch, chunk_size: int = 1024,
                   length_normalise: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen [n], rejected [n], token log-probs [2n, L-1]) under ``model`` in one forward pass.
+    """(chosen [n], rejected [n], token log-probs [2n, longest answer]) under ``model`` in one forward pass.
 
     The sequence log-prob is the sum of the answer tokens' log-probs, the answer-end token
     included; with ``length_normalise`` (IPO) it is divided by the answer's token count.
-    Differentiable; the token log-probs are returned for RPO's SFT term on the chosen rows."""
+    Differentiable; the token log-probs (0 past each answer) are returned for RPO's SFT term on the
+    chosen rows."""
     device = next(model.parameters()).device
-    token_logps = token_logprobs(model, batch.input_ids.to(device), batch.attention_mask.to(device),
-                                 chunk_size=chunk_size)
-    answer_mask = batch.answer_mask.to(device)
+    layout, answer_mask = to_device((batch.layout, batch.answer_mask), device)
+    hidden_states = body_hidden_states(model, layout.input_ids, layout.attention_mask, layout.position_ids)
+    token_logps = layout.per_token(head_token_logprobs(model, hidden_states, layout.input_ids, chunk_size=chunk_size,
+                                                       from_position=layout.predicting))
     sequence_logps = sequence_logprobs(token_logps, answer_mask)
     if length_normalise:
         sequence_logps = sequence_logps / answer_mask.sum(dim=1)

@@ -15,11 +15,11 @@ Where the value head's features come from (CRITIC_FEATURES of run_train_ppo.py):
 
 docs/algorithms.md's PPO section gives the measurement that chose the default.
 
-Positions, in RolloutBatch's layout ([pads | prompt | completion | pads], the completion's
-token j at column prompt_width + j): the value of the state before completion token j is read at
-the hidden state of column prompt_width + j - 1, the same position whose logits predict token j.
-The state after a row's last token (L tokens) is column prompt_width + L - 1: its value is the
-bootstrap GAE needs for a row cut off at the generation limit.
+Positions, in a micro-batch's PassLayout (common/packing.py, packed or padded): the value of the
+state before completion token j is read at the hidden state whose logits predict token j
+(layout.predicting); the state after a row's last token is its sequence's last position
+(layout.last_position): its value is the bootstrap GAE needs for a row cut off at the generation
+limit. The value head runs on those positions alone, as the output head does.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch import nn
 
 from common.logprobs import body_hidden_states, head_token_logprobs
 from common.lora import LoRAWeights, use_lora_weights
+from common.packing import PassLayout
 from common.rollout import RolloutBatch
 
 CRITIC_FEATURES = ("detached", "adapter", "shared")
@@ -59,10 +60,11 @@ class Critic(nn.Module):
         self.adapter = LoRAWeights(model) if features == "adapter" else None
 
 
-def completion_logprobs_and_values(model, critic: Critic, batch: RolloutBatch, rows: torch.Tensor,
+def completion_logprobs_and_values(model, critic: Critic, batch: RolloutBatch, layout: PassLayout,
                                    temperature: float, chunk_size: int, with_entropy: bool = False):
-    """The actor's log-probs (and entropies) of the completion tokens of ``rows``, as
-    RolloutBatch.completion_logprobs_for gives them, with the critic's values.
+    """The actor's log-probs (and entropies) of the completion tokens of ``layout`` (a micro-batch of
+    ``batch`` on the model's device), as RolloutBatch.completion_logprobs_for gives them, with the
+    critic's values.
 
     Returns (logp, entropy or None, values, bootstrap_values): logp, entropy and values
     [n, completion_width], 0 past each completion's end; values[:, j] is the value of the state
@@ -70,28 +72,21 @@ def completion_logprobs_and_values(model, critic: Critic, batch: RolloutBatch, r
     token. logp and entropy are differentiable w.r.t. the actor's LoRA; values w.r.t. the critic
     (and, for features "shared", the actor's LoRA too).
     """
-    input_ids, attention_mask, first_column = batch.model_inputs(rows, next(model.parameters()).device)
-    hidden_states = body_hidden_states(model, input_ids, attention_mask)
-    result = head_token_logprobs(model, hidden_states, input_ids, temperature, chunk_size, with_entropy,
-                                 from_position=batch.completion_start(first_column))  # the head on the answer only
+    hidden_states = body_hidden_states(model, layout.input_ids, layout.attention_mask, layout.position_ids)
+    result = head_token_logprobs(model, hidden_states, layout.input_ids, temperature, chunk_size, with_entropy,
+                                 from_position=layout.predicting)  # the head on the answer's predictions only
     logp, entropy = result if with_entropy else (result, None)
-    logp = batch.pad_completion(logp)
+    logp = layout.per_token(logp)
     if entropy is not None:
-        entropy = batch.pad_completion(entropy)
+        entropy = layout.per_token(entropy)
 
     if critic.features == "adapter":
         with use_lora_weights(model, critic.adapter):
-            critic_states = body_hidden_states(model, input_ids, attention_mask)
+            critic_states = body_hidden_states(model, layout.input_ids, layout.attention_mask, layout.position_ids)
     elif critic.features == "detached":
         critic_states = hidden_states.detach()
     else:
         critic_states = hidden_states
-    state_values = critic.value_head(critic_states)
-    # completion_part reads from the state before token 0; one column further than a row's
-    # length L is the state after its last token.
-    lengths = batch.completion_mask[rows].sum(dim=1).long().to(state_values.device)
-    from_first_state = state_values[:, batch.completion_start(first_column):]
-    bootstrap_values = from_first_state.gather(1, lengths.unsqueeze(1)).squeeze(1)
-    values = batch.completion_part(state_values[:, :-1], first_column)
-    values = torch.where(batch.completion_mask[rows].to(values.device).bool(), values, 0.0)
+    values = layout.per_token(critic.value_head(layout.gather(critic_states, layout.predicting)))
+    bootstrap_values = critic.value_head(layout.gather(critic_states, layout.last_position))
     return logp, entropy, values, bootstrap_values

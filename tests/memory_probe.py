@@ -74,7 +74,7 @@ class Run:
         rollouts = rollout_batch(samples, None, 0)
         self.optimizer.zero_grad(set_to_none=True)
         for rows in rollouts.micro_batches(self.settings["micro_batch_size"]):
-            logprobs, entropy = rollouts.completion_logprobs_for(self.model, rows, 1.0,
+            logprobs, entropy = rollouts.completion_logprobs_for(self.model, rollouts.layout(rows, False, None), 1.0,
                                                                  self.settings["logprob_chunk_size"], with_entropy=True)
             (-(logprobs.mean() + 0.01 * entropy.mean())).backward()
         self.optimizer.step()

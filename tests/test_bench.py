@@ -46,13 +46,14 @@ def test_bench_logprobs_tiny_sizes(tmp_path):
 
 
 def test_bench_grpo_step_on_tiny_model_with_every_phase(tmp_path):
-    """KL and two iterations, so the reference and old log-prob passes run too."""
+    """KL and two iterations, so the reference and old log-prob passes run too; then packed against padded."""
     out_file = tmp_path / "grpo_step.json"
     result = run_script(["bench/bench_grpo_step.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--PROMPTS_PER_STEP=4",
                          "--NUM_SAMPLES_PER_PROMPT=4", "--MAX_NEW_TOKENS=24", "--KL_COEF=0.05", "--NUM_ITERATIONS=2",
                          "--MICRO_BATCH_SIZE=4", "--LORA_R=2", "--WARMUP_STEPS=1", "--STEPS=1", "--DEVICE=cpu",
+                         "--COMPARE_REPEATS=1", "--GSM8K_ROWS=10", "--GSM8K_MAX_NEW_TOKENS=48",
                          f"--OUT_FILE={out_file}"])
-    assert "| whole step |" in result.stdout
+    assert "| whole step |" in result.stdout and "| gsm8k-like | packed |" in result.stdout
     results = read_results(out_file, "grpo_step")
     assert len(results["steps"]) == 1
     passes = results["phase_forward_passes"]
@@ -61,6 +62,12 @@ def test_bench_grpo_step_on_tiny_model_with_every_phase(tmp_path):
     assert passes["policy"] == 2 * passes["old logprobs"]  # two iterations over the same micro-batches
     assert all(results["phase_seconds"][phase] > 0 for phase in ("generation", "reference", "policy"))
     assert results["tokens_per_step"] >= 16 and results["generation_tokens_per_s"] > 0
+    for layouts in results["packing_comparison"].values():
+        packed, padded = layouts["packed"], layouts["padded"]
+        assert packed["real"] == padded["real"] <= packed["computed"] <= padded["computed"]
+        assert packed["rows"] <= padded["rows"] and packed["seconds"] > 0
+    gsm8k = results["packing_comparison"]["gsm8k-like"]["padded"]
+    assert gsm8k["computed"] > gsm8k["real"]  # 40 to 48 new tokens: padding to pack away
 
 
 def write_metrics(path) -> None:

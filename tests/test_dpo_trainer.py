@@ -12,12 +12,17 @@ from dpo.pairs import pack_pairs, pair_logprobs
 from tests.conftest import TINY_MODEL_DIR, micro_model, run_script
 
 
-def test_pair_logprobs_sum_exactly_the_answer_tokens():
+@pytest.mark.parametrize("packing, pack_length", [(True, None), (True, 13), (False, None)])
+def test_pair_logprobs_sum_exactly_the_answer_tokens(packing, pack_length):
+    """Packed into one row, into rows of 13 tokens (7 + 6: two rows), or padded: each answer as if alone."""
     model = micro_model("gemma2", vocab_size=64)
     end = 1  # the answer-end token, in the loss like any answer token
     tokenized = [([2, 5, 6, 7], [9, 10, end], [11, end]),
                  ([2, 8], [12, 13, 14, 15, end], [16, 17, 18, end])]
-    chosen, rejected, _ = pair_logprobs(model, pack_pairs(tokenized, pad_token_id=0), chunk_size=3)
+    batch = pack_pairs(tokenized, pad_token_id=0, packing=packing, pack_length=pack_length)
+    assert batch.layout.input_ids.size(0) == ({None: 1, 13: 2}[pack_length] if packing else 4)
+    chosen, rejected, token_logps = pair_logprobs(model, batch, chunk_size=3)
+    assert torch.all(token_logps[batch.answer_mask == 0] == 0)
 
     def naive(prompt, answer):
         ids = torch.tensor([prompt + answer])

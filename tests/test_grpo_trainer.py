@@ -111,3 +111,109 @@ def test_non_finite_gradient_skips_the_update(tmp_path):
     assert "update skipped" in result.stdout
     lora = lora_of(tmp_path / "nan" / "lora_epoch0_step2.pt")
     assert all(torch.count_nonzero(tensor) == 0 for key, tensor in lora.items() if key.endswith("lora_B"))
+
+
+GRADIENT_RECORDER = (
+    "import runpy, sys, torch\n"
+    "out = sys.argv.pop(1)\n"
+    "step = torch.optim.AdamW.step\n"
+    "def recording_step(self, *args, **kwargs):\n"
+    "    torch.save([p.grad.clone() for group in self.param_groups for p in group['params']], out)\n"
+    "    return step(self, *args, **kwargs)\n"
+    "torch.optim.AdamW.step = recording_step\n"
+    "sys.argv = ['run_train_grpo.py'] + sys.argv[1:]\n"
+    "runpy.run_path('run_train_grpo.py', run_name='__main__')\n"
+)
+
+
+def test_packing_and_token_budgets_give_the_padded_gradient(tmp_path):
+    """Packed micro-batches of three token budgets (one sequence each at 30 tokens, a few at 120, the
+    whole step at 10,000), with rows of PACK_LENGTH=auto or 64, give the padded one-batch gradient to
+    1e-5: the normaliser is the step's, and packing changes no value."""
+    runs = {"padded": ["--PACKING=false"], "budget30": ["--MICRO_BATCH_TOKENS=30"],
+            "budget120": ["--MICRO_BATCH_TOKENS=120", "--PACK_LENGTH=64"], "budget10000": ["--MICRO_BATCH_TOKENS=10000"]}
+    for name, settings in runs.items():
+        run_script(["-c", GRADIENT_RECORDER, str(tmp_path / f"{name}.pt"), *TINY_RUN, "--MAX_STEPS=1",
+                    "--EVAL_EVERY=0", "--KL_COEF=0.04", *settings, f"--CHECKPOINT_DIR={tmp_path}",
+                    f"--LOG_DIR={tmp_path}", f"--RUN_NAME={name}"])
+    padded = torch.load(tmp_path / "padded.pt", weights_only=True)
+    assert any(gradient.abs().sum() > 0 for gradient in padded)
+    for name in runs:
+        metrics = json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])
+        assert metrics["zero_adv_groups"] < 1.0  # an update happened
+        for gradient, expected in zip(torch.load(tmp_path / f"{name}.pt", weights_only=True), padded, strict=True):
+            torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-5)
+
+
+COPY_AND_READ_COUNTER = (
+    "import json, runpy, sys, torch\n"
+    "from torch.utils._python_dispatch import TorchDispatchMode\n"
+    "import common.rollout\n"
+    "out = sys.argv.pop(1)\n"
+    "counts = {'to_device': 0, 'reads': 0, 'copies_in_update': 0, 'updates': 0}\n"
+    "state = {'step': False, 'update': False, 'body': False}\n"
+    "to = torch.Tensor.to\n"
+    "def counting_to(self, *args, **kwargs):\n"  # the repository's own moves (torch's and transformers' aside)
+    "    moves = 'device' in kwargs or any(isinstance(a, (str, torch.device)) for a in args)\n"
+    "    ours = 'site-packages' not in sys._getframe(1).f_code.co_filename\n"
+    "    if moves and ours and state['step']:\n"
+    "        counts['to_device'] += 1\n"
+    "        counts['copies_in_update'] += state['update']\n"
+    "    return to(self, *args, **kwargs)\n"
+    "torch.Tensor.to = counting_to\n"
+    "class Reads(TorchDispatchMode):\n"  # scalar reads outside the model body (transformers' mask checks are its own)
+    "    def __torch_dispatch__(self, func, types, args=(), kwargs=None):\n"
+    "        if state['update'] and not state['body'] and func is torch.ops.aten._local_scalar_dense.default:\n"
+    "            counts['reads'] += 1\n"
+    "        return func(*args, **(kwargs or {}))\n"
+    "tolist = torch.Tensor.tolist\n"
+    "def counting_tolist(self):\n"
+    "    if state['update'] and not state['body']:\n"
+    "        counts['reads'] += 1\n"
+    "    return tolist(self)\n"
+    "torch.Tensor.tolist = counting_tolist\n"
+    "rollout_batch = common.rollout.rollout_batch\n"
+    "def step_starts(*args, **kwargs):\n"  # the rollouts, on the host, are laid out for training: the step's copies begin
+    "    batch = rollout_batch(*args, **kwargs)\n"
+    "    state['step'] = True\n"
+    "    return batch\n"
+    "common.rollout.rollout_batch = step_starts\n"
+    "body = common.rollout.body_hidden_states\n"
+    "def in_body(*args, **kwargs):\n"
+    "    state['update'] = state['update'] or torch.is_grad_enabled()\n"  # from the first policy forward
+    "    state['body'] = True\n"
+    "    try:\n"
+    "        return body(*args, **kwargs)\n"
+    "    finally:\n"
+    "        state['body'] = False\n"
+    "common.rollout.body_hidden_states = in_body\n"
+    "adam_step = torch.optim.AdamW.step\n"
+    "def update_ends(self, *args, **kwargs):\n"
+    "    state.update(step=False, update=False)\n"
+    "    counts['updates'] += 1\n"
+    "    json.dump(counts, open(out, 'w'))\n"
+    "    return adam_step(self, *args, **kwargs)\n"
+    "torch.optim.AdamW.step = update_ends\n"
+    "sys.argv = ['run_train_grpo.py'] + sys.argv[1:]\n"
+    "with Reads():\n"
+    "    runpy.run_path('run_train_grpo.py', run_name='__main__')\n"
+)
+
+
+def test_one_copy_to_the_device_per_step_and_one_read_per_update(tmp_path):
+    """Counted over one GRPO step with the reference pass, from the rollout batch to the optimizer
+    step: the repository's moves to the device (Tensor.to with a device) are one per dtype whatever
+    the number of micro-batches, none inside the update; the host reads of device values (a scalar
+    or a tolist) in the update, the model body aside, are one: the gradient norm with the loss.
+    (Before packing: 3 to 5 moves per micro-batch, and the norm and the loss read apart.)"""
+    counted = {}
+    for micro_batch_size in (16, 2):
+        out = tmp_path / f"counts{micro_batch_size}.json"
+        run_script(["-c", COPY_AND_READ_COUNTER, str(out), *TINY_RUN, "--MAX_STEPS=1", "--EVAL_EVERY=0",
+                    "--KL_COEF=0.04", f"--MICRO_BATCH_SIZE={micro_batch_size}", f"--CHECKPOINT_DIR={tmp_path}",
+                    f"--LOG_DIR={tmp_path}", f"--RUN_NAME=count{micro_batch_size}"])
+        counted[micro_batch_size] = json.loads(out.read_text())
+    assert counted[16]["updates"] == counted[2]["updates"] == 1
+    assert counted[2]["to_device"] == counted[16]["to_device"] == 2  # one buffer of ids, one of float values
+    assert counted[2]["copies_in_update"] == 0
+    assert counted[2]["reads"] == counted[16]["reads"] == 1

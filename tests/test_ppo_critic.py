@@ -60,7 +60,8 @@ def test_where_the_value_loss_gradient_goes(features):
     model = lora_micro_model().train()
     critic = critic_for(model, features)
     batch = handmade_batch()
-    logp, _, values, _ = completion_logprobs_and_values(model, critic, batch, batch.rows, 1.0, 4)
+    layout = batch.layout(batch.rows, packing=True, pack_length=None)
+    logp, _, values, _ = completion_logprobs_and_values(model, critic, batch, layout, 1.0, 4)
     loss, _ = ppo_value_loss(values, torch.zeros_like(values), torch.ones_like(values), batch.completion_mask)
     loss.backward()
     actor_grads = [parameter.grad for parameter in lora_parameters(model)]
@@ -74,19 +75,22 @@ def test_where_the_value_loss_gradient_goes(features):
         assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0
                    for parameter in critic.adapter.lora_B)
     with torch.no_grad():
-        torch.testing.assert_close(logp, batch.completion_logprobs_for(model, batch.rows, 1.0, 4))
+        torch.testing.assert_close(logp, batch.completion_logprobs_for(model, layout, 1.0, 4))
 
 
+@pytest.mark.parametrize("packing", [True, False])
 @pytest.mark.parametrize("features", ["detached", "adapter"])
-def test_values_are_read_before_each_token_and_after_the_last(features):
+def test_values_are_read_before_each_token_and_after_the_last(features, packing):
+    """Against each row run alone, packed into one row (pack_length 9: the rows split) or padded."""
     torch.manual_seed(0)
     model = lora_micro_model().eval()
     critic = critic_for(model, features)
     batch = handmade_batch()
     with torch.no_grad():
-        logp, entropy, values, bootstrap = completion_logprobs_and_values(model, critic, batch, batch.rows, 1.0, 4,
+        layout = batch.layout(batch.rows, packing, pack_length=9)
+        logp, entropy, values, bootstrap = completion_logprobs_and_values(model, critic, batch, layout, 1.0, 4,
                                                                           with_entropy=True)
-        expected_logp, expected_entropy = batch.completion_logprobs_for(model, batch.rows, 1.0, 4, with_entropy=True)
+        expected_logp, expected_entropy = batch.completion_logprobs_for(model, layout, 1.0, 4, with_entropy=True)
         torch.testing.assert_close(logp, expected_logp)
         torch.testing.assert_close(entropy, expected_entropy)
         for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
@@ -104,6 +108,7 @@ def test_values_are_read_before_each_token_and_after_the_last(features):
             assert torch.all(values[row, length:] == 0)
             torch.testing.assert_close(bootstrap[row], state_values[len(prompt) + length - 1], atol=1e-5, rtol=1e-5)
         # A micro-batch of one row (other column trimming) reads the same values.
-        _, _, alone, alone_bootstrap = completion_logprobs_and_values(model, critic, batch, torch.tensor([1]), 1.0, 4)
+        _, _, alone, alone_bootstrap = completion_logprobs_and_values(
+            model, critic, batch, batch.layout(torch.tensor([1]), packing, pack_length=9), 1.0, 4)
         torch.testing.assert_close(alone, values[1:], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(alone_bootstrap, bootstrap[1:], atol=1e-5, rtol=1e-5)

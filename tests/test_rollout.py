@@ -29,8 +29,8 @@ def test_layout_and_logprobs_match_the_sampler():
         assert batch.attention_mask[row].sum() == len(prompt) + length
     with torch.no_grad():
         for rows in batch.micro_batches(4):
-            logp = batch.completion_logprobs_for(model, rows, 0.8, chunk_size=3)
-            assert logp.shape == (len(rows), batch.completion_width)
+            logp = batch.completion_logprobs_for(model, batch.layout(rows, True, pack_length=12), 0.8, chunk_size=3)
+            assert logp.shape == (rows.stop - rows.start, batch.completion_width)
             torch.testing.assert_close(logp * batch.completion_mask[rows], samples.logprobs[rows],
                                        atol=1e-5, rtol=1e-5)
 
@@ -40,10 +40,10 @@ def test_old_logprobs_equal_training_logprobs_exactly():
     bit for bit: the first ratio of every iteration scheme is exactly 1."""
     model = micro_model("llama")
     batch = rollout_batch(sampled(model), None, PAD)
+    layouts = [batch.layout(rows, True, pack_length=12) for rows in batch.micro_batches(4)]
     with torch.no_grad():
-        old = batch.completion_logprobs(model, 1.0, micro_batch_size=4, chunk_size=5)
-    new = torch.cat([batch.completion_logprobs_for(model, rows, 1.0, chunk_size=5)
-                     for rows in batch.micro_batches(4)])
+        old = batch.completion_logprobs(model, 1.0, layouts, chunk_size=5)
+    new = torch.cat([batch.completion_logprobs_for(model, layout, 1.0, chunk_size=5) for layout in layouts])
     assert new.requires_grad
     assert torch.equal(torch.exp(new.detach() - old), torch.ones_like(old))
 

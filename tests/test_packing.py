@@ -1,0 +1,174 @@
+"""Packed policy passes (common/packing.py): the same per-token log-probs, entropies and LoRA
+gradients as padded rectangles and as each sequence run alone, on every architecture's micro model,
+eager and sdpa, Gemma 2's sliding window crossed; bin packing, token budgets, the pack-length choice."""
+
+import pytest
+import torch
+
+from common.lora import apply_lora, lora_parameters
+from common.packing import first_fit_decreasing, packing_plan, pass_layout, token_budget_ranges, to_device
+from common.rollout import RolloutBatch
+from tests.conftest import MICRO_ARCHITECTURES, micro_arch_model
+
+PAD = 0
+# (prompt, completion) lengths: whole sequences from 2 to 200 tokens in one micro-batch.
+SHAPES = [(1, 1), (3, 197), (5, 40), (2, 120), (10, 7), (1, 150), (4, 1), (6, 60)]
+
+
+def rollouts_of(shapes, vocab_size=64, seed=0) -> RolloutBatch:
+    """A RolloutBatch in the sampler's layout, [pads | prompt | completion | pads], random tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt_width = max(p for p, _ in shapes)
+    completion_width = max(c for _, c in shapes) + 3  # some columns of pads after the longest
+    input_ids = torch.full((len(shapes), prompt_width + completion_width), PAD)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros(len(shapes), completion_width)
+    for row, (prompt, completion) in enumerate(shapes):
+        tokens = torch.randint(3, vocab_size, (prompt + completion,), generator=generator)
+        input_ids[row, prompt_width - prompt:prompt_width + completion] = tokens
+        attention_mask[row, prompt_width - prompt:prompt_width + completion] = 1
+        completion_mask[row, :completion] = 1
+    return RolloutBatch(input_ids, attention_mask, completion_mask, prompt_width, torch.arange(len(shapes)), PAD)
+
+
+def alone_reference(model, batch: RolloutBatch, temperature: float):
+    """Each row's completion log-probs and entropies from the model's own full logits, the row run
+    alone without any padding: [N, completion_width], 0 past the end."""
+    logp = torch.zeros(batch.num_rows, batch.completion_width)
+    entropy = torch.zeros_like(logp)
+    for row in range(batch.num_rows):
+        real = batch.attention_mask[row].bool()
+        ids = batch.input_ids[row, real]
+        completion = int(batch.completion_mask[row].sum())
+        log_probs = torch.log_softmax(model(input_ids=ids[None]).logits[0].double() / temperature, dim=-1)
+        predicting = log_probs[len(ids) - completion - 1:-1]
+        logp[row, :completion] = predicting.gather(1, ids[len(ids) - completion:, None]).squeeze(1).float()
+        entropy[row, :completion] = -(predicting.exp() * predicting).sum(-1).float()
+    return logp, entropy
+
+
+def lora_model(arch, attention="eager", **overrides):
+    model = micro_arch_model(arch, max_position_embeddings=256, **overrides)
+    if attention != "eager":
+        model.set_attn_implementation(attention)
+    apply_lora(model, 4, 8.0, "all-linear")
+    for parameter in lora_parameters(model):  # B = 0 at initialisation: make the adapters act
+        torch.nn.init.normal_(parameter, std=0.2)
+    return model
+
+
+def pass_results(model, batch: RolloutBatch, layout, weights):
+    """Per-token log-probs and entropies of one micro-batch, and the LoRA gradients of a loss that
+    weighs every token of both."""
+    model.zero_grad(set_to_none=True)
+    logp, entropy = batch.completion_logprobs_for(model, layout, 0.7, chunk_size=50, with_entropy=True)
+    ((logp * weights).sum() + (entropy * weights.flip(1)).sum()).backward()
+    # (gemma3: the vision tower's adapters get no gradient from text)
+    return logp.detach(), entropy.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                             for p in lora_parameters(model)]
+
+
+def check_packed_equals_padded(model, batch):
+    weights = torch.randn(batch.num_rows, batch.completion_width, generator=torch.Generator().manual_seed(1))
+    weights = weights * batch.completion_mask
+    rows = slice(0, batch.num_rows)
+    longest = int(batch.sequence_lengths.max())
+    packed_layout = batch.layout(rows, packing=True, pack_length=longest)
+    assert packed_layout.input_ids.size(0) < batch.num_rows  # several sequences share a row
+    padded = pass_results(model, batch, batch.layout(rows, packing=False, pack_length=None), weights)
+    packed = pass_results(model, batch, packed_layout, weights)
+    one_row = pass_results(model, batch, batch.layout(rows, packing=True, pack_length=None), weights)
+    with torch.no_grad():
+        reference_logp, reference_entropy = alone_reference(model, batch, 0.7)
+    torch.testing.assert_close(padded[0], reference_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded[1], reference_entropy, atol=1e-5, rtol=0)
+    for other in (packed, one_row):
+        torch.testing.assert_close(other[0], padded[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(other[1], padded[1], atol=1e-5, rtol=0)
+        for packed_grad, padded_grad in zip(other[2], padded[2], strict=True):
+            torch.testing.assert_close(packed_grad, padded_grad, atol=1e-5, rtol=1e-5)
+    assert any(grad.abs().sum() > 0 for grad in padded[2])
+
+
+@pytest.mark.parametrize("arch", MICRO_ARCHITECTURES)
+def test_packed_equals_padded_and_alone_on_every_architecture(arch):
+    check_packed_equals_padded(lora_model(arch), rollouts_of(SHAPES))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])  # Gemma 2 has no sdpa
+def test_packed_equals_padded_with_sdpa(arch):
+    check_packed_equals_padded(lora_model(arch, "sdpa"), rollouts_of(SHAPES))
+
+
+def test_gemma2_sliding_window_crossed_inside_packed_rows():
+    """A window of 16 with sequences of up to 200 tokens: the sliding layers must count the window
+    in each sequence's own positions, and never reach into the previous sequence of the row."""
+    model = lora_model("gemma2", sliding_window=16)
+    assert "sliding_attention" in model.config.layer_types
+    check_packed_equals_padded(model, rollouts_of(SHAPES))
+
+
+def test_first_fit_decreasing():
+    lengths = [5, 9, 2, 7, 3, 4]
+    bins = first_fit_decreasing(lengths, 10)
+    assert sorted(i for members in bins for i in members) == list(range(6))
+    assert all(sum(lengths[i] for i in members) <= 10 for members in bins)
+    # By hand: 9 -> bin 0; 7 -> bin 1; 5 -> bin 2; 4 -> bin 2 (9); 3 -> bin 1 (10); 2 fits nowhere -> bin 3
+    assert bins == [[1], [3, 4], [0, 5], [2]]
+    assert first_fit_decreasing([12, 3], 10) == [[0], [1]]  # too long: a row of its own
+    assert first_fit_decreasing([3, 4, 1], None) == [[1, 0, 2]]
+
+
+def test_layout_positions_restart_and_the_tail_is_a_block_of_its_own():
+    sequences = [torch.tensor([7, 8, 9]), torch.tensor([5]), torch.tensor([4, 6])]
+    layout = pass_layout(sequences, [2, 0, 1], width=3, pack_length=4, packing=True, pad_token_id=PAD)
+    # FFD into rows of 4: [seq0 (3), seq1 (1)], [seq2 (2), pads]
+    assert layout.input_ids.tolist() == [[7, 8, 9, 5], [4, 6, PAD, PAD]]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
+    assert layout.attention_mask is None
+    assert layout.predicting.tolist() == [0, 1, 4]  # seq0's tokens 8, 9 from positions 0, 1; seq2's 6 from 4
+    assert layout.destination.tolist() == [0, 1, 6]
+    assert layout.last_position.tolist() == [2, 3, 5]
+    assert layout.real_tokens == 6 and layout.computed_positions == 8
+    padded = pass_layout(sequences, [2, 0, 1], width=3, pack_length=None, packing=False, pad_token_id=PAD)
+    assert padded.input_ids.tolist() == [[7, 8, 9], [5, PAD, PAD], [4, 6, PAD]]
+    assert padded.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert padded.predicting.tolist() == [0, 1, 6]
+
+
+def test_token_budget_ranges():
+    lengths = [4, 4, 3, 9, 2, 2]
+    assert token_budget_ranges(lengths, 4) == [slice(0, 4), slice(4, 6)]
+    assert token_budget_ranges(lengths, 4, micro_batch_tokens=8) == [slice(0, 2), slice(2, 3), slice(3, 4),
+                                                                      slice(4, 6)]
+    assert token_budget_ranges(lengths, 4, micro_batch_tokens=100) == [slice(0, 6)]
+
+
+def test_to_device_keeps_values_and_structure():
+    layout = pass_layout([torch.tensor([7, 8, 9])], [2], 2, None, True, PAD)
+    tree = {"layouts": [layout], "x": torch.arange(6.0).view(2, 3)}
+    moved = to_device(tree, torch.device("cpu"))
+    assert isinstance(moved["layouts"][0], type(layout)) and moved["layouts"][0].num_sequences == 1
+    for name in ("input_ids", "position_ids", "predicting", "destination", "last_position"):
+        assert torch.equal(getattr(moved["layouts"][0], name), getattr(layout, name))
+    assert moved["layouts"][0].attention_mask is None
+    assert torch.equal(moved["x"], tree["x"])
+
+
+def test_packing_plan_picks_one_row_per_micro_batch_for_a_varlen_kernel(monkeypatch):
+    """flash-attention is not installed here: the choice is simulated on the config."""
+    model = micro_arch_model("llama")
+    assert packing_plan(model, True, "auto")[:2] == (True, "auto")
+    assert packing_plan(model, False, "auto")[:2] == (False, None)
+    model.config._attn_implementation = "flash_attention_2"
+    packing, length, line = packing_plan(model, True, "auto")
+    assert (packing, length) == (True, None) and "one row per micro-batch" in line
+    gemma2 = micro_arch_model("gemma2")
+    gemma2.config._attn_implementation = "flash_attention_2"
+    import common.packing as packing_module
+    monkeypatch.setattr(packing_module.metadata, "version", lambda name: "2.5.9")
+    assert packing_plan(gemma2, True, "auto")[:2] == (False, None)  # soft-capping needs flash-attn >= 2.6
+    monkeypatch.setattr(packing_module.metadata, "version", lambda name: "2.6.3")
+    assert packing_plan(gemma2, True, "auto")[:2] == (True, None)
+    model.config._attn_implementation = "flex_attention"
+    assert packing_plan(model, True, "auto")[0] is False
