@@ -137,7 +137,11 @@ def _draw_tokens(logits, temperature, top_p, top_k, generator, num_rows, batch_r
     # torch.multinomial(p, 1) is argmax(p / E), E ~ Exp(1) drawn for all its rows; drawn here for every
     # row, stopped ones too, the random stream (and so each seed's tokens) is what multinomial's was.
     race = torch.empty((num_rows, log_dist.size(-1)), dtype=log_dist.dtype, device=log_dist.device)
-    race.exponential_(generator=generator)
+    if isinstance(generator, list):  # one generator per row (sample's row_seeds): each row its own stream
+        for row, row_generator in enumerate(generator):
+            race[row].exponential_(generator=row_generator)
+    else:
+        race.exponential_(generator=generator)
     if batch_rows is not None:
         race = race[batch_rows]
     next_token = (log_dist.exp() / race).argmax(dim=-1)
@@ -323,7 +327,8 @@ def _sample_rows_static(model, prompt_rows, max_new_tokens, temperature, top_p, 
     slot_mask[:, :width] = prompt_mask.bool()
     decode_step = _compiled_decode_step() if compiled else _decode_step
     step_seconds = []  # of the first three decode steps of a compiled call, for _one_off_seconds
-    random_source = _random_source(generator, device) if temperature > 0 else None
+    # Per-row generators (row_seeds) are the call's own: nothing to rewind for a next call.
+    random_source = _random_source(generator, device) if temperature > 0 and not isinstance(generator, list) else None
     states_after_draw = []
     stop_ids_tensor = torch.tensor(stop_ids, device=device)
 
@@ -402,6 +407,7 @@ def sample(
     max_rows_per_chunk: int | None = None,
     generator: torch.Generator | None = None,
     sampler: str = "auto",
+    row_seeds: list[int] | None = None,
 ) -> SampleOutput:
     """Sample ``num_samples`` completions for each prompt (temperature 0 = greedy).
 
@@ -412,6 +418,12 @@ def sample(
     in chunks of at most that many rows.  ``sampler``: ``eager``, ``static``,
     ``compiled`` or ``auto`` (compiled on CUDA, eager elsewhere; see the module
     docstring); all give the same tokens for a seed.
+
+    ``row_seeds`` (instead of ``generator``): one seed per row (len(prompt_ids) * num_samples, row =
+    prompt * num_samples + sample), each row drawing from a generator of its own seeded with it. A
+    row's tokens then depend on its seed and prompt alone, not on which rows share its batch or
+    chunk: an eval sharded across processes samples what one process would. It costs a draw call per
+    row and token instead of one per token.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -427,10 +439,20 @@ def sample(
     rows = [list(p) for p in prompt_ids for _ in range(num_samples)]
     prompt_index = torch.arange(len(prompt_ids)).repeat_interleave(num_samples)
     chunk = max_rows_per_chunk or len(rows)
+    starts = range(0, len(rows), chunk)
+    generators = [generator] * len(starts)  # each chunk's
+    if row_seeds is not None:
+        if generator is not None:
+            raise ValueError("sample() takes a generator or row_seeds, not both")
+        if len(row_seeds) != len(rows):
+            raise ValueError(f"row_seeds needs one seed per row ({len(rows)}), got {len(row_seeds)}")
+        device = next(model.parameters()).device
+        row_generators = [torch.Generator(device=device).manual_seed(seed) for seed in row_seeds]
+        generators = [row_generators[start:start + chunk] for start in starts]
     parts = [
         _sample_rows(model, rows[start:start + chunk], max_new_tokens, temperature, top_p, top_k,
-                     eos_token_ids, pad_token_id, generator, sampler)
-        for start in range(0, len(rows), chunk)
+                     eos_token_ids, pad_token_id, chunk_generator, sampler)
+        for start, chunk_generator in zip(starts, generators)
     ]
     width = max(p[0].size(1) for p in parts)
 

@@ -1,0 +1,166 @@
+"""Sampled evaluation: the sampler's row_seeds, common.evaluate's sampled pass, eval_math.py's NUM_SAMPLES /
+TEMPERATURE (and its greedy default, byte for byte), as functions and as subprocesses."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.evaluate import evaluate, evaluate_sampled, sample_seed
+from common.sampled_metrics import pass_at_k
+from common.sampler import sample
+from tests.conftest import REPO_ROOT, TINY_MODEL_DIR, micro_model, run_script
+
+PROMPTS = [[2, 5, 9, 11, 4], [2, 7, 3], [2, 13, 6, 8]]
+EOS, PAD = 1, 0
+GREEDY_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "eval_math_greedy_records.jsonl"
+
+
+def rows_of(out, rows):
+    return [out.completion_ids[row, :int(out.completion_lengths[row])].tolist() for row in rows]
+
+
+@pytest.mark.parametrize("sampler", ["eager", "static"])
+def test_row_seeds_make_a_row_independent_of_its_batch(sampler):
+    """A row's tokens depend on its seed and prompt alone: the same with other prompts beside it, alone,
+    in chunks of one row, and on either path."""
+    model = micro_model("gemma2")
+    seeds = [11, 12, 21, 22, 31, 32]
+    settings = dict(max_new_tokens=12, temperature=1.0, eos_token_ids=[EOS], pad_token_id=PAD, sampler=sampler)
+    together = sample(model, PROMPTS, num_samples=2, row_seeds=seeds, **settings)
+    alone = sample(model, PROMPTS[1:2], num_samples=2, row_seeds=seeds[2:4], **settings)
+    chunked = sample(model, PROMPTS[::-1], num_samples=2, row_seeds=seeds[4:] + seeds[2:4] + seeds[:2],
+                     max_rows_per_chunk=1, **settings)
+    eager = sample(model, PROMPTS, num_samples=2, row_seeds=seeds, **{**settings, "sampler": "eager"})
+    assert rows_of(alone, [0, 1]) == rows_of(together, [2, 3])
+    assert rows_of(chunked, range(6)) == rows_of(together, [4, 5, 2, 3, 0, 1])
+    assert rows_of(eager, range(6)) == rows_of(together, range(6))
+    assert torch.equal(eager.logprobs, together.logprobs) or torch.allclose(eager.logprobs, together.logprobs)
+    # Different seeds draw different completions (the micro model samples near-uniformly).
+    assert len({tuple(row) for row in rows_of(together, range(6))}) == 6
+
+
+def test_row_seeds_refusals():
+    model = micro_model("gemma2")
+    settings = dict(max_new_tokens=3, temperature=1.0, eos_token_ids=[EOS], pad_token_id=PAD)
+    with pytest.raises(ValueError, match="one seed per row \\(6\\), got 3"):
+        sample(model, PROMPTS, num_samples=2, row_seeds=[1, 2, 3], **settings)
+    with pytest.raises(ValueError, match="not both"):
+        sample(model, PROMPTS, row_seeds=[1, 2, 3], generator=torch.Generator(), **settings)
+
+
+def test_sample_seed_is_a_function_of_seed_question_and_sample():
+    assert sample_seed(0, 5, 3) == sample_seed(0, 5, 3)
+    seeds = {sample_seed(seed, question, k) for seed in range(3) for question in range(20) for k in range(8)}
+    assert len(seeds) == 3 * 20 * 8  # no two (seed, question, sample) share a stream
+    assert sample_seed(-1, 0, 0) == sample_seed(2**64 - 1, 0, 0)  # a negative SEED is taken modulo 2^64
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from common.model import load_model_and_tokenizer
+    from common.prompts import configure_prompts, INSTRUCTION
+
+    model, tokenizer, _ = load_model_and_tokenizer(TINY_MODEL_DIR, "cpu", "float32", "none")
+    problems = [json.loads(line) for line in (REPO_ROOT / "data" / "synth_test.jsonl").read_text().splitlines()[:10]]
+    return model, tokenizer, problems, configure_prompts(tokenizer, INSTRUCTION, "", "auto")
+
+
+def test_sampled_eval_records_and_metrics_on_the_tiny_model(tiny):
+    model, tokenizer, problems, prompt_format = tiny
+    settings = dict(max_new_tokens=24, progress=False, prompt_format=prompt_format, sampler="eager")
+    result = evaluate_sampled(model, tokenizer, problems, 4, 1.0, seed=3, batch_size=3, **settings)
+    assert result.total == 10 and len(result.records) == 10
+    for record, problem in zip(result.records, problems):
+        assert record["question"] == problem["question"] and len(record["samples"]) == 4
+        assert record["num_correct"] == sum(sample["correct"] for sample in record["samples"])
+        assert set(record["samples"][0]) == {"output", "prediction", "correct", "truncated"}
+    # Every metric from the records, worked out here again.
+    counts = [record["num_correct"] for record in result.records]
+    metrics = result.metrics()
+    assert metrics["eval/mean@4"] == pytest.approx(sum(counts) / 40)
+    assert metrics["eval/pass@2"] == pytest.approx(sum(pass_at_k(4, c, 2) for c in counts) / 10)
+    assert metrics["eval/pass@4"] == pytest.approx(sum(c > 0 for c in counts) / 10)
+    assert metrics["eval/maj@4"] == pytest.approx(sum(r["majority_correct"] for r in result.records) / 10)
+    for name in ("mean@4", "pass@1", "pass@2", "pass@4", "maj@4"):
+        assert metrics[f"eval/{name}_ci_low"] <= metrics[f"eval/{name}"] <= metrics[f"eval/{name}_ci_high"]
+    assert 0 < metrics["eval/mean@4"] < metrics["eval/pass@4"]  # some right, some wrong: the curve rises
+    # Another batch size, the same samples: each question's streams are its own.
+    again = evaluate_sampled(model, tokenizer, problems, 4, 1.0, seed=3, batch_size=10, **settings)
+    assert again.records == result.records
+    # The first two samples of each question are the 2-sample run's.
+    two = evaluate_sampled(model, tokenizer, problems, 2, 1.0, seed=3, batch_size=4, **settings)
+    assert [r["samples"] for r in two.records] == [r["samples"][:2] for r in result.records]
+    other_seed = evaluate_sampled(model, tokenizer, problems, 4, 1.0, seed=4, batch_size=3, **settings)
+    assert other_seed.records != result.records
+
+
+def test_evaluate_adds_the_sampled_pass_to_the_greedy_one(tiny):
+    model, tokenizer, problems, prompt_format = tiny
+    settings = dict(max_new_tokens=24, progress=False, prompt_format=prompt_format, sampler="eager")
+    greedy = evaluate(model, tokenizer, problems, 4, **settings)
+    both = evaluate(model, tokenizer, problems, 4, num_samples=2, temperature=1.0, seed=3, **settings)
+    assert greedy.sampled is None and both.records == greedy.records
+    untimed = lambda metrics: {k: v for k, v in metrics.items() if not k.endswith("tokens_per_s")}  # noqa: E731
+    assert untimed(both.metrics()) == {**untimed(greedy.metrics()), **untimed(both.sampled.metrics())}
+    assert both.sampled.records == evaluate_sampled(model, tokenizer, problems, 2, 1.0, seed=3, batch_size=4,
+                                                    **settings).records
+    assert " | 2 samples at T=1: mean@2 " in both.summary() and "pass@2" in both.summary()
+
+
+def run_eval(tmp_path: Path, name: str, *args: str, check: bool = True):
+    out_file = tmp_path / f"{name}.jsonl"
+    result = run_script(["eval_math.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--EVAL_FILE=data/synth_test.jsonl",
+                         "--DEVICE=cpu", f"--OUT_FILE={out_file}", *args], check=check)
+    return result, out_file
+
+
+def test_eval_math_defaults_write_the_greedy_records_byte_for_byte(tmp_path):
+    """k = 1 at temperature 0: the per-question records eval_math.py wrote before sampling existed
+    (the fixture, written by it then with these settings), byte for byte."""
+    result, out_file = run_eval(tmp_path, "greedy", "--EVAL_LIMIT=12", "--EVAL_BATCH_SIZE=5", "--MAX_NEW_TOKENS=20")
+    assert out_file.read_bytes() == GREEDY_FIXTURE.read_bytes()
+    summary = json.loads(out_file.with_suffix(".summary.json").read_text())
+    assert summary["eval/correct"] == 4 and not any("@" in key for key in summary)
+    assert "Sampled" not in result.stdout
+
+
+def test_eval_math_sampled_with_greedy_too_and_compare_to(tmp_path):
+    _, base = run_eval(tmp_path, "base", "--EVAL_LIMIT=12", "--EVAL_BATCH_SIZE=5", "--MAX_NEW_TOKENS=20",
+                       "--NUM_SAMPLES=4", "--TEMPERATURE=1")
+    result, out_file = run_eval(tmp_path, "both", "--EVAL_LIMIT=12", "--EVAL_BATCH_SIZE=5", "--MAX_NEW_TOKENS=20",
+                                "--NUM_SAMPLES=4", "--TEMPERATURE=1", "--GREEDY_TOO=true",
+                                f"--COMPARE_TO={base.with_suffix('.summary.json')}")
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    greedy_records = [json.loads(line) for line in GREEDY_FIXTURE.read_text().splitlines()]
+    assert [r["greedy"] for r in records] == [{key: g[key] for key in ("output", "prediction", "correct", "truncated")}
+                                               for g in greedy_records]
+    base_records = [json.loads(line) for line in base.read_text().splitlines()]
+    assert [r["samples"] for r in records] == [r["samples"] for r in base_records]  # SEED alone decides them
+    summary = json.loads(out_file.with_suffix(".summary.json").read_text())
+    assert summary["eval/interval"] == "95% percentile bootstrap over the 12 questions (1000 resamples, seed 0)"
+    assert summary["eval/accuracy"] == pytest.approx(4 / 12)
+    for name in ("mean@4", "pass@1", "pass@2", "pass@4", "maj@4"):
+        low, value, high = (summary[f"eval/{name}{end}"] for end in ("_ci_low", "", "_ci_high"))
+        assert low <= value <= high
+        assert f"  {name:<9} {100 * value:6.2f}%  (95% CI {100 * low:.1f}-{100 * high:.1f}%)" in result.stdout
+        assert f"before -> after {name}: {100 * value:.2f}% (12 problems, " in result.stdout  # the same samples
+    assert "intervals: 95% percentile bootstrap over the 12 questions" in result.stdout
+    assert "Total: 12  Correct: 4  Accuracy: 33.33%" in result.stdout
+    assert "before -> after: " not in result.stdout  # the base summary has no greedy accuracy to compare
+
+
+def test_eval_math_refuses_samples_at_temperature_0_and_a_missing_compare_to(tmp_path):
+    result, _ = run_eval(tmp_path, "x", "--NUM_SAMPLES=4", check=False)
+    assert result.returncode != 0
+    assert "NUM_SAMPLES=4 at TEMPERATURE=0 would be 4 copies" in result.stderr and "Traceback" not in result.stderr
+    result, _ = run_eval(tmp_path, "x", "--COMPARE_TO=nowhere.summary.json", check=False)
+    assert "COMPARE_TO=nowhere.summary.json: no such summary file" in result.stderr
+
+
+def test_eval_math_help_explains_the_sampling_constants():
+    result = run_script(["eval_math.py", "--help"])
+    for name in ("NUM_SAMPLES", "TEMPERATURE", "TOP_P", "TOP_K", "SEED", "GREEDY_TOO"):
+        assert f"--{name}" in result.stdout
+    assert "pass@j" in result.stdout and "maj@k" in result.stdout
