@@ -59,6 +59,10 @@ MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 64  # eval generation length
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decoding: auto (compiled static-cache decode
 #                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 128  # prompts per eval batch
+EVAL_NUM_SAMPLES: Annotated[int, ">= 1"] = 1  # k: completions per held-out question at EVAL_TEMPERATURE > 0, logged as
+#                                   eval/mean@k, eval/pass@j (j = 1, 2, 4, ..., k), eval/maj@k beside eval/accuracy
+EVAL_TEMPERATURE: Annotated[float, ">= 0"] = 0.0  # 0 = the greedy eval alone; > 0 adds k samples per question at
+#                                   this temperature (each question's seeded by SEED and its index; EVAL_BATCH_SIZE x k rows)
 RUN_NAME = "sft"  # name of the run: its metrics file LOG_DIR/RUN_NAME.jsonl (its output is OUT_DIR)
 LOG_DIR = "logs"  # where the metrics JSONL goes
 LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
@@ -74,7 +78,7 @@ config = configure(globals(), quiet=not is_main_process())
 from common import synth  # noqa: E402  (after configure: --help stays fast)
 from common.data import load_problems  # noqa: E402
 from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
-from common.evaluate import evaluate  # noqa: E402
+from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing, token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.model import answer_end_token_id  # noqa: E402
@@ -83,6 +87,7 @@ from common.run import TrainingRun  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
 
 # ------------------------------------------------- plumbing (common/run.py)
+check_sampling(EVAL_NUM_SAMPLES, EVAL_TEMPERATURE, ("EVAL_NUM_SAMPLES", "EVAL_TEMPERATURE"))
 distributed = setup_distributed(DEVICE)
 run = TrainingRun("sft", config, distributed, run_dir=OUT_DIR)
 if QUANT != "none" and LORA_R == 0:
@@ -112,7 +117,7 @@ if LORA_R > 0:
         max_new_tokens=1 + max(len(ids) for ids in tokenizer([p["solution"] for p in examples],
                                                              add_special_tokens=False)["input_ids"]),
         eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=BATCH_SIZE // distributed.world_size,
-        head_on_prompt=True, entropy=False)
+        head_on_prompt=True, entropy=False, eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
 else:
     print("no memory plan: it counts a LoRA's training (LORA_R > 0), not every weight's")
 model = run.load_model()
@@ -179,7 +184,8 @@ final_eval: dict = {}  # the last eval's metrics, for sft_info.json
 
 def run_eval(step: int):
     result = evaluate(model, tokenizer, eval_problems, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, desc=f"eval@{step}",
-                      prompt_format=prompt_format, sampler=SAMPLER)
+                      prompt_format=prompt_format, sampler=SAMPLER,
+                      num_samples=EVAL_NUM_SAMPLES, temperature=EVAL_TEMPERATURE, seed=SEED)
     final_eval.update(result.metrics())
     return result
 

@@ -164,3 +164,79 @@ def test_eval_math_help_explains_the_sampling_constants():
     for name in ("NUM_SAMPLES", "TEMPERATURE", "TOP_P", "TOP_K", "SEED", "GREEDY_TOO"):
         assert f"--{name}" in result.stdout
     assert "pass@j" in result.stdout and "maj@k" in result.stdout
+
+
+def test_memory_plan_counts_the_sampled_eval_rows():
+    """A sampled eval of EVAL_BATCH_SIZE prompts x k samples: its KV cache and rollout are those of
+    EVAL_BATCH_SIZE * k rows, k per prompt."""
+    from common.memory_plan import MemoryPlan, kv_cache_bytes, rollout_bytes
+    from tests.test_memory_plan import LLAMA_8B, LLAMA_8B_RUN
+
+    greedy = MemoryPlan("llama-3.1-8b", LLAMA_8B, LLAMA_8B_RUN).with_settings(rows=0, eval_rows=8)
+    sampled = greedy.with_settings(eval_samples=4)
+    assert sampled.kv_cache == kv_cache_bytes(LLAMA_8B, sampled.settings, 32)
+    assert sampled.rollout == rollout_bytes(LLAMA_8B, sampled.settings, 32, 4) > greedy.rollout
+    assert "eval 8 x 4 samples x 128+256" in sampled.table() and "eval 8 x 128+256" in greedy.table()
+
+
+def test_sharded_sampled_eval_equals_single_process(tmp_path):
+    """13 problems, 4 samples each, in batches of 4 prompts: sharded 6 + 7, so every batch differs from
+    the single process's; the samples, the records and every number do not."""
+    from tests.test_distributed import launch
+
+    settings = ["eval_math.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--EVAL_FILE=data/synth_test.jsonl",
+                "--EVAL_LIMIT=13", "--EVAL_BATCH_SIZE=4", "--MAX_NEW_TOKENS=24", "--DEVICE=cpu", "--NUM_SAMPLES=4",
+                "--TEMPERATURE=1", "--SEED=7"]
+    single = launch([*settings, f"--OUT_FILE={tmp_path / 'single.jsonl'}"], processes=None)
+    sharded = launch([*settings, f"--OUT_FILE={tmp_path / 'sharded.jsonl'}"], processes=2)
+    assert (tmp_path / "sharded.jsonl").read_bytes() == (tmp_path / "single.jsonl").read_bytes()
+    single_summary = json.loads((tmp_path / "single.summary.json").read_text())
+    sharded_summary = json.loads((tmp_path / "sharded.summary.json").read_text())
+    untimed = [key for key in single_summary if key.startswith("eval/") and not key.endswith("tokens_per_s")]
+    assert {key: sharded_summary[key] for key in untimed} == {key: single_summary[key] for key in untimed}
+    assert 0 < single_summary["eval/mean@4"] < single_summary["eval/pass@4"]  # not a degenerate case
+    table = lambda stdout: [line for line in stdout.splitlines() if line.startswith("  ")]  # noqa: E731
+    assert table(sharded.stdout) == table(single.stdout) and len(table(single.stdout)) == 5
+
+
+def trainer_args(trainer: str, model_dir, tmp_path) -> list[str]:
+    """One step of ``trainer`` on the micro model, evaluated on 3 questions at steps 0 and 1."""
+    from tests.test_dpo_trainer import pairs_file
+
+    common = [f"--MODEL_PATH={model_dir}", "--MAX_NEW_TOKENS=4", "--MAX_STEPS=1", "--EVAL_LIMIT=3", "--DEVICE=cpu",
+              f"--LOG_DIR={tmp_path}", "--RUN_NAME=smoke", "--EVAL_FILE=data/synth_test.jsonl"]
+    if trainer == "run_sft.py":
+        return [*common, f"--OUT_DIR={tmp_path / 'sft'}", "--BATCH_SIZE=2", "--LORA_R=2", "--EVAL_EVERY=1",
+                "--TRAIN_FILE=data/synth_train.jsonl"]
+    common += [f"--CHECKPOINT_DIR={tmp_path}", "--EVAL_EVERY=1"]
+    if trainer == "run_train_dpo.py":
+        return [*common, f"--TRAIN_FILE={pairs_file(tmp_path / 'pairs.jsonl', 4)}", "--BATCH_SIZE=2",
+                "--MICRO_BATCH_SIZE=1", "--LORA_R=2"]
+    rollouts = [*common, "--TRAIN_FILE=data/synth_train.jsonl", "--NUM_PROMPTS=4", "--PROMPTS_PER_STEP=2",
+                "--NUM_SAMPLES_PER_PROMPT=2"]
+    if trainer == "run_train_ppo.py":
+        return [*rollouts, "--MINI_BATCH_SIZE=2", "--MICRO_BATCH_SIZE=2", "--CRITIC_HIDDEN=8"]
+    return rollouts
+
+
+@pytest.mark.parametrize("trainer", ["run_train_grpo.py", "run_train_ppo.py", "run_train_dpo.py", "run_sft.py"])
+def test_every_trainer_logs_the_sampled_metrics_when_asked_and_explains_them(trainer, micro_model_dir, tmp_path):
+    help_text = run_script([trainer, "--help"]).stdout
+    assert "--EVAL_NUM_SAMPLES" in help_text and "--EVAL_TEMPERATURE" in help_text
+    assert "eval/pass@j" in help_text and "eval/maj@k" in help_text
+    result = run_script([trainer, *trainer_args(trainer, micro_model_dir, tmp_path), "--EVAL_NUM_SAMPLES=2",
+                         "--EVAL_TEMPERATURE=1"])
+    evals = [line for line in map(json.loads, (tmp_path / "smoke.jsonl").read_text().splitlines())
+             if "eval/accuracy" in line]
+    assert [line["step"] for line in evals] == [0, 1]
+    for line in evals:
+        assert {"eval/mean@2", "eval/pass@1", "eval/pass@2", "eval/maj@2", "eval/pass@2_ci_high"} <= set(line)
+        assert line["eval/num_samples"] == 2 and line["eval/temperature"] == 1.0
+    assert "| 2 samples at T=1: mean@2 " in result.stdout
+
+
+def test_trainers_refuse_eval_samples_at_temperature_0(micro_model_dir, tmp_path):
+    result = run_script(["run_train_grpo.py", *trainer_args("run_train_grpo.py", micro_model_dir, tmp_path),
+                         "--EVAL_NUM_SAMPLES=4"], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "EVAL_NUM_SAMPLES=4 at EVAL_TEMPERATURE=0 would be 4 copies of the greedy completion" in result.stderr
