@@ -179,10 +179,13 @@ for axis, (metric, title) in zip(axes, PER_STEP_PANELS.items()):
     axis.set_title(f"{title} (moving average of {SMOOTHING})" if SMOOTHING > 1 else title)
 held_out_axis = axes[2]
 for name, curves in runs.items():
-    for metric, suffix, style in held_out_curves(curves):
+    held_out = held_out_curves(curves)
+    for metric, suffix, style in held_out:
         steps, values = zip(*curves[metric])
         held_out_axis.plot(steps, [100 * value for value in values], marker="o", linestyle=style,
                            color=colors[name], label=f"{name}{suffix}")
+    if held_out:
+        print(f"{name}: held-out {', '.join(metric for metric, _, _ in held_out)}")
 held_out_axis.set_title("held-out accuracy (%): greedy, and sampled when logged")
 axes[0].set_ylabel("reward")
 axes[1].set_ylabel("accuracy (%)")

@@ -240,3 +240,47 @@ def test_trainers_refuse_eval_samples_at_temperature_0(micro_model_dir, tmp_path
                          "--EVAL_NUM_SAMPLES=4"], check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "EVAL_NUM_SAMPLES=4 at EVAL_TEMPERATURE=0 would be 4 copies of the greedy completion" in result.stderr
+
+
+def write_summary(path: Path, lora, values: dict, greedy=None) -> Path:
+    summary = {"config": {"MODEL_PATH": "models/tiny-gemma2-math", "LORA_CKPT": lora, "TEMPERATURE": 1.0},
+               "eval/total": 500}
+    for name, value in values.items():
+        summary.update({f"eval/{name}": value, f"eval/{name}_ci_low": value - 0.02, f"eval/{name}_ci_high": value + 0.03})
+    if greedy is not None:
+        summary["eval/accuracy"] = greedy
+    path.write_text(json.dumps(summary))
+    return path
+
+
+def test_plot_metrics_draws_pass_at_k_of_several_summaries(tmp_path):
+    pytest.importorskip("matplotlib")
+    base = write_summary(tmp_path / "base.summary.json", None,
+                         {"mean@4": 0.4, "pass@1": 0.4, "pass@2": 0.55, "pass@4": 0.7, "maj@4": 0.5}, greedy=0.52)
+    tuned = write_summary(tmp_path / "grpo.summary.json", "checkpoints/demo-grpo",
+                          {"mean@4": 0.5, "pass@1": 0.5, "pass@2": 0.6, "pass@4": 0.72, "maj@4": 0.6})
+    out_file = tmp_path / "passk.png"
+    result = run_script(["plot_metrics.py", f"--PASS_AT_K={base},{tuned}", f"--OUT_FILE={out_file}"])
+    assert out_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ("tiny-gemma2-math (T=1, 500 questions) [" in result.stdout
+            and "pass@1 40.00% (38.0-43.0), pass@2 55.00% (53.0-58.0), pass@4 70.00% (68.0-73.0), "
+                "maj@4 50.00% (48.0-53.0), greedy 52.00%" in result.stdout)
+    assert "tiny-gemma2-math + checkpoints/demo-grpo (T=1, 500 questions)" in result.stdout
+    greedy_only = tmp_path / "greedy.summary.json"
+    greedy_only.write_text(json.dumps({"config": {"MODEL_PATH": "m", "TEMPERATURE": 0.0}, "eval/total": 5,
+                                       "eval/accuracy": 0.5}))
+    refused = run_script(["plot_metrics.py", f"--PASS_AT_K={greedy_only}", f"--OUT_FILE={out_file}"], check=False)
+    assert refused.returncode != 0 and "holds no pass@k" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_plot_metrics_draws_the_sampled_metrics_over_training(tmp_path):
+    pytest.importorskip("matplotlib")
+    lines = [{"step": 0, "eval/accuracy": 0.5, "eval/mean@4": 0.4, "eval/pass@2": 0.55, "eval/pass@4": 0.7,
+              "eval/maj@4": 0.5, "eval/pass@4_ci_low": 0.6}]
+    lines += [{"step": step, "reward": 0.1 * step, "accuracy": 0.05 * step} for step in range(1, 4)]
+    (tmp_path / "run.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out_file = tmp_path / "metrics.png"
+    result = run_script(["plot_metrics.py", f"--RUNS={tmp_path / 'run.jsonl'}", f"--OUT_FILE={out_file}"])
+    assert "from 1 metric files: run" in result.stdout and out_file.read_bytes()[:4] == b"\x89PNG"
+    # Greedy, then mean@k, pass@ the largest j, maj@k; no interval bound.
+    assert "run: held-out eval/accuracy, eval/mean@4, eval/pass@4, eval/maj@4\n" in result.stdout
