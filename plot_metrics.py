@@ -87,7 +87,8 @@ def held_out_curves(curves: dict) -> list[tuple[str, str, str]]:
         match = SAMPLED_METRIC.match(key)
         if match and int(match["k"]) >= sampled.get((match["prefix"], match["name"]), (0, ""))[0]:
             sampled[(match["prefix"], match["name"])] = (int(match["k"]), key)
-    for (prefix, name), (k, key) in sorted(sampled.items(), key=lambda item: (item[0][0], list(SAMPLED_STYLE).index(item[0][1]))):
+    order = list(SAMPLED_STYLE)  # mean, pass, maj
+    for (prefix, name), (k, key) in sorted(sampled.items(), key=lambda item: (item[0][0], order.index(item[0][1]))):
         chosen.append((key, f" {name}@{k}" if prefix == "eval" else f" ({prefix}) {name}@{k}", SAMPLED_STYLE[name]))
     return chosen
 
