@@ -1,4 +1,5 @@
 # make demo : set up .venv, build the built-in tiny model if absent, evaluate it, train it with GRPO, evaluate again
+# make demo-passk : mean@16, pass@1..16 and maj@16 of the tiny model and of the GRPO demo's LoRA, and their pass@k figure
 # make test : set up .venv (with test tools) and run the test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -26,7 +27,11 @@ DEMO_DPO := --MODEL_PATH=$(TINY) --TRAIN_FILE=logs/demo/dpo_pairs.jsonl --EVAL_F
 DEMO_PPO := --MODEL_PATH=$(TINY) $(SYNTH) --EVAL_LIMIT=0 --EVAL_EVERY=20 --MAX_STEPS=100 --MAX_NEW_TOKENS=40 \
             --LR=2e-4 --RUN_NAME=demo-ppo --SAMPLE_EVERY=50 --OVERWRITE=true
 
-.PHONY: demo demo-qlora demo-dpo demo-ppo demo-soup test venv tiny-model clean-venv
+# The pass@k demo: the tiny model and the GRPO demo's LoRA, 16 samples per held-out problem at temperature 1.
+DEMO_PASSK := --MODEL_PATH=$(TINY) --EVAL_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 --NUM_SAMPLES=16 \
+              --TEMPERATURE=1 --GREEDY_TOO=true
+
+.PHONY: demo demo-qlora demo-dpo demo-ppo demo-soup demo-passk test venv tiny-model clean-venv
 
 # A stamp per requirements file: re-installs only when the file changes.
 $(VENV)/.runtime-installed: requirements.txt
@@ -96,6 +101,19 @@ demo-soup: tiny-model
 	$(PY) model_soup.py $(DEMO_SOUP) --RECIPE=uniform --OUT=checkpoints/demo-soup/uniform.pt
 	@echo ">> [2/2] greedy soup: best on data/synth_dev.jsonl first, the next kept if dev accuracy does not drop"
 	$(PY) model_soup.py $(DEMO_SOUP) --RECIPE=greedy --OUT=checkpoints/demo-soup/greedy.pt
+
+demo-passk: tiny-model $(VENV)/.dev-installed
+	@test -f $(DEMO_SOUP_RUN)/lora_epoch0_step150.pt || { \
+	    echo ">> [0/3] no checkpoint of the GRPO demo yet: running it ($(DEMO_SOUP_RUN)/)"; \
+	    $(PY) run_train_grpo.py $(DEMO_GRPO); }
+	@echo ">> [1/3] the tiny model: 16 samples per held-out problem at T=1: mean@16, pass@1..16, maj@16 (and greedy)"
+	$(PY) eval_math_base.py $(DEMO_PASSK) --OUT_FILE=logs/demo/passk-base.jsonl
+	@echo ">> [2/3] the GRPO demo's LoRA, the same settings and seed, before -> after"
+	$(PY) eval_math.py $(DEMO_PASSK) --LORA_CKPT=$(DEMO_SOUP_RUN) --OUT_FILE=logs/demo/passk-grpo.jsonl \
+	    --COMPARE_TO=logs/demo/passk-base.summary.json
+	@echo ">> [3/3] pass@k against k for both (matplotlib from requirements-dev.txt): logs/demo/passk.png"
+	$(PY) plot_metrics.py --PASS_AT_K=logs/demo/passk-base.summary.json,logs/demo/passk-grpo.summary.json \
+	    --OUT_FILE=logs/demo/passk.png
 
 test: $(VENV)/.dev-installed
 	@echo ">> running the test suite"

@@ -1,17 +1,30 @@
-"""Greedy math accuracy of a model on a JSONL test file.
+"""Math accuracy of a model on a JSONL test file: greedy, or k samples per question at a temperature.
 
     python eval_math.py --MODEL_PATH=models/tiny-gemma2-math --EVAL_FILE=data/synth_test.jsonl
     python eval_math.py --EVAL_LIMIT=200     # Gemma 2 2B Instruct on the first 200 GSM8K test questions
     python eval_math.py --LORA_CKPT=checkpoints/grpo/lora_epoch1_step100.pt   # base + a trained LoRA
+    python eval_math.py --NUM_SAMPLES=16 --TEMPERATURE=1 --GREEDY_TOO=true    # mean@16, pass@1..16, maj@16, greedy
 
-Prints `Total: N  Correct: M  Accuracy: X.XX%` with a 95% confidence interval
-and tokens/s, and writes one JSONL line per question (question, gold, output,
-prediction, correct) under logs/.
+Greedy (the default, TEMPERATURE=0) prints `Total: N  Correct: M  Accuracy: X.XX%` with a 95%
+confidence interval and tokens/s, and writes one JSONL line per question (question, gold, output,
+prediction, correct, truncated) under logs/.
+
+Sampled (TEMPERATURE > 0): NUM_SAMPLES = k completions per question, and for each, with a 95%
+bootstrap interval over the questions (the method is printed and stored):
+  mean@k   the accuracy of one sample, averaged over the k samples and the questions (pass@1 at T)
+  pass@j   for j = 1, 2, 4, ..., k: the chance that one of j samples is right (Chen et al. 2021's
+           unbiased estimator from the k samples; common/sampled_metrics.py)
+  maj@k    the accuracy of the majority vote of the k extracted answers (ties: the answer sampled first)
+and a JSONL line per question with its k samples (output, prediction, correct, truncated each),
+num_correct and the majority's answer; GREEDY_TOO=true adds the greedy completion ("greedy").
+Next to the JSONL, a .summary.json holds the config and every metric with its interval;
+COMPARE_TO= an earlier one prints before -> after for each metric both have.
 
     torchrun --standalone --nproc_per_node=4 eval_math.py ...   # the problems sharded across 4 processes
 
-Under torchrun each process greedy-decodes its share of the problems, the records are gathered,
-and rank 0 alone prints and writes them. The accuracy and the records are the single process's.
+Under torchrun each process evaluates its share of the problems, the records are gathered, and
+rank 0 alone prints and writes them. The numbers and the records are the single process's: a
+question's samples come from streams seeded by SEED and the question's index, not by the rank.
 """
 
 import json
@@ -38,6 +51,13 @@ EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts generated together
 MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # answer length limit; an answer cut off here counts as wrong unless its number is right
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decoding: auto (compiled static-cache decode
 #                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
+NUM_SAMPLES: Annotated[int, ">= 1"] = 1  # k: completions per question at TEMPERATURE > 0, for mean@k, pass@j
+#                                   (j = 1, 2, 4, ..., k) and maj@k; EVAL_BATCH_SIZE x k rows are sampled together
+TEMPERATURE: Annotated[float, ">= 0"] = 0.0  # 0 = greedy (one completion, accuracy); > 0 samples NUM_SAMPLES per question
+TOP_P: Annotated[float, "0 < x <= 1"] = 1.0  # nucleus sampling at TEMPERATURE > 0 (1.0 = off)
+TOP_K: Annotated[int, ">= 0"] = 0  # top-k sampling at TEMPERATURE > 0 (0 = off)
+SEED: Annotated[int, ">= 0"] = 0  # the samples (each question's from its own stream: SEED, its index) and the bootstrap
+GREEDY_TOO = False  # at TEMPERATURE > 0, the greedy accuracy as well, in the same run (and each record's "greedy")
 SKIP_LONG_PROMPTS = False  # leave out (and count) problems too long for the context, instead of refusing the file
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
 DTYPE: Dtype = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
@@ -51,13 +71,16 @@ config = configure(globals(), quiet=not is_main_process())
 from common.checkpoint import load_lora_checkpoint, resolve_checkpoint  # noqa: E402
 from common.data import load_problems  # noqa: E402
 from common.distributed import cleanup, setup_distributed  # noqa: E402
-from common.evaluate import evaluate  # noqa: E402
+from common.evaluate import check_sampling, evaluate, evaluate_sampled  # noqa: E402
 from common.model import load_model_and_tokenizer  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
 from common.run import check_writable, preflight_model, questions_that_fit, room_for_prompts  # noqa: E402
 from common.sampler import SamplingParams  # noqa: E402
 
+check_sampling(NUM_SAMPLES, TEMPERATURE, ("NUM_SAMPLES", "TEMPERATURE"))
+if COMPARE_TO is not None and not Path(COMPARE_TO).is_file():
+    raise SystemExit(f"error: COMPARE_TO={COMPARE_TO}: no such summary file (an earlier eval's .summary.json)")
 distributed = setup_distributed(DEVICE)
 # Before the model loads: a missing model file or an unwritable OUT_FILE would otherwise cost the whole evaluation.
 run_name = Path(LORA_CKPT).stem if LORA_CKPT else Path(MODEL_PATH).name
@@ -78,23 +101,47 @@ if LORA_CKPT is not None:
     print(f"loaded LoRA {LORA_CKPT} (step {checkpoint['step']}, trained on {checkpoint['base_model']['path']})")
 print(f"evaluating {MODEL_PATH}{' + ' + str(LORA_CKPT) if LORA_CKPT else ''} on {len(problems)} problems of {EVAL_FILE} ({device}, {next(model.parameters()).dtype})")
 
-eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE, sampler=SAMPLER)
-result = evaluate(model, tokenizer, problems, eval_sampling,  # sharded across the ranks
-                  reward=reward, prompt_format=prompt_format)
+greedy_settings = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE,
+                                 sampler=SAMPLER)
+sampled_settings = SamplingParams(NUM_SAMPLES, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
+                                  chunk_rows=EVAL_BATCH_SIZE * NUM_SAMPLES, sampler=SAMPLER) if TEMPERATURE > 0 else None
+options = dict(reward=reward, prompt_format=prompt_format)  # sharded across the ranks
+greedy = evaluate(model, tokenizer, problems, greedy_settings, **options) if TEMPERATURE == 0 or GREEDY_TOO else None
+sampled = (evaluate_sampled(model, tokenizer, problems, sampled_settings, seed=SEED, **options)
+           if TEMPERATURE > 0 else None)
 cleanup()
 if not distributed.is_main:  # rank 0 alone writes: every rank holds the same gathered result
     raise SystemExit(0)
 
+if sampled is None:
+    records = greedy.records
+else:  # the sampled record of each question, its greedy completion beside it when GREEDY_TOO
+    records = sampled.records if greedy is None else [
+        {**record, "greedy": {key: greedy_record[key] for key in ("output", "prediction", "correct", "truncated")}}
+        for record, greedy_record in zip(sampled.records, greedy.records)]
 with out_file.open("w") as f:
-    for record in result.records:
+    for record in records:
         f.write(json.dumps(record) + "\n")
+metrics = greedy.metrics() if greedy is not None else {}
+if sampled is not None:
+    metrics.update(sampled.metrics())
+    metrics["eval/interval"] = sampled.interval_method  # how the *_ci_low, *_ci_high were made
 summary_file = out_file.with_suffix(".summary.json")
-summary_file.write_text(json.dumps({"config": config, **result.metrics()}, indent=2))
-print(result.summary())
+summary_file.write_text(json.dumps({"config": config, **metrics}, indent=2))
+if greedy is not None:
+    print(greedy.summary())
+if sampled is not None:
+    print(sampled.table())
 print(f"per-question results: {out_file}  summary: {summary_file}")
 if COMPARE_TO is not None:
     before = json.loads(Path(COMPARE_TO).read_text())
-    change = 100 * (result.accuracy - before["eval/accuracy"])
-    print(f"before -> after: {100 * before['eval/accuracy']:.2f}% ({before['eval/total']} problems, "
-          f"{before['config'].get('LORA_CKPT') or before['config']['MODEL_PATH']}) -> {100 * result.accuracy:.2f}% "
-          f"({result.total} problems): {change:+.2f} points")
+    names = (["accuracy"] if greedy is not None else []) + (list(sampled.values) if sampled is not None else [])
+    shared = [name for name in names if f"eval/{name}" in before]
+    source = before["config"].get("LORA_CKPT") or before["config"]["MODEL_PATH"]
+    if not shared:
+        print(f"before -> after: {COMPARE_TO} has none of this run's metrics ({', '.join(names)})")
+    for name in shared:
+        was, now = before[f"eval/{name}"], metrics[f"eval/{name}"]
+        label = "before -> after" if name == "accuracy" else f"before -> after {name}"
+        print(f"{label}: {100 * was:.2f}% ({before['eval/total']} problems, {source}) -> {100 * now:.2f}% "
+              f"({metrics['eval/total']} problems): {100 * (now - was):+.2f} points")

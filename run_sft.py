@@ -63,6 +63,10 @@ MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 64  # eval generation length
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decoding: auto (compiled static-cache decode
 #                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 128  # prompts per eval batch
+EVAL_NUM_SAMPLES: Annotated[int, ">= 1"] = 1  # k: completions per held-out question at EVAL_TEMPERATURE > 0, logged as
+#                                   eval/mean@k, eval/pass@j (j = 1, 2, 4, ..., k), eval/maj@k beside eval/accuracy
+EVAL_TEMPERATURE: Annotated[float, ">= 0"] = 0.0  # 0 = the greedy eval alone; > 0 adds k samples per question at
+#                                   this temperature (each question's seeded by SEED and its index; EVAL_BATCH_SIZE x k rows)
 RUN_NAME: RunName = "sft"  # name of the run: its metrics file LOG_DIR/RUN_NAME.jsonl (its output is OUT_DIR)
 LOG_DIR = "logs"  # where the metrics JSONL goes
 LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
@@ -81,17 +85,18 @@ config = configure(globals(), quiet=not is_main_process())
 from common import synth  # noqa: E402  (after configure: --help stays fast)
 from common.data import load_problems  # noqa: E402
 from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
-from common.evaluate import evaluate  # noqa: E402
+from common.evaluate import check_sampling, evaluate, sampled_settings  # noqa: E402
 from common.logprobs import body_hidden_states, enable_gradient_checkpointing, head_token_logprobs  # noqa: E402
-from common.sampler import SamplingParams  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.model import answer_end_token_id  # noqa: E402
 from common.packing import PassLayout, packing_plan, pass_layout, resolve_pack_length, to_device  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
+from common.sampler import SamplingParams  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
 
 # ------------------------------------------------- plumbing (common/run.py)
+check_sampling(EVAL_NUM_SAMPLES, EVAL_TEMPERATURE, ("EVAL_NUM_SAMPLES", "EVAL_TEMPERATURE"))
 distributed = setup_distributed(DEVICE)
 run = TrainingRun("sft", config, distributed, run_dir=OUT_DIR)
 if QUANT != "none" and LORA_R == 0:
@@ -121,7 +126,7 @@ if LORA_R > 0:
         max_new_tokens=1 + max(len(ids) for ids in tokenizer([p["solution"] for p in examples],
                                                              add_special_tokens=False)["input_ids"]),
         eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=BATCH_SIZE // distributed.world_size,
-        head_on_prompt=True, entropy=False)
+        head_on_prompt=True, entropy=False, eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
 else:
     print("no memory plan: it counts a LoRA's training (LORA_R > 0), not every weight's")
 model = run.load_model()
@@ -186,11 +191,12 @@ final_eval: dict = {}  # the last eval's metrics, for sft_info.json
 
 
 eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE, sampler=SAMPLER)
+eval_sampled = sampled_settings(eval_sampling, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)  # None: greedy alone
 
 
 def run_eval(step: int):
     result = evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
-                      prompt_format=prompt_format)
+                      prompt_format=prompt_format, sampled=eval_sampled, seed=SEED)
     final_eval.update(result.metrics())
     return result
 

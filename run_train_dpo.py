@@ -46,6 +46,10 @@ SKIP_LONG_PROMPTS = False  # leave out (and count) pairs too long for the contex
 EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all)
 EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts per eval generation batch
+EVAL_NUM_SAMPLES: Annotated[int, ">= 1"] = 1  # k: completions per held-out question at EVAL_TEMPERATURE > 0, logged as
+#                                   eval/mean@k, eval/pass@j (j = 1, 2, 4, ..., k), eval/maj@k beside eval/accuracy
+EVAL_TEMPERATURE: Annotated[float, ">= 0"] = 0.0  # 0 = the greedy eval alone; > 0 adds k samples per question at
+#                                   this temperature (each question's seeded by SEED and its index; EVAL_BATCH_SIZE x k rows)
 MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # eval generation length limit
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decoding: auto (compiled static-cache decode
 #                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
@@ -102,7 +106,7 @@ config = configure(globals(), quiet=not is_main_process())
 
 from common.data import load_pairs, load_problems  # noqa: E402
 from common.distributed import all_gather_objects, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
-from common.evaluate import evaluate  # noqa: E402
+from common.evaluate import check_sampling, evaluate, sampled_settings  # noqa: E402
 from common.sampler import SamplingParams  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
 from common.model import answer_end_token_id, context_length  # noqa: E402
@@ -114,6 +118,7 @@ from dpo.loss import dpo_loss, dpo_stats, sft_loss  # noqa: E402
 from dpo.pairs import pack_pairs, pair_logprobs, tokenize_pair  # noqa: E402
 
 # ------------------------------------------------- plumbing (common/run.py)
+check_sampling(EVAL_NUM_SAMPLES, EVAL_TEMPERATURE, ("EVAL_NUM_SAMPLES", "EVAL_TEMPERATURE"))
 distributed = setup_distributed(DEVICE)
 run = TrainingRun("dpo", config, distributed, fixed_on_resume=("BATCH_SIZE",))
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
@@ -141,16 +146,19 @@ if len(tokenized) < BATCH_SIZE:
 run.check_memory(  # the memory plan, before the weights load: a micro-batch is its pairs' 2 x MICRO_BATCH_SIZE rows
     prompt_tokens=max(max(len(prompt) for prompt, _, _ in tokenized), longest_eval_prompt),
     max_new_tokens=max(max(len(chosen), len(rejected)) for _, chosen, rejected in tokenized),
-    eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=2 * MICRO_BATCH_SIZE, head_on_prompt=True, entropy=False)
+    eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=2 * MICRO_BATCH_SIZE, head_on_prompt=True, entropy=False,
+    eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
 model = run.load_model()
 packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 steps_per_epoch = len(tokenized) // BATCH_SIZE
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
 eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE, sampler=SAMPLER)
+eval_sampled = sampled_settings(eval_sampling, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)  # None: greedy alone
 run.track(model, tokenizer, optimizer, scheduler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
-                                         reward=eval_reward, prompt_format=prompt_format))
+                                         reward=eval_reward, prompt_format=prompt_format, sampled=eval_sampled,
+                                         seed=SEED))
 print(f"{len(tokenized)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {BATCH_SIZE // distributed.world_size} pairs per step; {packing_line}")

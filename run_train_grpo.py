@@ -47,6 +47,10 @@ SKIP_LONG_PROMPTS = False  # leave out (and count) questions too long for the co
 EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all)
 EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts per eval generation batch
+EVAL_NUM_SAMPLES: Annotated[int, ">= 1"] = 1  # k: completions per held-out question at EVAL_TEMPERATURE > 0, logged as
+#                                   eval/mean@k, eval/pass@j (j = 1, 2, 4, ..., k), eval/maj@k beside eval/accuracy
+EVAL_TEMPERATURE: Annotated[float, ">= 0"] = 0.0  # 0 = the greedy eval alone; > 0 adds k samples per question at
+#                                   this temperature (each question's seeded by SEED and its index; EVAL_BATCH_SIZE x k rows)
 # rollouts
 NUM_EPOCHS: Annotated[int, ">= 1"] = 1  # passes over the training questions
 MAX_STEPS: Annotated[int, ">= 0"] = 0  # stop after this many steps (0 = run the epochs)
@@ -121,7 +125,7 @@ config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
 from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
-from common.evaluate import evaluate  # noqa: E402
+from common.evaluate import check_sampling, evaluate, sampled_settings  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
@@ -134,6 +138,7 @@ from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
 from grpo.loss import grpo_loss  # noqa: E402
 
 # ------------------------------------------------- plumbing (common/run.py)
+check_sampling(EVAL_NUM_SAMPLES, EVAL_TEMPERATURE, ("EVAL_NUM_SAMPLES", "EVAL_TEMPERATURE"))
 distributed = setup_distributed(DEVICE)
 run = TrainingRun("grpo", config, distributed, fixed_on_resume=("PROMPTS_PER_STEP", "NUM_SAMPLES_PER_PROMPT"))
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
@@ -148,7 +153,7 @@ rows_per_step = PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PRO
 generation_batch_size = run.check_memory(  # the memory plan, before the weights load
     rows=rows_per_step,
     samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
-    micro_batch_size=MICRO_BATCH_SIZE)
+    micro_batch_size=MICRO_BATCH_SIZE, eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
 model = run.load_model()
 packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 # The sampling settings, as one value: a step's rows in equal chunks of at most GENERATION_BATCH_SIZE
@@ -158,10 +163,12 @@ sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, T
                           generator=run.sampling_generator(device))  # each rank its own samples
 eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE,
                                sampler=SAMPLER)
+eval_sampled = sampled_settings(eval_sampling, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)  # None: greedy alone
 trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
 run.track(model, tokenizer, optimizer, scheduler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
-                                         reward=reward, prompt_format=prompt_format))
+                                         reward=reward, prompt_format=prompt_format, sampled=eval_sampled,
+                                         seed=SEED))
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step; "

@@ -164,6 +164,7 @@ class RunSettings:
     logprob_chunk_size: int = 1024          # LOGPROB_CHUNK_SIZE
     sampler: str = "auto"                   # SAMPLER: the static / compiled paths keep their KV buffers
     eval_rows: int = 0                      # prompts of an evaluation batch (EVAL_BATCH_SIZE), greedy, 1 sample
+    eval_samples: int = 1                   # samples per eval prompt of a sampled eval (EVAL_NUM_SAMPLES at EVAL_TEMPERATURE > 0)
     eval_max_new_tokens: int | None = None  # the evaluation's MAX_NEW_TOKENS, when not max_new_tokens (SFT, DPO)
     head_on_prompt: bool = False            # the head runs on every position (SFT, DPO), not the completion's only
     entropy: bool = True                    # the policy pass computes entropies (GRPO, PPO; not SFT, DPO)
@@ -454,13 +455,14 @@ class MemoryPlan:
     @property
     def kv_cache(self) -> float:
         s = self.settings
-        return max(kv_cache_bytes(self.shape, s, s.rows), kv_cache_bytes(self.shape, self._eval_settings, s.eval_rows))
+        return max(kv_cache_bytes(self.shape, s, s.rows),
+                   kv_cache_bytes(self.shape, self._eval_settings, s.eval_rows * s.eval_samples))
 
     @property
     def rollout(self) -> float:
         s = self.settings
         return max(rollout_bytes(self.shape, s, s.rows, s.samples_per_prompt),
-                   rollout_bytes(self.shape, self._eval_settings, s.eval_rows, 1))
+                   rollout_bytes(self.shape, self._eval_settings, s.eval_rows * s.eval_samples, s.eval_samples))
 
     @property
     def graph_pool(self) -> float:
@@ -557,7 +559,8 @@ class MemoryPlan:
         micro = f"{s.micro_batch_size} x {s.sequence_tokens} tokens"
         generated = [f"{s.rows} rows x {s.prompt_tokens}+{s.max_new_tokens}"] if s.rows else []
         if s.eval_rows:
-            generated.append(f"eval {s.eval_rows} x {s.prompt_tokens}+{self._eval_settings.max_new_tokens}")
+            samples = f" x {s.eval_samples} samples" if s.eval_samples > 1 else ""
+            generated.append(f"eval {s.eval_rows}{samples} x {s.prompt_tokens}+{self._eval_settings.max_new_tokens}")
         items = [
             (f"weights ({'4-bit NF4 linears, the rest in ' if s.quant == 'nf4' else ''}{dtype})", self.weights),
             (f"LoRA r={s.lora_r} ({lora_parameters(shape, s) / 1e6:.1f}M): fp32, gradients, AdamW moments",

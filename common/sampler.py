@@ -94,7 +94,8 @@ class SamplingParams:
     top_k: int = 0                          # top-k sampling (0 = off)
     chunk_rows: int = 0                     # rows sampled together (0 = all); the static path pads a chunk to this
     sampler: str = "auto"                   # eager, static, compiled, or auto (see the module docstring)
-    generator: torch.Generator | None = None  # the race's random source (None: the device's default one)
+    generator: torch.Generator | list[torch.Generator] | None = None  # the race's random source (None: the
+    #                                         device's default one; a list: one per row, from sample's row_seeds)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -248,7 +249,11 @@ def _draw_tokens(logits, settings: SamplingParams, num_rows, batch_rows=None):
     # row, stopped ones too, the random stream (and so each seed's tokens) is what multinomial's was.
     race = torch.empty((log_dist.size(0) if batch_rows is None else num_rows, log_dist.size(-1)),
                        dtype=log_dist.dtype, device=log_dist.device)
-    race[:num_rows].exponential_(generator=settings.generator)
+    if isinstance(settings.generator, list):  # one generator per row (sample's row_seeds): each row its own stream
+        for row, row_generator in enumerate(settings.generator):
+            race[row].exponential_(generator=row_generator)
+    else:
+        race[:num_rows].exponential_(generator=settings.generator)
     race[num_rows:] = 1.0
     if batch_rows is not None:
         race = race[batch_rows]
@@ -480,7 +485,9 @@ def _sample_rows_static(model, prompt_rows, settings: SamplingParams, stop_ids, 
     slot_mask[:, :width] = prompt_mask.bool()
     decode_step = _compiled_decode_step() if compiled else _decode_step
     step_seconds = []  # of the first three decode steps of a compiled call, for _one_off_seconds
-    random_source = _random_source(settings.generator, device) if settings.temperature > 0 else None
+    # Per-row generators (row_seeds) are the call's own: nothing to rewind for a next call.
+    random_source = (_random_source(settings.generator, device)
+                     if settings.temperature > 0 and not isinstance(settings.generator, list) else None)
     states_after_draw = []
     stop_ids_tensor = torch.tensor(stop_ids, device=device)
 
@@ -564,7 +571,8 @@ def _sample_rows(model, prompt_rows, settings: SamplingParams, stop_ids, pad_id)
 
 
 def sample(model, prompt_ids: list[list[int]], settings: SamplingParams, tokenizer=None,
-           eos_token_ids: list[int] | None = None, pad_token_id: int | None = None) -> SampleOutput:
+           eos_token_ids: list[int] | None = None, pad_token_id: int | None = None,
+           row_seeds: list[int] | None = None) -> SampleOutput:
     """Sample ``settings.num_samples`` completions for each prompt (temperature 0 = greedy).
 
     ``prompt_ids`` are formatted, tokenized prompts (common.prompts.encode_prompts).
@@ -573,6 +581,12 @@ def sample(model, prompt_ids: list[list[int]], settings: SamplingParams, tokeniz
     ``texts``.  ``settings.chunk_rows`` bounds memory: the B * K rows are sampled
     in chunks of that many rows (even_chunk_rows makes them equal).  All paths
     give the same tokens for a seed (see the module docstring).
+
+    ``row_seeds`` (instead of ``settings.generator``): one seed per row (len(prompt_ids) * num_samples,
+    row = prompt * num_samples + sample), each row drawing from a generator of its own seeded with it.
+    A row's tokens then depend on its seed and prompt alone, not on which rows share its batch or
+    chunk: an eval sharded across processes samples what one process would. It costs a draw call per
+    row and token instead of one per token.
     """
     if eos_token_ids is None:
         if tokenizer is None or tokenizer.eos_token_id is None:
@@ -584,8 +598,19 @@ def sample(model, prompt_ids: list[list[int]], settings: SamplingParams, tokeniz
     rows = [list(p) for p in prompt_ids for _ in range(settings.num_samples)]
     prompt_index = torch.arange(len(prompt_ids)).repeat_interleave(settings.num_samples)
     chunk = settings.chunk_rows or len(rows)
-    parts = [_sample_rows(model, rows[start:start + chunk], settings, eos_token_ids, pad_token_id)
-             for start in range(0, len(rows), chunk)]
+    starts = range(0, len(rows), chunk)
+    chunk_settings = [settings] * len(starts)
+    if row_seeds is not None:
+        if settings.generator is not None:
+            raise ValueError("sample() takes a generator or row_seeds, not both")
+        if len(row_seeds) != len(rows):
+            raise ValueError(f"row_seeds needs one seed per row ({len(rows)}), got {len(row_seeds)}")
+        device = next(model.parameters()).device
+        row_generators = [torch.Generator(device=device).manual_seed(seed) for seed in row_seeds]
+        chunk_settings = [dataclasses.replace(settings, generator=row_generators[start:start + chunk])
+                          for start in starts]
+    parts = [_sample_rows(model, rows[start:start + chunk], part_settings, eos_token_ids, pad_token_id)
+             for start, part_settings in zip(starts, chunk_settings)]
     width = max(p[0].size(1) for p in parts)
 
     def pad_right(tensor, value):
