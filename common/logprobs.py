@@ -202,7 +202,10 @@ def head_logits(model, hidden_states: torch.Tensor) -> torch.Tensor:
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("token_logprobs supports output heads without bias only")
     flat = hidden_states.reshape(-1, hidden_states.size(-1))
-    logits, _ = _scaled_logits(flat, _head_operand(head.weight), _final_logit_softcap(model), 1.0)
+    logits = _head_logits(flat, _head_operand(head.weight))
+    softcap = _final_logit_softcap(model)
+    if softcap is not None:  # the ops of _forward_epilogue, in its order: the trainer's logits, bit for bit
+        logits.div_(softcap).tanh_().mul_(softcap)
     return logits.view(*hidden_states.shape[:-1], -1)
 
 
