@@ -30,7 +30,7 @@ from common.model import stop_token_ids
 from common.prompts import PromptFormat, encode_prompts
 from common.reward import answers_match, extract_answer
 from common.sampled_metrics import bootstrap_intervals, interval_method, majority_vote, question_scores
-from common.sampler import SamplingParams, sample
+from common.sampler import SamplingParams, row_generators, sample
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -186,7 +186,7 @@ def _score_samples(model, tokenizer, problems, settings: SamplingParams, progres
     was_training = model.training
     model.eval()
     stop_ids = stop_token_ids(model, tokenizer)
-    num_samples = settings.num_samples
+    num_samples, device = settings.num_samples, next(model.parameters()).device
     own_problems = shard(list(enumerate(problems)))  # (index, problem): the index seeds its samples
     samples, generated = [], 0
     start = time.perf_counter()
@@ -194,10 +194,12 @@ def _score_samples(model, tokenizer, problems, settings: SamplingParams, progres
     batches = range(0, len(own_problems), batch_size)
     for first in tqdm(batches, desc=desc, disable=not (progress and is_main_process()), unit="batch"):
         batch = own_problems[first:first + batch_size]
-        row_seeds = None if settings.temperature == 0 else [sample_seed(seed, index, k) for index, _ in batch
-                                                            for k in range(num_samples)]
-        out = sample(model, encode_prompts(tokenizer, [problem for _, problem in batch], prompt_format), settings,
-                     tokenizer=tokenizer, eos_token_ids=stop_ids, row_seeds=row_seeds)
+        batch_settings = settings
+        if settings.temperature > 0:  # each row its own stream: (seed, the problem's index, the sample's)
+            seeds = [sample_seed(seed, index, k) for index, _ in batch for k in range(num_samples)]
+            batch_settings = dataclasses.replace(settings, generator=row_generators(seeds, device))
+        out = sample(model, encode_prompts(tokenizer, [problem for _, problem in batch], prompt_format),
+                     batch_settings, tokenizer=tokenizer, eos_token_ids=stop_ids)
         generated += int(out.completion_mask.sum())
         for row, (text, cut_off) in enumerate(zip(out.texts, out.truncated.tolist())):
             problem = batch[row // num_samples][1]

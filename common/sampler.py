@@ -95,7 +95,7 @@ class SamplingParams:
     chunk_rows: int = 0                     # rows sampled together (0 = all); the static path pads a chunk to this
     sampler: str = "auto"                   # eager, static, compiled, or auto (see the module docstring)
     generator: torch.Generator | list[torch.Generator] | None = None  # the race's random source (None: the
-    #                                         device's default one; a list: one per row, from sample's row_seeds)
+    #                                         device's default one; a list: one per row, row_generators)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -109,6 +109,11 @@ class SamplingParams:
     def greedy(self) -> SamplingParams:
         """The same settings for a greedy evaluation: one sample per prompt at temperature 0."""
         return dataclasses.replace(self, num_samples=1, temperature=0.0, top_p=1.0, top_k=0, generator=None)
+
+
+def row_generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
+    """One generator per row, seeded with ``seeds`` (SamplingParams.generator as a list)."""
+    return [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
 
 def even_chunk_rows(num_rows: int, max_rows: int) -> int:
@@ -249,7 +254,7 @@ def _draw_tokens(logits, settings: SamplingParams, num_rows, batch_rows=None):
     # row, stopped ones too, the random stream (and so each seed's tokens) is what multinomial's was.
     race = torch.empty((log_dist.size(0) if batch_rows is None else num_rows, log_dist.size(-1)),
                        dtype=log_dist.dtype, device=log_dist.device)
-    if isinstance(settings.generator, list):  # one generator per row (sample's row_seeds): each row its own stream
+    if isinstance(settings.generator, list):  # one generator per row (row_generators): each row its own stream
         for row, row_generator in enumerate(settings.generator):
             race[row].exponential_(generator=row_generator)
     else:
@@ -485,7 +490,7 @@ def _sample_rows_static(model, prompt_rows, settings: SamplingParams, stop_ids, 
     slot_mask[:, :width] = prompt_mask.bool()
     decode_step = _compiled_decode_step() if compiled else _decode_step
     step_seconds = []  # of the first three decode steps of a compiled call, for _one_off_seconds
-    # Per-row generators (row_seeds) are the call's own: nothing to rewind for a next call.
+    # Per-row generators (row_generators) are the call's own: nothing to rewind for a next call.
     random_source = (_random_source(settings.generator, device)
                      if settings.temperature > 0 and not isinstance(settings.generator, list) else None)
     states_after_draw = []
@@ -571,8 +576,7 @@ def _sample_rows(model, prompt_rows, settings: SamplingParams, stop_ids, pad_id)
 
 
 def sample(model, prompt_ids: list[list[int]], settings: SamplingParams, tokenizer=None,
-           eos_token_ids: list[int] | None = None, pad_token_id: int | None = None,
-           row_seeds: list[int] | None = None) -> SampleOutput:
+           eos_token_ids: list[int] | None = None, pad_token_id: int | None = None) -> SampleOutput:
     """Sample ``settings.num_samples`` completions for each prompt (temperature 0 = greedy).
 
     ``prompt_ids`` are formatted, tokenized prompts (common.prompts.encode_prompts).
@@ -582,11 +586,10 @@ def sample(model, prompt_ids: list[list[int]], settings: SamplingParams, tokeniz
     in chunks of that many rows (even_chunk_rows makes them equal).  All paths
     give the same tokens for a seed (see the module docstring).
 
-    ``row_seeds`` (instead of ``settings.generator``): one seed per row (len(prompt_ids) * num_samples,
-    row = prompt * num_samples + sample), each row drawing from a generator of its own seeded with it.
-    A row's tokens then depend on its seed and prompt alone, not on which rows share its batch or
-    chunk: an eval sharded across processes samples what one process would. It costs a draw call per
-    row and token instead of one per token.
+    ``settings.generator`` may be a list of generators, one per row (row_generators: row = prompt *
+    num_samples + sample), each row then drawing from its own: its tokens depend on its generator's seed
+    and its prompt alone, not on which rows share its batch or chunk, so an eval sharded across
+    processes samples what one process would. It costs a draw call per row and token instead of one.
     """
     if eos_token_ids is None:
         if tokenizer is None or tokenizer.eos_token_id is None:
@@ -600,14 +603,10 @@ def sample(model, prompt_ids: list[list[int]], settings: SamplingParams, tokeniz
     chunk = settings.chunk_rows or len(rows)
     starts = range(0, len(rows), chunk)
     chunk_settings = [settings] * len(starts)
-    if row_seeds is not None:
-        if settings.generator is not None:
-            raise ValueError("sample() takes a generator or row_seeds, not both")
-        if len(row_seeds) != len(rows):
-            raise ValueError(f"row_seeds needs one seed per row ({len(rows)}), got {len(row_seeds)}")
-        device = next(model.parameters()).device
-        row_generators = [torch.Generator(device=device).manual_seed(seed) for seed in row_seeds]
-        chunk_settings = [dataclasses.replace(settings, generator=row_generators[start:start + chunk])
+    if isinstance(settings.generator, list):  # one per row: each chunk gets its rows' generators
+        if len(settings.generator) != len(rows):
+            raise ValueError(f"a generator per row needs {len(rows)} generators, got {len(settings.generator)}")
+        chunk_settings = [dataclasses.replace(settings, generator=settings.generator[start:start + chunk])
                           for start in starts]
     parts = [_sample_rows(model, rows[start:start + chunk], part_settings, eos_token_ids, pad_token_id)
              for start, part_settings in zip(starts, chunk_settings)]

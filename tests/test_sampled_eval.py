@@ -1,4 +1,4 @@
-"""Sampled evaluation: the sampler's row_seeds, common.evaluate's sampled pass, eval_math.py's NUM_SAMPLES /
+"""Sampled evaluation: the sampler's per-row generators, common.evaluate's sampled pass, eval_math.py's NUM_SAMPLES /
 TEMPERATURE (and its greedy default, byte for byte), as functions and as subprocesses."""
 
 import json
@@ -10,7 +10,7 @@ import torch
 
 from common.evaluate import evaluate, evaluate_sampled, sample_seed
 from common.sampled_metrics import pass_at_k
-from common.sampler import SamplingParams, sample
+from common.sampler import SamplingParams, row_generators, sample
 from tests.conftest import REPO_ROOT, TINY_MODEL_DIR, micro_model, run_script
 
 PROMPTS = [[2, 5, 9, 11, 4], [2, 7, 3], [2, 13, 6, 8]]
@@ -23,18 +23,21 @@ def rows_of(out, rows):
 
 
 @pytest.mark.parametrize("sampler", ["eager", "static"])
-def test_row_seeds_make_a_row_independent_of_its_batch(sampler):
+def test_a_generator_per_row_makes_a_row_independent_of_its_batch(sampler):
     """A row's tokens depend on its seed and prompt alone: the same with other prompts beside it, alone,
     in chunks of one row, and on either path."""
     model = micro_model("gemma2")
     seeds = [11, 12, 21, 22, 31, 32]
     settings = SamplingParams(num_samples=2, max_new_tokens=12, temperature=1.0, sampler=sampler)
     ids = dict(eos_token_ids=[EOS], pad_token_id=PAD)
-    together = sample(model, PROMPTS, settings, row_seeds=seeds, **ids)
-    alone = sample(model, PROMPTS[1:2], settings, row_seeds=seeds[2:4], **ids)
-    chunked = sample(model, PROMPTS[::-1], replace(settings, chunk_rows=2),
-                     row_seeds=seeds[4:] + seeds[2:4] + seeds[:2], **ids)
-    eager = sample(model, PROMPTS, replace(settings, sampler="eager"), row_seeds=seeds, **ids)
+
+    def seeded(row_seeds, **changes):
+        return replace(settings, generator=row_generators(row_seeds, "cpu"), **changes)
+
+    together = sample(model, PROMPTS, seeded(seeds), **ids)
+    alone = sample(model, PROMPTS[1:2], seeded(seeds[2:4]), **ids)
+    chunked = sample(model, PROMPTS[::-1], seeded(seeds[4:] + seeds[2:4] + seeds[:2], chunk_rows=2), **ids)
+    eager = sample(model, PROMPTS, seeded(seeds, sampler="eager"), **ids)
     assert rows_of(alone, [0, 1]) == rows_of(together, [2, 3])
     assert rows_of(chunked, range(6)) == rows_of(together, [4, 5, 2, 3, 0, 1])
     assert rows_of(eager, range(6)) == rows_of(together, range(6))
@@ -43,15 +46,12 @@ def test_row_seeds_make_a_row_independent_of_its_batch(sampler):
     assert len({tuple(row) for row in rows_of(together, range(6))}) == 6
 
 
-def test_row_seeds_refusals():
+def test_one_generator_per_row_or_a_refusal():
     model = micro_model("gemma2")
     settings = SamplingParams(num_samples=2, max_new_tokens=3, temperature=1.0)
     ids = dict(eos_token_ids=[EOS], pad_token_id=PAD)
-    with pytest.raises(ValueError, match="one seed per row \\(6\\), got 3"):
-        sample(model, PROMPTS, settings, row_seeds=[1, 2, 3], **ids)
-    with pytest.raises(ValueError, match="not both"):
-        sample(model, PROMPTS, replace(settings, num_samples=1, generator=torch.Generator()), row_seeds=[1, 2, 3],
-               **ids)
+    with pytest.raises(ValueError, match="needs 6 generators, got 3"):
+        sample(model, PROMPTS, replace(settings, generator=row_generators([1, 2, 3], "cpu")), **ids)
 
 
 def test_sample_seed_is_a_function_of_seed_question_and_sample():
