@@ -98,9 +98,9 @@ demo-soup: tiny-model
 	    echo ">> [0/2] no checkpoints of the GRPO demo yet: running it ($(DEMO_SOUP_RUN)/)"; \
 	    $(PY) run_train_grpo.py $(DEMO_GRPO); }
 	@echo ">> [1/2] uniform soup of the GRPO demo's last 3 checkpoints (mean of the LoRA updates): dev and test accuracy"
-	$(PY) model_soup.py $(DEMO_SOUP) --RECIPE=uniform --OUT=checkpoints/demo-soup/uniform.pt
+	$(PY) model_soup.py $(DEMO_SOUP) --RECIPE=uniform --OUT=checkpoints/demo-soup/uniform.pt --OVERWRITE=true
 	@echo ">> [2/2] greedy soup: best on data/synth_dev.jsonl first, the next kept if dev accuracy does not drop"
-	$(PY) model_soup.py $(DEMO_SOUP) --RECIPE=greedy --OUT=checkpoints/demo-soup/greedy.pt
+	$(PY) model_soup.py $(DEMO_SOUP) --RECIPE=greedy --OUT=checkpoints/demo-soup/greedy.pt --OVERWRITE=true
 
 demo-passk: tiny-model $(VENV)/.dev-installed
 	@test -f $(DEMO_SOUP_RUN)/lora_epoch0_step150.pt || { \

@@ -91,7 +91,7 @@ CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
 RUN_NAME: RunName = "dpo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
 LOG_DIR = "logs"  # where the metrics JSONL goes
 LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
-OVERWRITE = False  # replace an earlier run of the same RUN_NAME (else a new run on its name is refused)
+OVERWRITE = False  # replace an earlier run of the same RUN_NAME, its own files only (else a new run on its name is refused)
 RESUME: Path | None = None  # checkpoint (or run folder: its newest) of a run to continue: LR and the schedule may
 #                             change, the LoRA layout, pairs per step and seed may not
 INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an SFT warm-up, a model_soup.py soup):
