@@ -232,6 +232,8 @@ class TrainingRun:
             self._claim()
         self.model_path = preflight_model(config["MODEL_PATH"])
         self.model_config = AutoConfig.from_pretrained(self.model_path)
+        if config.get("LORA_R") and self.checkpoint is None and config.get("INIT_LORA") is None:
+            lora_targets(meta_model(self.model_path), config["LORA_TARGETS"])  # a new LoRA's, on the model without weights
         self.generators: dict[str, torch.Generator] = {}  # the run's random generators (sampling_generator)
         try:
             self.metrics = MetricsLogger(self.metrics_path, config.get("LOGGER", "jsonl"), self.name, config,
@@ -380,11 +382,7 @@ class TrainingRun:
         return load_tokenizer(self.model_path), self.device
 
     def load_model(self):
-        """MODEL_PATH's causal LM on the run's device, in DTYPE, its linear layers in QUANT (load_model). A
-        new LoRA's LORA_TARGETS are checked first, on the model built without its weights (meta_model)."""
-        config = self.config
-        if config.get("LORA_R") and self.checkpoint is None and config.get("INIT_LORA") is None:
-            lora_targets(meta_model(self.model_path), config["LORA_TARGETS"])
+        """MODEL_PATH's causal LM on the run's device, in DTYPE, its linear layers in QUANT (load_model)."""
         return load_model(self.model_path, self.device, get_dtype(self.config["DTYPE"], self.device),
                           self.config["QUANT"])
 
