@@ -41,9 +41,9 @@ from transformers import AutoConfig
 
 from common.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, remove_stale_temporary_files,
                                restore_training_state, save_checkpoint, start_lora)
-from common.errors import UserError
 from common.data import iter_jsonl, load_problems, step_items
 from common.distributed import DistributedContext, cleanup, gather_rank_states, restore_rank_state, shard
+from common.errors import UserError
 from common.logprobs import enable_gradient_checkpointing
 from common.lora import lora_parameters, lora_targets
 from common.memory_plan import MemoryPlanError, check_fits, free_gpu_memory_gb, generation_batch, plan_memory
@@ -233,7 +233,7 @@ class TrainingRun:
         self.model_path = preflight_model(config["MODEL_PATH"])
         self.model_config = AutoConfig.from_pretrained(self.model_path)
         if config.get("LORA_R") and self.checkpoint is None and config.get("INIT_LORA") is None:
-            lora_targets(meta_model(self.model_path), config["LORA_TARGETS"])  # a new LoRA's, on the model without weights
+            lora_targets(meta_model(self.model_path), config["LORA_TARGETS"])  # on the model without its weights
         self.generators: dict[str, torch.Generator] = {}  # the run's random generators (sampling_generator)
         try:
             self.metrics = MetricsLogger(self.metrics_path, config.get("LOGGER", "jsonl"), self.name, config,

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint
 from common.config import REPO_ROOT, ConfigError, configure, repo_path
@@ -18,7 +19,8 @@ from common.data import MAX_BAD_LINES, DataError, DataFileNotFoundError, load_pa
 from common.errors import UserError
 from common.lora import LoRAStateError, LoRATargetError, lora_targets
 from common.memory_plan import MemoryPlanError
-from common.model import IncompleteModelError, ModelNotFoundError, looks_like_hub_id, meta_model
+from common.model import (DeviceUnavailableError, IncompleteModelError, ModelNotFoundError, get_device,
+                          looks_like_hub_id, meta_model)
 from common.peft_io import PeftAdapterError, save_peft_adapter
 from common.prompts import ChatTemplateNotFoundError
 from common.quant import QuantizationUnavailable
@@ -45,7 +47,7 @@ def one_error_line(result, *fragments) -> str:
 @pytest.mark.parametrize("error", [RunError, CheckpointError, CheckpointNotFoundError, ConfigError, DataError,
                                    DataFileNotFoundError, RewardSpecError, LoRATargetError, LoRAStateError,
                                    MemoryPlanError, ModelNotFoundError, IncompleteModelError, PeftAdapterError,
-                                   QuantizationUnavailable, ChatTemplateNotFoundError])
+                                   QuantizationUnavailable, ChatTemplateNotFoundError, DeviceUnavailableError])
 def test_the_projects_errors_are_user_errors_and_keep_their_bases(error):
     assert issubclass(error, UserError)
     assert not issubclass(error, SystemExit)  # caught by the handler, not by Python's SystemExit printing
@@ -177,6 +179,12 @@ def test_lora_targets_are_checked_on_the_model_without_weights(micro_model_dir):
         lora_targets(model, ["q_proj", "qproj"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_device_this_machine_lacks_says_what_to_give():
+    with pytest.raises(DeviceUnavailableError, match="give --DEVICE=auto or cpu"):
+        get_device("cuda")
+
+
 def test_a_text_file_is_not_a_checkpoint(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not weights\n")
@@ -223,16 +231,16 @@ def none_reward(completion, **row):
 
 
 @pytest.mark.parametrize("function, message", [
-    ("nan_reward", "reward nan_reward returned nan: rewards must be finite"),
-    ("text_reward", "reward text_reward returned '0.5': return a number, a bool"),
-    ("none_reward", "reward none_reward returned None: return a number, a bool"),
+    ("nan_reward", "returned nan: rewards must be finite"),
+    ("text_reward", "returned '0.5': return a number, a bool"),
+    ("none_reward", "returned None: return a number, a bool"),
 ])
 def test_a_custom_reward_returning_no_number_is_one_line(micro_model_dir, tmp_path, function, message):
     (tmp_path / "rewards.py").write_text(REWARDS)
     result = run_script(["eval_math.py", f"--MODEL_PATH={micro_model_dir}", "--EVAL_FILE=data/synth_test.jsonl",
                          f"--REWARD={tmp_path / 'rewards.py'}:{function}", "--EVAL_LIMIT=1", "--MAX_NEW_TOKENS=2",
                          "--DEVICE=cpu", f"--OUT_FILE={tmp_path / 'out.jsonl'}"], check=False)
-    one_error_line(result, message)
+    one_error_line(result, f"error: reward {tmp_path / 'rewards.py'}:{function} {message}")
 
 
 # ------------------------------------------------------------------------- paths
