@@ -49,7 +49,6 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
     """A checkpoint path that does not exist, or a run folder without checkpoints."""
 
 
-
 def checkpoint_path(run_dir: str | Path, epoch: int, step: int) -> Path:
     return Path(run_dir) / f"lora_epoch{epoch}_step{step}.pt"
 

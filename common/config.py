@@ -321,7 +321,7 @@ def _configure(namespace: dict, argv: list[str], source_file: str | None, quiet:
         print(help_text(script, declarations, namespace))
         raise SystemExit(0)
 
-    given = set()
+    given: set[str] = set()
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"{script}: arguments are --NAME=value, got {arg!r} (try --help)")
@@ -332,7 +332,7 @@ def _configure(namespace: dict, argv: list[str], source_file: str | None, quiet:
         kind = _resolve_annotation(declarations[name]["annotation"], namespace)
         namespace[name] = convert(raw, kind, namespace[name], name)
         given.add(name)
-    for name in declarations.keys() - given:
+    for name in declarations.keys() - given:  # the script's own defaults: the repository's folders, from anywhere
         if isinstance(namespace[name], (str, Path)):
             namespace[name] = repo_path(namespace[name])
     # Every value, the defaults too: a constant edited at the top of the script is checked as well.

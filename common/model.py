@@ -26,6 +26,10 @@ class ModelNotFoundError(UserError, FileNotFoundError):
     """A model directory that does not exist, with the commands that create it."""
 
 
+class DeviceUnavailableError(UserError, RuntimeError):
+    """A DEVICE asked for that this machine does not have."""
+
+
 def get_device(name: str = "auto") -> torch.device:
     """cuda > mps > cpu when ``name`` is "auto"; otherwise the device asked for.
 
@@ -35,11 +39,13 @@ def get_device(name: str = "auto") -> torch.device:
     if name != "auto":
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("DEVICE=cuda asked for, but torch.cuda.is_available() is False")
+            raise DeviceUnavailableError("DEVICE=cuda asked for, but torch.cuda.is_available() is False: "
+                                         "give --DEVICE=auto or cpu")
         if device.type == "cuda" and device.index is None:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise RuntimeError("DEVICE=mps asked for, but torch.backends.mps.is_available() is False")
+            raise DeviceUnavailableError("DEVICE=mps asked for, but torch.backends.mps.is_available() is False: "
+                                         "give --DEVICE=auto or cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -59,10 +59,10 @@ from transformers import AutoConfig
 
 from common.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
                                remove_stale_temporary_files, restore_training_state, save_checkpoint, start_lora)
-from common.errors import UserError
 from common.data import iter_jsonl, load_problems, step_items
 from common.distributed import (DistributedContext, all_reduce_max, cleanup, gather_rank_states, restore_rank_state,
                                 shard)
+from common.errors import UserError
 from common.logprobs import enable_gradient_checkpointing
 from common.lora import lora_parameters, lora_targets
 from common.memory_plan import MemoryPlanError, check_fits, free_gpu_memory_gb, generation_batch, plan_memory
@@ -380,6 +380,8 @@ class TrainingRun:
             self._claim()
         self.model_path = preflight_model(config["MODEL_PATH"])
         self.model_config = AutoConfig.from_pretrained(self.model_path)
+        if config.get("LORA_R") and self.checkpoint is None and config.get("INIT_LORA") is None:
+            lora_targets(meta_model(self.model_path), config["LORA_TARGETS"])  # on the model without its weights
         self.generators: dict[str, torch.Generator] = {}  # the run's random generators (sampling_generator)
         try:
             self.metrics = MetricsLogger(self.metrics_path, config.get("LOGGER", "jsonl"), self.name, config,
@@ -575,13 +577,9 @@ class TrainingRun:
 
     def load_model(self):
         """MODEL_PATH's causal LM on the run's device, in DTYPE, its linear layers in QUANT (load_model),
-        the dtype said in one line. A new LoRA's LORA_TARGETS are checked first, on the model built without
-        its weights (meta_model). An fp16 model gets the run's LossScaler. DTYPE=auto trains a full
+        the dtype said in one line. An fp16 model gets the run's LossScaler. DTYPE=auto trains a full
         model (no LoRA: run_sft.py with LORA_R=0) in fp32 where it would give fp16: fp16 weights would
         be their own optimizer masters, and updates below their resolution would be lost."""
-        config = self.config
-        if config.get("LORA_R") and self.checkpoint is None and config.get("INIT_LORA") is None:
-            lora_targets(meta_model(self.model_path), config["LORA_TARGETS"])
         name = self.config["DTYPE"]
         dtype = self.dtype
         line = dtype_line(name, self.device)

@@ -2,6 +2,7 @@
 adapter directory back in."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -43,6 +44,11 @@ def test_export_peft_and_merged(lora_checkpoint, micro_model_dir, tmp_path):
     peft_dir, merged_dir = tmp_path / "peft", tmp_path / "merged"
     run_script(["export_lora.py", f"--LORA_CKPT={lora_checkpoint}", f"--PEFT_DIR={peft_dir}",
                 f"--MERGED_DIR={merged_dir}"])
+    if os.name != "nt":  # the mode any new file gets, not safetensors' private 0o600
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (peft_dir / "adapter_model.safetensors", merged_dir / "model.safetensors"):
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     model, tokenizer, _ = load_model_and_tokenizer(micro_model_dir, "cpu")
     load_lora_checkpoint(model, lora_checkpoint)
     input_ids = torch.tensor([[2, 40, 41, 42, 43, 44]])
