@@ -291,3 +291,19 @@ def test_grpo_run_allocates_once_per_slot_bucket_and_compiles_at_most_twice(micr
     assert sorted(set(counts["slots"])) == [80, 128]  # two slot buckets, met in turn
     assert counts["allocations"] <= 2
     assert 1 <= counts["compiles"] <= 2
+
+
+def test_evaluate_takes_greedy_settings_and_pads_its_last_batch_alike(micro_model_dir):
+    from common.data import load_problems
+    from common.evaluate import evaluate
+    from common.model import load_model_and_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer(micro_model_dir, "cpu")
+    problems = load_problems("data/synth_test.jsonl", limit=5)
+    records = {}
+    for sampler in ("eager", "static"):  # batches of 2, 2 and 1 (padded to 2 on the static path)
+        greedy = SamplingParams(max_new_tokens=5, temperature=0.0, chunk_rows=2, sampler=sampler)
+        records[sampler] = evaluate(model, tokenizer, problems, greedy, progress=False).records
+    assert records["static"] == records["eager"] and len(records["eager"]) == 5
+    with pytest.raises(ValueError, match="greedily"):
+        evaluate(model, tokenizer, problems, SamplingParams(max_new_tokens=5), progress=False)
