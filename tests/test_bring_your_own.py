@@ -31,8 +31,8 @@ def test_evaluation_of_a_non_numeric_task_reads_the_rewards_correct(micro_model_
     problems = load_problems(tmp_path / "poems.jsonl", numeric_gold=reward.needs_numeric_gold)
     model, tokenizer, _ = load_model_and_tokenizer(micro_model_dir, "cpu")
     prompt_format = configure_prompts(tokenizer, system_prompt="You write poems.")
-    result = evaluate(model, tokenizer, problems, SamplingParams(max_new_tokens=3, temperature=0.0, chunk_rows=2),
-                      progress=False, reward=reward, prompt_format=prompt_format)
+    greedy = SamplingParams(max_new_tokens=3, temperature=0.0, chunk_rows=2)
+    result = evaluate(model, tokenizer, problems, greedy, progress=False, reward=reward, prompt_format=prompt_format)
     assert (result.total, result.correct) == (5, 3)  # ids 0, 2 and 4
     assert [record["correct"] for record in result.records] == [True, False, True, False, True]
     assert [record["question"] for record in result.records] == [f"Poem {i}?" for i in range(5)]

@@ -236,6 +236,7 @@ def test_static_sampler_reads_the_host_once_per_stop_check_plus_two_per_call(mon
 
 LAUNCHER = '''
 import atexit, functools, json, runpy, sys
+sys.path.insert(0, ".")  # run from the repository root
 import torch
 import common.sampler as sampler
 
@@ -265,13 +266,20 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_grpo_run_allocates_once_per_slot_bucket_and_compiles_at_most_twice(micro_model_dir, tmp_path):
-    """20 steps of 2 questions x 3 samples, sampled 4 rows at a time (equal chunks of 3), with 3 evals
-    of 5 questions 3 at a time (the last batch padded): the compiled path with a counting backend."""
+    """20 steps of 2 questions x 3 samples, sampled 4 rows at a time (equal chunks of 3), some of the
+    questions long enough for a second prompt bucket, with 3 evals of 5 questions 3 at a time (the last
+    batch padded): the compiled path, with a counting backend and a spy on the KV allocations."""
+    lines = (REPO_ROOT / "data" / "synth_train.jsonl").read_text().splitlines()[:34]
+    long_question = "What is " + " + ".join(["1"] * 35) + "?"  # about 90 tokens: the 128 bucket
+    for position in (3, 11, 17, 25, 30, 38):
+        lines.insert(position, json.dumps({"question": long_question, "gold_answer": "35"}))
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("\n".join(lines) + "\n")
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
     result = run_script([str(launcher), "run_train_grpo.py", f"--MODEL_PATH={micro_model_dir}",
-                         "--TRAIN_FILE=data/synth_train.jsonl", "--EVAL_FILE=data/synth_test.jsonl",
-                         "--NUM_PROMPTS=40", "--PROMPTS_PER_STEP=2", "--NUM_SAMPLES_PER_PROMPT=3",
+                         f"--TRAIN_FILE={train_file}", "--EVAL_FILE=data/synth_test.jsonl",
+                         "--PROMPTS_PER_STEP=2", "--NUM_SAMPLES_PER_PROMPT=3",
                          "--GENERATION_BATCH_SIZE=4", "--MAX_NEW_TOKENS=6", "--MAX_STEPS=20", "--EVAL_EVERY=10",
                          "--EVAL_LIMIT=5", "--EVAL_BATCH_SIZE=3", "--SAMPLER=compiled", "--DEVICE=cpu",
                          "--MICRO_BATCH_SIZE=6", f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}",
@@ -280,5 +288,22 @@ def test_grpo_run_allocates_once_per_slot_bucket_and_compiles_at_most_twice(micr
     assert "step 20/20" in result.stdout
     assert len(counts["slots"]) == 20 * 2 + 3 * 2  # every step's two chunks and every eval's two batches
     assert set(counts["rows"]) == {3}  # one row count: the chunks and the eval batches padded alike
-    assert counts["allocations"] <= len(set(counts["slots"]))
+    assert sorted(set(counts["slots"])) == [80, 128]  # two slot buckets, met in turn
+    assert counts["allocations"] <= 2
     assert 1 <= counts["compiles"] <= 2
+
+
+def test_evaluate_takes_greedy_settings_and_pads_its_last_batch_alike(micro_model_dir):
+    from common.data import load_problems
+    from common.evaluate import evaluate
+    from common.model import load_model_and_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer(micro_model_dir, "cpu")
+    problems = load_problems("data/synth_test.jsonl", limit=5)
+    records = {}
+    for sampler in ("eager", "static"):  # batches of 2, 2 and 1 (padded to 2 on the static path)
+        greedy = SamplingParams(max_new_tokens=5, temperature=0.0, chunk_rows=2, sampler=sampler)
+        records[sampler] = evaluate(model, tokenizer, problems, greedy, progress=False).records
+    assert records["static"] == records["eager"] and len(records["eager"]) == 5
+    with pytest.raises(ValueError, match="greedily"):
+        evaluate(model, tokenizer, problems, SamplingParams(max_new_tokens=5), progress=False)
