@@ -53,8 +53,12 @@ else stays, the vocabulary included. LoRA r=LORA_R on all seven linear layers, w
    them all: the policy pass would never run. Also reported: the mismatch between the sampler's
    log-probs and the policy pass's (common.policy_gradient.logprob_mismatch).
 
-Peak GPU memory (torch.cuda.max_memory_allocated) is read per row of the table, from a reset at
-its start, in GB of 2^30 bytes (as the memory plan, torch.cuda.mem_get_info and nvidia-smi count).
+Peak GPU memory is read per row of the table, from a reset at its start, in GB of 2^30 bytes (as the
+memory plan, torch.cuda.mem_get_info and nvidia-smi count): torch.cuda.max_memory_allocated (live
+tensors) and torch.cuda.max_memory_reserved (what the caching allocator holds, which also covers the
+CUDA-graph pool: allocations inside a graph replay are not counted as allocated). Also reported: the
+graphs dynamo compiled (torch._dynamo's unique_graphs counter) and the CUDA graphs recorded (each
+capture counted as it begins), for the whole run.
 Compilation (our compiled sampler's SampleOutput.compile_seconds, generate's first call) is reported
 apart from the times. A second table puts the memory plan (common.memory_plan.plan_memory, for the
 same settings: the questions' longest prompt, the rows, micro-batch, LoRA, QUANT, checkpointing and
@@ -113,7 +117,7 @@ WARMUP_STEPS = 1  # untimed GRPO steps first
 STEPS = 3  # timed GRPO steps
 SEED = 0  # initialisation, sampling and rewards
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
-DTYPE = "auto"  # auto (bf16 on CUDA, else fp32), float32, bfloat16
+DTYPE = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 OUT_FILE = "logs/bench/gpu.json"  # where the results go
 
 config = configure(globals())
@@ -182,6 +186,26 @@ def measured(record: dict):
     synchronize()
     record["seconds"] = time.perf_counter() - start
     record["peak_gb"] = torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None
+    record["reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB if device.type == "cuda" else None
+
+
+# CUDA graphs recorded in this process: torch.compile's cudagraph trees capture through torch.cuda.graph,
+# which begins every capture with CUDAGraph.capture_begin (torch 2.11 and 2.13 alike).
+cuda_graphs = {"recorded": 0}
+if device.type == "cuda":
+    _capture_begin = torch.cuda.CUDAGraph.capture_begin
+
+    def _counted_capture_begin(self, *args, **kwargs):
+        cuda_graphs["recorded"] += 1
+        return _capture_begin(self, *args, **kwargs)
+
+    torch.cuda.CUDAGraph.capture_begin = _counted_capture_begin
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def write_random_weights(model_config, folder: Path) -> int:
@@ -345,6 +369,8 @@ for method in METHODS:
     sampling[method] = {"first_call_s": first["seconds"], "compile_s": compile_seconds, "calls": timed,
                         "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                         "peak_gb": max((r["peak_gb"] or 0.0) for r in timed) if device.type == "cuda" else None,
+                        "reserved_gb": (max(first["reserved_gb"], *(r["reserved_gb"] for r in timed))
+                                        if device.type == "cuda" else None),
                         "rows_at_limit": min(r["rows_at_limit"] for r in timed)}
 
 # ------------------------------------------------------------------ the GRPO step
@@ -416,6 +442,8 @@ phase_seconds = {name: statistics.mean(s["phases"][name]["seconds"] - (s["compil
                                        for s in steps) for name in PHASES}
 phase_peak_gb = {name: max(s["phases"][name]["peak_gb"] for s in steps) if device.type == "cuda" else None
                  for name in PHASES}
+phase_reserved_gb = {name: max(s["phases"][name]["reserved_gb"] for s in steps) if device.type == "cuda" else None
+                     for name in PHASES}
 step_seconds = sum(phase_seconds.values())
 generated_tokens = statistics.mean(s["generated_tokens"] for s in steps)
 trained_tokens = statistics.mean(s["trained_tokens"] for s in steps)
@@ -428,7 +456,7 @@ def gigabytes(value) -> str:
 
 rows = [[f"sampling: {METHOD_NAMES[m]}", f"{r['seconds']:.3f}", f"{r['tokens_per_s']:,.0f}",
          f"{r['first_call_s']:.1f}" + (f" (compile {r['compile_s']:.1f})" if r["compile_s"] else ""),
-         gigabytes(r["peak_gb"])] for m, r in sampling.items()]
+         gigabytes(r["peak_gb"]), gigabytes(r["reserved_gb"])] for m, r in sampling.items()]
 phase_tokens = {"generation": generated_tokens, "policy": trained_tokens}  # what a phase's tokens/s counts
 
 
@@ -437,10 +465,12 @@ def phase_rate(name: str) -> str:
 
 
 rows += [[f"GRPO step: {name}" + (f" ({SAMPLER} sampler)" if name == "generation" else ""),
-          f"{phase_seconds[name]:.3f}", phase_rate(name), "", gigabytes(phase_peak_gb[name])] for name in PHASES]
+          f"{phase_seconds[name]:.3f}", phase_rate(name), "", gigabytes(phase_peak_gb[name]),
+          gigabytes(phase_reserved_gb[name])] for name in PHASES]
 step_peak = max(phase_peak_gb.values()) if device.type == "cuda" else None
+step_reserved = max(phase_reserved_gb.values()) if device.type == "cuda" else None
 rows.append(["GRPO step: whole step", f"{step_seconds:.3f}", "", f"compile {step_compile_s:.1f}" if step_compile_s
-             else "", gigabytes(step_peak)])
+             else "", gigabytes(step_peak), gigabytes(step_reserved)])
 device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
 prompt_lengths = sorted(len(ids) for ids in prompt_ids)
 prompt_range = "-".join(dict.fromkeys(str(n) for n in (prompt_lengths[0], prompt_lengths[-1])))  # 31-35, or 128
@@ -452,7 +482,9 @@ print(f"\n{'thin-bodied ' if thin else ''}{MODEL_NAMES[MODEL]} shapes, random in
       f"{MAX_NEW_TOKENS} new tokens, temperature {TEMPERATURE}; micro-batch {MICRO_BATCH_SIZE}, gradient "
       f"checkpointing {'on' if GRADIENT_CHECKPOINTING else 'off'}; sampling: medians of {REPEATS} calls, GRPO step: "
       f"means of {STEPS} steps after {WARMUP_STEPS}:\n")
-print(markdown_table(["what", "seconds", "tokens/s", "first call s", "peak GPU GB"], rows))
+print(markdown_table(["what", "seconds", "tokens/s", "first call s", "peak allocated GB", "peak reserved GB"], rows))
+print(f"\nCompiled graphs (dynamo): {compiled_graphs()}; CUDA graphs recorded: "
+      f"{cuda_graphs['recorded'] if device.type == 'cuda' else '- (no CUDA)'}.")
 # The plan beside the measured peaks: the weights once loaded, each phase's peak (weights and LoRA state
 # included: the gradients and AdamW's moments of the step before are alive through the rollout too).
 persistent = plan.weights + plan.lora_state
@@ -494,9 +526,12 @@ out = write_results(OUT_FILE, "gpu", config, {
     "dtype": str(dtype), "thin_body": thin, "parameters": parameters, "rows": num_rows,
     "prompt_tokens": prompt_lengths, "sampling": sampling,
     "steps": steps, "phase_seconds": phase_seconds, "phase_peak_gb": phase_peak_gb, "step_seconds": step_seconds,
-    "step_peak_gb": step_peak, "step_compile_s": step_compile_s, "weights_gb": weights_gb,
+    "step_peak_gb": step_peak, "step_reserved_gb": step_reserved, "phase_reserved_gb": phase_reserved_gb,
+    "step_compile_s": step_compile_s, "weights_gb": weights_gb, "compiled_graphs": compiled_graphs(),
+    "cuda_graphs_recorded": cuda_graphs["recorded"] if device.type == "cuda" else None,
     "memory_plan_gb": {"weights": plan.weights / GB, "lora_state": plan.lora_state / GB,
-                       "kv_cache": plan.kv_cache / GB, "rollout": plan.rollout / GB, "policy": plan.policy / GB,
+                       "kv_cache": plan.kv_cache / GB, "graph_pool": plan.graph_pool / GB,
+                       "rollout": plan.rollout / GB, "policy": plan.policy / GB,
                        "total": plan.total_gb},
     "memory_plan_vs_measured_gb": {what: {"plan": estimate, "measured": measured_gb}
                                    for what, (estimate, measured_gb) in memory.items()}})

@@ -581,7 +581,7 @@ class TrainingRun:
         model (no LoRA: run_sft.py with LORA_R=0) in fp32 where it would give fp16: fp16 weights would
         be their own optimizer masters, and updates below their resolution would be lost."""
         name = self.config["DTYPE"]
-        dtype = self.dtype
+        dtype = get_dtype(name, self.device)
         line = dtype_line(name, self.device)
         if dtype is torch.float16 and name == "auto" and self.config.get("LORA_R", 1) == 0:
             dtype, line = torch.float32, f"{line}; float32 instead: LORA_R=0 trains every weight"
@@ -589,10 +589,6 @@ class TrainingRun:
             print(line)
         self.loss_scaler = LossScaler(dtype, self.device)
         return load_model(self.model_path, self.device, dtype, self.config["QUANT"])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return get_dtype(self.config["DTYPE"], self.device)
 
     # The update, through the run's LossScaler (a pass-through unless the model is fp16).
     def backward(self, loss: torch.Tensor) -> None:

@@ -20,6 +20,17 @@ TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-gemma2-math"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Equivalence tests run on the CPU and, where there is one, on CUDA: parametrize(DEVICE, DEVICES). The
+# CUDA cases carry the `cuda` marker (`pytest -m cuda` runs those alone: bench/gpu_check.py's part 1)
+# and are skipped without CUDA.
+DEVICE = "device"
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: the CUDA case of an equivalence test (pytest -m cuda; bench/gpu_check.py)")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: also runs on CUDA where a GPU is at hand (pytest -m cuda)")

@@ -15,7 +15,7 @@ import torch
 
 from common.logprobs import (_matmul_fp32_out, body_hidden_states, enable_gradient_checkpointing,
                              head_token_logprobs, sequence_logprobs, token_logprobs)
-from tests.conftest import REPO_ROOT, micro_model
+from tests.conftest import DEVICE, DEVICES, REPO_ROOT, micro_model
 
 VOCAB_SIZE = 97
 # "gemma2-capped": final_logit_softcapping = 2 and a head scaled so that logits reach well past 2,
@@ -68,13 +68,14 @@ def assert_close(actual, expected, tolerance=1e-5):
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize(DEVICE, DEVICES)
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 1024])
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_matches_naive_logprobs_at_every_position(variant, temperature, chunk_size):
+def test_matches_naive_logprobs_at_every_position(variant, temperature, chunk_size, device):
     # All positions are compared, padding included: both paths run the same body on the same inputs.
-    model = shared_model(variant)
-    input_ids, attention_mask = left_padded_batch()
+    model = shared_model(variant) if device == "cpu" else build_model(variant).to(device)
+    input_ids, attention_mask = (tensor.to(device) for tensor in left_padded_batch())
     logps = token_logprobs(model, input_ids, attention_mask, temperature=temperature, chunk_size=chunk_size)
     expected, _ = naive_logprobs_and_entropy(model, input_ids, attention_mask, temperature)
     assert logps.shape == (len(LENGTHS), max(LENGTHS) - 1) and logps.dtype is torch.float32
@@ -123,8 +124,8 @@ def grads_of_objective(model, objective, compute_logps_and_entropy):
     model.zero_grad(set_to_none=True)
     logps, entropy = compute_logps_and_entropy()
     generator = torch.Generator().manual_seed(1)
-    logp_weights = torch.randn(logps.shape, generator=generator)
-    entropy_weights = torch.randn(entropy.shape, generator=generator)
+    logp_weights = torch.randn(logps.shape, generator=generator).to(logps.device)
+    entropy_weights = torch.randn(entropy.shape, generator=generator).to(entropy.device)
     loss = {"logprobs": (logp_weights * logps).sum(),
             "entropy": (entropy_weights * entropy).sum(),
             "both": (logp_weights * logps).sum() + (entropy_weights * entropy).sum()}[objective]
@@ -167,16 +168,17 @@ def test_gradients_match_naive_with_untied_head(variant):
     assert {"lm_head.weight", "model.embed_tokens.weight"} <= grads.keys()
 
 
+@pytest.mark.parametrize(DEVICE, DEVICES)
 @pytest.mark.parametrize("objective", ["logprobs", "entropy", "both"])
 @pytest.mark.parametrize("variant", ["gemma2-capped", "llama"])
-def test_head_gradients_match_naive_in_fp64_to_rounding(variant, objective):
+def test_head_gradients_match_naive_in_fp64_to_rounding(variant, objective, device):
     """In fp64 only rounding separates the two paths, which pins the backward's formulas (soft-cap
     derivative, entropy term, temperature) far below fp32's resolution. Compared where the head
     starts, at the body's output and the head weight: inside the body RMSNorm computes in fp32
     even in an fp64 model, which would blur everything upstream to fp32 resolution. No padding:
     transformers' fp64 eager attention turns fully-masked (padding) query rows into NaN."""
-    model = build_model(variant, tie_word_embeddings=False).double()
-    input_ids, attention_mask = left_padded_batch(lengths=(9, 9))
+    model = build_model(variant, tie_word_embeddings=False).double().to(device)
+    input_ids, attention_mask = (tensor.to(device) for tensor in left_padded_batch(lengths=(9, 9)))
     body_outputs = []
 
     def keep_body_output(module, args, output):

@@ -26,7 +26,7 @@ from common.lora import (
     unmerge_lora,
     use_lora_weights,
 )
-from tests.conftest import micro_model
+from tests.conftest import DEVICE, DEVICES, micro_model
 
 ARCHS = ["gemma2", "llama", "qwen2"]
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -239,17 +239,19 @@ def test_functions_that_need_lora_layers_refuse_a_plain_model():
 
 # 4. One layer against the formula.
 
+@pytest.mark.parametrize(DEVICE, DEVICES)
 @pytest.mark.parametrize("use_rslora, scaling", [(False, 12.0 / 4), (True, 12.0 / 2)])  # alpha / r, alpha / sqrt(r)
-def test_lora_linear_matches_the_hand_computation(use_rslora, scaling):
+def test_lora_linear_matches_the_hand_computation(use_rslora, scaling, device):
     torch.manual_seed(0)
     linear = nn.Linear(6, 5)
     layer = LoRALinear(linear, r=4, alpha=12, use_rslora=use_rslora)
     assert layer.scaling == scaling
     nn.init.normal_(layer.lora_B)
-    x = torch.randn(3, 2, 6)
+    layer.to(device)
+    x = torch.randn(3, 2, 6).to(device)
     weight, bias, lora_a, lora_b = linear.weight, linear.bias, layer.lora_A, layer.lora_B
     expected = x @ weight.T + bias + scaling * (x @ lora_a.T) @ lora_b.T
-    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_dropout_applies_to_the_adapter_input_only_in_training():

@@ -15,7 +15,7 @@ from common.logprobs import enable_gradient_checkpointing, token_logprobs
 from common.model import load_model
 from common.peft_io import save_peft_adapter
 from common.quant import QuantizationUnavailable, check_quant, is_quantized, require_bitsandbytes
-from tests.conftest import REPO_ROOT, run_script, sample_with
+from tests.conftest import DEVICE, DEVICES, REPO_ROOT, run_script, sample_with
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -111,19 +111,21 @@ def test_nf4_weights_are_the_nearest_nf4_level_times_each_block_scale(micro_mode
     assert (blocks - weight).abs().max() <= 0.16 * true_scale.max()  # half the widest gap between levels
 
 
-def test_a_4bit_layer_computes_with_its_dequantized_weight_and_lora_gradients_match(micro_model_dir):
-    model = load_model(micro_model_dir, CPU, torch.float32, quant="nf4")
+@pytest.mark.parametrize(DEVICE, DEVICES)
+def test_a_4bit_layer_computes_with_its_dequantized_weight_and_lora_gradients_match(micro_model_dir, device):
+    model = load_model(micro_model_dir, torch.device(device), torch.float32, quant="nf4")
     quantized = model.model.layers[1].mlp.up_proj
-    float_layer = nn.Linear(quantized.in_features, quantized.out_features, bias=False)
+    float_layer = nn.Linear(quantized.in_features, quantized.out_features, bias=False, device=device)
     with torch.no_grad():
         float_layer.weight.copy_(dequantized(quantized))
     torch.manual_seed(0)
-    wrapped_4bit, wrapped_float = LoRALinear(quantized, r=4, alpha=8), LoRALinear(float_layer, r=4, alpha=8)
+    wrapped_4bit = LoRALinear(quantized, r=4, alpha=8).to(device)
+    wrapped_float = LoRALinear(float_layer, r=4, alpha=8).to(device)
     with torch.no_grad():
         wrapped_float.lora_A.copy_(wrapped_4bit.lora_A)
         for wrapped in (wrapped_4bit, wrapped_float):
             wrapped.lora_B.copy_(torch.linspace(-0.3, 0.3, wrapped.lora_B.numel()).view_as(wrapped.lora_B))
-    x = torch.randn(3, 7, quantized.in_features)
+    x = torch.randn(3, 7, quantized.in_features).to(device)
     outputs, gradients = [], []
     for wrapped in (wrapped_4bit, wrapped_float):
         inputs = x.clone().requires_grad_()

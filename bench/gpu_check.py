@@ -1,0 +1,173 @@
+"""The first GPU hour in one command: the CUDA equivalence tests, the GPU benchmark at Gemma 2 2B's
+shapes, and the Llama 3.1 8B NF4 step under a 12 GB cap; one table, one file.
+
+    make gpu-check                          # = python bench/gpu_check.py (where there is no make: that line)
+    python bench/gpu_check.py --QUICK=true  # parts 1 and 2 only: about 4 minutes
+    python bench/gpu_check.py --DEVICE=cpu  # the thin-body versions, in about a minute (what make test runs)
+
+On CUDA, in this order, each part a subprocess with its own time limit (the three add up to 9 minutes,
+compiles included; QUICK to 4):
+
+1. `pytest -m cuda tests`: the equivalence tests' CUDA cases (tests/conftest.py DEVICES: log-probs and
+   their gradients against the naive path and fp64, the LoRA layer against its formula, the NF4-LoRA
+   gradients against a float layer, and whatever else carries the `cuda` marker).
+2. bench/bench_gpu.py at Gemma 2 2B's shapes (16 prompts x 8 samples, 128 new tokens, LoRA r16 on the
+   seven linears): our eager and compiled samplers, model.generate with the static cache (not with
+   QUICK), a GRPO step phase by phase; allocated and reserved peaks, the graphs compiled and the CUDA
+   graphs recorded, compile times.
+3. The same benchmark's 12 GB check: Llama 3.1 8B's shapes with a 4-bit base, checkpointed, capped at
+   12 GB (the target: a peak of at most 11.5 GB). Needs bitsandbytes; skipped, and said, without it.
+
+Without CUDA each part runs its thin-body version and the table says so: part 1 finds the CUDA cases
+and skips them (their CPU cases are in make test), parts 2 and 3 run bench_gpu.py on the CPU with a thin
+body and tiny sizes. The table is printed last and written to OUT_DIR/gpu-CARD.md (CARD: the device's
+name, e.g. gpu-nvidia-h200.md; gpu-cpu.md on the CPU) with each part's own output after it; the
+benchmarks' JSON records go beside it. Exit status: 1 when an equivalence test fails, 2 when a benchmark
+part fails or runs past its limit, 0 otherwise.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Run as `python bench/gpu_check.py`, Python puts bench/ on the path, not the repository root with common/.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from common.config import configure  # noqa: E402
+
+# ---------------------------------------------------------------- constants
+QUICK = False  # parts 1 and 2 only (4 minutes on an H200), without model.generate's static cache
+DEVICE = "auto"  # auto (cuda if there is one), cuda or cpu (the thin-body versions)
+OUT_DIR = "logs/bench"  # where gpu-CARD.md and the benchmarks' JSON records go
+
+config = configure(globals())
+# ---------------------------------------------------------------------------
+
+from bench import markdown_table  # noqa: E402
+
+cuda = torch.cuda.is_available() and DEVICE != "cpu"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("error: DEVICE=cuda asked for, but torch.cuda.is_available() is False")
+card = torch.cuda.get_device_name() if cuda else "cpu"
+out_dir = Path(OUT_DIR)
+out_dir.mkdir(parents=True, exist_ok=True)
+slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+
+# Time limits, seconds, of each part on CUDA (9 minutes in all; QUICK: 4), and on the CPU.
+LIMITS = {True: {"tests": 120, "gemma": 150 if QUICK else 240, "llama": 180}, False: {"tests": 300, "gemma": 300, "llama": 300}}[cuda]
+# bench_gpu.py's settings per part: the README's (docs: GPU numbers) on CUDA, tiny ones with a thin body elsewhere.
+GEMMA = (["--METHODS=eager,compiled" + ("" if QUICK else ",generate_static"), "--REPEATS=1", "--WARMUP_STEPS=1",
+          "--STEPS=1"] if cuda else
+         ["--DEVICE=cpu", "--NUM_PROMPTS=2", "--NUM_SAMPLES_PER_PROMPT=2", "--MAX_NEW_TOKENS=6",
+          "--METHODS=eager", "--REPEATS=1", "--WARMUP_STEPS=0", "--STEPS=1", "--LORA_R=2"])
+LLAMA = (["--MODEL=llama-3.1-8b", "--QUANT=nf4", "--GRADIENT_CHECKPOINTING=true", "--GPU_MEMORY_GB=12",
+          "--NUM_PROMPTS=8", "--NUM_SAMPLES_PER_PROMPT=8", "--MAX_NEW_TOKENS=256", "--PROMPT_TOKENS=128",
+          "--SAMPLER=eager", "--METHODS=", "--WARMUP_STEPS=1", "--STEPS=1"] if cuda else
+         ["--MODEL=llama-3.1-8b", "--QUANT=nf4", "--GRADIENT_CHECKPOINTING=true", "--DEVICE=cpu", "--NUM_PROMPTS=2",
+          "--NUM_SAMPLES_PER_PROMPT=2", "--MAX_NEW_TOKENS=4", "--PROMPT_TOKENS=32", "--METHODS=", "--WARMUP_STEPS=0",
+          "--STEPS=1", "--LORA_R=2", "--SHARD_GB=0.05"])
+LLAMA_TARGET_GB = 11.5  # issue 15's target for the 12 GB check
+
+
+def run_part(command: list[str], limit: int) -> dict:
+    """``command`` (after the Python interpreter) from the repository root: its status ("timeout" past
+    ``limit`` seconds), seconds and output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    start = time.perf_counter()
+    try:
+        result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                timeout=limit)
+        status, output = result.returncode, result.stdout + result.stderr
+    except subprocess.TimeoutExpired as error:
+        status = "timeout"
+        output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
+                         for part in (error.stdout, error.stderr))
+    return {"status": status, "seconds": time.perf_counter() - start, "output": output}
+
+
+def gigabytes(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def bench_rows(part: str, record_file: Path) -> list[list[str]]:
+    """The table's rows of one bench_gpu.py record: each sampling method, the GRPO step, the graph counts."""
+    results = json.loads(record_file.read_text())["results"]
+    rows = [[f"{part}: sampling, {method}", f"{r['tokens_per_s']:,.0f} tok/s, first call {r['first_call_s']:.1f} s"
+             + (f" (compile {r['compile_s']:.1f})" if r["compile_s"] else ""), f"{r['seconds']:.2f}",
+             gigabytes(r["peak_gb"]), gigabytes(r.get("reserved_gb"))] for method, r in results["sampling"].items()]
+    phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in results["phase_seconds"].items())
+    verdict = ""
+    if part == "3" and results["step_peak_gb"] is not None:
+        verdict = f"; target <= {LLAMA_TARGET_GB} GB: {'met' if results['step_peak_gb'] <= LLAMA_TARGET_GB else 'MISSED'}"
+    rows.append([f"{part}: GRPO step", f"{phases}{verdict}", f"{results['step_seconds']:.2f}",
+                 gigabytes(results["step_peak_gb"]), gigabytes(results.get("step_reserved_gb"))])
+    recorded = results.get("cuda_graphs_recorded")
+    rows.append([f"{part}: compiles", f"{results.get('compiled_graphs', '-')} graphs compiled, "
+                 f"{'-' if recorded is None else recorded} CUDA graphs recorded, compile {results['step_compile_s']:.1f} s "
+                 f"in the timed steps", "", "", ""])
+    return rows
+
+
+mode = f"CUDA, {card}" if cuda else "no CUDA: the thin-body versions on the CPU"
+print(f"gpu-check ({mode}){', QUICK: parts 1 and 2' if QUICK else ''}; limits {LIMITS} s")
+parts, table = {}, []
+
+# 1. The equivalence tests' CUDA cases.
+print("[1/3] pytest -m cuda tests", flush=True)
+tests = parts["1"] = run_part(["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"], LIMITS["tests"])
+summary = re.findall(r"^=*\s*(.*\b(?:passed|failed|skipped|deselected|error)\b.*?)\s*=*$", tests["output"], re.M)
+tests_failed = tests["status"] not in (0, 5)  # 5: nothing collected
+result = summary[-1] if summary else f"exit status {tests['status']}"
+if not cuda:
+    result += " (no CUDA: the cuda cases skip; make test runs their CPU cases)"
+table.append(["1: equivalence tests, CUDA cases", ("FAILED: " if tests_failed else "") + result,
+              f"{tests['seconds']:.1f}", "", ""])
+
+# 2. and 3. The benchmark, at Gemma 2 2B's shapes and as the 12 GB check.
+bench_failed = False
+benches = [("2", "gemma", "Gemma 2 2B shapes", GEMMA)]
+if not QUICK:
+    benches.append(("3", "llama", "Llama 3.1 8B NF4, 12 GB cap", LLAMA))
+for part, name, what, arguments in benches:
+    if name == "llama":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            table.append([f"{part}: {what}", "skipped: bitsandbytes is not installed (pip install bitsandbytes==0.50.2)",
+                          "", "", ""])
+            continue
+    record_file = out_dir / f"gpu-check-{slug}-{name}.json"
+    print(f"[{part}/3] bench/bench_gpu.py: {what}", flush=True)
+    run = parts[part] = run_part(["bench/bench_gpu.py", *arguments, f"--OUT_FILE={record_file}"], LIMITS[name])
+    if run["status"] != 0:
+        bench_failed = True
+        last = run["output"].strip().splitlines()[-1:] or [""]
+        status = f"timed out after {LIMITS[name]} s" if run["status"] == "timeout" else f"exit status {run['status']}"
+        table.append([f"{part}: {what}", f"FAILED: {status}: {last[0][:120]}", f"{run['seconds']:.1f}", "", ""])
+        continue
+    table.append([f"{part}: {what}", "ran" + ("" if cuda else " (thin body, CPU)"), f"{run['seconds']:.1f}", "", ""])
+    table += bench_rows(part, record_file)
+
+text = markdown_table(["check", "result", "seconds", "peak allocated GB", "peak reserved GB"], table)
+report = out_dir / f"gpu-{slug}.md"
+header = (f"# gpu-check on {card}\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}"
+          f"{', QUICK' if QUICK else ''}{'' if cuda else '; no CUDA: the thin-body versions on the CPU'}\n\n")
+sections = "".join(f"\n## part {part}: its output\n\n```\n{run['output'].strip()[-20000:]}\n```\n"
+                   for part, run in parts.items())
+report.write_text(header + text + "\n" + sections)
+print()
+print(text)
+print(f"\nwritten: {report}")
+if tests_failed:
+    print("an equivalence test FAILED: its output is in the report")
+    sys.exit(1)
+if bench_failed:
+    print("a benchmark part FAILED or ran past its limit: its output is in the report")
+    sys.exit(2)
