@@ -137,7 +137,8 @@ if len(tokenized) < BATCH_SIZE:
 run.check_memory(  # the memory plan, before the weights load: a micro-batch is its pairs' 2 x MICRO_BATCH_SIZE rows
     prompt_tokens=max(max(len(prompt) for prompt, _, _ in tokenized), longest_eval_prompt),
     max_new_tokens=max(max(len(chosen), len(rejected)) for _, chosen, rejected in tokenized),
-    eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=2 * MICRO_BATCH_SIZE, head_on_prompt=True, entropy=False)
+    eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=2 * MICRO_BATCH_SIZE, head_on_prompt=True, entropy=False,
+    pack_length=0 if PACK_LENGTH == "auto" else PACK_LENGTH)
 model = run.load_model()
 packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 steps_per_epoch = len(tokenized) // BATCH_SIZE

@@ -143,7 +143,8 @@ problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(tokeni
 generation_batch_size = run.check_memory(  # the memory plan, before the weights load
     rows=PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT,
     samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
-    micro_batch_size=MICRO_BATCH_SIZE)
+    micro_batch_size=MICRO_BATCH_SIZE, micro_batch_tokens=MICRO_BATCH_TOKENS,
+    pack_length=0 if PACK_LENGTH == "auto" else PACK_LENGTH)
 model = run.load_model()
 packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 sampling_generator = run.sampling_generator(device)  # each rank its own samples

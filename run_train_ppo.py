@@ -165,7 +165,8 @@ critic_passes = 2 if CRITIC_FEATURES == "adapter" else 1
 generation_batch_size = run.check_memory(
     rows=PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT,
     samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
-    micro_batch_size=MICRO_BATCH_SIZE * critic_passes, lora_r=LORA_R * critic_passes)
+    micro_batch_size=MICRO_BATCH_SIZE * critic_passes, lora_r=LORA_R * critic_passes,
+    pack_length=0 if PACK_LENGTH == "auto" else PACK_LENGTH)
 model = run.load_model()
 packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 sampling_generator = run.sampling_generator(device)  # each rank its own samples
