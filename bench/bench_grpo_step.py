@@ -21,15 +21,17 @@ common/packing.py), alternating in this process, on the last timed step's rollou
 on rollouts with a GSM8K-like spread of completion lengths (uniform from 40 to 256 tokens, a tenth
 clipped at 256; forced lengths and random tokens: it times the pass, not the learning), reporting
 per layout the positions computed against the real tokens, the pass's seconds and its peak memory
-(CUDA: max_memory_allocated; Linux CPU: the peak resident memory, VmHWM, with glibc returning
-freed pages at once, as tests/memory_probe.py measures it; elsewhere not measured).
+(CUDA: max_memory_allocated; Linux CPU: the peak resident memory, VmHWM, in passes of their own,
+after the timed ones, with glibc's mmap threshold at one page so that freed memory goes back at once
+and resident memory follows the live tensors, as tests/memory_probe.py measures it; elsewhere not
+measured).
 
 Forward passes are counted with a hook on the model body (model.get_decoder()): the sampler calls
 it once for the prompts and once per new token, token_logprobs once per micro-batch.
 """
 
+import ctypes
 import gc
-import os
 import re
 import statistics
 import sys
@@ -38,10 +40,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # Run as `python bench/bench_grpo_step.py`, Python puts bench/ on the path, not the repository root with common/.
-if sys.platform == "linux" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-    # glibc then gives every allocation of a page or more pages of its own and returns them when freed: the
-    # peak resident memory follows the live tensors (tests/memory_probe.py). Set before the process starts.
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096"})
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
@@ -245,34 +243,41 @@ def gsm8k_like_rollouts(prompts: RolloutBatch, generator: torch.Generator) -> Ro
                         completion_mask, prompts.prompt_width, torch.arange(GSM8K_ROWS), prompts.pad_token_id)
 
 
-def peak_memory_reset() -> int:
-    """Resets the peak-memory counter; returns the memory now, in bytes (-1 where not measured)."""
+CPU_PEAKS = device.type == "cpu" and Path("/proc/self/clear_refs").exists() and sys.platform == "linux"
+
+
+def set_mmap_threshold(size: int) -> None:
+    """glibc's M_MMAP_THRESHOLD (mallopt parameter -3): allocations of ``size`` bytes or more get pages of
+    their own, returned to the system when freed."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, size)
+
+
+def status_bytes(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+
+
+def policy_peak(rollouts: RolloutBatch, packed: bool) -> int:
+    """Peak memory of one policy pass above what was live before it, in bytes (-1 where not measured)."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    status = Path("/proc/self/status")
-    if not status.exists():
+        before = torch.cuda.memory_allocated()
+        policy_pass(rollouts, packed)
+        return torch.cuda.max_memory_allocated() - before
+    if not CPU_PEAKS:
         return -1
-    Path("/proc/self/clear_refs").write_text("5")
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status.read_text(), re.M).group(1)) * 1024
-
-
-def peak_memory_since(start: int) -> int:
-    if start < 0:
-        return -1
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() - start
-    return int(re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024 - start
+    before = status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to VmRSS
+    policy_pass(rollouts, packed)
+    return status_bytes("VmHWM") - before
 
 
 def policy_pass(rollouts: RolloutBatch, packed: bool) -> dict:
     """run_train_grpo.py's policy pass over ``rollouts`` (one iteration, no KL) in one layout, without
-    the optimizer step: seconds, peak memory, positions computed and real tokens."""
+    the optimizer step: seconds, positions computed and real tokens."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    gc.collect()
-    start_memory = peak_memory_reset()
     start = time.perf_counter()
     micro_batches = rollouts.micro_batches(MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS)
     longest = max(rollouts.sequence_lengths.tolist())
@@ -290,8 +295,7 @@ def policy_pass(rollouts: RolloutBatch, packed: bool) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_bytes": peak_memory_since(start_memory),
-            "computed": sum(layout.computed_positions for layout in layouts),
+    return {"seconds": seconds, "computed": sum(layout.computed_positions for layout in layouts),
             "real": sum(layout.real_tokens for layout in layouts), "rows": sum(layout.input_ids.size(0) for layout in layouts)}
 
 
@@ -308,8 +312,13 @@ if COMPARE_REPEATS:
                 runs[packed].append(policy_pass(rollouts, packed))
         comparison[name] = {("packed" if packed else "padded"): {
             "seconds": statistics.median(r["seconds"] for r in passes),
-            "peak_bytes": max(r["peak_bytes"] for r in passes),
             **{key: passes[0][key] for key in ("computed", "real", "rows")}} for packed, passes in runs.items()}
+    if CPU_PEAKS:
+        set_mmap_threshold(4096)
+    for name, rollouts in rollout_sets.items():
+        for packed in (True, False, True, False):  # each layout's peak: the larger of two passes
+            result = comparison[name]["packed" if packed else "padded"]
+            result["peak_bytes"] = max(result.get("peak_bytes", -1), policy_peak(rollouts, packed))
     print(f"\nPolicy pass packed vs padded on {device} (MICRO_BATCH_SIZE {MICRO_BATCH_SIZE}, MICRO_BATCH_TOKENS "
           f"{MICRO_BATCH_TOKENS}, PACK_LENGTH {PACK_LENGTH}; medians of {COMPARE_REPEATS} alternating passes each):\n")
     table = []

@@ -158,6 +158,8 @@ class RunSettings:
     prompt_tokens: int = 256                # the longest prompt, in tokens
     max_new_tokens: int = 256               # MAX_NEW_TOKENS (SFT, DPO: the longest answer)
     micro_batch_size: int = 1               # MICRO_BATCH_SIZE: sequences per forward and backward
+    micro_batch_tokens: int = 0             # MICRO_BATCH_TOKENS: a micro-batch's token budget instead (0 = off)
+    pack_length: int = 0                    # PACK_LENGTH as a number of tokens (0: auto, or padded rows)
     lora_r: int = 16                        # LORA_R
     lora_targets: tuple | str = "all-linear"  # LORA_TARGETS
     gradient_checkpointing: bool = False    # GRADIENT_CHECKPOINTING
@@ -178,6 +180,32 @@ class RunSettings:
     @property
     def sequence_tokens(self) -> int:
         return self.prompt_tokens + self.max_new_tokens
+
+    @property
+    def policy_tokens(self) -> int:
+        """A micro-batch's tokens at most: MICRO_BATCH_SIZE sequences of the longest, or the token budget
+        (a sequence longer than the budget alone)."""
+        if self.micro_batch_tokens:
+            return max(self.micro_batch_tokens, self.sequence_tokens)
+        return self.micro_batch_size * self.sequence_tokens
+
+    @property
+    def policy_row_length(self) -> int:
+        """The longest row of the policy pass: a padded row, or a packed row with PACK_LENGTH=auto, is
+        the longest sequence; a numeric PACK_LENGTH longer than that packs several sequences per row,
+        whose attention is counted at the row's length."""
+        return max(self.pack_length, self.sequence_tokens)
+
+    @property
+    def policy_rows(self) -> int:
+        """Rows of a micro-batch: its tokens in rows of policy_row_length (packed or padded alike, all
+        sequences being the longest in the worst case)."""
+        return -(-self.policy_tokens // self.policy_row_length)
+
+    @property
+    def policy_head_positions(self) -> int:
+        """Positions of a micro-batch the output head runs on: head_positions per sequence of the longest."""
+        return self.policy_tokens * self.head_positions // self.sequence_tokens
 
     @property
     def head_positions(self) -> int:
@@ -325,18 +353,22 @@ def layer_activation_bytes(shape: ModelShape, settings: RunSettings, rows: int, 
 def activation_bytes(shape: ModelShape, settings: RunSettings, checkpointing: bool) -> float:
     """The saved activations of one micro-batch's forward, at the start of its backward: every layer's
     (or, checkpointed, every layer's input), the rotary cos and sin, the final norm's input, and what the
-    chunked head keeps per position it runs on (head_positions): the hidden state, the target id, the
-    log-sum-exp and the entropy."""
+    chunked head keeps per position it runs on (policy_head_positions): the hidden state, the target id,
+    the log-sum-exp and the entropy, with the indices of the positions and of the per-token results.
+    Rows are policy_rows of policy_row_length tokens: packed or padded, in the worst case all sequences
+    are the longest."""
     b = dtype_bytes(settings.dtype)
-    rows, length = settings.micro_batch_size, settings.sequence_tokens
-    tokens, positions = rows * length, rows * settings.head_positions
+    rows, length = settings.policy_rows, settings.policy_row_length
+    tokens, positions = rows * length, settings.policy_head_positions
     if checkpointing:
         layers = shape.layers * tokens * shape.hidden * b
     else:
         layers = (layer_activation_bytes(shape, settings, rows, length, first_layer=True)
                   + (shape.layers - 1) * layer_activation_bytes(shape, settings, rows, length))
     final_norm = tokens * (FP32 * shape.hidden + FP32) + (FP32 * shape.hidden if shape.one_plus_weight_norms else 0)
-    head = positions * (shape.hidden * b + 8 + FP32 + (FP32 if settings.entropy else 0))
+    # The head's inputs gathered at its positions (common/packing.py's set), their target ids, log-sum-exp and
+    # entropy, the positions' index (8 bytes) and the per-token layout's destination index and log-prob copy.
+    head = positions * (shape.hidden * b + 8 + FP32 + (FP32 if settings.entropy else 0) + 8 + 8 + FP32)
     return layers + tokens * 2 * shape.head_dim * b + final_norm + head
 
 
@@ -345,7 +377,7 @@ def head_backward_bytes(shape: ModelShape, settings: RunSettings) -> float:
     d loss / d logits (in the logits' buffer without entropy) and its cast to a bf16 head's dtype; the
     gradient of the hidden states; off CUDA, a bf16 head's fp32 copy."""
     b = dtype_bytes(settings.dtype)
-    positions = settings.micro_batch_size * settings.head_positions
+    positions = settings.policy_head_positions
     chunk = min(settings.logprob_chunk_size, positions)
     per_entry = FP32 * (1 + settings.entropy + shape.final_softcap) + (b if b != FP32 else 0)
     head_copy = 0
@@ -421,7 +453,7 @@ def policy_bytes(shape: ModelShape, settings: RunSettings, checkpointing: bool) 
     """A micro-batch's forward and backward at its peak: the saved activations, plus the larger of the
     head's backward buffers (it runs first) and a layer's backward (with a 4-bit weight dequantized;
     checkpointed, with that layer's activations recomputed for it)."""
-    rows, length = settings.micro_batch_size, settings.sequence_tokens
+    rows, length = settings.policy_rows, settings.policy_row_length
     layer_backward = layer_backward_bytes(shape, settings, rows, length) + dequantized_layer_bytes(shape, settings)
     if checkpointing:
         layer_backward += layer_activation_bytes(shape, settings, rows, length)
@@ -556,7 +588,7 @@ class MemoryPlan:
         """The plan, one item per line in GB; with ``gpu_gb``, whether it fits and what would make it fit."""
         s, shape = self.settings, self.shape
         dtype = str(s.dtype).replace("torch.", "")
-        micro = f"{s.micro_batch_size} x {s.sequence_tokens} tokens"
+        micro = f"{s.policy_rows} x {s.policy_row_length} tokens"
         generated = [f"{s.rows} rows x {s.prompt_tokens}+{s.max_new_tokens}"] if s.rows else []
         if s.eval_rows:
             samples = f" x {s.eval_samples} samples" if s.eval_samples > 1 else ""

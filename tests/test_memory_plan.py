@@ -18,6 +18,9 @@ from common.memory_plan import (ALLOCATOR_HEADROOM, GB, MemoryPlan, MemoryPlanEr
                                 check_fits, kv_cache_bytes, largest_generation_batch, llama_3_1_8b_config, model_shape,
                                 plan_memory, policy_bytes)
 from common.model import EAGER_ATTENTION_MODEL_TYPES, load_model
+from common.packing import pass_layout
+from common.rollout import RolloutBatch
+from dpo.pairs import PairBatch, pair_logprobs
 from common.quant import is_quantized
 from tests.conftest import REPO_ROOT, run_script
 
@@ -69,6 +72,13 @@ def test_weights_are_the_bytes_of_the_loaded_model(arch, quant, dtype, tmp_path)
     assert plan.weights == tensor_bytes(model)
 
 
+def per_token_batch(rows: int, completion: int) -> RolloutBatch:
+    """A RolloutBatch of ``rows`` completions of ``completion`` tokens, to run a PassLayout through its
+    completion_logprobs_for (which reads no more of it)."""
+    return RolloutBatch(torch.zeros(rows, 1, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.long),
+                        torch.ones(rows, completion), 1, torch.arange(rows))
+
+
 @pytest.mark.parametrize("arch, dtype, kv_heads, targets", [
     ("llama", "float32", 2, "all-linear"),
     ("llama", "bfloat16", 1, ("q_proj", "v_proj")),
@@ -101,17 +111,19 @@ def test_saved_activations_are_what_autograd_saves(arch, dtype, kv_heads, target
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    completion = 12  # the head runs on the completion's predictions, as in the trainers' passes
+    completion = 12  # the head runs on the completion's predictions, as in the trainers' passes (padded layout)
+    layout = pass_layout([ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)], [completion] * rows,
+                         completion, None, False, 0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        token_logprobs(model, input_ids, attention_mask, chunk_size=7, return_entropy=True,
-                       from_position=length - 1 - completion)
+        per_token_batch(rows, completion).completion_logprobs_for(model, layout, 1.0, chunk_size=7, with_entropy=True)
     settings = RunSettings(dtype=dtype, device="cpu", micro_batch_size=rows, prompt_tokens=length - completion,
                            max_new_tokens=completion, lora_r=4, lora_targets=targets)
     assert activation_bytes(model_shape(config), settings, checkpointing=False) == sum(saved.values())
 
 
 def test_saved_activations_of_a_pass_over_every_position_without_entropy():
-    """SFT's and DPO's pass: the head on every position, no entropy."""
+    """SFT's and DPO's pass, planned with the head on every position (all but the first token is an
+    answer's here), no entropy: DPO's pair_logprobs, padded."""
     config = small_config("qwen2")
     model = model_of(config)
     apply_lora(model, r=4, alpha=8, target_modules="all-linear")
@@ -128,11 +140,16 @@ def test_saved_activations_of_a_pass_over_every_position_without_entropy():
 
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :3] = 0  # a left-padded row, as a batch of answers of different lengths has
+    sequences = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
+    layout = pass_layout(sequences, [len(sequence) - 1 for sequence in sequences], 14, None, False, 0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        token_logprobs(model, input_ids, attention_mask, chunk_size=7)
+        pair_logprobs(model, PairBatch(layout, torch.ones(2, 14)), chunk_size=7)
     settings = RunSettings(dtype="float32", device="cpu", micro_batch_size=2, prompt_tokens=5, max_new_tokens=10,
                            lora_r=4, head_on_prompt=True, entropy=False)
-    assert activation_bytes(model_shape(config), settings, checkpointing=False) == sum(saved.values())
+    # Within 0.1%: the plan counts each row at the longest (28 positions for 25), and not the ~100 bytes
+    # of DPO's sequence sums (the answer mask torch.where keeps).
+    planned = activation_bytes(model_shape(config), settings, checkpointing=False)
+    assert planned == pytest.approx(sum(saved.values()), rel=1e-3)
 
 
 def test_the_eager_kv_cache_is_what_a_forward_keeps():
@@ -394,15 +411,15 @@ def test_the_static_kv_is_released_only_when_it_is_what_does_not_fit():
 
 def test_release_static_cache_frees_the_sampler_buffers_and_the_next_call_allocates_them_again(micro_model_dir):
     from common.model import load_model, load_tokenizer
-    from common.sampler import _KV_BUFFERS, release_static_cache, sample
+    from common.sampler import _KV_BUFFERS, SamplingParams, release_static_cache, sample
 
     model = load_model(micro_model_dir, torch.device("cpu"), torch.float32)
     tokenizer = load_tokenizer(micro_model_dir)
     prompts = [tokenizer("2 + 2 =").input_ids, tokenizer("3 + 4 =").input_ids]
 
     def draw():
-        return sample(model, prompts, num_samples=2, max_new_tokens=5, tokenizer=tokenizer,
-                      generator=torch.Generator().manual_seed(0), sampler="static")
+        return sample(model, prompts, SamplingParams(num_samples=2, max_new_tokens=5, sampler="static",
+                                                     generator=torch.Generator().manual_seed(0)), tokenizer=tokenizer)
 
     first = draw()
     layers = _KV_BUFFERS[model][1].layers
@@ -411,3 +428,47 @@ def test_release_static_cache_frees_the_sampler_buffers_and_the_next_call_alloca
     assert release_static_cache(model) == 0
     second = draw()
     assert model in _KV_BUFFERS and torch.equal(first.completion_ids, second.completion_ids)  # the same tokens from new buffers
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "llama"])  # eager and sdpa attention
+@pytest.mark.parametrize("pack_length", [20, 60])  # a sequence per row, or the three in one row
+def test_saved_activations_of_packed_rows_are_what_autograd_saves(arch, pack_length):
+    """Three sequences of 20 tokens packed (common/packing.py): the plan counts its rows of
+    PACK_LENGTH tokens, attention at the row's length, and the head on the completions alone."""
+    config = small_config(arch, 2)
+    model = model_of(config)
+    apply_lora(model, r=4, alpha=8, target_modules="all-linear")
+    model.train()
+    rows, prompt, completion = 3, 8, 12
+    sequences = [torch.randint(3, config.vocab_size, (prompt + completion,), generator=torch.Generator().manual_seed(i))
+                 for i in range(rows)]
+    layout = pass_layout(sequences, [completion] * rows, completion, pack_length, True, 0)
+    assert layout.input_ids.shape == (rows * 20 // pack_length, pack_length)
+    frozen = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    saved, kept = {}, []
+
+    def pack(tensor):
+        kept.append(tensor)
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in frozen:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        per_token_batch(rows, completion).completion_logprobs_for(model, layout, 1.0, chunk_size=7, with_entropy=True)
+    settings = RunSettings(dtype="float32", device="cpu", micro_batch_size=rows, prompt_tokens=prompt,
+                           max_new_tokens=completion, lora_r=4, lora_targets="all-linear",
+                           pack_length=0 if pack_length == 20 else pack_length)
+    assert (settings.policy_rows, settings.policy_row_length) == layout.input_ids.shape
+    assert activation_bytes(model_shape(config), settings, checkpointing=False) == sum(saved.values())
+
+
+def test_a_token_budget_is_planned_as_its_tokens():
+    shape = model_shape(small_config("llama", 2))
+    by_rows = RunSettings(device="cpu", micro_batch_size=4, prompt_tokens=30, max_new_tokens=70)
+    by_tokens = RunSettings(device="cpu", micro_batch_size=16, micro_batch_tokens=400, prompt_tokens=30,
+                            max_new_tokens=70)
+    assert (by_tokens.policy_rows, by_tokens.policy_head_positions) == (4, 4 * 70)
+    assert activation_bytes(shape, by_tokens, False) == activation_bytes(shape, by_rows, False)
+    too_small = RunSettings(device="cpu", micro_batch_tokens=10, prompt_tokens=30, max_new_tokens=70)
+    assert too_small.policy_rows == 1 and too_small.policy_tokens == 100  # a longer sequence goes alone
