@@ -388,25 +388,23 @@ def head_backward_bytes(shape: ModelShape, settings: RunSettings) -> float:
     return chunk * shape.vocab * per_entry + positions * shape.hidden * b + head_copy
 
 
-# The compiled decode step writes each layer's keys and values repeated to every query head (transformers'
-# repeat_kv under torch.compile, issue 21 item 1); False once a grouped-query decode attention reads them
-# un-repeated.
-DECODE_REPEATS_KV = True
-
-
 def graph_pool_bytes(shape: ModelShape, settings: RunSettings, rows: int) -> float:
     """The CUDA-graph pool of the compiled decode step of ``rows`` rows: the graph's intermediates live in
     a private pool, reserved from the first replay on and not handed back (max_memory_allocated does not
     see them; max_memory_reserved does). The pool reuses memory between layers, so it holds about one
     decode step's largest moment: the [rows, vocab] logits in the dtype and in fp32, and one layer's
     keys and values repeated to every query head (the traced graph's clone of expand in repeat_kv,
-    rows x heads x slots x head dim x 2; none without grouped-query attention), about 0.7 GiB for
-    Gemma 2 2B at 128 x 511 slots, within the 0.3-1 GB read in torch's cudagraph_trees.py."""
+    rows x heads x slots x head dim x 2) where the model's decode attention repeats them: not for the
+    architectures the sampler switches to its grouped-query decode attention (GQA_DECODE_MODEL_TYPES),
+    none without grouped-query attention. Gemma 2 2B at 128 x 511 slots: 0.18 GiB of logits (0.68 GiB
+    with the repeated K/V, within the 0.3-1 GB read in torch's cudagraph_trees.py)."""
     if not settings.cuda_graphs or rows == 0:
         return 0.0
     b = dtype_bytes(settings.dtype)
     slots = kv_cache_bytes(shape, settings, 1) / (shape.layers * shape.kv_heads * shape.head_dim * 2 * b)
-    repeats = DECODE_REPEATS_KV and shape.heads > shape.kv_heads
+    from common.sampler import GQA_DECODE_MODEL_TYPES  # the sampler's choice; imported late: it loads transformers
+
+    repeats = shape.model_type not in GQA_DECODE_MODEL_TYPES and shape.heads > shape.kv_heads
     repeated = rows * shape.heads * slots * shape.head_dim * 2 * b if repeats else 0.0
     return rows * shape.vocab * (b + FP32) + repeated
 

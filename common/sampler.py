@@ -206,15 +206,15 @@ def gqa_decode_attention(module, query, key, value, attention_mask, scaling=None
 GQA_DECODE = "gqa_decode"
 AttentionInterface.register(GQA_DECODE, gqa_decode_attention)
 # The architectures whose attention layers the static path switches to GQA_DECODE for its decode steps.
-_GQA_DECODE_MODEL_TYPES = frozenset({"gemma2", "llama", "qwen2", "qwen3", "mistral"})
+GQA_DECODE_MODEL_TYPES = frozenset({"gemma2", "llama", "qwen2", "qwen3", "mistral"})
 
 
 @contextlib.contextmanager
 def _decode_attention(model):
     """The model's attention layers run GQA_DECODE inside, where its architecture is one of
-    _GQA_DECODE_MODEL_TYPES; its own attention again after."""
+    GQA_DECODE_MODEL_TYPES; its own attention again after."""
     original = model.config._attn_implementation
-    if model.config.model_type in _GQA_DECODE_MODEL_TYPES:
+    if model.config.model_type in GQA_DECODE_MODEL_TYPES:
         model.config._attn_implementation = GQA_DECODE
     try:
         yield
@@ -415,10 +415,10 @@ def release_static_cache(model) -> int:
     """Free the static path's KV buffers kept for ``model`` (the next static-path call allocates them
     again; under CUDA graphs at a new address, so the graphs are recorded again); the bytes freed. The
     trainers call it before the policy pass when the memory plan says the two do not fit together."""
-    kept = _KV_BUFFERS.pop(model, None)
+    kept = _KV_STORAGE.pop(model, None)
     if kept is None:
         return 0
-    return sum(buffer.numel() * buffer.element_size() for layer in kept[1].layers for buffer in (layer.keys, layer.values))
+    return sum(buffer.numel() * buffer.element_size() for pair in kept.flat for buffer in pair)
 
 
 def _decode_step(model, cache: Cache, input_ids: torch.Tensor, position_ids: torch.Tensor,

@@ -108,7 +108,7 @@ def traced_decode_graphs(model, monkeypatch, attention_switch: bool = True):
                         functools.cache(lambda: torch.compile(common.sampler._decode_step, backend=backend,
                                                               fullgraph=True)))
     if not attention_switch:
-        monkeypatch.setattr(common.sampler, "_GQA_DECODE_MODEL_TYPES", frozenset())
+        monkeypatch.setattr(common.sampler, "GQA_DECODE_MODEL_TYPES", frozenset())
     sample_with(model, PROMPTS, num_samples=2, max_new_tokens=4, temperature=0.0, eos_token_ids=[-1],
                 pad_token_id=PAD, sampler="compiled")
     torch._dynamo.reset()
