@@ -307,3 +307,19 @@ def test_evaluate_takes_greedy_settings_and_pads_its_last_batch_alike(micro_mode
     assert records["static"] == records["eager"] and len(records["eager"]) == 5
     with pytest.raises(ValueError, match="greedily"):
         evaluate(model, tokenizer, problems, SamplingParams(max_new_tokens=5), progress=False)
+
+
+def test_auto_takes_the_static_path_uncompiled_on_cuda_without_triton(monkeypatch, capsys):
+    import importlib.util
+
+    from common.sampler import _auto_path, _compiler_has_gpu_backend
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name))
+    _compiler_has_gpu_backend.cache_clear()
+    try:
+        assert [_auto_path(torch.device("cuda")) for _ in range(2)] == ["static", "static"]
+        assert capsys.readouterr().out.count("no Triton") == 1  # said once
+        assert _auto_path(torch.device("cpu")) == "eager"
+    finally:
+        _compiler_has_gpu_backend.cache_clear()
