@@ -289,7 +289,7 @@ def policy_pass(rollouts: RolloutBatch, packed: bool) -> dict:
                                                           with_entropy=True)
         loss, _stats = grpo_loss(logp, logp.detach(), advantages[micro], completion_mask[micro], eps_low=CLIP_EPS_LOW,
                                  eps_high=CLIP_EPS_HIGH, loss_agg=LOSS_AGG, normalizer=rollouts.num_tokens,
-                                 max_tokens=MAX_NEW_TOKENS)
+                                 max_tokens=rollouts.completion_width)
         loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
     if device.type == "cuda":
