@@ -85,14 +85,13 @@ config = configure(globals(), quiet=not is_main_process())
 from common import synth  # noqa: E402  (after configure: --help stays fast)
 from common.data import load_problems  # noqa: E402
 from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
-from common.evaluate import check_sampling, evaluate, sampled_settings  # noqa: E402
+from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.logprobs import body_hidden_states, enable_gradient_checkpointing, head_token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.model import answer_end_token_id  # noqa: E402
 from common.packing import PassLayout, packing_plan, pass_layout, resolve_pack_length, to_device  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
-from common.sampler import SamplingParams  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
 
 # ------------------------------------------------- plumbing (common/run.py)
@@ -190,8 +189,7 @@ scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, MAX_STEPS, LR_SCHEDULE
 final_eval: dict = {}  # the last eval's metrics, for sft_info.json
 
 
-eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE, sampler=SAMPLER)
-eval_sampled = sampled_settings(eval_sampling, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)  # None: greedy alone
+eval_sampling, eval_sampled = run.eval_settings()  # greedy, and the sampled pass when EVAL_TEMPERATURE > 0
 
 
 def run_eval(step: int):

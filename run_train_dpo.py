@@ -106,8 +106,7 @@ config = configure(globals(), quiet=not is_main_process())
 
 from common.data import load_pairs, load_problems  # noqa: E402
 from common.distributed import all_gather_objects, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
-from common.evaluate import check_sampling, evaluate, sampled_settings  # noqa: E402
-from common.sampler import SamplingParams  # noqa: E402
+from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
 from common.model import answer_end_token_id, context_length  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length  # noqa: E402
@@ -154,8 +153,7 @@ packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 steps_per_epoch = len(tokenized) // BATCH_SIZE
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
-eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE, sampler=SAMPLER)
-eval_sampled = sampled_settings(eval_sampling, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)  # None: greedy alone
+eval_sampling, eval_sampled = run.eval_settings()  # greedy, and the sampled pass when EVAL_TEMPERATURE > 0
 run.track(model, tokenizer, optimizer, scheduler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
                                          reward=eval_reward, prompt_format=prompt_format, sampled=eval_sampled,

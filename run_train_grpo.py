@@ -125,7 +125,7 @@ config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
 from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
-from common.evaluate import check_sampling, evaluate, sampled_settings  # noqa: E402
+from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
@@ -163,9 +163,7 @@ packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
                           chunk_rows=even_chunk_rows(rows_per_step, generation_batch_size), sampler=SAMPLER,
                           generator=run.sampling_generator(device))  # each rank its own samples
-eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE,
-                               sampler=SAMPLER)
-eval_sampled = sampled_settings(eval_sampling, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)  # None: greedy alone
+eval_sampling, eval_sampled = run.eval_settings()  # greedy, and the sampled pass when EVAL_TEMPERATURE > 0
 trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
 run.track(model, tokenizer, optimizer, scheduler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",

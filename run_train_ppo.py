@@ -138,7 +138,7 @@ config = configure(globals(), quiet=not is_main_process())
 
 from common.checkpoint import start_lora  # noqa: E402
 from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
-from common.evaluate import check_sampling, evaluate, sampled_settings  # noqa: E402
+from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.kl import kl_estimate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
@@ -185,9 +185,7 @@ packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
                           chunk_rows=even_chunk_rows(rows_per_step, generation_batch_size), sampler=SAMPLER,
                           generator=run.sampling_generator(device))  # each rank its own samples
-eval_sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, chunk_rows=EVAL_BATCH_SIZE,
-                               sampler=SAMPLER)
-eval_sampled = sampled_settings(eval_sampling, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)  # None: greedy alone
+eval_sampling, eval_sampled = run.eval_settings()  # greedy, and the sampled pass when EVAL_TEMPERATURE > 0
 start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 critic = Critic(model, CRITIC_FEATURES, CRITIC_HIDDEN).to(device)
 if GRADIENT_CHECKPOINTING:

@@ -63,6 +63,7 @@ from common.data import iter_jsonl, load_problems, step_items
 from common.distributed import (DistributedContext, all_reduce_max, cleanup, gather_rank_states, restore_rank_state,
                                 shard)
 from common.errors import UserError
+from common.evaluate import sampled_settings
 from common.logprobs import enable_gradient_checkpointing
 from common.lora import lora_parameters, lora_targets
 from common.memory_plan import MemoryPlanError, check_fits, free_gpu_memory_gb, generation_batch, plan_memory
@@ -70,7 +71,7 @@ from common.metrics_log import LoggerUnavailableError, MetricsLogger
 from common.model import (check_model_dir, context_length, dtype_line, get_device, get_dtype, load_model,
                           load_tokenizer, meta_model, resolve_model_path)
 from common.prompts import encode_prompts
-from common.sampler import release_static_cache
+from common.sampler import SamplingParams, release_static_cache
 from common.schedule import warmup_then_schedule
 from common.synth import normalise_question
 
@@ -637,6 +638,15 @@ class TrainingRun:
         not fit beside it (check_memory), else kept for the next rollout."""
         if self.release_static_kv:
             release_static_cache(model)
+
+    def eval_settings(self) -> tuple[SamplingParams, SamplingParams | None]:
+        """The periodic eval's SamplingParams: greedy, EVAL_BATCH_SIZE problems per batch (the static path
+        pads the last one), and the sampled pass beside it: EVAL_NUM_SAMPLES per problem at EVAL_TEMPERATURE
+        (None at 0, the greedy eval alone; common.evaluate.sampled_settings)."""
+        config = self.config
+        greedy = SamplingParams(max_new_tokens=config["MAX_NEW_TOKENS"], temperature=0.0,
+                                chunk_rows=config["EVAL_BATCH_SIZE"], sampler=config["SAMPLER"])
+        return greedy, sampled_settings(greedy, config.get("EVAL_NUM_SAMPLES", 1), config.get("EVAL_TEMPERATURE", 0.0))
 
     def sampling_generator(self, device) -> torch.Generator:
         """The random generator of the rollouts: SEED + rank (each rank samples its own completions),
