@@ -398,9 +398,12 @@ class TrainingRun:
         marked by its sft_info.json), and its metrics file, its lock and its TensorBoard folder in LOG_DIR."""
         in_folder = sorted(self.run_dir.iterdir()) if self.run_dir.is_dir() else []
         whole_model = (self.run_dir / "sft_info.json").is_file()
-        ours = [path for path in in_folder if whole_model or any(path.match(pattern) for pattern in RUN_FILES)]
+        # LOG_DIR may be the run folder itself: its metrics file, its lock and TensorBoard folder are the run's.
+        in_log_dir = [self.metrics_path, self.tensorboard_dir, *self.lock.paths]
+        ours = [path for path in in_folder if whole_model or path in in_log_dir
+                or any(path.match(pattern) for pattern in RUN_FILES)]
         others = [path for path in in_folder if path not in ours]
-        ours += [path for path in (self.metrics_path, self.tensorboard_dir) if path.exists()]
+        ours += [path for path in (self.metrics_path, self.tensorboard_dir) if path.exists() and path not in ours]
         return ours, others
 
     def _claim(self) -> None:
