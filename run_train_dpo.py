@@ -70,7 +70,7 @@ LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: consta
 WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
 PACKING = True  # the chosen + rejected pass packs a micro-batch's sequences into rows without pads (common/packing.py);
-#                 false = padded rectangles. Padded anyway for an attention the packing tests do not cover
+#                 with false, padded rectangles; padded anyway for an attention the packing tests do not cover
 PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the micro-batch's longest
 #                                   sequence; one row per micro-batch under flash-attention's variable-length kernels) or tokens
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)

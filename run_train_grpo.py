@@ -88,7 +88,7 @@ MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 16  # sequences per forward/backward 
 MICRO_BATCH_TOKENS: Annotated[int, ">= 0"] = 0  # fill each micro-batch with whole sequences up to this many tokens
 #                                   instead of MICRO_BATCH_SIZE sequences (0 = off); the normaliser stays the step's
 PACKING = True  # the policy passes pack each micro-batch's sequences into rows without pads (common/packing.py);
-#                 false = padded rectangles. Padded anyway for an attention the packing tests do not cover
+#                 with false, padded rectangles; padded anyway for an attention the packing tests do not cover
 PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the step's longest
 #                                   sequence, so no row costs more attention than a padded one; one row per
 #                                   micro-batch under flash-attention's variable-length kernels) or a number of tokens

@@ -101,7 +101,7 @@ WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max gradient norm, of the actor's LoRA and of the critic separately
 MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 8  # sequences per forward/backward (gradient accumulation over a mini-batch)
 PACKING = True  # the actor's and critic's passes pack each micro-batch's sequences into rows without pads
-#                 (common/packing.py); false = padded rectangles. Padded anyway for an attention the tests do not cover
+#                 (common/packing.py); with false, padded rectangles; padded anyway for an attention the tests do not cover
 PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the step's longest
 #                                   sequence; one row per micro-batch under flash-attention's variable-length kernels) or tokens
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)

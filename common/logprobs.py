@@ -185,8 +185,8 @@ def _compiles_epilogues(device: torch.device) -> bool:
 
 @functools.cache
 def _compiled(epilogue):
-    # dynamic=None: the first shape compiles static, a second (the last, shorter chunk) once more with
-    # the row count symbolic, which then covers every chunk; fullgraph: a graph break would be a bug.
+    # With dynamic left as None the first shape compiles static, a second (the last, shorter chunk) once
+    # more with the row count symbolic, which then covers every chunk; fullgraph: a graph break would be a bug.
     return torch.compile(epilogue, fullgraph=True, dynamic=None)
 
 

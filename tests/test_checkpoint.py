@@ -221,7 +221,7 @@ try:  # 1.6 MB of tensors (the estimate) and 2 MB of pickled bytes: a short writ
     atomic_torch_save({{"w": torch.zeros(400_000), "blob": b"x" * 2_000_000}}, "{folder}/second.pt")
 except OSError as error:
     print(error.strerror)
-print(sorted(os.listdir("{folder}")), torch.load("{folder}/first.pt")["w"].shape[0])
+print(sorted(os.listdir("{folder}")), torch.load("{folder}/first.pt", weights_only=True)["w"].shape[0])
 '''
 
 
