@@ -52,6 +52,9 @@ LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # LoRA scaling numerator: the update
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # layers with an adapter
 LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapter's input
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds the [positions, vocab] logits in memory)
+MICRO_BATCH_TOKENS: Annotated[int, ">= 0"] = 0  # split each step's batch into micro-batches of whole examples up to
+#                                   this many tokens (gradient accumulation; 0 = the batch in one pass); the
+#                                   normaliser stays the batch's answer tokens
 PACKING = True  # pack the batch's examples into rows without pads (common/packing.py); false = padded rectangles.
 #                 Padded anyway for an attention the packing tests do not cover
 PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the batch's longest
@@ -89,7 +92,7 @@ from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.logprobs import body_hidden_states, enable_gradient_checkpointing, head_token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.model import answer_end_token_id  # noqa: E402
-from common.packing import PassLayout, packing_plan, pass_layout, resolve_pack_length, to_device  # noqa: E402
+from common.packing import PassLayout, micro_batch_layouts, packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
@@ -125,6 +128,7 @@ if LORA_R > 0:
         max_new_tokens=1 + max(len(ids) for ids in tokenizer([p["solution"] for p in examples],
                                                              add_special_tokens=False)["input_ids"]),
         eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=BATCH_SIZE // distributed.world_size,
+        micro_batch_tokens=MICRO_BATCH_TOKENS,
         head_on_prompt=True, entropy=False, eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
 else:
     print("no memory plan: it counts a LoRA's training (LORA_R > 0), not every weight's")
@@ -155,18 +159,19 @@ def next_batch() -> list[dict]:
     return [draw_problem() for _ in range(BATCH_SIZE)]
 
 
-def collate(problems) -> PassLayout:
-    """The examples (prompt + solution + answer end) laid out for one pass (common/packing.py): packed
-    into rows of at most PACK_LENGTH tokens, or right-padded; the answers, end included, are the
-    predicted tokens. On the device."""
+def collate(problems) -> list[PassLayout]:
+    """The examples (prompt + solution + answer end) laid out for the step's passes (common/packing.py):
+    one micro-batch, or micro-batches of up to MICRO_BATCH_TOKENS tokens, packed into rows of at most
+    PACK_LENGTH tokens, or right-padded; the answers, end included, are the predicted tokens. On the device."""
     prompts = encode_prompts(tokenizer, problems, prompt_format)
     answers = [answer + [answer_end_id] for answer in
                tokenizer([p["solution"] for p in problems], add_special_tokens=False)["input_ids"]]
     sequences = [torch.tensor(prompt + answer) for prompt, answer in zip(prompts, answers)]
     lengths = [len(answer) for answer in answers]
     longest = max(len(sequence) for sequence in sequences)
-    return to_device(pass_layout(sequences, lengths, max(lengths), resolve_pack_length(pack_length, longest), packing,
-                                 tokenizer.pad_token_id), device)
+    return to_device([layout for _, layout in micro_batch_layouts(
+        sequences, lengths, max(lengths), len(sequences), MICRO_BATCH_TOKENS, packing,
+        resolve_pack_length(pack_length, longest), tokenizer.pad_token_id)], device)
 
 
 def save_full_model(step: int) -> Path:
@@ -207,19 +212,22 @@ train_start = time.perf_counter()
 for step in run.steps(MAX_STEPS):  # a stream of problems: no epochs
     step_start = time.perf_counter()
     # Every rank draws the same batch (same seed) and trains on its share of it.
-    layout = collate(shard(next_batch()))
-    # The log-prob of each answer token, from the position before it (the head runs on those alone).
-    hidden_states = body_hidden_states(model, layout.input_ids, layout.attention_mask, layout.position_ids)
-    answer_logp = head_token_logprobs(model, hidden_states, layout.input_ids, chunk_size=LOGPROB_CHUNK_SIZE,
-                                      from_position=layout.predicting)
-    answer_tokens = all_reduce_sum(answer_logp.numel())  # the whole batch's, over every rank
-    loss = -answer_logp.sum() / answer_tokens
+    layouts = collate(shard(next_batch()))
+    answer_tokens = all_reduce_sum(sum(len(layout.predicting) for layout in layouts))  # the whole batch's, every rank's
     optimizer.zero_grad(set_to_none=True)
-    run.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
+    loss = torch.zeros((), device=device)
+    for layout in layouts:  # one pass, or the micro-batches of MICRO_BATCH_TOKENS: each its share of the batch's mean
+        # The log-prob of each answer token, from the position before it (the head runs on those alone).
+        hidden_states = body_hidden_states(model, layout.input_ids, layout.attention_mask, layout.position_ids)
+        answer_logp = head_token_logprobs(model, hidden_states, layout.input_ids, chunk_size=LOGPROB_CHUNK_SIZE,
+                                          from_position=layout.predicting)
+        micro_loss = -answer_logp.sum() / answer_tokens
+        run.backward(micro_loss)  # scaled first for an fp16 model (common.run.LossScaler)
+        loss += micro_loss.detach()
     sum_gradients(trainable)
     run.unscale_gradients(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
-    totals = all_reduce_sum({"loss": loss.detach(), "tokens": layout.real_tokens})  # the step's: every rank's share
+    totals = all_reduce_sum({"loss": loss, "tokens": sum(layout.real_tokens for layout in layouts)})  # every rank's share
     if run.update_is_finite(step + 1, grad_norm, totals["loss"]):
         run.optimizer_step(optimizer)
     scheduler.step()

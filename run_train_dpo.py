@@ -64,6 +64,8 @@ NUM_EPOCHS: Annotated[int, ">= 1"] = 1  # passes over the pairs
 MAX_STEPS: Annotated[int, ">= 0"] = 0  # stop after this many steps (0 = run the epochs)
 BATCH_SIZE: Annotated[int, ">= 1"] = 16  # pairs per step
 MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 4  # pairs per forward/backward (2 x MICRO_BATCH_SIZE rows; gradient accumulation over the step)
+MICRO_BATCH_TOKENS: Annotated[int, ">= 0"] = 0  # fill each micro-batch with whole pairs (chosen and rejected) up to
+#                                   this many tokens instead (0 = off); each pair's loss stays a share of the step's mean
 LR: Annotated[float, "> 0"] = 5e-6  # peak AdamW learning rate of the LoRA (untuned for Gemma 2B; the tiny model learns at 1e-4)
 WARMUP_STEPS: Annotated[int, ">= 0"] = 5  # linear warm-up steps
 LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
@@ -109,7 +111,7 @@ from common.distributed import all_gather_objects, all_reduce_sum, setup_distrib
 from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.lora import disable_lora  # noqa: E402
 from common.model import answer_end_token_id, context_length  # noqa: E402
-from common.packing import packing_plan, resolve_pack_length  # noqa: E402
+from common.packing import packing_plan, resolve_pack_length, token_budget_ranges  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
 from common.run import TrainingRun, fit_to_context, questions_that_fit, room_for_prompts, warn_shared_questions  # noqa: E402
@@ -145,7 +147,8 @@ if len(tokenized) < BATCH_SIZE:
 run.check_memory(  # the memory plan, before the weights load: a micro-batch is its pairs' 2 x MICRO_BATCH_SIZE rows
     prompt_tokens=max(max(len(prompt) for prompt, _, _ in tokenized), longest_eval_prompt),
     max_new_tokens=max(max(len(chosen), len(rejected)) for _, chosen, rejected in tokenized),
-    eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=2 * MICRO_BATCH_SIZE, head_on_prompt=True, entropy=False,
+    eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=2 * MICRO_BATCH_SIZE, micro_batch_tokens=MICRO_BATCH_TOKENS,
+    head_on_prompt=True, entropy=False,
     pack_length=0 if PACK_LENGTH == "auto" else PACK_LENGTH,
     eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
 model = run.load_model()
@@ -163,6 +166,13 @@ print(f"{len(tokenized)} pairs, {steps_per_epoch} steps per epoch, {total_steps}
       f"{distributed.world_size} process(es) x {BATCH_SIZE // distributed.world_size} pairs per step; {packing_line}")
 
 
+def micro_batches(indices: list[int]) -> list[list[int]]:
+    """The pairs ``indices`` in micro-batches: MICRO_BATCH_SIZE pairs each, or (MICRO_BATCH_TOKENS > 0) as
+    many whole pairs as fit in that many tokens (a pair: its prompt twice, the chosen and the rejected answer)."""
+    lengths = [2 * len(tokenized[i][0]) + len(tokenized[i][1]) + len(tokenized[i][2]) for i in indices]
+    return [indices[cut] for cut in token_budget_ranges(lengths, MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS)]
+
+
 def micro_batch_pairs(indices: list[int]):
     """The PairBatch of the pairs ``indices``, packed into rows of at most PACK_LENGTH (auto: their longest sequence)."""
     pairs = [tokenized[i] for i in indices]
@@ -173,13 +183,13 @@ def micro_batch_pairs(indices: list[int]):
 @torch.no_grad()
 def reference_logprobs(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen [n], rejected [n]) sequence log-probs of the pairs ``indices`` under the base model,
-    on the CPU, MICRO_BATCH_SIZE pairs per forward."""
+    on the CPU, a micro-batch per forward."""
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
     with disable_lora(model):
-        for first in range(0, len(indices), MICRO_BATCH_SIZE):
-            batch = micro_batch_pairs(indices[first:first + MICRO_BATCH_SIZE])
+        for micro in micro_batches(indices):
+            batch = micro_batch_pairs(micro)
             chosen_logps, rejected_logps, _ = pair_logprobs(model, batch, LOGPROB_CHUNK_SIZE, length_normalise)
             chosen.append(chosen_logps.cpu())
             rejected.append(rejected_logps.cpu())
@@ -206,8 +216,7 @@ for step in run.steps(total_steps, steps_per_epoch):
     optimizer.zero_grad(set_to_none=True)
     losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = [], [], [], [], []
     step_loss = step_sft = torch.zeros((), device=device)
-    for micro_first in range(0, len(batch_indices), MICRO_BATCH_SIZE):
-        micro = batch_indices[micro_first:micro_first + MICRO_BATCH_SIZE]
+    for micro in micro_batches(batch_indices):
         if cached_reference is not None:
             ref_chosen, ref_rejected = (logps[micro] for logps in cached_reference)
         else:

@@ -84,10 +84,11 @@ WARMUP_STEPS: Annotated[int, ">= 0"] = 5  # linear warm-up steps
 LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
 WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
-MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 16  # sequences per forward/backward (gradient accumulation over the step)
+MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 16  # sequences per forward/backward (gradient accumulation over the step);
+#                                   packed, as many rows as MICRO_BATCH_SIZE of the longest sequence would take
 MICRO_BATCH_TOKENS: Annotated[int, ">= 0"] = 0  # fill each micro-batch with whole sequences up to this many tokens
 #                                   instead of MICRO_BATCH_SIZE sequences (0 = off); the normaliser stays the step's
-PACKING = True  # the policy passes pack each micro-batch's sequences into rows without pads (common/packing.py);
+PACKING = True  # the policy passes pack the step's sequences into rows without pads (common/packing.py);
 #                 with false, padded rectangles; padded anyway for an attention the packing tests do not cover
 PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the step's longest
 #                                   sequence, so no row costs more attention than a padded one; one row per
@@ -188,13 +189,15 @@ for step in run.steps(total_steps, steps_per_epoch):
     advantages = group_advantages(rewards, ADVANTAGE).flatten()
     informative = ~zero_advantage_groups(rewards).repeat_interleave(NUM_SAMPLES_PER_PROMPT)
     rollouts = rollout_batch(samples, informative, tokenizer.pad_token_id)
-    # This rank's micro-batches, packed (or padded) on the CPU, then moved to the device with everything the
+    # This rank's micro-batches, packed (or padded) on the CPU: packed, the rows are reordered so that each
+    # micro-batch is a slice (common.packing.micro_batch_rows). Then moved to the device with everything the
     # update reads, in one copy per dtype (pinned, non_blocking): the micro-batch loops copy nothing.
-    micro_batches = rollouts.micro_batches(MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS)
     step_pack_length = resolve_pack_length(pack_length, max(rollouts.sequence_lengths.tolist(), default=1))
+    rollouts, micro_batches, layouts = rollouts.in_pass_order(MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS, packing,
+                                                              step_pack_length)
     layouts, completion_mask, row_advantages, sampler_logp = to_device(
-        ([rollouts.layout(rows, packing, step_pack_length) for rows in micro_batches], rollouts.completion_mask,
-         advantages[rollouts.rows], samples.logprobs[rollouts.rows]), device)  # sampler_logp: what each token was drawn with
+        (layouts, rollouts.completion_mask, advantages[rollouts.rows],
+         samples.logprobs[rollouts.rows]), device)  # sampler_logp: what each token was drawn with
 
     # 3. Reference (adapters off) and, for several iterations, old log-probs: once, before any update.
     reference_start = time.perf_counter()

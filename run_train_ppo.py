@@ -99,8 +99,11 @@ WARMUP_STEPS: Annotated[int, ">= 0"] = 5  # linear warm-up steps (both learning 
 LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
 WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max gradient norm, of the actor's LoRA and of the critic separately
-MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 8  # sequences per forward/backward (gradient accumulation over a mini-batch)
-PACKING = True  # the actor's and critic's passes pack each micro-batch's sequences into rows without pads
+MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 8  # sequences per forward/backward (gradient accumulation over a mini-batch);
+#                                   packed, as many rows as MICRO_BATCH_SIZE of the longest sequence would take
+MICRO_BATCH_TOKENS: Annotated[int, ">= 0"] = 0  # fill each micro-batch with whole sequences up to this many tokens
+#                                   instead (0 = off); the normaliser stays the mini-batch's
+PACKING = True  # the actor's and critic's passes pack a mini-batch's sequences into rows without pads
 #                 (common/packing.py); with false, padded rectangles; padded anyway for an attention the tests do not cover
 PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the step's longest
 #                                   sequence; one row per micro-batch under flash-attention's variable-length kernels) or tokens
@@ -175,7 +178,8 @@ rows_per_step = PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PRO
 generation_batch_size = run.check_memory(
     rows=rows_per_step,
     samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
-    micro_batch_size=MICRO_BATCH_SIZE * critic_passes, lora_r=LORA_R * critic_passes,
+    micro_batch_size=MICRO_BATCH_SIZE * critic_passes, micro_batch_tokens=MICRO_BATCH_TOKENS * critic_passes,
+    lora_r=LORA_R * critic_passes,
     pack_length=0 if PACK_LENGTH == "auto" else PACK_LENGTH,
     eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
 model = run.load_model()
@@ -221,12 +225,19 @@ def mini_batch_generator(step: int) -> torch.Generator:
     return torch.Generator().manual_seed(SEED * 1_000_003 + step)
 
 
-def rollout_logprobs_and_values(rollouts, layouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Old log-probs, values [N, T] and bootstrap values [N] of every rollout, from the layouts of its
-    consecutive micro-batches, on the CPU (call under no_grad)."""
+def rollout_logprobs_and_values(rollouts, order, layouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Old log-probs, values [N, T] and bootstrap values [N] of every rollout, in the rollouts' order,
+    from the layouts of its micro-batches, whose results come in the order ``order``, on the CPU
+    (call under no_grad)."""
     parts = [completion_logprobs_and_values(model, critic, rollouts, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE)
              for layout in layouts]
-    return tuple(torch.cat([part[index] for part in parts]).cpu() for index in (0, 2, 3))
+    return tuple(in_rollout_order(torch.cat([part[index] for part in parts]), order) for index in (0, 2, 3))
+
+
+def in_rollout_order(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``values`` of the rows ``order`` (the micro-batches' order), on the CPU in the rollouts' order."""
+    values = values.cpu()
+    return torch.empty_like(values).index_copy_(0, order, values)
 
 
 # ------------------------------------------------------------ the algorithm
@@ -242,16 +253,19 @@ for step in run.steps(total_steps, steps_per_epoch):
     mask = rollouts.completion_mask
     # Each rank packs its own rows (common/packing.py), into rows of at most the step's pack length.
     step_pack_length = resolve_pack_length(pack_length, max(rollouts.sequence_lengths.tolist(), default=1))
-    layouts = to_device([rollouts.layout(rows, packing, step_pack_length)
-                         for rows in rollouts.micro_batches(MICRO_BATCH_SIZE)], device)
+    rollout_passes = rollouts.pass_plan(torch.arange(rollouts.num_rows), MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS,
+                                        packing, step_pack_length)
+    pass_order = torch.cat([rows for rows, _ in rollout_passes])
+    layouts = to_device([layout for _, layout in rollout_passes], device)
 
     # 2. The sampling policy's log-probs and values, and the reference's log-probs: once, before any update.
     reference_start = time.perf_counter()
     with torch.no_grad():
-        old_logp, old_values, bootstrap_values = rollout_logprobs_and_values(rollouts, layouts)
+        old_logp, old_values, bootstrap_values = rollout_logprobs_and_values(rollouts, pass_order, layouts)
         if KL_COEF > 0:
             with disable_lora(model):
-                ref_logp = rollouts.completion_logprobs(model, TEMPERATURE, layouts, LOGPROB_CHUNK_SIZE).cpu()
+                ref_logp = in_rollout_order(rollouts.completion_logprobs(model, TEMPERATURE, layouts,
+                                                                         LOGPROB_CHUNK_SIZE), pass_order)
         else:
             ref_logp = old_logp  # no reference pass: the KL term is 0
     reference_seconds = time.perf_counter() - reference_start
@@ -285,8 +299,10 @@ for step in run.steps(total_steps, steps_per_epoch):
             optimizer.zero_grad(set_to_none=True)
             normalizer = all_reduce_sum(mask[mini_batch].sum())  # the tokens of the mini-batch on every rank
             mini_batch_loss = torch.zeros((), device=device)
-            for micro in mini_batch.split(MICRO_BATCH_SIZE):  # shuffled rows: each micro-batch packed as it comes
-                layout = to_device(rollouts.layout(micro, packing, step_pack_length), device)
+            # The mini-batch's shuffled rows packed together, its micro-batches cut from the packed rows.
+            for micro, layout in rollouts.pass_plan(mini_batch, MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS, packing,
+                                                    step_pack_length):
+                layout = to_device(layout, device)
                 logp, entropy, values, _ = completion_logprobs_and_values(
                     model, critic, rollouts, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
                 micro_mask = mask[micro].to(device)

@@ -406,9 +406,10 @@ def grpo_step() -> dict:
         model.train()
         optimizer.zero_grad(set_to_none=True)
         policy_logps = []
-        for micro in rollouts.micro_batches(MICRO_BATCH_SIZE):
+        _, micro_batches, layouts = rollouts.in_pass_order(MICRO_BATCH_SIZE, 0, False, None)
+        for micro, layout in zip(micro_batches, layouts):
             # run_train_grpo.py's padded layout (PACKING=false): the head on the completion tokens alone.
-            layout = to_device(rollouts.layout(micro, False, None), device)
+            layout = to_device(layout, device)
             logp, _entropy = rollouts.completion_logprobs_for(model, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE,
                                                               with_entropy=True)
             mask = rollouts.completion_mask[micro].to(device)

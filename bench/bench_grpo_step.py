@@ -161,11 +161,11 @@ def grpo_step(step: int) -> int:
         informative = ~zero_advantage_groups(rewards).repeat_interleave(NUM_SAMPLES_PER_PROMPT)
         rollouts = rollout_batch(samples, informative, tokenizer.pad_token_id)
         last_rollouts.append(rollouts)
-        micro_batches = rollouts.micro_batches(MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS)
         step_pack_length = resolve_pack_length(pack_length, max(rollouts.sequence_lengths.tolist(), default=1))
+        rollouts, micro_batches, layouts = rollouts.in_pass_order(MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS, packing,
+                                                                  step_pack_length)
         layouts, completion_mask, row_advantages = to_device(
-            ([rollouts.layout(rows, packing, step_pack_length) for rows in micro_batches], rollouts.completion_mask,
-             advantages[rollouts.rows]), device)
+            (layouts, rollouts.completion_mask, advantages[rollouts.rows]), device)
     ref_logp = old_logp = None
     with timer.phase("reference"), torch.no_grad():
         if KL_COEF > 0 and rollouts.num_rows:
@@ -267,8 +267,8 @@ def policy_peak(rollouts: RolloutBatch, packed: bool) -> int:
         return torch.cuda.max_memory_allocated() - before
     if not CPU_PEAKS:
         return -1
-    before = status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to VmRSS
+    before = status_bytes("VmHWM")
     policy_pass(rollouts, packed)
     return status_bytes("VmHWM") - before
 
@@ -279,11 +279,11 @@ def policy_pass(rollouts: RolloutBatch, packed: bool) -> dict:
     model.train()
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    micro_batches = rollouts.micro_batches(MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS)
     longest = max(rollouts.sequence_lengths.tolist())
+    rollouts, micro_batches, layouts = rollouts.in_pass_order(
+        MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS, packed, resolve_pack_length(pack_length, longest) if packed else None)
     layouts, completion_mask, advantages = to_device(
-        ([rollouts.layout(rows, packed, resolve_pack_length(pack_length, longest) if packed else None)
-          for rows in micro_batches], rollouts.completion_mask, torch.linspace(-1, 1, rollouts.num_rows)), device)
+        (layouts, rollouts.completion_mask, torch.sin(rollouts.rows.float())), device)  # an advantage per sample row
     for micro, layout in zip(micro_batches, layouts):
         logp, _entropy = rollouts.completion_logprobs_for(model, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE,
                                                           with_entropy=True)

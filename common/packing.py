@@ -19,6 +19,15 @@ for the backward, so rows are bounded: ``PACK_LENGTH=auto`` is the step's longes
 packed row never costs more attention than a padded one. With a variable-length kernel
 (flash-attention 2/3) a row costs what its sequences cost, and auto is one row per micro-batch.
 
+Micro-batches (``micro_batch_rows``) are cut after packing: the step's sequences are packed together,
+the rows sorted by length, and each micro-batch takes consecutive rows, at most MICRO_BATCH_SIZE of
+them (a padded micro-batch's rectangle bounds a packed one's, so memory never grows) or up to
+MICRO_BATCH_TOKENS real tokens. Packing the step rather than each micro-batch fills the rows
+better (more small sequences to fill the gaps beside the long ones), and sorting puts rows of like
+lengths in one rectangle, as long as its longest row. On GSM8K-like lengths (40 to 256 tokens) rows
+of at most the longest sequence cannot come within 10% of the real tokens (every sequence longer
+than half of it needs a row of its own); the sorted rectangles are within a few percent.
+
 A ``PassLayout`` says where everything is: the positions whose hidden states predict an answer
 token (the output head runs on those alone, common.logprobs' ``from_position`` as a set), where
 each result goes in the [sequences, width] per-token tensors the losses read (answer token j of
@@ -87,6 +96,45 @@ def token_budget_ranges(lengths: list[int], micro_batch_size: int, micro_batch_t
     return ranges
 
 
+def micro_batch_rows(lengths: list[int], micro_batch_size: int, micro_batch_tokens: int, packing: bool,
+                     pack_length: int | None) -> list[list[list[int]]]:
+    """The micro-batches of sequences of ``lengths`` (a step's, or a mini-batch's), each a list of rows,
+    each row a list of sequence indices.
+
+    Padded: one sequence per row, consecutive sequences, ``micro_batch_size`` per micro-batch, or
+    (``micro_batch_tokens`` > 0) as many as fit in that many tokens (``token_budget_ranges``).
+    Packed: every sequence first-fit decreasing into rows of at most ``pack_length`` tokens (and of
+    the token budget), the rows sorted longest first, then consecutive rows per micro-batch: as many
+    as a padded micro-batch's rectangle holds (micro_batch_size x the longest sequence positions,
+    counted at the micro-batch's longest row; so never more activations, nor attention, than padded),
+    or as many as fit in ``micro_batch_tokens`` real tokens. ``pack_length`` None (a variable-length
+    kernel): one row per micro-batch, of that rectangle's tokens or the budget."""
+    if not lengths:
+        return []
+    if not packing:
+        return [[[index] for index in range(cut.start, cut.stop)]
+                for cut in token_budget_ranges(lengths, micro_batch_size, micro_batch_tokens)]
+    rectangle = micro_batch_size * max(lengths)  # the positions of a padded micro-batch of the longest
+    if pack_length is None:
+        capacity = micro_batch_tokens or rectangle
+    else:
+        capacity = min(pack_length, micro_batch_tokens) if micro_batch_tokens else pack_length
+    rows = first_fit_decreasing(lengths, capacity)
+    fills = [sum(lengths[index] for index in row) for row in rows]
+    by_length = sorted(range(len(rows)), key=lambda row: -fills[row])
+    rows, fills = [rows[row] for row in by_length], [fills[row] for row in by_length]
+    if pack_length is None:
+        return [[row] for row in rows]
+    if micro_batch_tokens:
+        return [rows[cut] for cut in token_budget_ranges(fills, micro_batch_size, micro_batch_tokens)]
+    micro_batches, start = [], 0
+    while start < len(rows):  # the rows sorted: a micro-batch's rectangle is as long as its first row
+        count = max(1, rectangle // fills[start])
+        micro_batches.append(rows[start:start + count])
+        start += count
+    return micro_batches
+
+
 @dataclass
 class PassLayout:
     """Model inputs of one micro-batch and where its answer tokens are in them (see the module docstring)."""
@@ -116,13 +164,17 @@ class PassLayout:
 
 
 def pass_layout(sequences: list[torch.Tensor], answer_lengths: list[int], width: int, pack_length: int | None,
-                packing: bool, pad_token_id: int) -> PassLayout:
+                packing: bool, pad_token_id: int, rows: list[list[int]] | None = None) -> PassLayout:
     """The layout of ``sequences`` (1-D token ids, prompt then answer, no pads), the last
     ``answer_lengths[i]`` tokens of sequence i being its answer (each after a prompt of >= 1 token),
-    on the CPU. ``packing``: rows of at most ``pack_length`` tokens (None: one row), no mask; else
-    one right-padded row per sequence with an attention mask."""
+    on the CPU. ``packing``: rows of at most ``pack_length`` tokens (None: one row), no mask, or the
+    ``rows`` given (lists of sequence indices, from ``micro_batch_rows``); else one right-padded row
+    per sequence with an attention mask."""
     lengths = [len(sequence) for sequence in sequences]
-    bins = first_fit_decreasing(lengths, pack_length) if packing else [[i] for i in range(len(sequences))]
+    if not packing:
+        bins = [[i] for i in range(len(sequences))]
+    else:
+        bins = first_fit_decreasing(lengths, pack_length) if rows is None else rows
     row_length = max((sum(lengths[i] for i in members) for members in bins), default=1)
     input_ids = torch.full((len(bins), row_length), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(len(bins), row_length, dtype=torch.long)
@@ -148,6 +200,24 @@ def pass_layout(sequences: list[torch.Tensor], answer_lengths: list[int], width:
                       destination=torch.cat(destination) if destination else torch.zeros(0, dtype=torch.long),
                       last_position=torch.tensor(last_position, dtype=torch.long),
                       num_sequences=len(sequences), width=width, real_tokens=sum(lengths))
+
+
+def micro_batch_layouts(sequences: list[torch.Tensor], answer_lengths: list[int], width: int, micro_batch_size: int,
+                        micro_batch_tokens: int, packing: bool, pack_length: int | None, pad_token_id: int
+                        ) -> list[tuple[list[int], PassLayout]]:
+    """``sequences`` (as for pass_layout) in micro-batches (``micro_batch_rows``): per micro-batch the
+    indices of its sequences, in the order of its layout's results, and that layout."""
+    plan = []
+    for micro_batch in micro_batch_rows([len(sequence) for sequence in sequences], micro_batch_size,
+                                        micro_batch_tokens, packing, pack_length):
+        members = [index for row in micro_batch for index in row]
+        local_rows, start = [], 0
+        for row in micro_batch:
+            local_rows.append(list(range(start, start + len(row))))
+            start += len(row)
+        plan.append((members, pass_layout([sequences[i] for i in members], [answer_lengths[i] for i in members], width,
+                                          pack_length, packing, pad_token_id, local_rows)))
+    return plan
 
 
 def to_device(tree, device: torch.device):

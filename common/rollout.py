@@ -8,9 +8,10 @@ same in training as in sampling:
      <- prompt_width -> <- completion_width ->
 
 The completion token j of a row sits at column prompt_width + j. For the policy pass a
-micro-batch's rows are laid out again (common.packing): each row's prompt and completion, without
-pads, packed into rows of at most PACK_LENGTH tokens with position ids restarting per sequence,
-or right-padded rectangles with an attention mask (PACKING=false). Position ids count each
+step's rows are laid out again (common.packing): each row's prompt and completion, without pads,
+packed into rows of at most PACK_LENGTH tokens with position ids restarting per sequence, the
+micro-batches cut from the rows sorted by length (``in_pass_order`` reorders the step's rows to
+match), or right-padded rectangles with an attention mask (PACKING=false). Position ids count each
 sequence's tokens from 0 either way, as in sampling. Per-token results come back as
 [rows, completion_width], entry j that of completion token j.
 """
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from common.logprobs import body_hidden_states, head_token_logprobs
 from common.policy_gradient import check_completion_mask
 from common.model import stop_token_ids
-from common.packing import PassLayout, pass_layout, token_budget_ranges
+from common.packing import PassLayout, micro_batch_layouts, pass_layout
 from common.prompts import encode_prompts
 from common.reward import score_batch
 from common.sampler import SampleOutput, SamplingParams, left_pad, sample
@@ -59,22 +60,48 @@ class RolloutBatch:
         """[N] real tokens of each row: its prompt and its completion."""
         return self.attention_mask.sum(dim=1)
 
-    def micro_batches(self, size: int, tokens: int = 0) -> list[slice]:
-        """Consecutive micro-batches of rows, as slices: ``size`` rows each, or (``tokens`` > 0) as
-        many whole rows as fit in that many real tokens (common.packing.token_budget_ranges)."""
-        return token_budget_ranges(self.sequence_lengths.tolist(), size, tokens)
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        """The rows ``rows`` of this batch, in that order."""
+        return RolloutBatch(self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows],
+                            self.prompt_width, self.rows[rows], self.pad_token_id)
 
-    def layout(self, rows: slice | torch.Tensor, packing: bool, pack_length: int | None) -> PassLayout:
-        """The model inputs of ``rows`` (on the CPU), packed into rows of at most ``pack_length``
-        tokens or as padded rectangles (common.packing); per-token results come back through
-        PassLayout.per_token as [n, completion_width], entry j that of completion token j."""
+    def sequences(self, rows: slice | torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+        """The token ids of ``rows`` without pads (prompt then completion) and their completions' lengths."""
         attention_mask, input_ids = self.attention_mask[rows], self.input_ids[rows]
         completion_lengths = self.completion_mask[rows].sum(dim=1).long().tolist()
         prompt_lengths = attention_mask[:, :self.prompt_width].sum(dim=1).tolist()
-        sequences = [ids[self.prompt_width - prompt:self.prompt_width + completion]
-                     for ids, prompt, completion in zip(input_ids, prompt_lengths, completion_lengths)]
+        return ([ids[self.prompt_width - prompt:self.prompt_width + completion]
+                 for ids, prompt, completion in zip(input_ids, prompt_lengths, completion_lengths)], completion_lengths)
+
+    def layout(self, rows: slice | torch.Tensor, packing: bool, pack_length: int | None) -> PassLayout:
+        """The model inputs of ``rows`` (on the CPU) as one micro-batch, packed into rows of at most
+        ``pack_length`` tokens or as padded rectangles (common.packing); per-token results come back
+        through PassLayout.per_token as [n, completion_width], entry j that of completion token j."""
+        sequences, completion_lengths = self.sequences(rows)
         return pass_layout(sequences, completion_lengths, self.completion_width, pack_length, packing,
                            self.pad_token_id)
+
+    def pass_plan(self, rows: torch.Tensor, size: int, tokens: int, packing: bool, pack_length: int | None
+                  ) -> list[tuple[torch.Tensor, PassLayout]]:
+        """The micro-batches of ``rows`` (indices into this batch; common.packing.micro_batch_rows):
+        per micro-batch its rows, in the order of its layout's results, and that layout."""
+        sequences, completion_lengths = self.sequences(rows)
+        return [(rows[members], layout) for members, layout in micro_batch_layouts(
+            sequences, completion_lengths, self.completion_width, size, tokens, packing, pack_length,
+            self.pad_token_id)]
+
+    def in_pass_order(self, size: int, tokens: int, packing: bool, pack_length: int | None
+                      ) -> tuple[RolloutBatch, list[slice], list[PassLayout]]:
+        """The step's micro-batches: this batch with its rows reordered so that each micro-batch of
+        ``pass_plan`` is a slice of it (padded, the order is kept), the slices and their layouts."""
+        plan = self.pass_plan(torch.arange(self.num_rows), size, tokens, packing, pack_length)
+        if not plan:
+            return self, [], []
+        slices, start = [], 0
+        for micro_rows, _ in plan:
+            slices.append(slice(start, start + len(micro_rows)))
+            start += len(micro_rows)
+        return self.select(torch.cat([micro_rows for micro_rows, _ in plan])), slices, [layout for _, layout in plan]
 
     def completion_logprobs_for(self, model, layout: PassLayout, temperature: float, chunk_size: int,
                                 with_entropy: bool = False):

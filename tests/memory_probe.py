@@ -73,8 +73,8 @@ class Run:
         self.model.train()
         rollouts = rollout_batch(samples, None, 0)
         self.optimizer.zero_grad(set_to_none=True)
-        for rows in rollouts.micro_batches(self.settings["micro_batch_size"]):
-            logprobs, entropy = rollouts.completion_logprobs_for(self.model, rollouts.layout(rows, False, None), 1.0,
+        for layout in rollouts.in_pass_order(self.settings["micro_batch_size"], 0, False, None)[2]:
+            logprobs, entropy = rollouts.completion_logprobs_for(self.model, layout, 1.0,
                                                                  self.settings["logprob_chunk_size"], with_entropy=True)
             (-(logprobs.mean() + 0.01 * entropy.mean())).backward()
         self.optimizer.step()

@@ -24,6 +24,19 @@ FIRST_GRADIENT_RECORDER = (
     "runpy.run_path(script, run_name='__main__')\n"
 )
 
+# Counts the decoder's forward passes (every pass of the run) and prints the count at exit.
+FORWARD_COUNTER = (
+    "import atexit, transformers\n"
+    "calls = [0]\n"
+    "_from = transformers.PreTrainedModel.from_pretrained.__func__\n"
+    "def counted(cls, *args, **kwargs):\n"
+    "    model = _from(cls, *args, **kwargs)\n"
+    "    model.get_decoder().register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))\n"
+    "    return model\n"
+    "transformers.PreTrainedModel.from_pretrained = classmethod(counted)\n"
+    "atexit.register(lambda: print(f'forward passes: {calls[0]}'))\n"
+)
+
 RL = [f"--MODEL_PATH={TINY_MODEL_DIR}", "--TRAIN_FILE=data/synth_train.jsonl", "--EVAL_FILE=data/synth_test.jsonl",
       "--NUM_PROMPTS=16", "--PROMPTS_PER_STEP=4", "--NUM_SAMPLES_PER_PROMPT=4", "--MAX_NEW_TOKENS=40", "--LORA_R=4",
       "--DEVICE=cpu", "--MAX_STEPS=1", "--EVAL_EVERY=0", "--KL_COEF=0.04"]
@@ -61,3 +74,34 @@ def test_packed_first_update_equals_padded(script, micro_model_dir, tmp_path):
     for packed_gradient, padded_gradient in zip(packed, padded, strict=True):
         torch.testing.assert_close(packed_gradient, padded_gradient, rtol=1e-5, atol=1e-5)
     assert packed_metrics["loss"] == pytest.approx(padded_metrics["loss"], abs=1e-5)
+
+
+# Budgets for each trainer: a sequence (PPO, SFT) or a pair (DPO) per micro-batch, a few, all at once.
+TOKEN_BUDGETS = {"run_train_ppo.py": (30, 150, 10_000), "run_train_dpo.py": (30, 120, 10_000),
+                 "run_sft.py": (30, 80, 10_000)}
+
+
+@pytest.mark.parametrize("script", ["run_train_ppo.py", "run_train_dpo.py", "run_sft.py"])
+def test_token_budgets_give_the_padded_update(script, micro_model_dir, tmp_path):
+    """MICRO_BATCH_TOKENS of three sizes, packed, against padded micro-batches of MICRO_BATCH_SIZE
+    (run_sft.py: the batch in one pass): the first update's gradients agree to 1e-5, since the loss
+    normaliser is the mini-batch's (PPO) or the step's, whatever the grouping."""
+    runs = {"padded": ["--PACKING=false"]} | {f"budget{tokens}": [f"--MICRO_BATCH_TOKENS={tokens}"]
+                                              for tokens in TOKEN_BUDGETS[script]}
+    gradients, passes = {}, {}
+    for name, settings in runs.items():
+        out = tmp_path / f"{name}.pt"
+        where = ([f"--OUT_DIR={tmp_path / name}", f"--LOG_DIR={tmp_path}", f"--RUN_NAME={name}"]
+                 if script == "run_sft.py" else
+                 [f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", f"--RUN_NAME={name}"])
+        result = run_script(["-c", FORWARD_COUNTER + FIRST_GRADIENT_RECORDER, str(out), script,
+                             *script_args(script, micro_model_dir, tmp_path), *settings, *where])
+        gradients[name] = torch.load(out, weights_only=True)
+        passes[name] = int(result.stdout.rsplit("forward passes: ", 1)[1].split()[0])
+    assert any(gradient.abs().sum() > 0 for gradient in gradients["padded"])
+    for name in runs:
+        for gradient, expected in zip(gradients[name], gradients["padded"], strict=True):
+            torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-5)
+    smallest, _, largest = TOKEN_BUDGETS[script]
+    # The budgets change the grouping: the smallest makes more forward passes than the largest.
+    assert passes[f"budget{smallest}"] > passes[f"budget{largest}"]

@@ -27,11 +27,13 @@ def test_layout_and_logprobs_match_the_sampler():
         length = int(samples.completion_lengths[row])
         assert batch.input_ids[row, 5:5 + length].tolist() == samples.completion_ids[row, :length].tolist()
         assert batch.attention_mask[row].sum() == len(prompt) + length
+    packed, micro_batches, layouts = batch.in_pass_order(4, 0, True, pack_length=12)
+    assert sorted(packed.rows.tolist()) == list(range(6))
     with torch.no_grad():
-        for rows in batch.micro_batches(4):
-            logp = batch.completion_logprobs_for(model, batch.layout(rows, True, pack_length=12), 0.8, chunk_size=3)
+        for rows, layout in zip(micro_batches, layouts):
+            logp = batch.completion_logprobs_for(model, layout, 0.8, chunk_size=3)
             assert logp.shape == (rows.stop - rows.start, batch.completion_width)
-            torch.testing.assert_close(logp * batch.completion_mask[rows], samples.logprobs[rows],
+            torch.testing.assert_close(logp * packed.completion_mask[rows], samples.logprobs[packed.rows[rows]],
                                        atol=1e-5, rtol=1e-5)
 
 
@@ -40,7 +42,7 @@ def test_old_logprobs_equal_training_logprobs_exactly():
     bit for bit: the first ratio of every iteration scheme is exactly 1."""
     model = micro_model("llama")
     batch = rollout_batch(sampled(model), None, PAD)
-    layouts = [batch.layout(rows, True, pack_length=12) for rows in batch.micro_batches(4)]
+    batch, _, layouts = batch.in_pass_order(4, 0, True, pack_length=12)
     with torch.no_grad():
         old = batch.completion_logprobs(model, 1.0, layouts, chunk_size=5)
     new = torch.cat([batch.completion_logprobs_for(model, layout, 1.0, chunk_size=5) for layout in layouts])
