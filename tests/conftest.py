@@ -71,9 +71,8 @@ def micro_model(arch: str = "gemma2", vocab_size: int = 64, seed: int = 0, **ove
     return model.eval()
 
 
-@pytest.fixture(scope="session")
-def micro_model_dir(tmp_path_factory) -> Path:
-    """A micro Gemma 2 saved like a real model, with the built-in tiny model's tokenizer."""
+def save_micro_model_dir(out: Path, **overrides) -> Path:
+    """A micro Gemma 2 saved in ``out`` like a real model, with the built-in tiny model's tokenizer."""
     from transformers import GenerationConfig
 
     from common.model import load_tokenizer
@@ -82,13 +81,18 @@ def micro_model_dir(tmp_path_factory) -> Path:
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     model = micro_model("gemma2", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                         bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=[tokenizer.eos_token_id, end_of_turn])
+                        eos_token_id=[tokenizer.eos_token_id, end_of_turn], **overrides)
     model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, end_of_turn],
                                                pad_token_id=tokenizer.pad_token_id)
-    out = tmp_path_factory.mktemp("micro-gemma2")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory) -> Path:
+    """A micro Gemma 2 saved like a real model, with the built-in tiny model's tokenizer."""
+    return save_micro_model_dir(tmp_path_factory.mktemp("micro-gemma2"))
 
 
 def run_script(args: list[str], timeout: int = 300, cwd: Path = REPO_ROOT, check: bool = True

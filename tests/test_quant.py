@@ -14,10 +14,20 @@ from common.lora import LoRALinear, apply_lora, disable_lora, lora_modules, lora
 from common.logprobs import enable_gradient_checkpointing, token_logprobs
 from common.model import load_model
 from common.peft_io import save_peft_adapter
-from common.quant import QuantizationUnavailable, check_quant, is_quantized, require_bitsandbytes
-from tests.conftest import DEVICE, DEVICES, REPO_ROOT, run_script, sample_with
+from common.quant import (QuantizationUnavailable, check_quant, is_quantized, keep_trainable_layout,
+                          require_bitsandbytes)
+from tests.conftest import DEVICE, DEVICES, REPO_ROOT, run_script, sample_with, save_micro_model_dir
 
 bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def micro_model_dir(tmp_path_factory):
+    """The micro Gemma 2 with every linear layer's input a multiple of 64 wide, as in every real model:
+    bitsandbytes 0.50.2's AVX512 CPU kernel (backends/cpu/ops.py, dequantize_4bit) reads rows whose
+    width is not a multiple of the 64-weight block with the wrong block scales."""
+    return save_micro_model_dir(tmp_path_factory.mktemp("micro-gemma2-64"), hidden_size=64, intermediate_size=128,
+                                head_dim=32, query_pre_attn_scalar=32)
 
 CPU = torch.device("cpu")
 # The 16 NF4 levels, Dettmers et al. 2023 (QLoRA), appendix E: quantiles of N(0, 1) scaled to [-1, 1].
@@ -255,6 +265,9 @@ def test_peft_loads_the_qlora_export_on_a_4bit_base_with_the_same_logits(micro_m
                                 bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(micro_model_dir, quantization_config=config, device_map={"": "cpu"},
                                                 dtype=torch.float32, attn_implementation="eager")
+    # On a CPU with AVX512-BF16, bitsandbytes would compute this eval-mode base in bf16 (its packed CPU
+    # layout); ours keeps the trainable fp32 layout. The same kernel on both sides compares the adapters.
+    keep_trainable_layout(base)
     peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     assert isinstance(peft_model.base_model.model.model.layers[0].mlp.down_proj, peft.tuners.lora.bnb.Linear4bit)
     torch.testing.assert_close(logits_of(peft_model), ours, rtol=1e-5, atol=1e-5)
