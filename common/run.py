@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import psutil
 import torch
 from tqdm import tqdm
 from transformers import AutoConfig
@@ -132,39 +133,10 @@ def preflight_model(path: str | Path) -> Path:
     return path
 
 
-WINDOWS = os.name == "nt"
-
-
-def _kernel32():
-    import ctypes
-    return ctypes.WinDLL("kernel32", use_last_error=True)
-
-
 def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this machine is running. On Windows ``os.kill(pid, 0)`` would not test
-    it but end it (any signal but CTRL_C_EVENT / CTRL_BREAK_EVENT calls TerminateProcess: Python's
-    documentation of os.kill), so there the process is opened and its exit code read (STILL_ACTIVE
-    while it runs); a process we may not open (ERROR_ACCESS_DENIED) exists."""
-    if WINDOWS:
-        import ctypes
-        kernel32 = _kernel32()
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: alive, another user's
-        try:
-            exit_code = ctypes.c_ulong()
-            if not kernel32.GetExitCodeProcess(handle, ctypes.byref(exit_code)):
-                return True
-            return exit_code.value == 259  # STILL_ACTIVE
-        finally:
-            kernel32.CloseHandle(handle)
-    try:
-        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists is checked
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
+    """Whether process ``pid`` of this machine is running, on every platform (psutil.pid_exists: on
+    Windows it opens the process and reads its exit code, never a signal, which would end it)."""
+    return psutil.pid_exists(pid)
 
 
 def read_lock_owner(path: Path) -> tuple[str | None, int]:

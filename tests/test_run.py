@@ -400,49 +400,12 @@ def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
     assert json.loads((tmp_path / ".lock").read_text())["host"] == "gpu-node-7"
 
 
-class FakeKernel32:
-    """Windows' OpenProcess / GetExitCodeProcess / CloseHandle for a table {pid: exit code} (259: STILL_ACTIVE)."""
+def test_process_alive_tells_a_running_process_from_a_finished_one():
+    from common.run import process_alive
 
-    def __init__(self, processes):
-        self.processes, self.closed = processes, []
-
-    def OpenProcess(self, access, inherit, pid):
-        return pid if pid in self.processes else 0
-
-    def GetExitCodeProcess(self, handle, exit_code):
-        exit_code._obj.value = self.processes[handle]
-        return 1
-
-    def CloseHandle(self, handle):
-        self.closed.append(handle)
-
-
-def test_the_windows_lock_check_reads_the_exit_code_and_never_signals(tmp_path, monkeypatch):
-    import ctypes
-
-    import common.run as run_module
-
-    def no_kill(*args):
-        raise AssertionError("os.kill on Windows ends the process it is given")
-
-    kernel32 = FakeKernel32({4242: 259, 4343: 0})  # 4242 runs, 4343 has exited, 4444 is gone (ERROR_INVALID_PARAMETER)
-    monkeypatch.setattr(run_module, "WINDOWS", True)
-    monkeypatch.setattr(run_module, "_kernel32", lambda: kernel32)
-    monkeypatch.setattr(run_module.os, "kill", no_kill)
-    monkeypatch.setattr(ctypes, "get_last_error", lambda: 87, raising=False)
-    lock = tmp_path / ".lock"
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 4242}))
-    with pytest.raises(RunError, match="in use by process 4242"):
-        RunLock(lock).acquire()
-    for gone in (4343, 4444):
-        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone}))
-        taken = RunLock(lock)
-        taken.acquire()
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
-        taken.release()
-    assert kernel32.closed == [4242, 4343]  # every handle opened is closed
-    monkeypatch.setattr(ctypes, "get_last_error", lambda: 5, raising=False)  # ERROR_ACCESS_DENIED: another user's
-    assert run_module.process_alive(4545)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert process_alive(os.getpid())
+    assert not process_alive(int(finished.stdout))
 
 
 def test_model_soup_refuses_to_overwrite_an_ingredient_or_an_existing_file(three_step_run, tmp_path):

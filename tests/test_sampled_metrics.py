@@ -138,7 +138,7 @@ def test_bootstrap_width_is_the_binomial_one_and_metrics_share_resamples():
     low, high = intervals["a"]
     assert low < 0.5 < high and high - low == pytest.approx(2 * 1.96 * 0.025, rel=0.15)
     assert intervals["same"] == intervals["a"]
-    # b = 1 - a on the same resamples: its interval is a's mirrored.
+    # The complement of a, resampled alike, has a's interval mirrored about one half.
     assert intervals["b"] == pytest.approx((1 - high, 1 - low), abs=1e-12)
     assert bootstrap_intervals({"a": values}, seed=0) == bootstrap_intervals({"a": values}, seed=0)
     assert bootstrap_intervals({"a": values}, seed=1) != bootstrap_intervals({"a": values}, seed=0)
