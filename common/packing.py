@@ -20,9 +20,9 @@ packed row never costs more attention than a padded one. With a variable-length 
 (flash-attention 2/3) a row costs what its sequences cost, and auto is one row per micro-batch.
 
 Micro-batches (``micro_batch_rows``) are cut after packing: the step's sequences are packed together,
-the rows sorted by length, and each micro-batch takes consecutive rows, at most MICRO_BATCH_SIZE of
-them (a padded micro-batch's rectangle bounds a packed one's, so memory never grows) or up to
-MICRO_BATCH_TOKENS real tokens. Packing the step rather than each micro-batch fills the rows
+the rows sorted by length, and each micro-batch takes consecutive rows, as many as MICRO_BATCH_SIZE
+padded rows of the longest sequence would hold (a padded micro-batch's rectangle bounds a packed
+one's, so memory never grows), or up to MICRO_BATCH_TOKENS real tokens. Packing the step rather than each micro-batch fills the rows
 better (more small sequences to fill the gaps beside the long ones), and sorting puts rows of like
 lengths in one rectangle, as long as its longest row. On GSM8K-like lengths (40 to 256 tokens) rows
 of at most the longest sequence cannot come within 10% of the real tokens (every sequence longer

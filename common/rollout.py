@@ -28,7 +28,7 @@ from tqdm import tqdm
 from common.logprobs import body_hidden_states, head_token_logprobs
 from common.policy_gradient import check_completion_mask
 from common.model import stop_token_ids
-from common.packing import PassLayout, micro_batch_layouts, pass_layout
+from common.packing import PassLayout, micro_batch_layouts
 from common.prompts import encode_prompts
 from common.reward import score_batch
 from common.sampler import SampleOutput, SamplingParams, left_pad, sample
@@ -72,14 +72,6 @@ class RolloutBatch:
         prompt_lengths = attention_mask[:, :self.prompt_width].sum(dim=1).tolist()
         return ([ids[self.prompt_width - prompt:self.prompt_width + completion]
                  for ids, prompt, completion in zip(input_ids, prompt_lengths, completion_lengths)], completion_lengths)
-
-    def layout(self, rows: slice | torch.Tensor, packing: bool, pack_length: int | None) -> PassLayout:
-        """The model inputs of ``rows`` (on the CPU) as one micro-batch, packed into rows of at most
-        ``pack_length`` tokens or as padded rectangles (common.packing); per-token results come back
-        through PassLayout.per_token as [n, completion_width], entry j that of completion token j."""
-        sequences, completion_lengths = self.sequences(rows)
-        return pass_layout(sequences, completion_lengths, self.completion_width, pack_length, packing,
-                           self.pad_token_id)
 
     def pass_plan(self, rows: torch.Tensor, size: int, tokens: int, packing: bool, pack_length: int | None
                   ) -> list[tuple[torch.Tensor, PassLayout]]:

@@ -32,6 +32,13 @@ def rollouts_of(shapes, vocab_size=64, seed=0) -> RolloutBatch:
     return RolloutBatch(input_ids, attention_mask, completion_mask, prompt_width, torch.arange(len(shapes)), PAD)
 
 
+def one_layout(batch: RolloutBatch, rows, packing: bool, pack_length):
+    """The rows ``rows`` of ``batch`` as one micro-batch: packed into rows of at most ``pack_length``
+    tokens (None: one row), or padded."""
+    sequences, completion_lengths = batch.sequences(rows)
+    return pass_layout(sequences, completion_lengths, batch.completion_width, pack_length, packing, batch.pad_token_id)
+
+
 def alone_reference(model, batch: RolloutBatch, temperature: float):
     """Each row's completion log-probs and entropies from the model's own full logits, the row run
     alone without any padding: [N, completion_width], 0 past the end."""
@@ -83,11 +90,11 @@ def check_packed_equals_padded(model, batch):
     weights = weights * batch.completion_mask
     rows = slice(0, batch.num_rows)
     longest = int(batch.sequence_lengths.max())
-    packed_layout = batch.layout(rows, packing=True, pack_length=longest)
+    packed_layout = one_layout(batch, rows, packing=True, pack_length=longest)
     assert packed_layout.input_ids.size(0) < batch.num_rows  # several sequences share a row
-    padded = pass_results(model, batch, batch.layout(rows, packing=False, pack_length=None), weights)
+    padded = pass_results(model, batch, one_layout(batch, rows, packing=False, pack_length=None), weights)
     packed = pass_results(model, batch, packed_layout, weights)
-    one_row = pass_results(model, batch, batch.layout(rows, packing=True, pack_length=None), weights)
+    one_row = pass_results(model, batch, one_layout(batch, rows, packing=True, pack_length=None), weights)
     with torch.no_grad():
         reference_logp, reference_entropy = alone_reference(model, batch, 0.7)
     torch.testing.assert_close(padded[0], reference_logp, atol=1e-5, rtol=0)

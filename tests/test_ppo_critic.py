@@ -11,6 +11,7 @@ from common.rollout import RolloutBatch
 from ppo.critic import Critic, ValueHead, completion_logprobs_and_values
 from ppo.loss import ppo_value_loss
 from tests.conftest import micro_model
+from tests.test_packing import one_layout
 
 PROMPTS = [[2, 5, 6, 7], [2, 9, 3]]  # the second is shorter: left-padded
 COMPLETIONS = [[10, 11, 12, 13, 1], [14, 15, 1]]  # lengths 5 and 3 (the first fills the width)
@@ -60,7 +61,7 @@ def test_where_the_value_loss_gradient_goes(features):
     model = lora_micro_model().train()
     critic = critic_for(model, features)
     batch = handmade_batch()
-    layout = batch.layout(batch.rows, packing=True, pack_length=None)
+    layout = one_layout(batch, batch.rows, packing=True, pack_length=None)
     logp, _, values, _ = completion_logprobs_and_values(model, critic, batch, layout, 1.0, 4)
     loss, _ = ppo_value_loss(values, torch.zeros_like(values), torch.ones_like(values), batch.completion_mask)
     loss.backward()
@@ -87,7 +88,7 @@ def test_values_are_read_before_each_token_and_after_the_last(features, packing)
     critic = critic_for(model, features)
     batch = handmade_batch()
     with torch.no_grad():
-        layout = batch.layout(batch.rows, packing, pack_length=9)
+        layout = one_layout(batch, batch.rows, packing, pack_length=9)
         logp, entropy, values, bootstrap = completion_logprobs_and_values(model, critic, batch, layout, 1.0, 4,
                                                                           with_entropy=True)
         expected_logp, expected_entropy = batch.completion_logprobs_for(model, layout, 1.0, 4, with_entropy=True)
@@ -109,6 +110,6 @@ def test_values_are_read_before_each_token_and_after_the_last(features, packing)
             torch.testing.assert_close(bootstrap[row], state_values[len(prompt) + length - 1], atol=1e-5, rtol=1e-5)
         # A micro-batch of one row (other column trimming) reads the same values.
         _, _, alone, alone_bootstrap = completion_logprobs_and_values(
-            model, critic, batch, batch.layout(torch.tensor([1]), packing, pack_length=9), 1.0, 4)
+            model, critic, batch, one_layout(batch, torch.tensor([1]), packing, pack_length=9), 1.0, 4)
         torch.testing.assert_close(alone, values[1:], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(alone_bootstrap, bootstrap[1:], atol=1e-5, rtol=1e-5)
