@@ -136,7 +136,7 @@ from common.rollout import rollout_batch, rollout_means, rollout_summary, rollou
 from common.sampler import SamplingParams, even_chunk_rows  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
 from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
-from grpo.loss import grpo_loss  # noqa: E402
+from grpo.loss import GRPOObjective, grpo_loss  # noqa: E402
 
 # ------------------------------------------------- plumbing (common/run.py)
 check_sampling(EVAL_NUM_SAMPLES, EVAL_TEMPERATURE, ("EVAL_NUM_SAMPLES", "EVAL_TEMPERATURE"))
@@ -170,6 +170,10 @@ run.track(model, tokenizer, optimizer, scheduler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
                                          reward=reward, prompt_format=prompt_format, sampled=eval_sampled,
                                          seed=SEED))
+# The objective, as one value: what grpo_loss optimises (grpo/loss.py).
+objective = GRPOObjective(clip_eps_low=CLIP_EPS_LOW, clip_eps_high=CLIP_EPS_HIGH, kl_coef=KL_COEF,
+                          kl_estimator=KL_ESTIMATOR, loss_agg=LOSS_AGG, importance_level=IMPORTANCE_LEVEL,
+                          max_new_tokens=MAX_NEW_TOKENS)
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step; "
@@ -216,8 +220,7 @@ for step in run.steps(total_steps, steps_per_epoch):
     policy_start = time.perf_counter()
     model.train()
     step_counts = all_reduce_sum({"rows": rollouts.num_rows, "tokens": rollouts.num_tokens})
-    normalizer = {"token_mean": step_counts["tokens"], "seq_mean": step_counts["rows"],
-                  "seq_sum_const": step_counts["rows"] * MAX_NEW_TOKENS}[LOSS_AGG]
+    normalizer = objective.normalizer(step_counts["rows"], step_counts["tokens"])  # the whole step's
     update_sums = {key: torch.zeros((), device=device)
                    for key in ("loss", "entropy", "kl", "clip_frac", "approx_kl", "mismatch")}
     mismatch_max = torch.zeros((), device=device)
@@ -234,12 +237,8 @@ for step in run.steps(total_steps, steps_per_epoch):
             trainer_old_logp = logp.detach() if old_logp is None else old_logp[micro]
             correction = (truncated_importance_weights(trainer_old_logp, sampler_logp[micro], TIS_CAP)
                           if IMPORTANCE_CORRECTION == "tis" else None)
-            loss, stats = grpo_loss(
-                logp, trainer_old_logp, row_advantages[micro], mask,
-                ref_logp=None if ref_logp is None else ref_logp[micro], beta=KL_COEF,
-                eps_low=CLIP_EPS_LOW, eps_high=CLIP_EPS_HIGH, loss_agg=LOSS_AGG,
-                importance_level=IMPORTANCE_LEVEL, normalizer=normalizer, max_tokens=MAX_NEW_TOKENS,
-                kl_estimator=KL_ESTIMATOR, sampler_correction=correction)
+            loss, stats = grpo_loss(logp, trainer_old_logp, row_advantages[micro], mask, objective, normalizer,
+                                    None if ref_logp is None else ref_logp[micro], correction)
             run.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
             iteration_loss += loss.detach()
             update_sums["entropy"] += (entropy.detach() * mask).sum()

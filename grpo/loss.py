@@ -9,15 +9,19 @@ advantage A_i (grpo.advantage); logp, old_logp, ref_logp the policy's, the sampl
     loss       L_{i,t} = -min(r A_i, clip(r, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_{i,t}
     aggregate  "token_mean":    sum L m / sum m                 (DAPO: every token weighs the same)
                "seq_mean":      (1/B) sum_i (sum_t L m / sum_t m) (DeepSeekMath's GRPO, GSPO)
-               "seq_sum_const": sum L m / (B * max_tokens)      (Dr. GRPO: no length bias)
+               "seq_sum_const": sum L m / (B * max_new_tokens)  (Dr. GRPO: no length bias)
 
 eps_high > eps_low is DAPO's clip-higher (Yu et al. 2025); KL_{i,t} is common.kl's estimator, added to
-the loss as DeepSeekMath does. ``normalizer`` replaces the denominator with the whole step's, so that
-micro-batch losses (and gradients) add up to the step's. Why each choice, and GSPO's gradient:
-docs/algorithms.md, "GRPO". The ratio, the surrogate and the log-ratio clamp are common.policy_gradient's.
+the loss as DeepSeekMath does. The settings travel as one value, GRPOObjective; its ``normalizer``
+is the aggregation's denominator, and a trainer passes the whole step's (rows and tokens over every
+micro-batch and rank), so that micro-batch losses (and gradients) add up to the step's. Why each
+choice, and GSPO's gradient: docs/algorithms.md, "GRPO". The ratio, the surrogate and the log-ratio
+clamp are common.policy_gradient's.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -28,15 +32,45 @@ LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_const")
 IMPORTANCE_LEVELS = ("token", "sequence")
 
 
-def _check_arguments(logp, old_logp, advantages, completion_mask, ref_logp, beta, eps_low, eps_high,
-                     loss_agg, importance_level, normalizer, max_tokens, kl_estimator) -> None:
-    if loss_agg not in LOSS_AGGREGATIONS:
-        raise ValueError(f"unknown loss_agg {loss_agg!r}; valid: {list(LOSS_AGGREGATIONS)}")
-    if importance_level not in IMPORTANCE_LEVELS:
-        raise ValueError(f"unknown importance_level {importance_level!r}; valid: {list(IMPORTANCE_LEVELS)}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; valid: {sorted(KL_ESTIMATORS)}")
+@dataclass(frozen=True)
+class GRPOObjective:
+    """What the GRPO loss optimises, as one value (run_train_grpo.py's "objective" constants):
+    the clip range [1 - clip_eps_low, 1 + clip_eps_high], the KL penalty's weight (beta) and
+    estimator, the aggregation, the importance level, and the generation limit that seq_sum_const
+    divides by. Checked once, when it is made."""
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    loss_agg: str = "token_mean"
+    importance_level: str = "token"
+    max_new_tokens: int | None = None
 
+    def __post_init__(self):
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ValueError(f"unknown loss_agg {self.loss_agg!r}; valid: {list(LOSS_AGGREGATIONS)}")
+        if self.importance_level not in IMPORTANCE_LEVELS:
+            raise ValueError(f"unknown importance_level {self.importance_level!r}; valid: {list(IMPORTANCE_LEVELS)}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; valid: {sorted(KL_ESTIMATORS)}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef (beta) must be >= 0, got {self.kl_coef}")
+        if not 0 <= self.clip_eps_low < 1 or self.clip_eps_high < 0:
+            raise ValueError(f"need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got clip_eps_low="
+                             f"{self.clip_eps_low}, clip_eps_high={self.clip_eps_high}")
+        if self.loss_agg == "seq_sum_const" and not (self.max_new_tokens or 0) >= 1:
+            raise ValueError("loss_agg 'seq_sum_const' needs max_new_tokens (the generation limit) >= 1")
+
+    def normalizer(self, completions: float, tokens: float) -> float:
+        """The aggregation's denominator for ``completions`` completions holding ``tokens`` answer
+        tokens: tokens (token_mean), completions (seq_mean) or completions x max_new_tokens
+        (seq_sum_const). Given the step's counts, micro-batch losses add up to the step's."""
+        return {"token_mean": tokens, "seq_mean": completions,
+                "seq_sum_const": completions * (self.max_new_tokens or 0)}[self.loss_agg]
+
+
+def _check_tensors(logp, old_logp, advantages, completion_mask, ref_logp, objective: GRPOObjective,
+                   normalizer) -> None:
     if logp.dim() != 2 or logp.shape[0] < 1 or logp.shape[1] < 1:
         raise ValueError(f"logp must have shape [B, T] with B, T >= 1, got {tuple(logp.shape)}")
     if not logp.is_floating_point():
@@ -50,41 +84,27 @@ def _check_arguments(logp, old_logp, advantages, completion_mask, ref_logp, beta
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must have shape [B] = [{logp.shape[0]}] (one per completion), "
                          f"got {tuple(advantages.shape)}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    if beta > 0 and ref_logp is None:
-        raise ValueError(f"beta = {beta} > 0 needs ref_logp, the reference policy's log-probs")
-    if not 0 <= eps_low < 1 or eps_high < 0:
-        raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    if objective.kl_coef > 0 and ref_logp is None:
+        raise ValueError(f"kl_coef = {objective.kl_coef} > 0 needs ref_logp, the reference policy's log-probs")
     if normalizer is not None and not normalizer > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
-    if loss_agg == "seq_sum_const" and normalizer is None and max_tokens is None:
-        raise ValueError("loss_agg 'seq_sum_const' needs max_tokens (the generation limit) or a normalizer")
-    if max_tokens is not None and not 0 < logp.shape[1] <= max_tokens:
-        raise ValueError(f"max_tokens = {max_tokens} is less than the completions' padded length {logp.shape[1]}")
+    if objective.max_new_tokens is not None and not 0 < logp.shape[1] <= objective.max_new_tokens:
+        raise ValueError(f"max_new_tokens = {objective.max_new_tokens} is less than the completions' padded "
+                         f"length {logp.shape[1]}")
 
 
 def _aggregate(per_token_loss: torch.Tensor, completion_mask: torch.Tensor, loss_agg: str,
-               normalizer: float | None, max_tokens: int | None) -> torch.Tensor:
-    """The batch loss from per-token losses [B, T] (see the module docstring). A completion with an
-    empty mask contributes 0; so does a batch with no tokens at all."""
+               normalizer: float | torch.Tensor) -> torch.Tensor:
+    """The batch loss from per-token losses [B, T] over ``normalizer`` (see the module docstring).
+    A completion with an empty mask contributes 0."""
     sum_per_completion = (per_token_loss * completion_mask).sum(dim=1)
-    num_completions = completion_mask.shape[0]
-    if loss_agg == "token_mean":
-        denominator = completion_mask.sum().clamp_min(1.0) if normalizer is None else normalizer
-        return sum_per_completion.sum() / denominator
     if loss_agg == "seq_mean":
-        mean_per_completion = sum_per_completion / completion_mask.sum(dim=1).clamp_min(1.0)
-        return mean_per_completion.sum() / (num_completions if normalizer is None else normalizer)
-    denominator = num_completions * max_tokens if normalizer is None else normalizer
-    return sum_per_completion.sum() / denominator
+        sum_per_completion = sum_per_completion / completion_mask.sum(dim=1).clamp_min(1.0)
+    return sum_per_completion.sum() / normalizer
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-              completion_mask: torch.Tensor, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
-              eps_low: float = 0.2, eps_high: float = 0.2, loss_agg: str = "token_mean",
-              importance_level: str = "token", normalizer: float | None = None,
-              max_tokens: int | None = None, kl_estimator: str = "k3",
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, completion_mask: torch.Tensor,
+              objective: GRPOObjective, normalizer: float | None = None, ref_logp: torch.Tensor | None = None,
               sampler_correction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of a batch (or micro-batch) of completions, and statistics for logging.
 
@@ -93,15 +113,12 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     completion's tokens (EOS included), 0 on padding (bool or 0/1 numbers); advantages [B]: one per
     completion. Only logp receives gradients; the others are detached.
 
-    beta > 0 adds beta * kl_estimate(logp, ref_logp, kl_estimator) per token and needs ref_logp.
-    eps_low, eps_high: the clip range [1 - eps_low, 1 + eps_high]. loss_agg: "token_mean",
-    "seq_mean" or "seq_sum_const" (needs max_tokens, the generation limit, unless normalizer is
-    given). importance_level: "token" or "sequence" (GSPO). normalizer, when given, replaces the
-    aggregation's denominator computed from this batch: the step's token count ("token_mean"), its
-    number of completions ("seq_mean") or that number times max_tokens ("seq_sum_const"), so that
-    micro-batch losses add up to the step's loss. sampler_correction [B, T], when given, multiplies
-    each token's policy-gradient term (not the KL term): the truncated importance weight of the
-    sampler -> trainer mismatch (common.policy_gradient). Formulas and sources: the module docstring.
+    objective: the clip range, KL weight and estimator (kl_coef > 0 needs ref_logp), aggregation and
+    importance level. normalizer: the aggregation's denominator, the whole step's
+    (objective.normalizer(step's completions, step's tokens)) so that micro-batch losses add up to
+    the step's; None: this batch's own. sampler_correction [B, T], when given, multiplies each
+    token's policy-gradient term (not the KL term): the truncated importance weight of the sampler ->
+    trainer mismatch (common.policy_gradient). Formulas and sources: the module docstring.
 
     Padding positions may hold anything (even inf or NaN): they are zeroed before use and
     contribute nothing to the loss, the gradient or the statistics. Computed in at least fp32.
@@ -118,23 +135,25 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
       policy_loss     the clipped-surrogate part of the loss alone, aggregated like the loss
       tokens          number of masked tokens
     """
-    _check_arguments(logp, old_logp, advantages, completion_mask, ref_logp, beta, eps_low, eps_high,
-                     loss_agg, importance_level, normalizer, max_tokens, kl_estimator)
+    _check_tensors(logp, old_logp, advantages, completion_mask, ref_logp, objective, normalizer)
     dtype = compute_dtype(logp)
     is_completion_token = completion_mask.bool()
     completion_mask = is_completion_token.to(dtype)
+    if normalizer is None:  # this batch's own denominator
+        normalizer = objective.normalizer(completion_mask.shape[0], completion_mask.sum().clamp_min(1.0))
     logp = answer_tokens_only(logp, is_completion_token, dtype)
     old_logp = answer_tokens_only(old_logp.detach(), is_completion_token, dtype)
     advantages = advantages.detach().to(dtype).unsqueeze(1)
 
     token_log_ratio = logp - old_logp
-    if importance_level == "token":
+    if objective.importance_level == "token":
         log_ratio = token_log_ratio
     else:
         tokens_per_completion = completion_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
         sequence_log_ratio = token_log_ratio.sum(dim=1, keepdim=True) / tokens_per_completion
         log_ratio = sequence_log_ratio.expand_as(token_log_ratio)
     ratio = importance_ratio(log_ratio)
+    eps_low, eps_high = objective.clip_eps_low, objective.clip_eps_high
     policy_loss_per_token = clipped_surrogate(ratio, advantages, eps_low, eps_high)
     if sampler_correction is not None:  # truncated importance sampling: common.policy_gradient.tis_weights
         policy_loss_per_token = policy_loss_per_token * answer_tokens_only(sampler_correction.detach(),
@@ -144,10 +163,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     kl_per_token = None
     if ref_logp is not None:
         kl_per_token = kl_estimate(logp, answer_tokens_only(ref_logp.detach(), is_completion_token, dtype),
-                                   kl_estimator)
-        if beta > 0:
-            per_token_loss = per_token_loss + beta * kl_per_token
-    loss = _aggregate(per_token_loss, completion_mask, loss_agg, normalizer, max_tokens)
+                                   objective.kl_estimator)
+        if objective.kl_coef > 0:
+            per_token_loss = per_token_loss + objective.kl_coef * kl_per_token
+    loss = _aggregate(per_token_loss, completion_mask, objective.loss_agg, normalizer)
 
     # Statistics as 0-dim tensors, so that a trainer reads them once per step (no host sync here).
     with torch.no_grad():
@@ -164,7 +183,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
             "clip_frac_high": masked_mean(clipped_high.to(dtype)),
             "ratio_mean": masked_mean(ratio),
             "approx_kl": masked_mean(kl_k3(old_logp, logp)),
-            "policy_loss": _aggregate(policy_loss_per_token, completion_mask, loss_agg, normalizer, max_tokens),
+            "policy_loss": _aggregate(policy_loss_per_token, completion_mask, objective.loss_agg, normalizer),
             "tokens": num_tokens,
         }
         if kl_per_token is not None:

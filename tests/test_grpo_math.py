@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from grpo.advantage import group_advantages, zero_advantage_groups
-from grpo.loss import grpo_loss as grpo_loss_with_tensor_stats
+from grpo.loss import GRPOObjective, grpo_loss as grpo_loss_with_tensor_stats
 
 
-def grpo_loss(*args, **kwargs):
-    """grpo_loss with its statistics read as floats (it returns 0-dim tensors: no host sync there)."""
-    loss, stats = grpo_loss_with_tensor_stats(*args, **kwargs)
+def grpo_loss(logp, old_logp, advantages, completion_mask, normalizer=None, ref_logp=None, sampler_correction=None,
+              **objective):
+    """grpo_loss with the objective's settings as keywords (GRPOObjective's fields) and its statistics
+    read as floats (it returns 0-dim tensors: no host sync there)."""
+    loss, stats = grpo_loss_with_tensor_stats(logp, old_logp, advantages, completion_mask, GRPOObjective(**objective),
+                                              normalizer, ref_logp, sampler_correction)
     return loss, {key: float(value) for key, value in stats.items()}
 
 ADVANTAGE_MODES = ("mean", "std", "rank")
@@ -146,7 +149,7 @@ def test_clip_higher(eps_high, expected_loss, expected_grad, expected_clip_frac_
     # Old probability 0.4, new 0.5: ratio 1.25, advantage +1, one token.
     logp, old_logp = torch.log(torch.tensor([[0.5]])), torch.log(torch.tensor([[0.4]]))
     loss, stats, grad = loss_and_logp_grad(logp, old_logp, torch.tensor([1.0]), torch.ones(1, 1),
-                                           eps_low=0.2, eps_high=eps_high)
+                                           clip_eps_low=0.2, clip_eps_high=eps_high)
     assert loss.item() == pytest.approx(expected_loss, abs=1e-6)
     assert grad.item() == pytest.approx(expected_grad, abs=1e-6)
     assert stats["clip_frac_high"] == expected_clip_frac_high
@@ -156,7 +159,7 @@ def test_clip_higher(eps_high, expected_loss, expected_grad, expected_clip_frac_
 def test_padding_contributes_nothing_and_eos_does(garbage):
     old_logp = LOGP - torch.tensor([[0.1, -0.1, 0.05], [0.3, 0.0, 0.0]])  # ratios away from 1
     ref_logp = LOGP - 0.2
-    kwargs = dict(ref_logp=ref_logp, beta=0.1)
+    kwargs = dict(ref_logp=ref_logp, kl_coef=0.1)
     loss, stats, grad = loss_and_logp_grad(LOGP, old_logp, ADVANTAGES, COMPLETION_MASK, **kwargs)
 
     padding = COMPLETION_MASK == 0
@@ -193,7 +196,7 @@ AGG_ADVANTAGES = torch.tensor([1.0, -2.0, 5.0])
 ])
 def test_aggregations_on_completions_of_different_lengths(loss_agg, normalizer, expected):
     loss, stats, grad = loss_and_logp_grad(AGG_LOGP, AGG_OLD_LOGP, AGG_ADVANTAGES, AGG_MASK, loss_agg=loss_agg,
-                                           normalizer=normalizer, max_tokens=5)
+                                           normalizer=normalizer, max_new_tokens=5)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert stats["policy_loss"] == pytest.approx(expected, abs=1e-6)
     assert torch.isfinite(grad).all() and torch.equal(grad[2], torch.zeros(3))
@@ -210,8 +213,8 @@ def test_micro_batches_with_the_step_normalizer_add_up_to_the_full_batch(loss_ag
     logp = old_logp + 0.5 * torch.randn(num_completions, padded_length, generator=generator)
     ref_logp = old_logp + 0.2 * torch.randn(num_completions, padded_length, generator=generator)
     advantages = torch.randn(num_completions, generator=generator)
-    kwargs = dict(ref_logp=ref_logp, beta=0.04, loss_agg=loss_agg, importance_level=importance_level,
-                  max_tokens=max_tokens)
+    kwargs = dict(ref_logp=ref_logp, kl_coef=0.04, loss_agg=loss_agg, importance_level=importance_level,
+                  max_new_tokens=max_tokens)
 
     full_loss, full_stats, full_grad = loss_and_logp_grad(logp, old_logp, advantages, completion_mask, **kwargs)
     assert full_stats["clip_frac"] > 0  # the data exercises clipping too
@@ -236,7 +239,7 @@ def test_kl_term_adds_beta_times_mean_k3():
     # = 0.5 - 1 + log 2 = 0.193147. Ratio to old = 1, so the surrogate is -A = -1 per token.
     logp = torch.log(torch.full((1, 2), 0.5))
     loss, stats, grad = loss_and_logp_grad(logp, logp.clone(), torch.tensor([1.0]), torch.ones(1, 2),
-                                           ref_logp=torch.log(torch.full((1, 2), 0.25)), beta=0.1)
+                                           ref_logp=torch.log(torch.full((1, 2), 0.25)), kl_coef=0.1)
     # By hand: loss = -1 + 0.1 * 0.193147 = -0.9806853
     assert loss.item() == pytest.approx(-0.9806853, abs=1e-6)
     assert stats["kl"] == pytest.approx(0.193147, abs=1e-6)
@@ -256,7 +259,7 @@ def test_ref_logp_without_beta_is_logged_but_not_added():
 
 def test_beta_without_ref_logp_raises():
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_loss(LOGP, LOGP.clone(), ADVANTAGES, COMPLETION_MASK, beta=0.04)
+        grpo_loss(LOGP, LOGP.clone(), ADVANTAGES, COMPLETION_MASK, kl_coef=0.04)
 
 
 def test_sequence_level_ratio_is_exp_of_the_mean_log_ratio():
@@ -310,7 +313,7 @@ def test_gradients_flow_only_through_logp():
     old_logp = (LOGP - 0.1).requires_grad_()
     ref_logp = (LOGP - 0.2).requires_grad_()
     advantages = ADVANTAGES.clone().requires_grad_()
-    loss, _ = grpo_loss(logp, old_logp, advantages, COMPLETION_MASK, ref_logp=ref_logp, beta=0.1)
+    loss, _ = grpo_loss(logp, old_logp, advantages, COMPLETION_MASK, ref_logp=ref_logp, kl_coef=0.1)
     loss.backward()
     assert logp.grad is not None
     assert old_logp.grad is None and ref_logp.grad is None and advantages.grad is None
@@ -338,10 +341,10 @@ def test_bf16_log_probs_are_computed_in_fp32():
     (dict(advantages=torch.zeros(2, 1)), "advantages"),
     (dict(old_logp=torch.zeros(2, 4)), "old_logp"),
     (dict(ref_logp=torch.zeros(3, 3)), "ref_logp"),
-    (dict(loss_agg="seq_sum_const"), "max_tokens"),
-    (dict(max_tokens=2), "max_tokens"),
+    (dict(loss_agg="seq_sum_const"), "max_new_tokens"),
+    (dict(max_new_tokens=2), "max_new_tokens"),
     (dict(normalizer=0.0), "normalizer"),
-    (dict(eps_low=1.5), "eps_low"),
+    (dict(clip_eps_low=1.5), "clip_eps_low"),
 ])
 def test_invalid_arguments_raise_clear_errors(overrides, message):
     arguments = dict(logp=torch.zeros(2, 3), old_logp=torch.zeros(2, 3), advantages=torch.zeros(2),
@@ -365,8 +368,36 @@ def test_sampler_correction_weights_each_tokens_policy_term_by_hand():
 
     logp.grad = None
     loss, _ = grpo_loss(logp, logp.detach().clone(), torch.tensor([1.0]), torch.ones(1, 2),
-                        ref_logp=torch.full((1, 2), -0.5), beta=0.1, kl_estimator="k1",
+                        ref_logp=torch.full((1, 2), -0.5), kl_coef=0.1, kl_estimator="k1",
                         sampler_correction=torch.tensor([[0.5, 2.0]]))
     loss.backward()
     assert loss.item() == pytest.approx(-1.25 + 0.05)
     torch.testing.assert_close(logp.grad, torch.tensor([[-0.25 + 0.05, -1.0 + 0.05]]))
+
+
+def test_clip_statistics_count_each_side_by_its_bound_and_the_advantages_sign():
+    """Ratios below, inside and above the clip range [0.8, 1.28] under advantages of both signs: a
+    token counts as clipped low only when r < 0.8 and A < 0, clipped high only when r > 1.28 and A > 0
+    (the other two corners keep their gradient: the min picks the unclipped term). Each row has
+    ratios on both sides of both bounds, in different numbers, so a condition with the wrong sign
+    or the wrong bound gives other fractions. A naive loop over the tokens gives the expected ones."""
+    ratios = torch.tensor([[0.5, 1.5, 2.0, 1.0, 1.3, 0.9],     # A > 0: one below 0.8, three above 1.28
+                           [0.7, 1.1, 1.6, 0.6, 0.75, 1.0]])   # A < 0: three below 0.8, one above 1.28
+    advantages = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 6)
+    mask[1, 5] = 0.0  # one padded token: not counted in the denominator either
+    _, stats = grpo_loss(torch.log(ratios), torch.zeros(2, 6), advantages, mask, clip_eps_low=0.2,
+                         clip_eps_high=0.28)  # old_logp 0, so r = exp(logp)
+    low = high = tokens = 0
+    for row in range(2):
+        for column in range(6):
+            if not mask[row, column]:
+                continue
+            tokens += 1
+            r, a = ratios[row, column].item(), advantages[row].item()
+            low += r < 0.8 and a < 0
+            high += r > 1.28 and a > 0
+    assert (low, high, tokens) == (3, 3, 11)  # by hand: row 1's 0.7, 0.6, 0.75; row 0's 1.5, 2.0, 1.3
+    assert stats["clip_frac_low"] == pytest.approx(low / tokens)
+    assert stats["clip_frac_high"] == pytest.approx(high / tokens)
+    assert stats["clip_frac"] == pytest.approx((low + high) / tokens)
