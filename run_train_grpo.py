@@ -131,10 +131,10 @@ from common.lora import disable_lora  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
-from common.reward import load_reward  # noqa: E402
-from common.rollout import rollout_batch, rollout_means, rollout_summary, rollout_sums, sample_and_score  # noqa: E402
+from common.reward import load_reward, score_batch  # noqa: E402
+from common.rollout import rollout_batch, rollout_means, rollout_summary, rollout_sums, sample_rollouts  # noqa: E402
 from common.sampler import SamplingParams, even_chunk_rows  # noqa: E402
-from common.run import TrainingRun  # noqa: E402
+from common.run import TrainingRun, device_clock  # noqa: E402
 from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
 from grpo.loss import GRPOObjective, grpo_loss  # noqa: E402
 
@@ -183,10 +183,11 @@ print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {
 for step in run.steps(total_steps, steps_per_epoch):
     epoch, batch = run.step_items(problems, step, PROMPTS_PER_STEP)  # this rank's share of the step's questions
 
-    # 1. Rollouts: G completions per question in one batch, each scored with its row.
-    samples, sample_rows, scores, generate_seconds = sample_and_score(
-        model, tokenizer, prompt_format, batch, reward, sampling)
+    # 1. Rollouts: G completions per question in one batch; each scored by REWARD with its question's row.
+    samples, sample_rows, generate_seconds = sample_rollouts(model, tokenizer, prompt_format, batch, sampling)
     run.release_rollout_memory(model)  # the static KV, where the memory plan says it does not fit beside the policy pass
+    score_start = time.perf_counter()
+    scores = score_batch(reward, samples.texts, sample_rows, samples.truncated)
 
     # 2. Group advantages.
     rewards = torch.tensor([s.total for s in scores]).view(len(batch), NUM_SAMPLES_PER_PROMPT)
@@ -204,20 +205,22 @@ for step in run.steps(total_steps, steps_per_epoch):
          samples.logprobs[rollouts.rows]), device)  # sampler_logp: what each token was drawn with
 
     # 3. Reference (adapters off) and, for several iterations, old log-probs: once, before any update.
-    reference_start = time.perf_counter()
+    reference_start = device_clock(device)
+    score_seconds = reference_start - score_start
     ref_logp = old_logp = None
     with torch.no_grad():
         if KL_COEF > 0 and rollouts.num_rows:
             with disable_lora(model):
                 ref_logp = rollouts.completion_logprobs(model, TEMPERATURE, layouts, LOGPROB_CHUNK_SIZE)
+        old_logp_start = device_clock(device)
         if NUM_ITERATIONS > 1 and rollouts.num_rows:
             old_logp = rollouts.completion_logprobs(model, TEMPERATURE, layouts, LOGPROB_CHUNK_SIZE)
-    reference_seconds = time.perf_counter() - reference_start
+    policy_start = device_clock(device)
+    reference_seconds, old_logp_seconds = old_logp_start - reference_start, policy_start - old_logp_start
 
     # 4. Policy update(s), accumulated over micro-batches with the whole step's normaliser, counted
     #    over every rank; the gradients are then summed over the ranks (see sum_gradients). Statistics
     #    stay on the device until the end of the step: one host sync per update (gradient norm and loss).
-    policy_start = time.perf_counter()
     model.train()
     step_counts = all_reduce_sum({"rows": rollouts.num_rows, "tokens": rollouts.num_tokens})
     normalizer = objective.normalizer(step_counts["rows"], step_counts["tokens"])  # the whole step's
@@ -225,6 +228,7 @@ for step in run.steps(total_steps, steps_per_epoch):
                    for key in ("loss", "entropy", "kl", "clip_frac", "approx_kl", "mismatch")}
     mismatch_max = torch.zeros((), device=device)
     grad_norm = None  # None when no group had an advantage
+    optimizer_seconds = 0.0  # of the policy pass's time: gradient sum, clipping and the AdamW step
     for iteration in range(NUM_ITERATIONS if step_counts["rows"] else 0):
         optimizer.zero_grad(set_to_none=True)
         iteration_loss = torch.zeros((), device=device)
@@ -249,6 +253,7 @@ for step in run.steps(total_steps, steps_per_epoch):
                 update_sums["mismatch"] += mismatch_mean * stats["tokens"]
                 mismatch_max = torch.maximum(mismatch_max, micro_max)
         update_sums["loss"] += iteration_loss
+        optimizer_start = device_clock(device)
         sum_gradients(trainable)
         run.unscale_gradients(optimizer)
         # The gradient norm and the loss in one read: the update's only host sync.
@@ -259,8 +264,9 @@ for step in run.steps(total_steps, steps_per_epoch):
             optimizer.zero_grad(set_to_none=True)
             break
         run.optimizer_step(optimizer)
+        optimizer_seconds += device_clock(device) - optimizer_start
     scheduler.step()
-    policy_seconds = time.perf_counter() - policy_start
+    policy_seconds = device_clock(device) - policy_start - optimizer_seconds
     step_seconds = run.step_seconds() - samples.compile_seconds
 
     # Metrics of the step over every rank (sums in one all-reduce, then the means); update statistics
@@ -276,7 +282,11 @@ for step in run.steps(total_steps, steps_per_epoch):
         "logprob_mismatch_max": all_reduce_max(mismatch_max),
         "zero_adv_groups": totals["zero_adv_groups"] / totals["groups"],
         "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-        "generate_s": generate_seconds, "reference_s": reference_seconds, "policy_s": policy_seconds,
+        "policy_micro_batches": len(layouts),  # per iteration: positions computed and real tokens of the
+        "policy_positions": sum(layout.computed_positions for layout in layouts),  # packed or padded layout
+        "policy_tokens": sum(layout.real_tokens for layout in layouts),
+        "generate_s": generate_seconds, "score_s": score_seconds, "reference_s": reference_seconds,
+        "old_logp_s": old_logp_seconds, "policy_s": policy_seconds, "optimizer_s": optimizer_seconds,
         "step_s": step_seconds, "compile_s": samples.compile_seconds,
     }
     run.bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}")

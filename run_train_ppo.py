@@ -148,8 +148,8 @@ from common.lora import disable_lora, lora_parameters  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
-from common.reward import load_reward  # noqa: E402
-from common.rollout import rollout_batch, rollout_means, rollout_summary, rollout_sums, sample_and_score  # noqa: E402
+from common.reward import load_reward, score_batch  # noqa: E402
+from common.rollout import rollout_batch, rollout_means, rollout_summary, rollout_sums, sample_rollouts  # noqa: E402
 from common.sampler import SamplingParams, even_chunk_rows  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
@@ -245,9 +245,9 @@ for step in run.steps(total_steps, steps_per_epoch):
     epoch, batch = run.step_items(problems, step, PROMPTS_PER_STEP)  # this rank's share of the step's questions
 
     # 1. Rollouts and their task rewards, each scored with its row.
-    samples, sample_rows, scores, generate_seconds = sample_and_score(
-        model, tokenizer, prompt_format, batch, reward, sampling)
+    samples, sample_rows, generate_seconds = sample_rollouts(model, tokenizer, prompt_format, batch, sampling)
     run.release_rollout_memory(model)  # the static KV, where the memory plan says it does not fit beside the policy pass
+    scores = score_batch(reward, samples.texts, sample_rows, samples.truncated)
     task_rewards = torch.tensor([s.total for s in scores], dtype=torch.float32)
     rollouts = rollout_batch(samples, None, tokenizer.pad_token_id)
     mask = rollouts.completion_mask

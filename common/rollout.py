@@ -30,7 +30,6 @@ from common.policy_gradient import check_completion_mask
 from common.model import stop_token_ids
 from common.packing import PassLayout, micro_batch_layouts
 from common.prompts import encode_prompts
-from common.reward import score_batch
 from common.sampler import SampleOutput, SamplingParams, left_pad, sample
 
 
@@ -159,13 +158,12 @@ def rollout_means(totals: dict, generate_seconds: float) -> dict:
             "tokens_per_s": totals["length"] / generate_seconds}
 
 
-def sample_and_score(model, tokenizer, prompt_format, batch: list[dict], reward, settings: SamplingParams
-                     ) -> tuple[SampleOutput, list[dict], list, float]:
+def sample_rollouts(model, tokenizer, prompt_format, batch: list[dict], settings: SamplingParams
+                    ) -> tuple[SampleOutput, list[dict], float]:
     """An RL step's rollouts: ``settings.num_samples`` completions of each question of ``batch`` in one
-    batch (common.sampler.sample), each stopping at EOS or the chat template's end of turn, then each
-    scored by ``reward`` with its row. Returns (samples, each sample's row, scores, seconds of
-    sampling); the seconds leave out a compilation of the decode step, which is reported once here
-    instead."""
+    batch (common.sampler.sample), each stopping at EOS or the chat template's end of turn. Returns
+    (samples, each sample's question row, seconds of sampling); the seconds leave out a compilation of
+    the decode step, which is reported once here instead."""
     start = time.perf_counter()
     model.eval()
     samples = sample(model, encode_prompts(tokenizer, batch, prompt_format), settings, tokenizer=tokenizer,
@@ -173,8 +171,7 @@ def sample_and_score(model, tokenizer, prompt_format, batch: list[dict], reward,
     seconds = time.perf_counter() - start - samples.compile_seconds
     if samples.compile_seconds:  # the first call, a recompilation, or a CUDA graph recorded for a new shape
         tqdm.write(f"compiled the decode step in {samples.compile_seconds:.1f}s (not counted in generate_s, step_s)")
-    rows = [batch[i] for i in samples.prompt_index.tolist()]
-    return samples, rows, score_batch(reward, samples.texts, rows, samples.truncated), seconds
+    return samples, [batch[i] for i in samples.prompt_index.tolist()], seconds
 
 
 def rollout_summary(metrics: dict) -> str:

@@ -92,6 +92,25 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(
 SAME_INTERRUPTION_S = 2.0
 
 
+def device_clock(device: torch.device) -> float:
+    """time.perf_counter() once ``device`` has done the work queued so far (CUDA: synchronize), so
+    that a phase timed between two calls is charged its own kernels, not the next phase. One sync
+    per phase, a few per step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_memory_gb(device: torch.device) -> dict:
+    """CUDA: the peaks since the last reset (reset_peak_memory), in GB of 2^30 bytes, as the memory
+    plan counts: allocated (live tensors) and reserved (what the caching allocator holds, the CUDA-graph
+    pool included). Elsewhere: nothing (no such counters)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 2 ** 30}
+
+
 class RunError(UserError):
     """A run that must not start: the message is printed as ``error: ...`` and the exit status is 1."""
 
@@ -481,6 +500,8 @@ class TrainingRun:
         self.bar = bar
         for step in bar:
             self.step_started = time.perf_counter()
+            if self.device.type == "cuda":  # each step's peaks: peak_memory_gb in end_step
+                torch.cuda.reset_peak_memory_stats(self.device)
             yield step
 
     def _on_signal(self, signal_number: int, frame) -> None:
@@ -675,6 +696,7 @@ class TrainingRun:
         reduced over the ranks (one all-reduce, where the step already meets); a stop saves and exits
         with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as the signal would have."""
         metrics["skipped_updates"] = self.skipped_updates
+        metrics.update(peak_memory_gb(self.device))  # the step's, before the eval's
         if self.eval_every and (step % self.eval_every == 0 or step == self.total_steps):
             metrics.update(self.evaluate(step))
         metrics["elapsed_s"] = time.perf_counter() - self.started  # wall clock of the run so far, evals included

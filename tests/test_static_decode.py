@@ -63,7 +63,7 @@ def test_no_sampler_function_takes_more_than_six_parameters():
     # gqa_decode_attention's signature is transformers' attention interface.
     functions = [value for name, value in vars(common.sampler).items() if inspect.isfunction(value)
                  and value.__module__ == "common.sampler" and name != "gqa_decode_attention"]
-    functions.append(common.rollout.sample_and_score)
+    functions.append(common.rollout.sample_rollouts)
     assert len(functions) > 15
     too_many = {f.__name__: len(inspect.signature(inspect.unwrap(f)).parameters) for f in functions
                 if len(inspect.signature(inspect.unwrap(f)).parameters) > 6}
