@@ -75,7 +75,8 @@ from common.evaluate import check_sampling, evaluate, evaluate_sampled  # noqa: 
 from common.model import load_model_and_tokenizer  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
-from common.run import check_writable, preflight_model, questions_that_fit, room_for_prompts  # noqa: E402
+from common.run import check_writable, preflight_model  # noqa: E402
+from common.run_setup import questions_that_fit, room_for_prompts  # noqa: E402
 from common.sampler import SamplingParams  # noqa: E402
 
 check_sampling(NUM_SAMPLES, TEMPERATURE, ("NUM_SAMPLES", "TEMPERATURE"))

@@ -91,16 +91,20 @@ from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gra
 from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.logprobs import body_hidden_states, enable_gradient_checkpointing, head_token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
-from common.model import answer_end_token_id  # noqa: E402
+from common.model import answer_end_token_id, get_device, load_tokenizer  # noqa: E402
 from common.packing import PassLayout, micro_batch_layouts, packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
+from common.run_setup import check_lora_targets, check_memory, eval_sampling, load_model_for_training  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
 
-# ------------------------------------------------- plumbing (common/run.py)
+# ------------------------------------------- plumbing (common/run.py, common/run_setup.py)
 check_sampling(EVAL_NUM_SAMPLES, EVAL_TEMPERATURE, ("EVAL_NUM_SAMPLES", "EVAL_TEMPERATURE"))
 distributed = setup_distributed(DEVICE)
-run = TrainingRun("sft", config, distributed, run_dir=OUT_DIR)
+run = TrainingRun("sft", config, distributed, model_path=MODEL_PATH, run_name=RUN_NAME, log_dir=LOG_DIR, logger=LOGGER,
+                  overwrite=OVERWRITE, run_dir=OUT_DIR)
+if LORA_R > 0:
+    check_lora_targets(run.model_path, LORA_TARGETS)  # on the model without its weights
 if QUANT != "none" and LORA_R == 0:
     raise SystemExit("error: QUANT=nf4 keeps the base's weights in 4 bits, frozen: train a LoRA on it (--LORA_R=16)")
 if BATCH_SIZE % distributed.world_size:
@@ -108,7 +112,8 @@ if BATCH_SIZE % distributed.world_size:
                      f"make it a multiple of the number of processes")
 random.seed(SEED)
 torch.manual_seed(SEED)  # the same on every rank: the same initialisation
-tokenizer, device = run.load_tokenizer()
+device = get_device(DEVICE)
+tokenizer = load_tokenizer(run.model_path)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 answer_end_id = answer_end_token_id(tokenizer, run.model_config)  # the token that closes an assistant turn, else EOS
 eval_problems = load_problems(EVAL_FILE, limit=EVAL_LIMIT or None)
@@ -122,7 +127,10 @@ if TRAIN_FILE is not None:
 if LORA_R > 0:
     plan_rng = random.Random(SEED + 1)
     examples = train_problems if TRAIN_FILE is not None else [synth.make_problem(plan_rng) for _ in range(1000)]
-    run.check_memory(
+    check_memory(
+        run.model_path, device, GPU_MEMORY_GB, quant=QUANT, dtype=DTYPE, lora_r=LORA_R, lora_targets=LORA_TARGETS,
+        gradient_checkpointing=GRADIENT_CHECKPOINTING, logprob_chunk_size=LOGPROB_CHUNK_SIZE, sampler=SAMPLER,
+        eval_rows=EVAL_BATCH_SIZE if EVAL_EVERY else 0,
         prompt_tokens=max(len(ids) for ids in encode_prompts(tokenizer, examples + eval_problems,
                                                                      prompt_format)),
         max_new_tokens=1 + max(len(ids) for ids in tokenizer([p["solution"] for p in examples],
@@ -132,7 +140,8 @@ if LORA_R > 0:
         head_on_prompt=True, entropy=False, eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
 else:
     print("no memory plan: it counts a LoRA's training (LORA_R > 0), not every weight's")
-model = run.load_model()
+model, loss_scaler = load_model_for_training(run.model_path, device, DTYPE, QUANT, every_weight=LORA_R == 0,
+                                             quiet=not distributed.is_main)
 packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 if LORA_R > 0:
     wrapped = apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
@@ -194,22 +203,23 @@ scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, MAX_STEPS, LR_SCHEDULE
 final_eval: dict = {}  # the last eval's metrics, for sft_info.json
 
 
-eval_sampling, eval_sampled = run.eval_settings()  # greedy, and the sampled pass when EVAL_TEMPERATURE > 0
+eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, EVAL_BATCH_SIZE, SAMPLER, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)
 
 
 def run_eval(step: int):
-    result = evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
+    result = evaluate(model, tokenizer, eval_problems, eval_greedy, desc=f"eval@{step}",
                       prompt_format=prompt_format, sampled=eval_sampled, seed=SEED)
     final_eval.update(result.metrics())
     return result
 
 
 # LoRA: a checkpoint like the RL trainers' (eval_math.py --LORA_CKPT, INIT_LORA); all weights: the model itself.
-run.track(model, tokenizer, optimizer, scheduler, evaluate=run_eval, save=None if LORA_R > 0 else save_full_model)
+run.track(model, optimizer, scheduler, loss_scaler, evaluate=run_eval, save=None if LORA_R > 0 else save_full_model)
 
 # ------------------------------------------------------------ the algorithm
 train_start = time.perf_counter()
-for step in run.steps(MAX_STEPS):  # a stream of problems: no epochs
+for step in run.steps(MAX_STEPS, None, eval_every=EVAL_EVERY, save_every=0,  # a stream of problems: no epochs
+                      save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS):
     step_start = time.perf_counter()
     # Every rank draws the same batch (same seed) and trains on its share of it.
     layouts = collate(shard(next_batch()))
@@ -222,14 +232,14 @@ for step in run.steps(MAX_STEPS):  # a stream of problems: no epochs
         answer_logp = head_token_logprobs(model, hidden_states, layout.input_ids, chunk_size=LOGPROB_CHUNK_SIZE,
                                           from_position=layout.predicting)
         micro_loss = -answer_logp.sum() / answer_tokens
-        run.backward(micro_loss)  # scaled first for an fp16 model (common.run.LossScaler)
+        loss_scaler.backward(micro_loss)  # scaled first for an fp16 model (common.run.LossScaler)
         loss += micro_loss.detach()
     sum_gradients(trainable)
-    run.unscale_gradients(optimizer)
+    loss_scaler.unscale_gradients(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
     totals = all_reduce_sum({"loss": loss, "tokens": sum(layout.real_tokens for layout in layouts)})  # every rank's share
     if run.update_is_finite(step + 1, grad_norm, totals["loss"]):
-        run.optimizer_step(optimizer)
+        loss_scaler.step(optimizer)
     scheduler.step()
     seconds = time.perf_counter() - step_start
     metrics = {"step": step + 1, "loss": totals["loss"], "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],

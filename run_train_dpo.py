@@ -106,22 +106,31 @@ QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
-from common.data import load_pairs, load_problems  # noqa: E402
+from common.checkpoint import start_lora  # noqa: E402
+from common.data import load_pairs, load_problems, step_items  # noqa: E402
 from common.distributed import all_gather_objects, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import check_sampling, evaluate  # noqa: E402
-from common.lora import disable_lora  # noqa: E402
-from common.model import answer_end_token_id, context_length  # noqa: E402
+from common.logprobs import enable_gradient_checkpointing  # noqa: E402
+from common.lora import disable_lora, lora_parameters  # noqa: E402
+from common.model import answer_end_token_id, context_length, get_device, load_tokenizer  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length, token_budget_ranges  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
-from common.run import TrainingRun, fit_to_context, questions_that_fit, room_for_prompts, warn_shared_questions  # noqa: E402
+from common.run import TrainingRun  # noqa: E402
+from common.run_setup import (check_lora_targets, check_memory, eval_sampling, fit_to_context,  # noqa: E402
+                              load_model_for_training, questions_in_context, room_for_prompts, warn_shared_questions)
+from common.schedule import warmup_then_schedule  # noqa: E402
 from dpo.loss import dpo_loss, dpo_stats, sft_loss  # noqa: E402
 from dpo.pairs import pack_pairs, pair_logprobs, tokenize_pair  # noqa: E402
 
-# ------------------------------------------------- plumbing (common/run.py)
+# ------------------------------------------- plumbing (common/run.py, common/run_setup.py)
 check_sampling(EVAL_NUM_SAMPLES, EVAL_TEMPERATURE, ("EVAL_NUM_SAMPLES", "EVAL_TEMPERATURE"))
 distributed = setup_distributed(DEVICE)
-run = TrainingRun("dpo", config, distributed, fixed_on_resume=("BATCH_SIZE",))
+run = TrainingRun("dpo", config, distributed, model_path=MODEL_PATH, run_name=RUN_NAME, checkpoint_dir=CHECKPOINT_DIR,
+                  log_dir=LOG_DIR, logger=LOGGER, overwrite=OVERWRITE, resume=RESUME, init_lora=INIT_LORA,
+                  fixed_on_resume=("LORA_R", "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT", "SEED", "BATCH_SIZE"))
+if RESUME is None and INIT_LORA is None:
+    check_lora_targets(run.model_path, LORA_TARGETS)  # on the model without its weights
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
 eval_reward = load_reward(EVAL_REWARD)
 pairs = load_pairs(TRAIN_FILE)
@@ -130,7 +139,8 @@ warn_shared_questions([pair["question"] for pair in pairs], [p["question"] for p
 run.check_divides(BATCH_SIZE, "BATCH_SIZE")
 length_normalise = LOSS_TYPE == "ipo"  # IPO's target 1 / (2 beta) is per token, not per answer
 
-tokenizer, device = run.load_tokenizer()
+device = get_device(DEVICE)
+tokenizer = load_tokenizer(run.model_path)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)
 answer_end_id = answer_end_token_id(tokenizer, run.model_config)  # the token that closes an assistant turn, else EOS
 prompt_ids = encode_prompts(tokenizer, pairs, prompt_format)
@@ -139,13 +149,16 @@ tokenized = [tokenize_pair(tokenizer, prompt, pair["chosen"], pair["rejected"], 
 tokenized = fit_to_context(tokenized, [len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected
                                        in tokenized], TRAIN_FILE, context_length(run.model_config),
                            "prompt with its longer answer", SKIP_LONG_PROMPTS)
-eval_problems, longest_eval_prompt = questions_that_fit(
-    tokenizer, prompt_format, eval_problems, EVAL_FILE, room_for_prompts(run.model_config, MAX_NEW_TOKENS),
-    SKIP_LONG_PROMPTS) if EVAL_EVERY else ([], 0)
+(eval_problems,), longest_eval_prompt = questions_in_context(  # each eval prompt leaves MAX_NEW_TOKENS in the context
+    tokenizer, prompt_format, [(eval_problems, EVAL_FILE if EVAL_EVERY else None)],
+    room_for_prompts(run.model_config, MAX_NEW_TOKENS), SKIP_LONG_PROMPTS)
 if len(tokenized) < BATCH_SIZE:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(tokenized)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")
 longest_pair = max(2 * len(prompt) + len(chosen) + len(rejected) for prompt, chosen, rejected in tokenized)
-run.check_memory(  # the memory plan, before the weights load: a micro-batch is its pairs' 2 x MICRO_BATCH_SIZE rows
+check_memory(  # the memory plan, before the weights load: a micro-batch is its pairs' 2 x MICRO_BATCH_SIZE rows
+    run.model_path, device, GPU_MEMORY_GB, quant=QUANT, dtype=DTYPE, lora_r=LORA_R, lora_targets=LORA_TARGETS,
+    gradient_checkpointing=GRADIENT_CHECKPOINTING, logprob_chunk_size=LOGPROB_CHUNK_SIZE, sampler=SAMPLER,
+    eval_rows=EVAL_BATCH_SIZE if EVAL_EVERY else 0,
     prompt_tokens=max(max(len(prompt) for prompt, _, _ in tokenized), longest_eval_prompt),
     max_new_tokens=max(max(len(chosen), len(rejected)) for _, chosen, rejected in tokenized),
     eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=2 * MICRO_BATCH_SIZE,
@@ -153,16 +166,23 @@ run.check_memory(  # the memory plan, before the weights load: a micro-batch is 
     head_on_prompt=True, entropy=False,
     pack_length=0 if PACK_LENGTH == "auto" else PACK_LENGTH,
     eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
-model = run.load_model()
+model, loss_scaler = load_model_for_training(run.model_path, device, DTYPE, QUANT, quiet=not distributed.is_main)
 packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 steps_per_epoch = len(tokenized) // BATCH_SIZE
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
-trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
-eval_sampling, eval_sampled = run.eval_settings()  # greedy, and the sampled pass when EVAL_TEMPERATURE > 0
-run.track(model, tokenizer, optimizer, scheduler,
-          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
+# The LoRA (a resumed run's, INIT_LORA's, or a fresh one of LORA_*) and its optimizer.
+start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
+if GRADIENT_CHECKPOINTING:
+    enable_gradient_checkpointing(model)
+trainable = lora_parameters(model)
+optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
+scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
+eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, EVAL_BATCH_SIZE, SAMPLER, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)
+run.track(model, optimizer, scheduler, loss_scaler,
+          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_greedy, desc=f"eval@{step}",
                                          reward=eval_reward, prompt_format=prompt_format, sampled=eval_sampled,
                                          seed=SEED))
+run.restore()  # a resumed run's optimizer, schedule, loss scale and random states
 print(f"{len(tokenized)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {BATCH_SIZE // distributed.world_size} pairs per step; {packing_line}")
@@ -208,8 +228,10 @@ if PRECOMPUTE_REF:
     print(f"reference log-probs of {len(tokenized)} pairs in {time.perf_counter() - reference_start:.1f}s")
 
 # ------------------------------------------------------------ the algorithm
-for step in run.steps(total_steps, steps_per_epoch):
-    epoch, batch_indices = run.step_items(list(range(len(tokenized))), step, BATCH_SIZE)  # this rank's share
+for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_every=SAVE_EVERY,
+                      save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS):
+    epoch, indices = step_items(len(tokenized), SEED, step, BATCH_SIZE)  # a function of SEED and the step alone
+    batch_indices = shard(indices)  # this rank's share of the step's pairs
     # RPO's per-token mean is over the whole step's chosen tokens (every rank's), so neither
     # micro-batching nor the number of processes changes the update.
     chosen_tokens = all_reduce_sum(sum(len(tokenized[i][1]) for i in batch_indices))
@@ -237,7 +259,7 @@ for step in run.steps(total_steps, steps_per_epoch):
             sft = sft_loss(token_logps[:len(micro)], chosen_mask) * (chosen_mask.sum() / chosen_tokens)
             loss = loss + RPO_ALPHA * sft
             step_sft = step_sft + sft.detach()
-        run.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
+        loss_scaler.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
         step_loss = step_loss + loss.detach()
         losses.append(pair_losses.detach())
         chosen_rewards.append(micro_chosen_rewards)
@@ -246,11 +268,11 @@ for step in run.steps(total_steps, steps_per_epoch):
         rejected_logps.append(policy_rejected.detach())
     step_totals = all_reduce_sum({"loss": step_loss, "sft": step_sft})  # the step's: every rank's share
     sum_gradients(trainable)
-    run.unscale_gradients(optimizer)
+    loss_scaler.unscale_gradients(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))
     # The loss and the gradients are the same on every rank, so every rank decides the same.
     if run.update_is_finite(step + 1, grad_norm, step_totals["loss"]):
-        run.optimizer_step(optimizer)
+        loss_scaler.step(optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
     scheduler.step()

@@ -125,51 +125,78 @@ QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
-from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
+from common.checkpoint import start_lora  # noqa: E402
+from common.data import step_items  # noqa: E402
+from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import check_sampling, evaluate  # noqa: E402
-from common.lora import disable_lora  # noqa: E402
-from common.packing import packing_plan, resolve_pack_length, to_device  # noqa: E402
+from common.logprobs import enable_gradient_checkpointing, layout_logprobs  # noqa: E402
+from common.lora import disable_lora, lora_parameters  # noqa: E402
+from common.model import get_device, load_tokenizer  # noqa: E402
+from common.packing import packing_plan, resolve_pack_length  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward, score_batch  # noqa: E402
 from common.rollout import rollout_batch, rollout_means, rollout_summary, rollout_sums, sample_rollouts  # noqa: E402
-from common.sampler import SamplingParams, even_chunk_rows  # noqa: E402
 from common.run import TrainingRun, device_clock  # noqa: E402
+from common.run_setup import (check_lora_targets, check_memory, eval_sampling, load_model_for_training,  # noqa: E402
+                              load_questions, questions_in_context, room_for_prompts, steps_in_epoch)
+from common.sampler import SamplingParams, even_chunk_rows, release_static_cache  # noqa: E402
+from common.schedule import warmup_then_schedule  # noqa: E402
 from grpo.advantage import group_advantages, zero_advantage_groups  # noqa: E402
 from grpo.loss import GRPOObjective, grpo_loss  # noqa: E402
 
-# ------------------------------------------------- plumbing (common/run.py)
+# ------------------------------------------- plumbing (common/run.py, common/run_setup.py)
 check_sampling(EVAL_NUM_SAMPLES, EVAL_TEMPERATURE, ("EVAL_NUM_SAMPLES", "EVAL_TEMPERATURE"))
 distributed = setup_distributed(DEVICE)
-run = TrainingRun("grpo", config, distributed, fixed_on_resume=("PROMPTS_PER_STEP", "NUM_SAMPLES_PER_PROMPT"))
+run = TrainingRun("grpo", config, distributed, model_path=MODEL_PATH, run_name=RUN_NAME, checkpoint_dir=CHECKPOINT_DIR,
+                  log_dir=LOG_DIR, logger=LOGGER, overwrite=OVERWRITE, resume=RESUME, init_lora=INIT_LORA,
+                  fixed_on_resume=("LORA_R", "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT", "SEED", "NUM_PROMPTS",
+                                   "PROMPTS_PER_STEP", "NUM_SAMPLES_PER_PROMPT"))
+if RESUME is None and INIT_LORA is None:
+    check_lora_targets(run.model_path, LORA_TARGETS)  # on the model without its weights
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
 reward = load_reward(REWARD, REWARD_WEIGHTS)
-problems, eval_problems = run.load_questions(reward, PROMPTS_PER_STEP)
+problems, eval_problems = load_questions(TRAIN_FILE, NUM_PROMPTS, EVAL_FILE if EVAL_EVERY else None, EVAL_LIMIT,
+                                         GOLD_FIELD, reward.needs_numeric_gold)
+run.check_divides(PROMPTS_PER_STEP, "PROMPTS_PER_STEP")
 
-tokenizer, device = run.load_tokenizer()
+device = get_device(DEVICE)
+tokenizer = load_tokenizer(run.model_path)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)  # before stop_token_ids
-problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(tokenizer, prompt_format, problems,
-                                                                          eval_problems, PROMPTS_PER_STEP)
+(problems, eval_problems), longest_prompt = questions_in_context(  # each prompt leaves MAX_NEW_TOKENS in the context
+    tokenizer, prompt_format, [(problems, TRAIN_FILE), (eval_problems, EVAL_FILE if EVAL_EVERY else None)],
+    room_for_prompts(run.model_config, MAX_NEW_TOKENS), SKIP_LONG_PROMPTS)
+steps_per_epoch = steps_in_epoch(len(problems), PROMPTS_PER_STEP, TRAIN_FILE)
+total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 rows_per_step = PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT  # this rank's
-generation_batch_size = run.check_memory(  # the memory plan, before the weights load
-    rows=rows_per_step,
-    samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
+generation_batch_size, release_static_kv = check_memory(  # the memory plan, before the weights load
+    run.model_path, device, GPU_MEMORY_GB, GENERATION_BATCH_SIZE, quant=QUANT, dtype=DTYPE, lora_r=LORA_R,
+    lora_targets=LORA_TARGETS, gradient_checkpointing=GRADIENT_CHECKPOINTING, logprob_chunk_size=LOGPROB_CHUNK_SIZE,
+    sampler=SAMPLER, eval_rows=EVAL_BATCH_SIZE if EVAL_EVERY else 0, rows=rows_per_step,
+    samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
     micro_batch_size=MICRO_BATCH_SIZE, micro_batch_tokens=MICRO_BATCH_TOKENS,
     pack_length=0 if PACK_LENGTH == "auto" else PACK_LENGTH,
     eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
-model = run.load_model()
+model, loss_scaler = load_model_for_training(run.model_path, device, DTYPE, QUANT, quiet=not distributed.is_main)
 packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 # The sampling settings, as one value: a step's rows in equal chunks of at most GENERATION_BATCH_SIZE
 # (the static path pads the last chunk, and the last eval batch, to one row count per run).
 sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
                           chunk_rows=even_chunk_rows(rows_per_step, generation_batch_size), sampler=SAMPLER,
-                          generator=run.sampling_generator(device))  # each rank its own samples
-eval_sampling, eval_sampled = run.eval_settings()  # greedy, and the sampled pass when EVAL_TEMPERATURE > 0
-trainable, optimizer, scheduler = run.lora_and_optimizer(model, total_steps)
-run.track(model, tokenizer, optimizer, scheduler,
-          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
+                          generator=run.random_generator("sampling", SEED + distributed.rank, device))  # each rank its own
+eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, EVAL_BATCH_SIZE, SAMPLER, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)
+# The LoRA (a resumed run's, INIT_LORA's, or a fresh one of LORA_*) and its optimizer.
+start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
+if GRADIENT_CHECKPOINTING:
+    enable_gradient_checkpointing(model)
+trainable = lora_parameters(model)
+optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
+scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
+run.track(model, optimizer, scheduler, loss_scaler,
+          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_greedy, desc=f"eval@{step}",
                                          reward=reward, prompt_format=prompt_format, sampled=eval_sampled,
                                          seed=SEED))
+run.restore()  # a resumed run's optimizer, schedule, loss scale and random states
 # The objective, as one value: what grpo_loss optimises (grpo/loss.py).
 objective = GRPOObjective(clip_eps_low=CLIP_EPS_LOW, clip_eps_high=CLIP_EPS_HIGH, kl_coef=KL_COEF,
                           kl_estimator=KL_ESTIMATOR, loss_agg=LOSS_AGG, importance_level=IMPORTANCE_LEVEL,
@@ -180,41 +207,41 @@ print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {
       f"{packing_line}")
 
 # ------------------------------------------------------------ the algorithm
-for step in run.steps(total_steps, steps_per_epoch):
-    epoch, batch = run.step_items(problems, step, PROMPTS_PER_STEP)  # this rank's share of the step's questions
+for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_every=SAVE_EVERY,
+                      save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS):
+    epoch, indices = step_items(len(problems), SEED, step, PROMPTS_PER_STEP)  # a function of SEED and the step alone
+    batch = [problems[i] for i in shard(indices)]  # this rank's share of the step's questions
 
     # 1. Rollouts: G completions per question in one batch; each scored by REWARD with its question's row.
     samples, sample_rows, generate_seconds = sample_rollouts(model, tokenizer, prompt_format, batch, sampling)
-    run.release_rollout_memory(model)  # the static KV, where the memory plan says it does not fit beside the policy pass
+    if release_static_kv:  # the memory plan: the sampler's static KV does not fit beside the policy pass
+        release_static_cache(model)
     score_start = time.perf_counter()
     scores = score_batch(reward, samples.texts, sample_rows, samples.truncated)
 
-    # 2. Group advantages.
+    # 2. Group advantages. A group whose answers all scored the same has none: its rows leave the batch.
     rewards = torch.tensor([s.total for s in scores]).view(len(batch), NUM_SAMPLES_PER_PROMPT)
     advantages = group_advantages(rewards, ADVANTAGE).flatten()
     informative = ~zero_advantage_groups(rewards).repeat_interleave(NUM_SAMPLES_PER_PROMPT)
     rollouts = rollout_batch(samples, informative, tokenizer.pad_token_id)
-    # This rank's micro-batches, packed (or padded) on the CPU: packed, the rows are reordered so that each
-    # micro-batch is a slice (common.packing.micro_batch_rows). Then moved to the device with everything the
-    # update reads, in one copy per dtype (pinned, non_blocking): the micro-batch loops copy nothing.
-    step_pack_length = resolve_pack_length(pack_length, max(rollouts.sequence_lengths.tolist(), default=1))
-    rollouts, micro_batches, layouts = rollouts.in_pass_order(MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS, packing,
-                                                              step_pack_length)
-    layouts, completion_mask, row_advantages, sampler_logp = to_device(
-        (layouts, rollouts.completion_mask, advantages[rollouts.rows],
-         samples.logprobs[rollouts.rows]), device)  # sampler_logp: what each token was drawn with
+    rollouts.advantages = advantages[rollouts.rows]
+    rollouts.sampler_logp = samples.logprobs[rollouts.rows]  # what each token was drawn with
+    # This rank's micro-batches, packed (or padded) on the CPU (common.packing.micro_batch_rows), then the
+    # batch to the device with everything the update reads, in one copy per dtype: the loops copy nothing.
+    rollouts.plan_passes(MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS, packing,
+                         resolve_pack_length(pack_length, max(rollouts.sequence_lengths.tolist(), default=1)))
+    rollouts = rollouts.to(device)
 
     # 3. Reference (adapters off) and, for several iterations, old log-probs: once, before any update.
     reference_start = device_clock(device)
     score_seconds = reference_start - score_start
-    ref_logp = old_logp = None
     with torch.no_grad():
         if KL_COEF > 0 and rollouts.num_rows:
             with disable_lora(model):
-                ref_logp = rollouts.completion_logprobs(model, TEMPERATURE, layouts, LOGPROB_CHUNK_SIZE)
+                rollouts.ref_logp = rollouts.logprobs(model, TEMPERATURE, LOGPROB_CHUNK_SIZE)
         old_logp_start = device_clock(device)
         if NUM_ITERATIONS > 1 and rollouts.num_rows:
-            old_logp = rollouts.completion_logprobs(model, TEMPERATURE, layouts, LOGPROB_CHUNK_SIZE)
+            rollouts.old_logp = rollouts.logprobs(model, TEMPERATURE, LOGPROB_CHUNK_SIZE)
     policy_start = device_clock(device)
     reference_seconds, old_logp_seconds = old_logp_start - reference_start, policy_start - old_logp_start
 
@@ -232,30 +259,29 @@ for step in run.steps(total_steps, steps_per_epoch):
     for iteration in range(NUM_ITERATIONS if step_counts["rows"] else 0):
         optimizer.zero_grad(set_to_none=True)
         iteration_loss = torch.zeros((), device=device)
-        for micro, layout in zip(micro_batches, layouts):
-            logp, entropy = rollouts.completion_logprobs_for(model, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE,
-                                                             with_entropy=True)
-            mask = completion_mask[micro]
-            # The trainer's log-probs of the policy that sampled: the sampler's own differ by the
-            # training-inference mismatch (logged; corrected with IMPORTANCE_CORRECTION=tis).
-            trainer_old_logp = logp.detach() if old_logp is None else old_logp[micro]
-            correction = (truncated_importance_weights(trainer_old_logp, sampler_logp[micro], TIS_CAP)
+        for micro in rollouts.micro_batches():
+            logp, entropy, _ = layout_logprobs(model, micro.layout, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
+            # The trainer's log-probs of the policy that sampled (with one iteration, the policy's own,
+            # detached: ratio = 1); the sampler's own differ by the training-inference mismatch (logged;
+            # corrected with IMPORTANCE_CORRECTION=tis).
+            old_logp = logp.detach() if micro.old_logp is None else micro.old_logp
+            correction = (truncated_importance_weights(old_logp, micro.sampler_logp, TIS_CAP)
                           if IMPORTANCE_CORRECTION == "tis" else None)
-            loss, stats = grpo_loss(logp, trainer_old_logp, row_advantages[micro], mask, objective, normalizer,
-                                    None if ref_logp is None else ref_logp[micro], correction)
-            run.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
+            loss, stats = grpo_loss(logp, old_logp, micro.advantages, micro.completion_mask, objective, normalizer,
+                                    micro.ref_logp, correction)
+            loss_scaler.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
             iteration_loss += loss.detach()
-            update_sums["entropy"] += (entropy.detach() * mask).sum()
+            update_sums["entropy"] += (entropy.detach() * micro.completion_mask).sum()
             for key in ("kl", "clip_frac", "approx_kl"):
                 update_sums[key] += stats.get(key, 0.0) * stats["tokens"]
             if iteration == 0:  # the sampling policy's log-probs are the same in every iteration
-                mismatch_mean, micro_max = logprob_mismatch(sampler_logp[micro], trainer_old_logp, mask)
+                mismatch_mean, micro_max = logprob_mismatch(micro.sampler_logp, old_logp, micro.completion_mask)
                 update_sums["mismatch"] += mismatch_mean * stats["tokens"]
                 mismatch_max = torch.maximum(mismatch_max, micro_max)
         update_sums["loss"] += iteration_loss
         optimizer_start = device_clock(device)
         sum_gradients(trainable)
-        run.unscale_gradients(optimizer)
+        loss_scaler.unscale_gradients(optimizer)
         # The gradient norm and the loss in one read: the update's only host sync.
         grad_norm, rank_loss = torch.stack([torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP).to(iteration_loss),
                                             iteration_loss]).tolist()
@@ -263,7 +289,7 @@ for step in run.steps(total_steps, steps_per_epoch):
         if not run.update_is_finite(step + 1, grad_norm, all_reduce_sum(rank_loss)):
             optimizer.zero_grad(set_to_none=True)
             break
-        run.optimizer_step(optimizer)
+        loss_scaler.step(optimizer)
         optimizer_seconds += device_clock(device) - optimizer_start
     scheduler.step()
     policy_seconds = device_clock(device) - policy_start - optimizer_seconds
@@ -274,6 +300,7 @@ for step in run.steps(total_steps, steps_per_epoch):
     totals = all_reduce_sum({**rollout_sums(scores, samples), **update_sums,
                              "groups": len(batch), "zero_adv_groups": zero_advantage_groups(rewards).sum()})
     updated_tokens = max(1.0, step_counts["tokens"] * NUM_ITERATIONS)
+    layouts = [layout for _, layout in rollouts.passes]
     metrics = {
         "step": step + 1, "epoch": epoch, **rollout_means(totals, generate_seconds),
         "loss": totals["loss"] / NUM_ITERATIONS,
@@ -295,6 +322,8 @@ for step in run.steps(total_steps, steps_per_epoch):
                f"ent {metrics['entropy']:.3f} len {metrics['completion_len']:.1f} trunc {metrics['truncated']:.2f} "
                f"zero-adv {metrics['zero_adv_groups']:.2f} gnorm {'-' if grad_norm is None else f'{grad_norm:.3f}'} "
                f"{rollout_summary(metrics)}")
-    run.show_sample(step + 1, samples.texts[0], scores[0].total, sample_rows[0].get("gold_answer"))
+    if SAMPLE_EVERY and (step + 1) % SAMPLE_EVERY == 0:
+        tqdm.write(f"--- sample (reward {scores[0].total:.2f}, gold {sample_rows[0].get('gold_answer')}):\n"
+                   f"{samples.texts[0]}\n---")
     run.end_step(step + 1, metrics)
 run.finish()

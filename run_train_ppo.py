@@ -20,7 +20,9 @@ One step (PPO, Schulman et al. 2017, in the RLHF form of InstructGPT / TRL's PPO
      clipped surrogate + VF_COEF x clipped value loss - ENT_COEF x entropy, accumulated over
      micro-batches of MICRO_BATCH_SIZE with the mini-batch's token count as the normaliser;
      stopped early when the mean approx KL of an epoch exceeds TARGET_KL.
-The rollout buffer stays on the CPU; micro-batches move to the device as they are used.
+A step's rollouts (common.rollout.RolloutBatch) go to the device once, with everything the updates
+read (sampler, old and reference log-probs, values, advantages, returns, in the rollouts' order); each
+mini-batch's micro-batches take their rows from it.
 
 Under torchrun (torchrun --nproc_per_node=N run_train_ppo.py ...) each of the N processes samples
 PROMPTS_PER_STEP / N of the step's questions with its own seed and keeps its own buffer; advantages
@@ -29,7 +31,6 @@ of each process with the whole mini-batch's token count as normaliser, and the g
 over the processes (common/distributed.py); rank 0 alone prints, writes metrics and checkpoints.
 """
 
-import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -140,56 +141,71 @@ config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
 from common.checkpoint import start_lora  # noqa: E402
-from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, sum_gradients  # noqa: E402
+from common.data import step_items  # noqa: E402
+from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.kl import kl_estimate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
+from common.model import get_device, load_tokenizer  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward, score_batch  # noqa: E402
 from common.rollout import rollout_batch, rollout_means, rollout_summary, rollout_sums, sample_rollouts  # noqa: E402
-from common.sampler import SamplingParams, even_chunk_rows  # noqa: E402
-from common.run import TrainingRun  # noqa: E402
+from common.run import TrainingRun, device_clock  # noqa: E402
+from common.run_setup import (check_lora_targets, check_memory, eval_sampling, load_model_for_training,  # noqa: E402
+                              load_questions, questions_in_context, room_for_prompts, steps_in_epoch)
+from common.sampler import SamplingParams, even_chunk_rows, release_static_cache  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
 from ppo.critic import Critic, completion_logprobs_and_values  # noqa: E402
 from ppo.gae import compute_gae, explained_variance, masked_sums, masked_whiten  # noqa: E402
 from ppo.loss import entropy_bonus, ppo_policy_loss, ppo_total_loss, ppo_value_loss, token_rewards  # noqa: E402
 
-# ------------------------------------------------- plumbing (common/run.py)
+# ------------------------------------------- plumbing (common/run.py, common/run_setup.py)
 check_sampling(EVAL_NUM_SAMPLES, EVAL_TEMPERATURE, ("EVAL_NUM_SAMPLES", "EVAL_TEMPERATURE"))
 distributed = setup_distributed(DEVICE)
-run = TrainingRun("ppo", config, distributed, fixed_on_resume=("PROMPTS_PER_STEP", "NUM_SAMPLES_PER_PROMPT",
-                                                         "CRITIC_FEATURES", "CRITIC_HIDDEN"))
+run = TrainingRun("ppo", config, distributed, model_path=MODEL_PATH, run_name=RUN_NAME, checkpoint_dir=CHECKPOINT_DIR,
+                  log_dir=LOG_DIR, logger=LOGGER, overwrite=OVERWRITE, resume=RESUME, init_lora=INIT_LORA,
+                  fixed_on_resume=("LORA_R", "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT", "SEED", "NUM_PROMPTS",
+                                   "PROMPTS_PER_STEP", "NUM_SAMPLES_PER_PROMPT", "CRITIC_FEATURES", "CRITIC_HIDDEN"))
+if RESUME is None and INIT_LORA is None:
+    check_lora_targets(run.model_path, LORA_TARGETS)  # on the model without its weights
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA and critic initialisation
 reward = load_reward(REWARD, REWARD_WEIGHTS)
-problems, eval_problems = run.load_questions(reward, PROMPTS_PER_STEP)
+problems, eval_problems = load_questions(TRAIN_FILE, NUM_PROMPTS, EVAL_FILE if EVAL_EVERY else None, EVAL_LIMIT,
+                                         GOLD_FIELD, reward.needs_numeric_gold)
+run.check_divides(PROMPTS_PER_STEP, "PROMPTS_PER_STEP")
 run.check_divides(MINI_BATCH_SIZE, "MINI_BATCH_SIZE")
 
-tokenizer, device = run.load_tokenizer()
+device = get_device(DEVICE)
+tokenizer = load_tokenizer(run.model_path)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)  # before stop_token_ids
-problems, eval_problems, steps_per_epoch, total_steps = run.fit_questions(tokenizer, prompt_format, problems,
-                                                                          eval_problems, PROMPTS_PER_STEP)
+(problems, eval_problems), longest_prompt = questions_in_context(  # each prompt leaves MAX_NEW_TOKENS in the context
+    tokenizer, prompt_format, [(problems, TRAIN_FILE), (eval_problems, EVAL_FILE if EVAL_EVERY else None)],
+    room_for_prompts(run.model_config, MAX_NEW_TOKENS), SKIP_LONG_PROMPTS)
+steps_per_epoch = steps_in_epoch(len(problems), PROMPTS_PER_STEP, TRAIN_FILE)
+total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 # The memory plan, before the weights load. The critic's own adapter is a second LoRA of the actor's rank,
 # run as a second body pass whose activations the backward holds too: planned as rank 2r and twice the rows.
 critic_passes = 2 if CRITIC_FEATURES == "adapter" else 1
 rows_per_step = PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT  # this rank's
-generation_batch_size = run.check_memory(
-    rows=rows_per_step,
-    samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=run.longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
-    micro_batch_size=MICRO_BATCH_SIZE * critic_passes, micro_batch_tokens=MICRO_BATCH_TOKENS * critic_passes,
-    lora_r=LORA_R * critic_passes,
-    pack_length=0 if PACK_LENGTH == "auto" else PACK_LENGTH,
+generation_batch_size, release_static_kv = check_memory(
+    run.model_path, device, GPU_MEMORY_GB, GENERATION_BATCH_SIZE, quant=QUANT, dtype=DTYPE,
+    lora_r=LORA_R * critic_passes, lora_targets=LORA_TARGETS, gradient_checkpointing=GRADIENT_CHECKPOINTING,
+    logprob_chunk_size=LOGPROB_CHUNK_SIZE, sampler=SAMPLER, eval_rows=EVAL_BATCH_SIZE if EVAL_EVERY else 0,
+    rows=rows_per_step, samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=longest_prompt,
+    max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=MICRO_BATCH_SIZE * critic_passes,
+    micro_batch_tokens=MICRO_BATCH_TOKENS * critic_passes, pack_length=0 if PACK_LENGTH == "auto" else PACK_LENGTH,
     eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
-model = run.load_model()
+model, loss_scaler = load_model_for_training(run.model_path, device, DTYPE, QUANT, quiet=not distributed.is_main)
 packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 # The sampling settings, as one value: a step's rows in equal chunks of at most GENERATION_BATCH_SIZE
 # (the static path pads the last chunk, and the last eval batch, to one row count per run).
 sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
                           chunk_rows=even_chunk_rows(rows_per_step, generation_batch_size), sampler=SAMPLER,
-                          generator=run.sampling_generator(device))  # each rank its own samples
-eval_sampling, eval_sampled = run.eval_settings()  # greedy, and the sampled pass when EVAL_TEMPERATURE > 0
+                          generator=run.random_generator("sampling", SEED + distributed.rank, device))  # each rank its own
+eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, EVAL_BATCH_SIZE, SAMPLER, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)
 start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 critic = Critic(model, CRITIC_FEATURES, CRITIC_HIDDEN).to(device)
 if GRADIENT_CHECKPOINTING:
@@ -206,12 +222,12 @@ if critic.adapter is not None:
     parameter_groups.append({"params": list(critic.adapter.parameters()), "lr": LR})
 optimizer = torch.optim.AdamW(parameter_groups, weight_decay=WEIGHT_DECAY)
 scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
-run.restore(optimizer, scheduler)
-run.track(model, tokenizer, optimizer, scheduler,
-          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_sampling, desc=f"eval@{step}",
+run.track(model, optimizer, scheduler, loss_scaler,
+          evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_greedy, desc=f"eval@{step}",
                                          reward=reward, prompt_format=prompt_format, sampled=eval_sampled,
                                          seed=SEED),
           extra=lambda: {"critic": critic.state_dict(), "critic_features": CRITIC_FEATURES})
+run.restore()  # a resumed run's optimizer, schedule, loss scale and random states
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in actor_parameters) / 1e6:.3f}M + critic ({CRITIC_FEATURES}) "
       f"{sum(p.numel() for p in critic_parameters) / 1e6:.3f}M trainable parameters on {device}; "
@@ -225,68 +241,55 @@ def mini_batch_generator(step: int) -> torch.Generator:
     return torch.Generator().manual_seed(SEED * 1_000_003 + step)
 
 
-def rollout_logprobs_and_values(rollouts, order, layouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Old log-probs, values [N, T] and bootstrap values [N] of every rollout, in the rollouts' order,
-    from the layouts of its micro-batches, whose results come in the order ``order``, on the CPU
-    (call under no_grad)."""
-    parts = [completion_logprobs_and_values(model, critic, rollouts, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE)
-             for layout in layouts]
-    return tuple(in_rollout_order(torch.cat([part[index] for part in parts]), order) for index in (0, 2, 3))
-
-
-def in_rollout_order(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``values`` of the rows ``order`` (the micro-batches' order), on the CPU in the rollouts' order."""
-    values = values.cpu()
-    return torch.empty_like(values).index_copy_(0, order, values)
-
-
 # ------------------------------------------------------------ the algorithm
-for step in run.steps(total_steps, steps_per_epoch):
-    epoch, batch = run.step_items(problems, step, PROMPTS_PER_STEP)  # this rank's share of the step's questions
+for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_every=SAVE_EVERY,
+                      save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS):
+    epoch, indices = step_items(len(problems), SEED, step, PROMPTS_PER_STEP)  # a function of SEED and the step alone
+    batch = [problems[i] for i in shard(indices)]  # this rank's share of the step's questions
 
-    # 1. Rollouts and their task rewards, each scored with its row.
+    # 1. Rollouts and their task rewards, each scored by REWARD with its question's row.
     samples, sample_rows, generate_seconds = sample_rollouts(model, tokenizer, prompt_format, batch, sampling)
-    run.release_rollout_memory(model)  # the static KV, where the memory plan says it does not fit beside the policy pass
+    if release_static_kv:  # the memory plan: the sampler's static KV does not fit beside the policy pass
+        release_static_cache(model)
     scores = score_batch(reward, samples.texts, sample_rows, samples.truncated)
     task_rewards = torch.tensor([s.total for s in scores], dtype=torch.float32)
     rollouts = rollout_batch(samples, None, tokenizer.pad_token_id)
-    mask = rollouts.completion_mask
-    # Each rank packs its own rows (common/packing.py), into rows of at most the step's pack length.
+    rollouts.sampler_logp = samples.logprobs[rollouts.rows]  # what each token was drawn with
+    # Each rank packs its own rows (common/packing.py), into rows of at most the step's pack length; the
+    # batch then goes to the device with everything the updates read, in one copy per dtype.
     step_pack_length = resolve_pack_length(pack_length, max(rollouts.sequence_lengths.tolist(), default=1))
-    rollout_passes = rollouts.pass_plan(torch.arange(rollouts.num_rows), MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS,
-                                        packing, step_pack_length)
-    pass_order = torch.cat([rows for rows, _ in rollout_passes])
-    layouts = to_device([layout for _, layout in rollout_passes], device)
+    rollouts.plan_passes(MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS, packing, step_pack_length)
+    rollouts = rollouts.to(device)
+    mask = rollouts.completion_mask
 
     # 2. The sampling policy's log-probs and values, and the reference's log-probs: once, before any update.
-    reference_start = time.perf_counter()
+    reference_start = device_clock(device)
     with torch.no_grad():
-        old_logp, old_values, bootstrap_values = rollout_logprobs_and_values(rollouts, pass_order, layouts)
+        passes = [completion_logprobs_and_values(model, critic, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE)
+                  for _, layout in rollouts.passes]
+        rollouts.old_logp, rollouts.values, bootstrap_values = (
+            rollouts.in_row_order([part[index] for part in passes]) for index in (0, 2, 3))
         if KL_COEF > 0:
             with disable_lora(model):
-                ref_logp = in_rollout_order(rollouts.completion_logprobs(model, TEMPERATURE, layouts,
-                                                                         LOGPROB_CHUNK_SIZE), pass_order)
+                rollouts.ref_logp = rollouts.logprobs(model, TEMPERATURE, LOGPROB_CHUNK_SIZE)
         else:
-            ref_logp = old_logp  # no reference pass: the KL term is 0
-    reference_seconds = time.perf_counter() - reference_start
+            rollouts.ref_logp = rollouts.old_logp  # no reference pass: the KL term is 0
+    reference_seconds = device_clock(device) - reference_start
     # The sampler drew each token with its own log-prob; the trainer's (old_logp) differs by the
     # training-inference mismatch (logged; corrected with IMPORTANCE_CORRECTION=tis).
-    sampler_logp = samples.logprobs[rollouts.rows].cpu()
-    mismatch_mean, mismatch_max = logprob_mismatch(sampler_logp, old_logp, mask)
-    correction = truncated_importance_weights(old_logp, sampler_logp, TIS_CAP) if IMPORTANCE_CORRECTION == "tis" else None
+    mismatch_mean, mismatch_max = logprob_mismatch(rollouts.sampler_logp, rollouts.old_logp, mask)
 
     # 3. Per-token rewards, GAE, whitened advantages. Rows cut off by MAX_NEW_TOKENS would have gone
     # on: they are bootstrapped with the value after their last token; EOS-ended rows are over.
-    rewards = token_rewards(task_rewards, old_logp, ref_logp, mask, KL_COEF, KL_ESTIMATOR)
-    truncated = samples.truncated[rollouts.rows].cpu()
-    last_values = torch.where(truncated, bootstrap_values, 0.0)
-    advantages, returns = compute_gae(rewards, old_values, mask, GAMMA, LAM, last_values)
-    advantages = masked_whiten(advantages, mask, combine=all_reduce_sum)  # the whole step's statistics
+    rewards = token_rewards(task_rewards.to(device), rollouts.old_logp, rollouts.ref_logp, mask, KL_COEF, KL_ESTIMATOR)
+    last_values = torch.where(samples.truncated[rollouts.rows].to(device), bootstrap_values, 0.0)
+    advantages, rollouts.returns = compute_gae(rewards, rollouts.values, mask, GAMMA, LAM, last_values)
+    rollouts.advantages = masked_whiten(advantages, mask, combine=all_reduce_sum)  # the whole step's statistics
 
     # 4. PPO epochs over shuffled mini-batches, one optimizer step each. Every rank has as many rows,
     #    so MINI_BATCH_SIZE / N rows each make the same number of mini-batches (and collectives).
     #    Statistics stay on the device as token sums: one host sync per mini-batch, none per micro-batch.
-    policy_start = time.perf_counter()
+    policy_start = device_clock(device)
     model.train()
     shuffle_generator = mini_batch_generator(step)
     update_sums = {key: torch.zeros((), device=device)
@@ -300,30 +303,31 @@ for step in run.steps(total_steps, steps_per_epoch):
             normalizer = all_reduce_sum(mask[mini_batch].sum())  # the tokens of the mini-batch on every rank
             mini_batch_loss = torch.zeros((), device=device)
             # The mini-batch's shuffled rows packed together, its micro-batches cut from the packed rows.
-            for micro, layout in rollouts.pass_plan(mini_batch, MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS, packing,
-                                                    step_pack_length):
-                layout = to_device(layout, device)
+            for rows, layout in rollouts.pass_plan(mini_batch, MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS, packing,
+                                                   step_pack_length):
+                micro = rollouts.micro_batch(*to_device((rows, layout), device))
                 logp, entropy, values, _ = completion_logprobs_and_values(
-                    model, critic, rollouts, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
-                micro_mask = mask[micro].to(device)
-                policy_loss, policy_stats = ppo_policy_loss(
-                    logp, old_logp[micro].to(device), advantages[micro].to(device), micro_mask, CLIP_EPS,
-                    normalizer=normalizer, sampler_correction=None if correction is None else correction[micro].to(device))
-                value_loss, _ = ppo_value_loss(values, old_values[micro].to(device), returns[micro].to(device),
-                                               micro_mask, VALUE_CLIP, normalizer=normalizer)
-                entropy_term = entropy_bonus(entropy, micro_mask, normalizer=normalizer)
+                    model, critic, micro.layout, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
+                correction = (truncated_importance_weights(micro.old_logp, micro.sampler_logp, TIS_CAP)
+                              if IMPORTANCE_CORRECTION == "tis" else None)
+                policy_loss, policy_stats = ppo_policy_loss(logp, micro.old_logp, micro.advantages,
+                                                            micro.completion_mask, CLIP_EPS, normalizer=normalizer,
+                                                            sampler_correction=correction)
+                value_loss, _ = ppo_value_loss(values, micro.values, micro.returns, micro.completion_mask, VALUE_CLIP,
+                                               normalizer=normalizer)
+                entropy_term = entropy_bonus(entropy, micro.completion_mask, normalizer=normalizer)
                 loss = ppo_total_loss(policy_loss, value_loss, entropy_term, VF_COEF, ENT_COEF)
-                run.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
+                loss_scaler.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
                 mini_batch_loss += loss.detach()
                 # Statistics as sums over tokens: the losses above are sums divided by the normaliser.
-                micro_tokens = micro_mask.sum()
+                micro_tokens = micro.completion_mask.sum()
                 update_sums["tokens"] += micro_tokens
                 update_sums["entropy"] += entropy_term.detach() * normalizer
                 update_sums["value_loss"] += value_loss.detach() * normalizer
                 update_sums["approx_kl"] += policy_stats["approx_kl"] * micro_tokens
                 update_sums["clip_frac"] += policy_stats["clip_frac"] * micro_tokens
             sum_gradients(actor_parameters + critic_parameters)
-            run.unscale_gradients(optimizer)
+            loss_scaler.unscale_gradients(optimizer)
             # Separately: the critic's gradient would otherwise dominate the LoRA's norm and shrink its step.
             lora_grad_norm = float(torch.nn.utils.clip_grad_norm_(actor_parameters, GRAD_CLIP))
             value_grad_norm = float(torch.nn.utils.clip_grad_norm_(critic_parameters, GRAD_CLIP))
@@ -331,7 +335,7 @@ for step in run.steps(total_steps, steps_per_epoch):
             if not run.update_is_finite(step + 1, lora_grad_norm, value_grad_norm, all_reduce_sum(mini_batch_loss)):
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            run.optimizer_step(optimizer)
+            loss_scaler.step(optimizer)
             lora_grad_norms.append(lora_grad_norm)
             value_grad_norms.append(value_grad_norm)
         epochs_run += 1
@@ -339,13 +343,14 @@ for step in run.steps(total_steps, steps_per_epoch):
         if TARGET_KL is not None and epoch_kl["approx_kl"] / max(1.0, epoch_kl["tokens"]) > TARGET_KL:
             break  # the same on every rank: the sums are every rank's
     scheduler.step()
-    policy_seconds = time.perf_counter() - policy_start
+    policy_seconds = device_clock(device) - policy_start
     step_seconds = run.step_seconds() - samples.compile_seconds
 
     # Metrics of the step: rollout statistics over all answers, update statistics over the tokens trained
     # on, both over every rank (sums in one all-reduce, then the means). Times are rank 0's.
     token_sums = {f"{name}_{key}": value for name, tensor in
-                  (("kl", kl_estimate(old_logp, ref_logp, KL_ESTIMATOR)), ("returns", returns), ("values", old_values))
+                  (("kl", kl_estimate(rollouts.old_logp, rollouts.ref_logp, KL_ESTIMATOR)),
+                   ("returns", rollouts.returns), ("values", rollouts.values))
                   for key, value in masked_sums(tensor, mask).items()}
     totals = all_reduce_sum({**rollout_sums(scores, samples), **update_sums, **token_sums,
                              "mismatch": mismatch_mean * mask.sum()})
@@ -355,7 +360,7 @@ for step in run.steps(total_steps, steps_per_epoch):
         "kl": totals["kl_sum"] / totals["kl_count"],
         "logprob_mismatch_mean": totals["mismatch"] / totals["kl_count"], "logprob_mismatch_max": all_reduce_max(mismatch_max),
         **{key: totals[key] / updated_tokens for key in ("approx_kl", "clip_frac", "value_loss", "entropy")},
-        "explained_variance": explained_variance(old_values, returns, mask, combine=all_reduce_sum),
+        "explained_variance": explained_variance(rollouts.values, rollouts.returns, mask, combine=all_reduce_sum),
         "returns_mean": totals["returns_sum"] / totals["returns_count"],
         "values_mean": totals["values_sum"] / totals["values_count"],
         "grad_norm": sum(lora_grad_norms) / len(lora_grad_norms) if lora_grad_norms else None,
@@ -372,6 +377,8 @@ for step in run.steps(total_steps, steps_per_epoch):
                f"ev {metrics['explained_variance']:.3f} ent {metrics['entropy']:.3f} "
                f"len {metrics['completion_len']:.1f} trunc {metrics['truncated']:.2f} gnorm {grad_norm_text} "
                f"{rollout_summary(metrics)}")
-    run.show_sample(step + 1, samples.texts[0], scores[0].total, sample_rows[0].get("gold_answer"))
+    if SAMPLE_EVERY and (step + 1) % SAMPLE_EVERY == 0:
+        tqdm.write(f"--- sample (reward {scores[0].total:.2f}, gold {sample_rows[0].get('gold_answer')}):\n"
+                   f"{samples.texts[0]}\n---")
     run.end_step(step + 1, metrics)
 run.finish()

@@ -289,6 +289,20 @@ def body_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Ten
                                position_ids=position_ids, use_cache=False).last_hidden_state
 
 
+def layout_logprobs(model, layout, temperature: float, chunk_size: int, with_entropy: bool = False):
+    """The answer tokens' log-probs of one micro-batch's layout (common.packing.PassLayout, packed or
+    padded, on the model's device) under ``model`` at ``temperature``: (logp [n, width], entropy
+    [n, width] or None, the body's hidden states [R, L, H]), entry [i, j] that of answer token j of
+    sequence i, 0 past its end; PPO's value head reads the same hidden states. Differentiable. The
+    output head runs on the positions that predict answer tokens alone (layout.predicting), not on
+    the prompts' or the pads'."""
+    hidden_states = body_hidden_states(model, layout.input_ids, layout.attention_mask, layout.position_ids)
+    result = head_token_logprobs(model, hidden_states, layout.input_ids, temperature, chunk_size, with_entropy,
+                                 from_position=layout.predicting)
+    logp, entropy = result if with_entropy else (result, None)
+    return layout.per_token(logp), None if entropy is None else layout.per_token(entropy), hidden_states
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each decoder layer's activations in the backward instead of keeping them from the
     forward: transformers' activation checkpointing (``activation_checkpointing_enable``, the new name

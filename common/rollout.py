@@ -10,27 +10,53 @@ same in training as in sampling:
 The completion token j of a row sits at column prompt_width + j. For the policy pass a
 step's rows are laid out again (common.packing): each row's prompt and completion, without pads,
 packed into rows of at most PACK_LENGTH tokens with position ids restarting per sequence, the
-micro-batches cut from the rows sorted by length (``in_pass_order`` reorders the step's rows to
-match), or right-padded rectangles with an attention mask (PACKING=false). Position ids count each
-sequence's tokens from 0 either way, as in sampling. Per-token results come back as
-[rows, completion_width], entry j that of completion token j.
+micro-batches cut from the rows sorted by length, or right-padded rectangles with an attention mask
+(PACKING=false). Position ids count each sequence's tokens from 0 either way, as in sampling.
+Per-token results come back as [rows, completion_width], entry j that of completion token j.
+
+One data model for a step: the RolloutBatch carries, beside its tokens, everything the update reads
+of each row (advantages, the sampler's log-probs, and the old and reference log-probs, values and
+returns once computed), always in the rollouts' order: row i is the SampleOutput's row rows[i]. Its
+micro-batches (``plan_passes``) are index sets into that order, and ``micro_batch`` hands out one
+micro-batch's layout with its part of every per-row tensor in one call (``MicroBatch``); results of
+the passes come back to the rollouts' order with ``in_row_order``. ``to`` moves it all to the device
+at once; the tokens stay on the CPU, where the packing reads them.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
 
-from common.logprobs import body_hidden_states, head_token_logprobs
+from common.logprobs import layout_logprobs
 from common.policy_gradient import check_completion_mask
 from common.model import stop_token_ids
-from common.packing import PassLayout, micro_batch_layouts
+from common.packing import PassLayout, micro_batch_layouts, to_device
 from common.prompts import encode_prompts
 from common.sampler import SampleOutput, SamplingParams, left_pad, sample
+
+
+# The per-row tensors the update reads, beside the tokens: [N] or [N, completion_width], rollouts' order.
+UPDATE_FIELDS = ("completion_mask", "advantages", "sampler_logp", "old_logp", "ref_logp", "values", "returns")
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a step: its layout (on the device) and its rows' part of every per-row tensor
+    the RolloutBatch carries (None where the batch has none), in the layout's result order."""
+    layout: PassLayout
+    rows: torch.Tensor             # [n] indices into the RolloutBatch
+    completion_mask: torch.Tensor  # [n, completion_width]
+    advantages: torch.Tensor | None = None
+    sampler_logp: torch.Tensor | None = None
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
 
 @dataclass
@@ -41,6 +67,15 @@ class RolloutBatch:
     prompt_width: int
     rows: torch.Tensor             # [N] the rows of the SampleOutput these came from
     pad_token_id: int = 0
+    # What the update reads of each row, set by the trainer as it computes them (UPDATE_FIELDS):
+    advantages: torch.Tensor | None = None    # GRPO: [N], one per completion; PPO: [N, T], GAE's per token
+    sampler_logp: torch.Tensor | None = None  # [N, T] what the sampler drew each token with
+    old_logp: torch.Tensor | None = None      # [N, T] the sampling policy's, by the trainer's pass
+    ref_logp: torch.Tensor | None = None      # [N, T] the reference's: the adapters off
+    values: torch.Tensor | None = None        # [N, T] PPO: the critic's values of the states before each token
+    returns: torch.Tensor | None = None       # [N, T] PPO: GAE's returns
+    # The step's micro-batches (plan_passes): each its rows (indices into this batch) and its layout.
+    passes: list[tuple[torch.Tensor, PassLayout]] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -59,11 +94,6 @@ class RolloutBatch:
         """[N] real tokens of each row: its prompt and its completion."""
         return self.attention_mask.sum(dim=1)
 
-    def select(self, rows: torch.Tensor) -> RolloutBatch:
-        """The rows ``rows`` of this batch, in that order."""
-        return RolloutBatch(self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows],
-                            self.prompt_width, self.rows[rows], self.pad_token_id)
-
     def sequences(self, rows: slice | torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
         """The token ids of ``rows`` without pads (prompt then completion) and their completions' lengths."""
         attention_mask, input_ids = self.attention_mask[rows], self.input_ids[rows]
@@ -75,42 +105,45 @@ class RolloutBatch:
     def pass_plan(self, rows: torch.Tensor, size: int, tokens: int, packing: bool, pack_length: int | None
                   ) -> list[tuple[torch.Tensor, PassLayout]]:
         """The micro-batches of ``rows`` (indices into this batch; common.packing.micro_batch_rows):
-        per micro-batch its rows, in the order of its layout's results, and that layout."""
+        per micro-batch its rows, in the order of its layout's results, and that layout (on the CPU)."""
         sequences, completion_lengths = self.sequences(rows)
         return [(rows[members], layout) for members, layout in micro_batch_layouts(
             sequences, completion_lengths, self.completion_width, size, tokens, packing, pack_length,
             self.pad_token_id)]
 
-    def in_pass_order(self, size: int, tokens: int, packing: bool, pack_length: int | None
-                      ) -> tuple[RolloutBatch, list[slice], list[PassLayout]]:
-        """The step's micro-batches: this batch with its rows reordered so that each micro-batch of
-        ``pass_plan`` is a slice of it (padded, the order is kept), the slices and their layouts."""
-        plan = self.pass_plan(torch.arange(self.num_rows), size, tokens, packing, pack_length)
-        if not plan:
-            return self, [], []
-        slices, start = [], 0
-        for micro_rows, _ in plan:
-            slices.append(slice(start, start + len(micro_rows)))
-            start += len(micro_rows)
-        return self.select(torch.cat([micro_rows for micro_rows, _ in plan])), slices, [layout for _, layout in plan]
+    def plan_passes(self, size: int, tokens: int, packing: bool, pack_length: int | None) -> None:
+        """The step's micro-batches over all its rows (pass_plan), kept as ``passes``."""
+        self.passes = self.pass_plan(torch.arange(self.num_rows), size, tokens, packing, pack_length)
 
-    def completion_logprobs_for(self, model, layout: PassLayout, temperature: float, chunk_size: int,
-                                with_entropy: bool = False):
-        """Log-probs [n, completion_width] of the completion tokens of ``layout`` (on the model's
-        device) under ``model`` at ``temperature`` (and their entropies), 0 past each completion's
-        end. Differentiable. The output head runs on the positions that predict completion tokens
-        alone (from_position as a set), not on the prompts' or the pads'."""
-        hidden_states = body_hidden_states(model, layout.input_ids, layout.attention_mask, layout.position_ids)
-        result = head_token_logprobs(model, hidden_states, layout.input_ids, temperature, chunk_size,
-                                     with_entropy, from_position=layout.predicting)
-        if with_entropy:
-            return layout.per_token(result[0]), layout.per_token(result[1])
-        return layout.per_token(result)
+    def to(self, device: torch.device) -> RolloutBatch:
+        """This batch with its per-row update tensors and its passes on ``device``, in one host-to-device
+        copy per dtype (common.packing.to_device): the micro-batch loops then copy nothing. The tokens
+        stay on the CPU."""
+        moved = to_device({"passes": self.passes, **{name: getattr(self, name) for name in UPDATE_FIELDS}}, device)
+        return replace(self, **moved)
 
-    def completion_logprobs(self, model, temperature: float, layouts: list[PassLayout], chunk_size: int) -> torch.Tensor:
-        """Log-probs of every row's completion, micro-batch by micro-batch (``layouts`` of consecutive
-        micro-batches, on the model's device), on that device (call under no_grad)."""
-        return torch.cat([self.completion_logprobs_for(model, layout, temperature, chunk_size) for layout in layouts])
+    def micro_batch(self, rows: torch.Tensor, layout: PassLayout) -> MicroBatch:
+        """The micro-batch of ``rows`` (on the per-row tensors' device) laid out as ``layout``: its part of
+        every per-row tensor, in one call."""
+        return MicroBatch(layout, rows, **{name: None if getattr(self, name) is None else getattr(self, name)[rows]
+                                           for name in UPDATE_FIELDS})
+
+    def micro_batches(self) -> list[MicroBatch]:
+        """The step's micro-batches (``passes``), each with its part of every per-row tensor."""
+        return [self.micro_batch(rows, layout) for rows, layout in self.passes]
+
+    def in_row_order(self, per_pass: list[torch.Tensor]) -> torch.Tensor:
+        """Results of the passes (one tensor per micro-batch of ``passes``, rows in the layouts' order)
+        as one tensor in the rollouts' order."""
+        values = torch.cat(per_pass)
+        order = torch.cat([rows for rows, _ in self.passes]).to(values.device)
+        return torch.empty_like(values).index_copy_(0, order, values)
+
+    def logprobs(self, model, temperature: float, chunk_size: int) -> torch.Tensor:
+        """Every row's completion log-probs under ``model`` at ``temperature``, pass by pass
+        (common.logprobs.layout_logprobs), in the rollouts' order (call under no_grad)."""
+        return self.in_row_order([layout_logprobs(model, layout, temperature, chunk_size)[0]
+                                  for _, layout in self.passes])
 
 
 def rollout_batch(samples: SampleOutput, keep: torch.Tensor | None, pad_token_id: int) -> RolloutBatch:

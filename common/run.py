@@ -12,9 +12,6 @@ lives here, once.
                      host is taken over, another host's never); the temporary files of a killed save are removed.
   preflight          before the model loads: the folders are writable, the model directory is complete,
                      RESUME and INIT_LORA are not both given.
-  memory plan        before the model loads: its memory, estimated from config.json and the prompts'
-                     lengths, printed; a run that will not fit in the GPU's free memory (or GPU_MEMORY_GB)
-                     refused, naming the settings that would make it fit (common/memory_plan.py).
   resume             settings the restored state would override (the optimizer's learning rates and weight
                      decay, the schedule) follow this run's constants; settings a resume cannot change (the
                      LoRA layout, the group size, ...) are refused, one line each; every other change is
@@ -31,9 +28,13 @@ lives here, once.
   non-finite guard   an update whose loss or gradient norm is not finite never reaches the weights; it
                      is skipped and counted (skipped_updates, kept across a resume).
   loss scaling       an fp16 model (DTYPE=auto on a V100, T4, RTX 20xx) scales the loss before backward
-                     (LossScaler: torch.amp.GradScaler); the trainers call run.backward(loss),
-                     run.unscale_gradients(optimizer) before clipping and run.optimizer_step(optimizer),
-                     which are plain backward / nothing / optimizer.step() for every other dtype.
+                     (LossScaler: torch.amp.GradScaler); the trainers call loss_scaler.backward(loss),
+                     loss_scaler.unscale_gradients(optimizer) before clipping and loss_scaler.step(optimizer),
+                     which are plain backward / nothing / optimizer.step() for every other dtype; the run
+                     saves and restores its scale.
+
+What a run sets up before its first step (questions, the context fit, the memory plan, the model, the
+eval settings) is common/run_setup.py's: plain functions the script calls with its constants.
 """
 
 from __future__ import annotations
@@ -59,28 +60,14 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from common.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
-                               remove_stale_temporary_files, restore_training_state, save_checkpoint, start_lora)
-from common.data import iter_jsonl, load_problems, step_items
-from common.distributed import (DistributedContext, all_reduce_max, cleanup, gather_rank_states, restore_rank_state,
-                                shard)
+                               remove_stale_temporary_files, restore_training_state, save_checkpoint)
+from common.distributed import DistributedContext, all_reduce_max, cleanup, gather_rank_states, restore_rank_state
 from common.errors import UserError
-from common.evaluate import sampled_settings
-from common.logprobs import enable_gradient_checkpointing
-from common.lora import lora_parameters, lora_targets
-from common.memory_plan import MemoryPlanError, check_fits, free_gpu_memory_gb, generation_batch, plan_memory
 from common.metrics_log import LoggerUnavailableError, MetricsLogger
-from common.model import (check_model_dir, context_length, dtype_line, get_device, get_dtype, load_model,
-                          load_tokenizer, meta_model, resolve_model_path)
-from common.prompts import encode_prompts
-from common.sampler import SamplingParams, release_static_cache
-from common.schedule import warmup_then_schedule
-from common.synth import normalise_question
+from common.model import check_model_dir, resolve_model_path
 
 # Settings that name where a run's files go, not what it computes: free on resume.
 RUN_LOCATION_SETTINGS = ("RESUME", "INIT_LORA", "RUN_NAME", "CHECKPOINT_DIR", "LOG_DIR", "OVERWRITE")
-# Settings a resume cannot change in any trainer: the LoRA is the checkpoint's, and the data order and
-# the random streams continue from the checkpoint's step.
-FIXED_ON_RESUME = ("LORA_R", "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT", "SEED", "NUM_PROMPTS")
 LOCK_FILE = ".lock"
 # What a run writes in its folder: its checkpoints, their temporary files (common.checkpoint), its lock and
 # check_writable's probe. OVERWRITE=true removes these, and never anything else.
@@ -227,57 +214,6 @@ class RunLock:
             self.held.pop().unlink(missing_ok=True)
 
 
-def fit_to_context(rows: list[dict], lengths: list[int], path: str | Path, max_length: int, what: str,
-                   skip: bool) -> list[dict]:
-    """The rows whose ``lengths`` (in tokens) are at most ``max_length``. A longer one is refused, naming
-    the file and line, or with ``skip`` left out and counted: checked at load time, since such a row
-    would otherwise crash a step hours in (a 1 MB question asks for a 1 TB attention matrix) or
-    silently run past the model's context."""
-    line_numbers = [line_number for line_number, _ in iter_jsonl(path)]
-    too_long = [index for index, length in enumerate(lengths) if length > max_length]
-    if too_long and not skip:
-        first = too_long[0]
-        raise RunError(f"{path}:{line_numbers[first]}: the {what} is {lengths[first]} tokens, more than the "
-                       f"{max_length} that fit ({len(too_long)} such line(s)); shorten them, or skip them with "
-                       f"--SKIP_LONG_PROMPTS=true")
-    if too_long:
-        print(f"skipped {len(too_long)} line(s) of {path} whose {what} is longer than {max_length} tokens")
-    dropped = set(too_long)
-    return [row for index, row in enumerate(rows) if index not in dropped]
-
-
-def room_for_prompts(model, max_new_tokens: int) -> int:
-    """The tokens a prompt may have in the context of ``model`` (or its config) beside MAX_NEW_TOKENS of
-    answer; refused when that leaves none."""
-    context = context_length(model)
-    if max_new_tokens >= context:
-        raise RunError(f"MAX_NEW_TOKENS={max_new_tokens} leaves no room for the prompt in the model's context of "
-                       f"{context} tokens: a prompt and MAX_NEW_TOKENS must fit in it together")
-    return context - max_new_tokens
-
-
-def questions_that_fit(tokenizer, prompt_format, problems: list[dict], path: str | Path, max_length: int,
-                       skip: bool) -> tuple[list[dict], int]:
-    """The problems of ``path`` whose prompts fit in ``max_length`` tokens (fit_to_context), and the
-    longest of those prompts in tokens; a file without any is refused (an eval over nothing would print 0%)."""
-    if not problems:
-        raise RunError(f"{path} has no questions")
-    lengths = [len(ids) for ids in encode_prompts(tokenizer, problems, prompt_format)]
-    kept = fit_to_context(problems, lengths, path, max_length, "prompt", skip)
-    return kept, max((length for length in lengths if length <= max_length), default=0)
-
-
-def warn_shared_questions(train_questions: list[str], eval_questions: list[str], train_path, eval_path) -> int:
-    """Warn (and return how many) training questions are also eval questions, compared normalised:
-    the eval then measures memory as well as skill."""
-    held_out = {normalise_question(question) for question in eval_questions}
-    shared = sum(normalise_question(question) in held_out for question in train_questions)
-    if shared:
-        print(f"warning: {shared} of the {len(train_questions)} questions of {train_path} are also in "
-              f"{eval_path}: the eval is no longer held out for them")
-    return shared
-
-
 class LossScaler:
     """Dynamic loss scaling (Micikevicius et al. 2018, "Mixed Precision Training"; torch.amp.GradScaler)
     for an fp16 base under fp32 LoRA masters: fp16 keeps 5 exponent bits, so activation gradients
@@ -316,29 +252,27 @@ class LossScaler:
 class TrainingRun:
     """The bookkeeping of one trainer run; see the module docstring. Constructed right after
     ``configure`` and ``setup_distributed``, before the model loads, so that every refusal costs
-    nothing. ``config`` is the resolved config; the run reads MODEL_PATH, RUN_NAME, CHECKPOINT_DIR,
-    LOG_DIR, RESUME, INIT_LORA, OVERWRITE, EVAL_EVERY and SAVE_EVERY from it (those it has).
+    nothing. It reads no setting by name: the script hands it what it needs (here, in track and in
+    steps). ``config`` is the resolved config: printed, stored in every checkpoint, and compared with a
+    resumed run's, where ``fixed_on_resume`` names the settings a resume cannot change (the LoRA layout,
+    the seed, the group size, ...). ``run_dir`` overrides CHECKPOINT_DIR/RUN_NAME (run_sft.py's OUT_DIR)."""
 
-    ``fixed_on_resume`` names the script's own settings that a resume cannot change, on top of
-    FIXED_ON_RESUME. ``run_dir`` overrides CHECKPOINT_DIR/RUN_NAME (run_sft.py's OUT_DIR)."""
-
-    def __init__(self, trainer: str, config: dict, distributed: DistributedContext,
-                 fixed_on_resume: tuple[str, ...] = (), run_dir: str | Path | None = None):
+    def __init__(self, trainer: str, config: dict, distributed: DistributedContext, *, model_path: str | Path,
+                 run_name: str, log_dir: str | Path, logger: str, overwrite: bool, checkpoint_dir: str | Path = "",
+                 resume: Path | None = None, init_lora: Path | None = None, fixed_on_resume: tuple[str, ...] = (),
+                 run_dir: str | Path | None = None):
         self.trainer = trainer
-        self.config = config
+        self.config = config  # printed at start, stored in every checkpoint, compared on resume
         self.distributed = distributed
-        self.name = config["RUN_NAME"]
-        self.run_dir = Path(run_dir) if run_dir is not None else Path(config["CHECKPOINT_DIR"]) / self.name
-        self.metrics_path = Path(config["LOG_DIR"]) / f"{self.name}.jsonl"
-        self.tensorboard_dir = Path(config["LOG_DIR"]) / "tensorboard" / self.name
+        self.name = run_name
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(checkpoint_dir) / self.name
+        self.metrics_path = Path(log_dir) / f"{self.name}.jsonl"
+        self.tensorboard_dir = Path(log_dir) / "tensorboard" / self.name
         if run_dir is None:
-            _refuse_outside(self.run_dir, config["CHECKPOINT_DIR"], "CHECKPOINT_DIR")
-        _refuse_outside(self.metrics_path, config["LOG_DIR"], "LOG_DIR")
-        self.resume_path = config.get("RESUME")
-        self.eval_every = config.get("EVAL_EVERY", 0)
-        self.save_every = config.get("SAVE_EVERY", 0)
-        self.save_every_minutes = config.get("SAVE_EVERY_MINUTES", 0)
-        self.keep_checkpoints = config.get("KEEP_CHECKPOINTS", 0)
+            _refuse_outside(self.run_dir, checkpoint_dir, "CHECKPOINT_DIR")
+        _refuse_outside(self.metrics_path, log_dir, "LOG_DIR")
+        self.resume_path = resume
+        self.overwrite = overwrite
         self.skipped_updates = 0
         self.stop_signal = 0  # the signal that asked the run to stop (0: none yet)
         self.in_steps = False
@@ -346,37 +280,34 @@ class TrainingRun:
             for signal_number in STOP_SIGNALS:
                 signal.signal(signal_number, self._on_signal)
         self.overwritten: list[Path] = []  # an earlier run's files, removed when this run starts its steps
+        self.loss_scaler = LossScaler(torch.float32, torch.device("cpu"))  # disabled until track gives the model's
         # One lock for all the run writes: its folder, and its metrics file (which two runs with one RUN_NAME
         # and two CHECKPOINT_DIRs would share).
-        self.loss_scaler = LossScaler(torch.float32, torch.device("cpu"))  # set by load_model, from the model's dtype
-        self.release_static_kv = False  # set by check_memory: free the sampler's static KV before each policy pass
         self.lock = RunLock(self.run_dir / LOCK_FILE, self.metrics_path.with_name(f".{self.metrics_path.name}.lock"))
-        if self.resume_path is not None and config.get("INIT_LORA") is not None:
+        if resume is not None and init_lora is not None:
             raise RunError("RESUME continues a run, INIT_LORA starts a new one from a LoRA: give one of them")
         try:
-            self.checkpoint = load_checkpoint(self.resume_path) if self.resume_path is not None else None
+            self.checkpoint = load_checkpoint(resume) if resume is not None else None
         except (CheckpointError, FileNotFoundError) as error:
             raise RunError(str(error)) from None
         if self.checkpoint is not None:
             saved_trainer = self.checkpoint["extra"].get("trainer", trainer)
             if saved_trainer != trainer:
-                raise RunError(f"{self.resume_path} is a checkpoint of a {saved_trainer} run: a {trainer} run "
+                raise RunError(f"{resume} is a checkpoint of a {saved_trainer} run: a {trainer} run "
                                f"cannot continue it (start a new run from its LoRA with --INIT_LORA instead)")
             if self.checkpoint.get("optimizer") is None:
-                raise RunError(f"{self.resume_path} holds no optimizer state (a model_soup.py soup, or an adapter), "
+                raise RunError(f"{resume} holds no optimizer state (a model_soup.py soup, or an adapter), "
                                f"so no run can continue it: start a new run from it with --INIT_LORA instead")
-            self._refuse_fixed_settings(FIXED_ON_RESUME + tuple(fixed_on_resume))
+            self._refuse_fixed_settings(fixed_on_resume)
             self.skipped_updates = self.checkpoint["extra"].get("skipped_updates", 0)
         self.start_step = self.checkpoint["step"] if self.checkpoint is not None else 0
         if distributed.is_main:
             self._claim()
-        self.model_path = preflight_model(config["MODEL_PATH"])
+        self.model_path = preflight_model(model_path)
         self.model_config = AutoConfig.from_pretrained(self.model_path)
-        if config.get("LORA_R") and self.checkpoint is None and config.get("INIT_LORA") is None:
-            lora_targets(meta_model(self.model_path), config["LORA_TARGETS"])  # on the model without its weights
-        self.generators: dict[str, torch.Generator] = {}  # the run's random generators (sampling_generator)
+        self.generators: dict[str, torch.Generator] = {}  # the run's random generators (random_generator)
         try:
-            self.metrics = MetricsLogger(self.metrics_path, config.get("LOGGER", "jsonl"), self.name, config,
+            self.metrics = MetricsLogger(self.metrics_path, logger, self.name, config,
                                          start_step=self.start_step, is_main=distributed.is_main)
         except LoggerUnavailableError as error:
             raise RunError(str(error)) from None
@@ -422,7 +353,7 @@ class TrainingRun:
             return
         listing = ", ".join(str(path) for path in earlier[:4]) + (f", ... ({len(earlier)} in all)"
                                                                   if len(earlier) > 4 else "")
-        if not self.config.get("OVERWRITE"):
+        if not self.overwrite:
             self.lock.release()
             resume = (f"Continue it with --RESUME={self.run_dir} (its newest checkpoint), "
                       if list_checkpoints(self.run_dir) else "")
@@ -454,18 +385,37 @@ class TrainingRun:
             for line in changed:
                 print(f"resume: {line} (applied from step {self.checkpoint['step']} on)")
 
-    def restore(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
-        """Load the resumed run's optimizer, scheduler and random states, then give the optimizer this
-        run's hyperparameters (LR, WEIGHT_DECAY, ...: load_state_dict would bring back the old ones) and
-        the scheduler this run's peak learning rates. The schedule's shape (warm-up, decay, total steps)
-        is the lr_lambda's, built from this run's constants."""
+    def track(self, model, optimizer, scheduler, loss_scaler: LossScaler, evaluate: Callable | None = None,
+              extra: Callable[[], dict] | None = None, save: Callable[[int], Path] | None = None) -> None:
+        """What a save writes, a resume restores and an eval reads: the model (its LoRA), the optimizer,
+        the scheduler and the loss scaler. ``evaluate(step)`` returns an EvalResult; ``extra()`` what
+        the trainer adds to a checkpoint (a critic's weights, say); ``save(step)``, when given, writes
+        the run's output instead of a LoRA checkpoint (run_sft.py's full model)."""
+        self.device = next(model.parameters()).device
+        self.loss_scaler = loss_scaler
+        self._state = dict(model=model, optimizer=optimizer, scheduler=scheduler, evaluate=evaluate,
+                           extra=extra or dict, save=save)
+
+    def random_generator(self, name: str, seed: int, device: torch.device) -> torch.Generator:
+        """A random generator of the run (the rollouts' sampling: SEED + rank, so that each rank samples
+        its own completions), saved in every checkpoint and restored on resume with the others."""
+        generator = torch.Generator(device=device).manual_seed(seed)
+        self.generators[name] = generator
+        return generator
+
+    def restore(self) -> None:
+        """A resumed run's optimizer, scheduler, loss scale and random states (the tracked ones), then
+        the optimizer gets this run's hyperparameters back (LR, WEIGHT_DECAY, ...: load_state_dict
+        would bring back the old ones) and the scheduler this run's peak learning rates. The schedule's
+        shape (warm-up, decay, total steps) is the lr_lambda's, built from this run's constants."""
         if self.checkpoint is None:
             return
+        optimizer, scheduler, loss_scaler = self._state["optimizer"], self._state["scheduler"], self.loss_scaler
         hyperparameters = [{key: value for key, value in group.items() if key != "params"}
                            for group in optimizer.param_groups]
         restore_training_state(self.checkpoint, optimizer, scheduler)
-        if self.loss_scaler.enabled and self.checkpoint["extra"].get("loss_scaler"):
-            self.loss_scaler.scaler.load_state_dict(self.checkpoint["extra"]["loss_scaler"])
+        if loss_scaler.enabled and self.checkpoint["extra"].get("loss_scaler"):
+            loss_scaler.scaler.load_state_dict(self.checkpoint["extra"]["loss_scaler"])
         restore_rank_state(self.checkpoint, self.distributed, self.generators)
         for group, wanted in zip(optimizer.param_groups, hyperparameters):
             group.update(wanted)
@@ -475,21 +425,18 @@ class TrainingRun:
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         print(f"resumed {self.resume_path} at step {self.start_step}")
 
-    def track(self, model, tokenizer, optimizer, scheduler, evaluate: Callable | None = None,
-              extra: Callable[[], dict] | None = None, save: Callable[[int], Path] | None = None) -> None:
-        """What a save writes and an eval reads. ``evaluate(step)`` returns an EvalResult; ``extra()``
-        what the trainer adds to a checkpoint (a critic's weights, say); ``save(step)``, when given,
-        writes the run's output instead of a LoRA checkpoint (run_sft.py's full model)."""
-        self._state = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                           evaluate=evaluate, extra=extra or dict, save=save)
-
     # ----------------------------------------------------------------- loop
-    def steps(self, total_steps: int, steps_per_epoch: int | None = None) -> Iterator[int]:
+    def steps(self, total_steps: int, steps_per_epoch: int | None, *, eval_every: int, save_every: int,
+              save_every_minutes: float, keep_checkpoints: int) -> Iterator[int]:
         """The steps still to run (0-based), under a tqdm bar; an eval at step 0 of a new run first. From
         here on, an earlier run OVERWRITE replaces is gone, and a stop signal ends the run at the end of
-        the step in flight, saved (end_step). ``steps_per_epoch`` None: a stream without epochs
-        (run_sft.py's fresh synthetic problems)."""
+        the step in flight, saved (end_step). The cadence: an eval every ``eval_every`` steps and at the
+        end (0: none), a checkpoint every ``save_every`` steps (0: at the ends of epochs and of the run),
+        ``save_every_minutes`` after the last save (0: by steps only), the newest ``keep_checkpoints``
+        kept (0: all). ``steps_per_epoch`` None: a stream without epochs (run_sft.py's synthetic problems)."""
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.eval_every, self.save_every = eval_every, save_every
+        self.save_every_minutes, self.keep_checkpoints = save_every_minutes, keep_checkpoints
         self.started = self.last_save = time.perf_counter()
         self._remove_overwritten()
         self.in_steps = True
@@ -525,153 +472,10 @@ class TrainingRun:
         """Wall clock since the current step began."""
         return time.perf_counter() - self.step_started
 
-    def load_questions(self, reward, items_per_step: int) -> tuple[list[dict], list[dict]]:
-        """(training, eval) problems: TRAIN_FILE's first NUM_PROMPTS and EVAL_FILE's first EVAL_LIMIT
-        (none when EVAL_EVERY is 0), gold answers read as ``reward`` needs them; a warning for training
-        questions that are also eval questions; refused when ``items_per_step`` does not divide between
-        the processes."""
-        config = self.config
-        problems = load_problems(config["TRAIN_FILE"], config["NUM_PROMPTS"] or None, config["GOLD_FIELD"],
-                                 reward.needs_numeric_gold)
-        eval_problems = load_problems(config["EVAL_FILE"], config["EVAL_LIMIT"] or None, config["GOLD_FIELD"],
-                                      reward.needs_numeric_gold) if self.eval_every else []
-        warn_shared_questions([p["question"] for p in problems], [p["question"] for p in eval_problems],
-                              config["TRAIN_FILE"], config["EVAL_FILE"])
-        self.check_divides(items_per_step, "PROMPTS_PER_STEP")
-        return problems, eval_problems
-
     def check_divides(self, count: int, name: str) -> None:
         if count % self.distributed.world_size:
             raise RunError(f"{name}={count} does not divide between {self.distributed.world_size} processes; "
                            f"make it a multiple of the number of processes")
-
-    def fit_questions(self, tokenizer, prompt_format, problems: list[dict], eval_problems: list[dict],
-                      items_per_step: int) -> tuple[list[dict], list[dict], int, int]:
-        """The problems whose prompts leave MAX_NEW_TOKENS of room in the model's context (questions_that_fit:
-        SKIP_LONG_PROMPTS decides between refusing and skipping), at least one step's worth, and the
-        steps they make: (problems, eval problems, steps per epoch, total steps: MAX_STEPS or the
-        NUM_EPOCHS epochs). The longest prompt kept is self.longest_prompt, for the memory plan."""
-        config = self.config
-        prompt_room = room_for_prompts(self.model_config, config["MAX_NEW_TOKENS"])
-        problems, self.longest_prompt = questions_that_fit(tokenizer, prompt_format, problems, config["TRAIN_FILE"],
-                                                           prompt_room, config["SKIP_LONG_PROMPTS"])
-        if self.eval_every:
-            eval_problems, longest_eval = questions_that_fit(tokenizer, prompt_format, eval_problems,
-                                                             config["EVAL_FILE"], prompt_room,
-                                                             config["SKIP_LONG_PROMPTS"])
-            self.longest_prompt = max(self.longest_prompt, longest_eval)
-        if len(problems) < items_per_step:
-            raise RunError(f"{config['TRAIN_FILE']} has {len(problems)} questions, fewer than one step's "
-                           f"{items_per_step}")
-        steps_per_epoch = len(problems) // items_per_step
-        return problems, eval_problems, steps_per_epoch, config["MAX_STEPS"] or config["NUM_EPOCHS"] * steps_per_epoch
-
-    def load_tokenizer(self):
-        """(tokenizer, device): MODEL_PATH's tokenizer and the DEVICE the run computes on. The weights load
-        later (load_model), once the prompts are measured and the memory plan made (check_memory)."""
-        self.device = get_device(self.config["DEVICE"])
-        return load_tokenizer(self.model_path), self.device
-
-    def load_model(self):
-        """MODEL_PATH's causal LM on the run's device, in DTYPE, its linear layers in QUANT (load_model),
-        the dtype said in one line. An fp16 model gets the run's LossScaler. DTYPE=auto trains a full
-        model (no LoRA: run_sft.py with LORA_R=0) in fp32 where it would give fp16: fp16 weights would
-        be their own optimizer masters, and updates below their resolution would be lost."""
-        name = self.config["DTYPE"]
-        dtype = get_dtype(name, self.device)
-        line = dtype_line(name, self.device)
-        if dtype is torch.float16 and name == "auto" and self.config.get("LORA_R", 1) == 0:
-            dtype, line = torch.float32, f"{line}; float32 instead: LORA_R=0 trains every weight"
-        if self.distributed.is_main:
-            print(line)
-        self.loss_scaler = LossScaler(dtype, self.device)
-        return load_model(self.model_path, self.device, dtype, self.config["QUANT"])
-
-    # The update, through the run's LossScaler (a pass-through unless the model is fp16).
-    def backward(self, loss: torch.Tensor) -> None:
-        self.loss_scaler.backward(loss)
-
-    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        self.loss_scaler.unscale_gradients(optimizer)
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.loss_scaler.step(optimizer)
-
-    def check_memory(self, **settings) -> int:
-        """Print this run's memory plan (common/memory_plan.py: from config.json, between load_tokenizer
-        and load_model) and refuse a run that will not fit in GPU_MEMORY_GB, or else the device's free
-        memory, naming the settings that would make it fit. ``settings``: the RunSettings only the trainer
-        knows (rows, samples_per_prompt, prompt_tokens, max_new_tokens, micro_batch_size, head_on_prompt,
-        entropy); QUANT, DTYPE, LORA_R, LORA_TARGETS, GRADIENT_CHECKPOINTING, LOGPROB_CHUNK_SIZE, SAMPLER
-        and EVAL_BATCH_SIZE are the config's, unless ``settings`` gives them. Returns GENERATION_BATCH_SIZE
-        resolved for the sampler (auto: the most rows that fit; 0: all of a step's rows together)."""
-        config, device = self.config, self.device
-        generation_batch_size = config.get("GENERATION_BATCH_SIZE", 0)
-        gpu_gb = config.get("GPU_MEMORY_GB") or free_gpu_memory_gb(device)
-        try:
-            plan = plan_memory(self.model_path, **{
-                "quant": config["QUANT"], "dtype": get_dtype(config["DTYPE"], device), "device": device.type,
-                "lora_r": config["LORA_R"], "lora_targets": config["LORA_TARGETS"],
-                "gradient_checkpointing": config["GRADIENT_CHECKPOINTING"],
-                "logprob_chunk_size": config["LOGPROB_CHUNK_SIZE"], "sampler": config["SAMPLER"],
-                "eval_rows": config["EVAL_BATCH_SIZE"] if self.eval_every else 0, **settings})
-        except ValueError as error:  # an architecture the plan does not know: the run goes on without one
-            print(f"no memory plan: {error}")
-            return 0 if generation_batch_size == "auto" else generation_batch_size
-        plan, generation_batch_size, auto_choice = generation_batch(plan, generation_batch_size, gpu_gb)
-        self.release_static_kv = plan.settings.release_static_kv  # the kept KV does not fit: freed before each policy pass
-        print(plan.table(gpu_gb))
-        if auto_choice:
-            print(auto_choice)
-        try:
-            check_fits(plan, gpu_gb)
-        except MemoryPlanError as error:
-            raise RunError(str(error)) from None
-        return generation_batch_size
-
-    def release_rollout_memory(self, model) -> None:
-        """Before the policy pass: the sampler's static KV buffers freed when the memory plan says they do
-        not fit beside it (check_memory), else kept for the next rollout."""
-        if self.release_static_kv:
-            release_static_cache(model)
-
-    def eval_settings(self) -> tuple[SamplingParams, SamplingParams | None]:
-        """The periodic eval's SamplingParams: greedy, EVAL_BATCH_SIZE problems per batch (the static path
-        pads the last one), and the sampled pass beside it: EVAL_NUM_SAMPLES per problem at EVAL_TEMPERATURE
-        (None at 0, the greedy eval alone; common.evaluate.sampled_settings)."""
-        config = self.config
-        greedy = SamplingParams(max_new_tokens=config["MAX_NEW_TOKENS"], temperature=0.0,
-                                chunk_rows=config["EVAL_BATCH_SIZE"], sampler=config["SAMPLER"])
-        return greedy, sampled_settings(greedy, config.get("EVAL_NUM_SAMPLES", 1), config.get("EVAL_TEMPERATURE", 0.0))
-
-    def sampling_generator(self, device) -> torch.Generator:
-        """The random generator of the rollouts: SEED + rank (each rank samples its own completions),
-        saved in every checkpoint and restored on resume with the run's other random states."""
-        generator = torch.Generator(device=device).manual_seed(self.config["SEED"] + self.distributed.rank)
-        self.generators["sampling"] = generator
-        return generator
-
-    def lora_and_optimizer(self, model, total_steps: int):
-        """(trainable parameters, optimizer, scheduler) of a LoRA trainer: the LoRA it starts from
-        (start_lora: a resumed run's, INIT_LORA's, or a fresh one of LORA_*), gradient checkpointing when
-        GRADIENT_CHECKPOINTING, AdamW at LR with the warm-up schedule, and a resumed run's states."""
-        config = self.config
-        start_lora(model, self.checkpoint, self.resume_path, config["INIT_LORA"], config["LORA_R"],
-                   config["LORA_ALPHA"], config["LORA_TARGETS"], config["LORA_DROPOUT"])
-        if config["GRADIENT_CHECKPOINTING"]:
-            enable_gradient_checkpointing(model)
-        trainable = lora_parameters(model)
-        optimizer = torch.optim.AdamW(trainable, lr=config["LR"], weight_decay=config["WEIGHT_DECAY"])
-        scheduler = warmup_then_schedule(optimizer, config["WARMUP_STEPS"], total_steps, config["LR_SCHEDULE"])
-        self.restore(optimizer, scheduler)
-        return trainable, optimizer, scheduler
-
-    def step_items(self, items: list, step: int, items_per_step: int) -> tuple[int, list]:
-        """(epoch, this rank's share of the items of global step ``step``): the order is a function of
-        SEED, the epoch and the step alone (common.data.step_items), so a resumed run sees the items the
-        uninterrupted run would have."""
-        epoch, indices = step_items(len(items), self.config["SEED"], step, items_per_step)
-        return epoch, [items[i] for i in shard(indices)]
 
     def update_is_finite(self, step: int, *values: float) -> bool:
         """True when every value (losses, gradient norms) is finite; else counts a skipped update. The
@@ -682,12 +486,6 @@ class TrainingRun:
         scale = self.loss_scaler.skip()
         tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({self.skipped_updates} so far{scale})")
         return False
-
-    def show_sample(self, step: int, text: str, reward: float, gold) -> None:
-        """Every SAMPLE_EVERY steps, one sampled completion with its reward and gold answer."""
-        every = self.config.get("SAMPLE_EVERY", 0)
-        if every and step % every == 0:
-            tqdm.write(f"--- sample (reward {reward:.2f}, gold {gold}):\n{text}\n---")
 
     def end_step(self, step: int, metrics: dict) -> dict:
         """After step ``step`` (1-based): eval when due, the metrics line, a checkpoint when due: every
@@ -751,7 +549,7 @@ class TrainingRun:
         epoch = step // self.steps_per_epoch if self.steps_per_epoch else 0
         try:
             path = save_checkpoint(checkpoint_path(self.run_dir, epoch, step), state["model"],
-                                   self.config["MODEL_PATH"], self.config, state["optimizer"], state["scheduler"],
+                                   self.model_path, self.config, state["optimizer"], state["scheduler"],
                                    epoch=epoch, step=step, generators=self.generators,
                                    extra={**state["extra"](), "trainer": self.trainer, "ranks": rank_states,
                                           "skipped_updates": self.skipped_updates,

@@ -27,10 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.logprobs import body_hidden_states, head_token_logprobs
+from common.logprobs import body_hidden_states, layout_logprobs
 from common.lora import LoRAWeights, use_lora_weights
 from common.packing import PassLayout
-from common.rollout import RolloutBatch
 
 CRITIC_FEATURES = ("detached", "adapter", "shared")
 
@@ -60,11 +59,11 @@ class Critic(nn.Module):
         self.adapter = LoRAWeights(model) if features == "adapter" else None
 
 
-def completion_logprobs_and_values(model, critic: Critic, batch: RolloutBatch, layout: PassLayout,
-                                   temperature: float, chunk_size: int, with_entropy: bool = False):
-    """The actor's log-probs (and entropies) of the completion tokens of ``layout`` (a micro-batch of
-    ``batch`` on the model's device), as RolloutBatch.completion_logprobs_for gives them, with the
-    critic's values.
+def completion_logprobs_and_values(model, critic: Critic, layout: PassLayout, temperature: float, chunk_size: int,
+                                   with_entropy: bool = False):
+    """The actor's log-probs (and entropies) of the answer tokens of ``layout`` (a micro-batch's, on the
+    model's device), as common.logprobs.layout_logprobs gives them, with the critic's values read from
+    the same body pass (or, for features "adapter", from a pass of the critic's own LoRA).
 
     Returns (logp, entropy or None, values, bootstrap_values): logp, entropy and values
     [n, completion_width], 0 past each completion's end; values[:, j] is the value of the state
@@ -72,14 +71,7 @@ def completion_logprobs_and_values(model, critic: Critic, batch: RolloutBatch, l
     token. logp and entropy are differentiable w.r.t. the actor's LoRA; values w.r.t. the critic
     (and, for features "shared", the actor's LoRA too).
     """
-    hidden_states = body_hidden_states(model, layout.input_ids, layout.attention_mask, layout.position_ids)
-    result = head_token_logprobs(model, hidden_states, layout.input_ids, temperature, chunk_size, with_entropy,
-                                 from_position=layout.predicting)  # the head on the answer's predictions only
-    logp, entropy = result if with_entropy else (result, None)
-    logp = layout.per_token(logp)
-    if entropy is not None:
-        entropy = layout.per_token(entropy)
-
+    logp, entropy, hidden_states = layout_logprobs(model, layout, temperature, chunk_size, with_entropy)
     if critic.features == "adapter":
         with use_lora_weights(model, critic.adapter):
             critic_states = body_hidden_states(model, layout.input_ids, layout.attention_mask, layout.position_ids)

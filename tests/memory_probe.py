@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.logprobs import layout_logprobs
 from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.model import load_model  # noqa: E402
@@ -73,9 +74,10 @@ class Run:
         self.model.train()
         rollouts = rollout_batch(samples, None, 0)
         self.optimizer.zero_grad(set_to_none=True)
-        for layout in rollouts.in_pass_order(self.settings["micro_batch_size"], 0, False, None)[2]:
-            logprobs, entropy = rollouts.completion_logprobs_for(self.model, layout, 1.0,
-                                                                 self.settings["logprob_chunk_size"], with_entropy=True)
+        rollouts.plan_passes(self.settings["micro_batch_size"], 0, False, None)
+        for _, layout in rollouts.passes:
+            logprobs, entropy, _ = layout_logprobs(self.model, layout, 1.0, self.settings["logprob_chunk_size"],
+                                                   with_entropy=True)
             (-(logprobs.mean() + 0.01 * entropy.mean())).backward()
         self.optimizer.step()
 

@@ -13,14 +13,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from common.logprobs import layout_logprobs
 from common.lora import apply_lora
-from common.logprobs import token_logprobs
 from common.memory_plan import (ALLOCATOR_HEADROOM, GB, MemoryPlan, MemoryPlanError, RunSettings, activation_bytes,
                                 check_fits, kv_cache_bytes, largest_generation_batch, llama_3_1_8b_config, model_shape,
                                 plan_memory, policy_bytes)
 from common.model import EAGER_ATTENTION_MODEL_TYPES, load_model
 from common.packing import pass_layout
-from common.rollout import RolloutBatch
 from dpo.pairs import PairBatch, pair_logprobs
 from common.quant import is_quantized
 from tests.conftest import REPO_ROOT, run_script
@@ -73,13 +72,6 @@ def test_weights_are_the_bytes_of_the_loaded_model(arch, quant, dtype, tmp_path)
     assert plan.weights == tensor_bytes(model)
 
 
-def per_token_batch(rows: int, completion: int) -> RolloutBatch:
-    """A RolloutBatch of ``rows`` completions of ``completion`` tokens, to run a PassLayout through its
-    completion_logprobs_for (which reads no more of it)."""
-    return RolloutBatch(torch.zeros(rows, 1, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.long),
-                        torch.ones(rows, completion), 1, torch.arange(rows))
-
-
 @pytest.mark.parametrize("arch, dtype, kv_heads, targets", [
     ("llama", "float32", 2, "all-linear"),
     ("llama", "bfloat16", 1, ("q_proj", "v_proj")),
@@ -116,7 +108,7 @@ def test_saved_activations_are_what_autograd_saves(arch, dtype, kv_heads, target
     layout = pass_layout([ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)], [completion] * rows,
                          completion, None, False, 0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        per_token_batch(rows, completion).completion_logprobs_for(model, layout, 1.0, chunk_size=7, with_entropy=True)
+        layout_logprobs(model, layout, 1.0, chunk_size=7, with_entropy=True)
     settings = RunSettings(dtype=dtype, device="cpu", micro_batch_size=rows, prompt_tokens=length - completion,
                            max_new_tokens=completion, lora_r=4, lora_targets=targets)
     assert activation_bytes(model_shape(config), settings, checkpointing=False) == sum(saved.values())
@@ -454,8 +446,7 @@ def packed_saved_bytes(model, sequences, completion, pack_length) -> tuple[int, 
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        per_token_batch(len(sequences), completion).completion_logprobs_for(model, layout, 1.0, chunk_size=7,
-                                                                            with_entropy=True)
+        layout_logprobs(model, layout, 1.0, chunk_size=7, with_entropy=True)
     return sum(saved.values()), tuple(layout.input_ids.shape)
 
 

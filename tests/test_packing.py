@@ -5,6 +5,7 @@ eager and sdpa, Gemma 2's sliding window crossed; bin packing, token budgets, th
 import pytest
 import torch
 
+from common.logprobs import layout_logprobs
 from common.lora import apply_lora, lora_parameters
 from common.packing import (first_fit_decreasing, micro_batch_rows, packing_plan, pass_layout, token_budget_ranges,
                             to_device)
@@ -70,7 +71,7 @@ def pass_results(model, batch: RolloutBatch, layout, weights):
     """Per-token log-probs and entropies of one micro-batch, and the LoRA gradients of a loss that
     weighs every token of both."""
     model.zero_grad(set_to_none=True)
-    logp, entropy = batch.completion_logprobs_for(model, layout, 0.7, chunk_size=50, with_entropy=True)
+    logp, entropy, _ = layout_logprobs(model, layout, 0.7, chunk_size=50, with_entropy=True)
     ((logp * weights).sum() + (entropy * weights.flip(1)).sum()).backward()
     # (gemma3: the vision tower's adapters get no gradient from text)
     return logp.detach(), entropy.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone()
@@ -189,9 +190,10 @@ def test_micro_batch_rows():
 
 @pytest.mark.parametrize("arch", ["gemma2", "llama"])
 def test_the_step_packed_into_sorted_micro_batches_equals_padded(arch):
-    """in_pass_order: the step's sequences packed together, its rows sorted and cut into micro-batches of
-    at most a padded micro-batch's 3 x longest positions, the batch reordered to match: per row, the same log-probs and entropies as the padded
-    micro-batches of today; summed over the step, the same gradients."""
+    """plan_passes: the step's sequences packed together, its rows sorted and cut into micro-batches of
+    at most a padded micro-batch's 3 x longest positions, each micro-batch its rows' part of the batch:
+    per row, the same log-probs and entropies as the padded micro-batches; summed over the step, the
+    same gradients."""
     model = lora_model(arch)
     batch = rollouts_of(SHAPES * 2, seed=3)
     weights = torch.randn(batch.num_rows, batch.completion_width, generator=torch.Generator().manual_seed(1))
@@ -199,15 +201,16 @@ def test_the_step_packed_into_sorted_micro_batches_equals_padded(arch):
     results = {}
     longest = int(batch.sequence_lengths.max())
     for packing in (True, False):
-        ordered, micro_batches, layouts = batch.in_pass_order(3, 0, packing, longest)
+        batch.plan_passes(3, 0, packing, longest)
+        micro_batches, layouts = batch.micro_batches(), [layout for _, layout in batch.passes]
         model.zero_grad(set_to_none=True)
         logp = torch.zeros(batch.num_rows, batch.completion_width)
         entropy = torch.zeros_like(logp)
-        for rows, layout in zip(micro_batches, layouts):
-            micro_logp, micro_entropy = ordered.completion_logprobs_for(model, layout, 0.7, 50, with_entropy=True)
-            ((micro_logp * weights[ordered.rows[rows]]).sum() + micro_entropy.sum()).backward()
-            logp[ordered.rows[rows]] = micro_logp.detach()
-            entropy[ordered.rows[rows]] = micro_entropy.detach()
+        for micro in micro_batches:
+            micro_logp, micro_entropy, _ = layout_logprobs(model, micro.layout, 0.7, 50, with_entropy=True)
+            ((micro_logp * weights[micro.rows]).sum() + micro_entropy.sum()).backward()
+            logp[micro.rows] = micro_logp.detach()
+            entropy[micro.rows] = micro_entropy.detach()
         grads = [parameter.grad.clone() for parameter in lora_parameters(model)]
         results[packing] = logp, entropy, grads, sum(layout.computed_positions for layout in layouts)
         if packing:

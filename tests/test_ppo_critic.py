@@ -6,6 +6,7 @@ import contextlib
 import pytest
 import torch
 
+from common.logprobs import layout_logprobs
 from common.lora import apply_lora, lora_parameters, use_lora_weights
 from common.rollout import RolloutBatch
 from ppo.critic import Critic, ValueHead, completion_logprobs_and_values
@@ -62,7 +63,7 @@ def test_where_the_value_loss_gradient_goes(features):
     critic = critic_for(model, features)
     batch = handmade_batch()
     layout = one_layout(batch, batch.rows, packing=True, pack_length=None)
-    logp, _, values, _ = completion_logprobs_and_values(model, critic, batch, layout, 1.0, 4)
+    logp, _, values, _ = completion_logprobs_and_values(model, critic, layout, 1.0, 4)
     loss, _ = ppo_value_loss(values, torch.zeros_like(values), torch.ones_like(values), batch.completion_mask)
     loss.backward()
     actor_grads = [parameter.grad for parameter in lora_parameters(model)]
@@ -76,7 +77,7 @@ def test_where_the_value_loss_gradient_goes(features):
         assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0
                    for parameter in critic.adapter.lora_B)
     with torch.no_grad():
-        torch.testing.assert_close(logp, batch.completion_logprobs_for(model, layout, 1.0, 4))
+        torch.testing.assert_close(logp, layout_logprobs(model, layout, 1.0, 4)[0])
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -89,9 +90,9 @@ def test_values_are_read_before_each_token_and_after_the_last(features, packing)
     batch = handmade_batch()
     with torch.no_grad():
         layout = one_layout(batch, batch.rows, packing, pack_length=9)
-        logp, entropy, values, bootstrap = completion_logprobs_and_values(model, critic, batch, layout, 1.0, 4,
+        logp, entropy, values, bootstrap = completion_logprobs_and_values(model, critic, layout, 1.0, 4,
                                                                           with_entropy=True)
-        expected_logp, expected_entropy = batch.completion_logprobs_for(model, layout, 1.0, 4, with_entropy=True)
+        expected_logp, expected_entropy, _ = layout_logprobs(model, layout, 1.0, 4, with_entropy=True)
         torch.testing.assert_close(logp, expected_logp)
         torch.testing.assert_close(entropy, expected_entropy)
         for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
@@ -110,6 +111,6 @@ def test_values_are_read_before_each_token_and_after_the_last(features, packing)
             torch.testing.assert_close(bootstrap[row], state_values[len(prompt) + length - 1], atol=1e-5, rtol=1e-5)
         # A micro-batch of one row (other column trimming) reads the same values.
         _, _, alone, alone_bootstrap = completion_logprobs_and_values(
-            model, critic, batch, one_layout(batch, torch.tensor([1]), packing, pack_length=9), 1.0, 4)
+            model, critic, one_layout(batch, torch.tensor([1]), packing, pack_length=9), 1.0, 4)
         torch.testing.assert_close(alone, values[1:], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(alone_bootstrap, bootstrap[1:], atol=1e-5, rtol=1e-5)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from common.logprobs import layout_logprobs
 from common.rollout import rollout_batch
 from tests.conftest import micro_model, sample_with
 
@@ -27,14 +28,17 @@ def test_layout_and_logprobs_match_the_sampler():
         length = int(samples.completion_lengths[row])
         assert batch.input_ids[row, 5:5 + length].tolist() == samples.completion_ids[row, :length].tolist()
         assert batch.attention_mask[row].sum() == len(prompt) + length
-    packed, micro_batches, layouts = batch.in_pass_order(4, 0, True, pack_length=12)
-    assert sorted(packed.rows.tolist()) == list(range(6))
+    batch.plan_passes(4, 0, True, pack_length=12)
+    assert sorted(torch.cat([rows for rows, _ in batch.passes]).tolist()) == list(range(6))
     with torch.no_grad():
-        for rows, layout in zip(micro_batches, layouts):
-            logp = batch.completion_logprobs_for(model, layout, 0.8, chunk_size=3)
-            assert logp.shape == (rows.stop - rows.start, batch.completion_width)
-            torch.testing.assert_close(logp * packed.completion_mask[rows], samples.logprobs[packed.rows[rows]],
+        for micro in batch.micro_batches():
+            logp = layout_logprobs(model, micro.layout, 0.8, chunk_size=3)[0]
+            assert logp.shape == (len(micro.rows), batch.completion_width)
+            torch.testing.assert_close(logp * micro.completion_mask, samples.logprobs[batch.rows[micro.rows]],
                                        atol=1e-5, rtol=1e-5)
+        # the passes' results back in the rollouts' order: row i is sample row i
+        torch.testing.assert_close(batch.logprobs(model, 0.8, chunk_size=3) * batch.completion_mask,
+                                   samples.logprobs, atol=1e-5, rtol=1e-5)
 
 
 def test_old_logprobs_equal_training_logprobs_exactly():
@@ -42,10 +46,10 @@ def test_old_logprobs_equal_training_logprobs_exactly():
     bit for bit: the first ratio of every iteration scheme is exactly 1."""
     model = micro_model("llama")
     batch = rollout_batch(sampled(model), None, PAD)
-    batch, _, layouts = batch.in_pass_order(4, 0, True, pack_length=12)
+    batch.plan_passes(4, 0, True, pack_length=12)
     with torch.no_grad():
-        old = batch.completion_logprobs(model, 1.0, layouts, chunk_size=5)
-    new = torch.cat([batch.completion_logprobs_for(model, layout, 1.0, chunk_size=5) for layout in layouts])
+        old = batch.logprobs(model, 1.0, chunk_size=5)
+    new = batch.in_row_order([layout_logprobs(model, layout, 1.0, chunk_size=5)[0] for _, layout in batch.passes])
     assert new.requires_grad
     assert torch.equal(torch.exp(new.detach() - old), torch.ones_like(old))
 

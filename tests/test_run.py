@@ -17,7 +17,8 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from common.metrics_log import MetricsFileError, MetricsLogger, read_metrics
-from common.run import RunError, RunLock, check_writable, fit_to_context
+from common.run import RunError, RunLock, check_writable
+from common.run_setup import fit_to_context
 from tests.conftest import run_script
 
 SMALL_GRPO = ["--TRAIN_FILE=data/synth_train.jsonl", "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=8",

@@ -25,7 +25,8 @@ from common.peft_io import PeftAdapterError, save_peft_adapter
 from common.prompts import ChatTemplateNotFoundError
 from common.quant import QuantizationUnavailable
 from common.reward import RewardSpecError
-from common.run import RunError, room_for_prompts
+from common.run import RunError
+from common.run_setup import room_for_prompts
 from tests.conftest import micro_model, run_script
 from tests.test_run import SMALL_GRPO
 
