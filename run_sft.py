@@ -31,53 +31,67 @@ from common.distributed import is_main_process
 from common.prompts import INSTRUCTION as MATH_INSTRUCTION
 
 # ---------------------------------------------------------------- constants
-MODEL_PATH = "models/tiny-gemma2-math"  # local directory of the model to fine-tune
+# the defaults fine-tune every weight of the tiny model (the other trainers': a LoRA on Gemma 2 2B)
+MODEL_PATH = "models/tiny-gemma2-math"  # local model directory (differs from the other trainers: set for the tiny model)
 OUT_DIR = "checkpoints/sft"  # full fine-tune: the model (save_pretrained); LoRA: OUT_DIR/lora_epoch0_step{N}.pt
 TRAIN_FILE: Path | None = None  # JSONL with "question" and "solution"; None = an endless stream of fresh synthetic problems
-EVAL_FILE = "data/synth_test.jsonl"  # held-out problems for greedy eval (never in the synthetic training stream)
+#                                   (differs from the other trainers: SFT learns from worked solutions)
+EVAL_FILE = "data/synth_test.jsonl"  # held-out problems for greedy eval, never in the synthetic training stream
+#                                   (differs from the other trainers: set for the tiny model)
 INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
 SYSTEM_PROMPT = ""  # a system message before every prompt ("" for none)
 CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or the path of a Jinja file
-EVAL_LIMIT: Annotated[int, ">= 0"] = 500  # how many eval problems (0 = all)
-EVAL_EVERY: Annotated[int, ">= 0"] = 700  # steps between evals, plus one at step 0 and at the end (0 = no evaluation)
+EVAL_LIMIT: Annotated[int, ">= 0"] = 500  # held-out questions per eval (0 = all) (differs from the other trainers: set for the tiny model)
+EVAL_EVERY: Annotated[int, ">= 0"] = 700  # steps between evals, plus one at step 0 and one at the end (0 = no evaluation)
+#                                   (differs from the other trainers: set for the tiny model)
 MAX_STEPS: Annotated[int, ">= 0"] = 700  # optimizer steps (0: the model as it is, evaluated and saved)
-BATCH_SIZE: Annotated[int, ">= 1"] = 64  # examples per step
-LR: Annotated[float, "> 0"] = 2e-3  # peak learning rate of AdamW
-WARMUP_STEPS: Annotated[int, ">= 0"] = 30  # linear warm-up from 0 to LR
-LR_SCHEDULE: Literal["constant", "cosine"] = "cosine"  # after warm-up: constant, or cosine decay to 10% of LR at the last step
+#                                   (differs from the other trainers: no epochs, the synthetic stream is endless)
+BATCH_SIZE: Annotated[int, ">= 1"] = 64  # examples per step (differs from DPO: examples, not pairs; set for the tiny model)
+LR: Annotated[float, "> 0"] = 2e-3  # peak AdamW learning rate (differs from the other trainers: set for the tiny model)
+WARMUP_STEPS: Annotated[int, ">= 0"] = 30  # linear warm-up steps (differs from the other trainers: set for the tiny model)
+LR_SCHEDULE: Literal["constant", "cosine"] = "cosine"  # after warm-up: constant, or cosine decay to 10% of LR
+#                                   (differs from the other trainers: set for the tiny model)
 WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
-LORA_R: Annotated[int, ">= 0"] = 0  # 0 = train every weight; > 0 = train only a LoRA of this rank
-LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # LoRA scaling numerator: the update is (LORA_ALPHA / LORA_R) * B @ A
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # layers with an adapter
-LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapter's input
-LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds the [positions, vocab] logits in memory)
+LORA_R: Annotated[int, ">= 0"] = 0  # adapter rank; 0 = train every weight instead
+#                                   (differs from the other trainers: SFT can train every weight, set for the tiny model)
+LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # layers that get an adapter
+LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapters' input (0 keeps sampling and training the same policy)
+LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
 MICRO_BATCH_TOKENS: Annotated[int, ">= 0"] = 0  # split each step's batch into micro-batches of whole examples up to
 #                                   this many tokens (gradient accumulation; 0 = the batch in one pass); the
-#                                   normaliser stays the batch's answer tokens
-PACKING = True  # pack the batch's examples into rows without pads (common/packing.py); false = padded rectangles.
-#                 Padded anyway for an attention the packing tests do not cover
-PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the batch's longest
-#                                   example; one row under flash-attention's variable-length kernels) or tokens
+#                                   normaliser stays the batch's answer tokens (differs from the other trainers:
+#                                   SFT has no MICRO_BATCH_SIZE)
+PACKING = True  # the training passes pack their sequences into rows without pads (common/packing.py);
+#                 with false, padded rectangles; padded anyway for an attention the packing tests do not cover
+PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the step's longest
+#                                   sequence; one row per micro-batch under flash-attention's variable-length kernels) or tokens
 GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
 GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): a run whose
-#                                   memory plan (printed at start; LORA_R > 0) does not fit is refused before the model loads
-MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 64  # eval generation length
+#                                   memory plan (printed at start) does not fit is refused before the model loads
+#                                   (differs from the other trainers: planned for a LoRA only, LORA_R > 0)
+MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 64  # eval generation length limit
+#                                   (differs from the other trainers: only the eval generates; the tiny model's answers are short)
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decoding: auto (compiled static-cache decode
 #                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
-EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 128  # prompts per eval batch
+#                                   (differs from GRPO and PPO: no rollouts)
+EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 128  # prompts per eval generation batch (differs from the other trainers: set for the tiny model)
 EVAL_NUM_SAMPLES: Annotated[int, ">= 1"] = 1  # k: completions per held-out question at EVAL_TEMPERATURE > 0, logged as
 #                                   eval/mean@k, eval/pass@j (j = 1, 2, 4, ..., k), eval/maj@k beside eval/accuracy
 EVAL_TEMPERATURE: Annotated[float, ">= 0"] = 0.0  # 0 = the greedy eval alone; > 0 adds k samples per question at
 #                                   this temperature (each question's seeded by SEED and its index; EVAL_BATCH_SIZE x k rows)
-RUN_NAME: RunName = "sft"  # name of the run: its metrics file LOG_DIR/RUN_NAME.jsonl (its output is OUT_DIR)
+RUN_NAME: RunName = "sft"  # name of the run: its metrics file LOG_DIR/RUN_NAME.jsonl (differs from the other trainers:
+#                                   the trainer's name; its output is OUT_DIR)
 LOG_DIR = "logs"  # where the metrics JSONL goes
 LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
 OVERWRITE = False  # replace an earlier run's OUT_DIR and metrics (else a new run on them is refused)
+#                                   (differs from the other trainers: SFT writes to OUT_DIR, not a run folder)
 SAVE_EVERY_MINUTES: Annotated[float, ">= 0"] = 30.0  # also save when this many minutes have passed since the last save
 #                                   (0 = by steps only): a crash then costs at most that much
-KEEP_CHECKPOINTS: Annotated[int, ">= 0"] = 0  # keep only the newest N step checkpoints in OUT_DIR (a LoRA run; 0 = keep all)
-SEED = 0  # python / torch seed: the same seed gives the same model
+KEEP_CHECKPOINTS: Annotated[int, ">= 0"] = 0  # keep only the newest N step checkpoints of the run (0 = keep all)
+#                                   (differs from the other trainers: a LoRA run's, in OUT_DIR)
+SEED = 0  # every random draw of the run: data order, sampling, initialisation
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
 DTYPE: Dtype = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)

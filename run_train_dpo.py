@@ -36,23 +36,26 @@ from common.prompts import INSTRUCTION as MATH_INSTRUCTION
 # model and data
 MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
 TRAIN_FILE = "data/dpo_pairs.jsonl"  # preference pairs {"question" | "prompt", "chosen", "rejected"} (make_dpo_pairs.py, TRL's)
-EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval
-GOLD_FIELD: str | None = None  # the eval file's gold answer field (None = gold_answer, answer, solution or ground_truth)
+#                                   (differs from GRPO and PPO: DPO learns from pairs, not questions)
+EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval: {"question", "gold_answer"}, raw GSM8K, or TRL's {"prompt", ...}
+GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_answer, answer, solution or ground_truth)
+#                                   (differs from GRPO and PPO: EVAL_FILE's only; a pair needs none)
 INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
 SYSTEM_PROMPT = ""  # a system message before every prompt ("" for none)
 CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or the path of a Jinja file
 EVAL_REWARD = "correctness"  # what the eval counts as correct: correctness (the number), or your.py:function
-SKIP_LONG_PROMPTS = False  # leave out (and count) pairs too long for the context, instead of refusing the file
+SKIP_LONG_PROMPTS = False  # leave out (and count) examples too long for the context, instead of refusing the file
 EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all)
-EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
+EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at step 0 and one at the end (0 = no evaluation)
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts per eval generation batch
 EVAL_NUM_SAMPLES: Annotated[int, ">= 1"] = 1  # k: completions per held-out question at EVAL_TEMPERATURE > 0, logged as
 #                                   eval/mean@k, eval/pass@j (j = 1, 2, 4, ..., k), eval/maj@k beside eval/accuracy
 EVAL_TEMPERATURE: Annotated[float, ">= 0"] = 0.0  # 0 = the greedy eval alone; > 0 adds k samples per question at
 #                                   this temperature (each question's seeded by SEED and its index; EVAL_BATCH_SIZE x k rows)
-MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # eval generation length limit
+MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # eval generation length limit (differs from GRPO and PPO: only the eval generates)
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decoding: auto (compiled static-cache decode
 #                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
+#                                   (differs from GRPO and PPO: no rollouts)
 # objective
 BETA: Annotated[float, "> 0"] = 0.1  # strength of the implicit KL to the reference: reward = BETA x (policy - reference log-prob)
 LOSS_TYPE: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"  # sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo (IPO; length-normalised log-probs)
@@ -60,21 +63,25 @@ LABEL_SMOOTHING: Annotated[float, "0 <= x < 0.5"] = 0.0  # assumed label-flip ra
 RPO_ALPHA: Annotated[float, ">= 0"] = 0.0  # weight of the chosen answers' NLL per token (RPO; 0 = off)
 PRECOMPUTE_REF = True  # reference log-probs of the whole dataset once before training (else per batch)
 # optimisation
-NUM_EPOCHS: Annotated[int, ">= 1"] = 1  # passes over the pairs
+NUM_EPOCHS: Annotated[int, ">= 1"] = 1  # passes over the training data
 MAX_STEPS: Annotated[int, ">= 0"] = 0  # stop after this many steps (0 = run the epochs)
 BATCH_SIZE: Annotated[int, ">= 1"] = 16  # pairs per step
 MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 4  # pairs per forward/backward (2 x MICRO_BATCH_SIZE rows; gradient accumulation over the step)
+#                                   (differs from GRPO and PPO: a pair is two sequences)
 MICRO_BATCH_TOKENS: Annotated[int, ">= 0"] = 0  # fill each micro-batch with whole pairs (chosen and rejected) up to
 #                                   this many tokens instead (0 = off); each pair's loss stays a share of the step's mean
-LR: Annotated[float, "> 0"] = 5e-6  # peak AdamW learning rate of the LoRA (untuned for Gemma 2B; the tiny model learns at 1e-4)
+#                                   (differs from GRPO and PPO: whole pairs)
+LR: Annotated[float, "> 0"] = 5e-6  # peak AdamW learning rate of the LoRA
+#                                   (differs from GRPO and PPO: DPO's own, untuned for Gemma 2B; the tiny model learns at 1e-4)
 WARMUP_STEPS: Annotated[int, ">= 0"] = 5  # linear warm-up steps
 LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
 WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
-PACKING = True  # the chosen + rejected pass packs a micro-batch's sequences into rows without pads (common/packing.py);
+PACKING = True  # the training passes pack their sequences into rows without pads (common/packing.py);
 #                 with false, padded rectangles; padded anyway for an attention the packing tests do not cover
 PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the micro-batch's longest
 #                                   sequence; one row per micro-batch under flash-attention's variable-length kernels) or tokens
+#                                   (differs from the other trainers: DPO lays out each micro-batch's pairs apart)
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
 GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
 GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): a run whose
@@ -82,8 +89,8 @@ GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = th
 # LoRA
 LORA_R: Annotated[int, ">= 1"] = 16  # adapter rank
 LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # wrapped layers
-LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapters' input
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # layers that get an adapter
+LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapters' input (0 keeps sampling and training the same policy)
 # bookkeeping
 SAVE_EVERY: Annotated[int, ">= 0"] = 0  # steps between checkpoints (0 = only at the end of each epoch and of the run)
 SAVE_EVERY_MINUTES: Annotated[float, ">= 0"] = 30.0  # also save when this many minutes have passed since the last save
@@ -91,14 +98,16 @@ SAVE_EVERY_MINUTES: Annotated[float, ">= 0"] = 30.0  # also save when this many 
 KEEP_CHECKPOINTS: Annotated[int, ">= 0"] = 0  # keep only the newest N step checkpoints of the run (0 = keep all)
 CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
 RUN_NAME: RunName = "dpo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
+#                                   (differs from the other trainers: the trainer's name)
 LOG_DIR = "logs"  # where the metrics JSONL goes
 LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
 OVERWRITE = False  # replace an earlier run of the same RUN_NAME, its own files only (else a new run on its name is refused)
 RESUME: Path | None = None  # checkpoint (or run folder: its newest) of a run to continue: LR and the schedule may
 #                             change, the LoRA layout, pairs per step and seed may not
+#                             (differs from the other trainers: each fixes its own)
 INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an SFT warm-up, a model_soup.py soup):
 #                                its layout replaces LORA_*; the KL reference stays the base model
-SEED = 0  # data order and initialisation
+SEED = 0  # every random draw of the run: data order, sampling, initialisation
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
 DTYPE: Dtype = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)

@@ -45,38 +45,41 @@ from common.prompts import INSTRUCTION as MATH_INSTRUCTION
 # model and data
 MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny model: models/tiny-gemma2-math)
 TRAIN_FILE = "data/gsm8k_train.jsonl"  # training questions: {"question", "gold_answer"}, raw GSM8K, or TRL's {"prompt", ...}
-EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval (same formats)
+EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval: {"question", "gold_answer"}, raw GSM8K, or TRL's {"prompt", ...}
 GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_answer, answer, solution or ground_truth)
 INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
 SYSTEM_PROMPT = ""  # a system message before every prompt ("" for none)
 CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or the path of a Jinja file
 NUM_PROMPTS: Annotated[int, ">= 0"] = 0  # use the first NUM_PROMPTS training questions (0 = all)
-SKIP_LONG_PROMPTS = False  # leave out (and count) questions too long for the context, instead of refusing the file
+SKIP_LONG_PROMPTS = False  # leave out (and count) examples too long for the context, instead of refusing the file
 EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all)
-EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at the end (0 = no evaluation during or after training)
+EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at step 0 and one at the end (0 = no evaluation)
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts per eval generation batch
 EVAL_NUM_SAMPLES: Annotated[int, ">= 1"] = 1  # k: completions per held-out question at EVAL_TEMPERATURE > 0, logged as
 #                                   eval/mean@k, eval/pass@j (j = 1, 2, 4, ..., k), eval/maj@k beside eval/accuracy
 EVAL_TEMPERATURE: Annotated[float, ">= 0"] = 0.0  # 0 = the greedy eval alone; > 0 adds k samples per question at
 #                                   this temperature (each question's seeded by SEED and its index; EVAL_BATCH_SIZE x k rows)
 # rollouts
-NUM_EPOCHS: Annotated[int, ">= 1"] = 1  # passes over the training questions
+NUM_EPOCHS: Annotated[int, ">= 1"] = 1  # passes over the training data
 MAX_STEPS: Annotated[int, ">= 0"] = 0  # stop after this many steps (0 = run the epochs)
 PROMPTS_PER_STEP: Annotated[int, ">= 1"] = 16  # questions per step
 NUM_SAMPLES_PER_PROMPT: Annotated[int, ">= 1"] = 4  # completions sampled per question
-MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # completion length limit (a cut-off answer is flagged truncated and bootstrapped)
+MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # completion length limit of the rollouts (a cut-off answer is flagged truncated)
+#                                   (differs from GRPO: its return is bootstrapped with the value after its last token)
 TEMPERATURE: Annotated[float, "> 0"] = 1.0  # sampling temperature; the training log-probs use the same one
 TOP_P: Annotated[float, "0 < x <= 1"] = 1.0  # nucleus sampling (1.0 = off)
 TOP_K: Annotated[int, ">= 0"] = 0  # top-k sampling (0 = off)
 GENERATION_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 0"] = "auto"  # rows sampled together: auto (the most that
-#                                   fit in the GPU's memory, by the memory plan), or a number (0 = all of a step's at once)
+#                                   fit in the GPU's memory, by the memory plan), or a number (0 = all of a step's rows at once)
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # rollouts and evals: auto (compiled static-cache
 #                                   decode on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 REWARD = "math"  # math (correctness + format - hacks), correctness, your.py:function, or several: math,my.py:brevity
 REWARD_WEIGHTS: tuple[float, ...] = ()  # one weight per REWARD entry (empty = all 1)
 # objective
-KL_COEF: Annotated[float, ">= 0"] = 0.05  # weight of the per-token KL penalty to the base model in the reward (0 = no reference pass)
-KL_ESTIMATOR: Literal["k1", "k2", "k3"] = "k1"  # k1 (InstructGPT, TRL), k2 or k3 estimate of KL(policy || reference) in the reward
+KL_COEF: Annotated[float, ">= 0"] = 0.05  # weight of the KL penalty to the base model (0 = no reference pass)
+#                                   (differs from GRPO: a per-token penalty in the reward, InstructGPT's)
+KL_ESTIMATOR: Literal["k1", "k2", "k3"] = "k1"  # k1, k2 or k3 estimate of KL(policy || reference)
+#                                   (differs from GRPO: k1 in the reward, as InstructGPT and TRL)
 GAMMA: Annotated[float, "0 <= x <= 1"] = 1.0  # discount over answer tokens
 LAM: Annotated[float, "0 <= x <= 1"] = 0.95  # GAE lambda (1 = Monte-Carlo returns, 0 = one-step TD)
 PPO_EPOCHS: Annotated[int, ">= 1"] = 2  # passes over each step's rollouts
@@ -90,22 +93,25 @@ IMPORTANCE_CORRECTION: Literal["none", "tis"] = "none"  # correct the sampler ->
 #                                   (each token's policy term times min(exp(trainer - sampler log-prob), TIS_CAP))
 TIS_CAP: Annotated[float, "> 0"] = 2.0  # truncation of the TIS weights (TRL's and verl's default: 2)
 # optimisation
-LR: Annotated[float, "> 0"] = 2e-5  # peak AdamW learning rate of the LoRA (a cautious start for Gemma 2B, untuned)
+LR: Annotated[float, "> 0"] = 2e-5  # peak AdamW learning rate of the LoRA (a cautious start for Gemma 2B, untuned; the tiny model learns at 2e-4)
 CRITIC_FEATURES: Literal["detached", "adapter", "shared"] = "detached"  # value head reads: the actor's hidden states
 #                               with a stop-gradient (detached), a second LoRA of its own on the same base (adapter),
 #                               or the actor's, trained (shared)
 CRITIC_LR: Annotated[float, "> 0"] = 1e-3  # peak AdamW learning rate of the value head (untuned)
 CRITIC_HIDDEN: Annotated[int, ">= 1"] = 256  # width of the value head's hidden layer
-WARMUP_STEPS: Annotated[int, ">= 0"] = 5  # linear warm-up steps (both learning rates)
+WARMUP_STEPS: Annotated[int, ">= 0"] = 5  # linear warm-up steps (differs from GRPO and DPO: of both LR and CRITIC_LR)
 LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
 WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
-GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max gradient norm, of the actor's LoRA and of the critic separately
+GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
+#                                   (differs from the other trainers: of the actor's LoRA and of the critic apart)
 MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 8  # sequences per forward/backward (gradient accumulation over a mini-batch);
 #                                   packed, as many rows as MICRO_BATCH_SIZE of the longest sequence would take
+#                                   (differs from GRPO: PPO updates per mini-batch, MINI_BATCH_SIZE sequences)
 MICRO_BATCH_TOKENS: Annotated[int, ">= 0"] = 0  # fill each micro-batch with whole sequences up to this many tokens
-#                                   instead (0 = off); the normaliser stays the mini-batch's
-PACKING = True  # the actor's and critic's passes pack a mini-batch's sequences into rows without pads
-#                 (common/packing.py); with false, padded rectangles; padded anyway for an attention the tests do not cover
+#                                   instead of MICRO_BATCH_SIZE sequences (0 = off); the normaliser stays the
+#                                   mini-batch's (differs from GRPO: PPO updates per mini-batch)
+PACKING = True  # the training passes pack their sequences into rows without pads (common/packing.py);
+#                 with false, padded rectangles; padded anyway for an attention the packing tests do not cover
 PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the step's longest
 #                                   sequence; one row per micro-batch under flash-attention's variable-length kernels) or tokens
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
@@ -115,7 +121,7 @@ GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = th
 # LoRA
 LORA_R: Annotated[int, ">= 1"] = 16  # adapter rank
 LORA_ALPHA: Annotated[float, "> 0"] = 32.0  # the update is (LORA_ALPHA / LORA_R) * B @ A
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # wrapped layers
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # layers that get an adapter
 LORA_DROPOUT: Annotated[float, "0 <= x < 1"] = 0.0  # dropout on the adapters' input (0 keeps sampling and training the same policy)
 # bookkeeping
 SAVE_EVERY: Annotated[int, ">= 0"] = 0  # steps between checkpoints (0 = only at the end of each epoch and of the run)
@@ -124,15 +130,17 @@ SAVE_EVERY_MINUTES: Annotated[float, ">= 0"] = 30.0  # also save when this many 
 KEEP_CHECKPOINTS: Annotated[int, ">= 0"] = 0  # keep only the newest N step checkpoints of the run (0 = keep all)
 CHECKPOINT_DIR = "checkpoints"  # checkpoints go to CHECKPOINT_DIR/RUN_NAME/
 RUN_NAME: RunName = "ppo"  # name of the run: its checkpoint folder and its metrics file LOG_DIR/RUN_NAME.jsonl
+#                                   (differs from the other trainers: the trainer's name)
 LOG_DIR = "logs"  # where the metrics JSONL goes
 LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
 OVERWRITE = False  # replace an earlier run of the same RUN_NAME, its own files only (else a new run on its name is refused)
 RESUME: Path | None = None  # checkpoint (or run folder: its newest) of a run to continue: LR and the schedule may
 #                             change, the LoRA layout, critic, samples and questions per step and seed may not
+#                             (differs from the other trainers: each fixes its own)
 INIT_LORA: Path | None = None  # start a new run from this LoRA checkpoint (an SFT warm-up, a model_soup.py soup):
 #                                its layout replaces LORA_*; the KL reference stays the base model
 SAMPLE_EVERY: Annotated[int, ">= 0"] = 10  # print one sampled completion with its reward every this many steps (0 = never)
-SEED = 0  # data order, sampling, mini-batch order and initialisation
+SEED = 0  # every random draw of the run: data order, sampling, initialisation
 DEVICE: Device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu
 DTYPE: Dtype = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
