@@ -1,13 +1,14 @@
 """Every benchmark (bench/) and plot_metrics.py run for real, as subprocesses, with tiny sizes:
 they keep working and write what they promise. No timing is asserted."""
 
+import ast
 import importlib.util
 import json
 import sys
 
 import pytest
 
-from tests.conftest import TINY_MODEL_DIR, run_script
+from tests.conftest import REPO_ROOT, TINY_MODEL_DIR, run_script
 
 
 def read_results(path, benchmark: str) -> dict:
@@ -71,6 +72,63 @@ def test_bench_grpo_step_runs_the_trainer_with_every_phase(tmp_path):
     assert gsm8k["packed"]["real"] == gsm8k["padded"]["real"]
     assert gsm8k["packed"]["computed"] < gsm8k["padded"]["computed"]
     assert gsm8k["packed"]["real"] > 8 * (40 + 20)  # 8 rows of a prompt and at least 40 forced tokens
+
+
+# The algorithms' losses, advantages and their pieces: a benchmark runs the trainer that calls them, never
+# its own copy of the step. Every public function and class of these modules, and these names.
+LOSS_MODULES = ("grpo.loss", "grpo.advantage", "ppo.loss", "ppo.gae", "dpo.loss", "common.kl",
+                "common.policy_gradient")
+LOSS_NAMES = {"grpo_loss", "group_advantages", "zero_advantage_groups", "GRPOObjective", "normalizer",
+              "ppo_policy_loss", "ppo_value_loss", "ppo_total_loss", "compute_gae", "dpo_loss", "sft_loss"}
+
+
+def loss_names() -> set[str]:
+    names = set(LOSS_NAMES)
+    for module in LOSS_MODULES:
+        path = REPO_ROOT / f"{module.replace('.', '/')}.py"
+        if path.exists():
+            names |= {node.name for node in ast.parse(path.read_text()).body
+                      if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")}
+    return names
+
+
+def loss_uses(source: str, names: set[str]) -> list[str]:
+    """Where ``source`` imports one of LOSS_MODULES or calls one of ``names`` (a name or an attribute)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            imported = [node.module or ""] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Call):
+            called = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if called in names:
+                found.append(f"line {node.lineno}: calls {called}")
+            continue
+        else:
+            continue
+        found += [f"line {node.lineno}: imports {name}" for name in imported
+                  if any(name == module or name.startswith(f"{module}.") for module in LOSS_MODULES)]
+    return found
+
+
+def test_the_loss_scanner_finds_a_copy_of_the_step():
+    source = ("from grpo.loss import grpo_loss\nimport grpo.advantage\nfrom common import kl\nfrom ppo import gae\n"
+              "loss, _ = grpo_loss(logp, old, adv, mask, objective, objective.normalizer(4, 10))\n")
+    assert loss_uses(source, loss_names()) == [
+        "line 1: imports grpo.loss", "line 1: imports grpo.loss.grpo_loss", "line 2: imports grpo.advantage",
+        "line 3: imports common.kl", "line 4: imports ppo.gae", "line 5: calls grpo_loss", "line 5: calls normalizer"]
+
+
+def test_no_benchmark_copies_the_step():
+    """No file in bench/ imports a loss or advantage module or calls a loss, an advantage or the
+    normaliser: the GRPO benchmarks time run_train_grpo.py's own step (issue 28)."""
+    names = loss_names()
+    assert {"grpo_loss", "group_advantages", "zero_advantage_groups", "dpo_loss"} <= names
+    files = sorted((REPO_ROOT / "bench").glob("*.py"))
+    assert len(files) >= 8
+    uses = {path.name: loss_uses(path.read_text(), names) for path in files}
+    assert not any(uses.values()), {name: found for name, found in uses.items() if found}
 
 
 def write_metrics(path) -> None:
