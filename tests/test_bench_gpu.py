@@ -45,6 +45,20 @@ def test_bench_gpu_thin_body_on_the_cpu(tmp_path):
         assert results["trainer"]["peak_rss_bytes"] > 100 * 2 ** 20  # the trainer's process
 
 
+def test_bench_gpu_keeps_the_sampling_results_when_the_step_fails(tmp_path):
+    """The results file is written after the sampling part: a GRPO step that fails (here run_train_grpo.py
+    refuses LOGPROB_CHUNK_SIZE=0, which the sampling part does not use) leaves it, and the exit status says so."""
+    out_file = tmp_path / "gpu.json"
+    result = run_script(["bench/bench_gpu.py", "--DEVICE=cpu", "--NUM_PROMPTS=2", "--NUM_SAMPLES_PER_PROMPT=2",
+                         "--MAX_NEW_TOKENS=4", "--METHODS=eager", "--REPEATS=1", "--LORA_R=2", "--LOGPROB_CHUNK_SIZE=0",
+                         f"--OUT_FILE={out_file}"], check=False)
+    assert result.returncode == 1
+    assert "error: run_train_grpo.py (bench_gpu) exited 2" in result.stderr
+    assert f"part 1's results are in {out_file}" in result.stderr
+    results = json.loads(out_file.read_text())["results"]
+    assert set(results["sampling"]) == {"eager"} and results["rows"] == 4 and "phase_seconds" not in results
+
+
 def test_bench_gpu_llama_8b_shapes_with_a_4bit_base_on_the_cpu(tmp_path):
     """The 12 GB check's path (MODEL=llama-3.1-8b, QUANT=nf4, checkpointed, no sampling methods), thin-bodied:
     the random Llama written in shards (SHARD_GB small enough for several), loaded in 4 bits, one GRPO step,
