@@ -13,8 +13,9 @@ compiles included; QUICK to 4):
    gradients against a float layer, and whatever else carries the `cuda` marker).
 2. bench/bench_gpu.py at Gemma 2 2B's shapes (16 prompts x 8 samples, 128 new tokens, LoRA r16 on the
    seven linears): our eager and compiled samplers, model.generate with the static cache (not with
-   QUICK), a GRPO step phase by phase; allocated and reserved peaks, the graphs compiled and the CUDA
-   graphs recorded, compile times.
+   QUICK), then run_train_grpo.py's GRPO step phase by phase (the trainer itself, a subprocess of the
+   benchmark); allocated and reserved peaks, the graphs compiled and the CUDA graphs recorded in each
+   process, compile times.
 3. The same benchmark's 12 GB check: Llama 3.1 8B's shapes with a 4-bit base, checkpointed, capped at
    12 GB (the target: a peak of at most 11.5 GB). Needs bitsandbytes; skipped, and said, without it.
 
@@ -22,7 +23,9 @@ Without CUDA each part runs its thin-body version and the table says so: part 1 
 and skips them (their CPU cases are in make test), parts 2 and 3 run bench_gpu.py on the CPU with a thin
 body and tiny sizes. The table is printed last and written to OUT_DIR/gpu-CARD.md (CARD: the device's
 name, e.g. gpu-nvidia-h200.md; gpu-cpu.md on the CPU) with each part's own output after it; the
-benchmarks' JSON records go beside it. Exit status: 1 when an equivalence test fails, 2 when a benchmark
+benchmarks' JSON records go beside it. A part past its limit is killed with the processes it started
+(the trainer); a benchmark part that fails or times out after its sampling part still shows that
+part's rows (bench_gpu.py writes its record after each part). Exit status: 1 when an equivalence test fails, 2 when a benchmark
 part fails or runs past its limit, 0 otherwise.
 """
 
@@ -33,6 +36,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 # Run as `python bench/gpu_check.py`, Python puts bench/ on the path, not the repository root with common/.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -76,20 +81,32 @@ LLAMA = (["--MODEL=llama-3.1-8b", "--QUANT=nf4", "--GRADIENT_CHECKPOINTING=true"
 LLAMA_TARGET_GB = 11.5  # issue 15's target for the 12 GB check
 
 
+def kill_tree(pid: int) -> None:
+    """The process ``pid`` and every process it started (bench_gpu.py's trainer) killed."""
+    process = psutil.Process(pid)
+    children = process.children(recursive=True)
+    for member in [process, *children]:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def run_part(command: list[str], limit: int) -> dict:
     """``command`` (after the Python interpreter) from the repository root: its status ("timeout" past
-    ``limit`` seconds), seconds and output."""
+    ``limit`` seconds, then killed with what it started), seconds and output."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, *command], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     try:
-        result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                                timeout=limit)
-        status, output = result.returncode, result.stdout + result.stderr
-    except subprocess.TimeoutExpired as error:
+        stdout, stderr = process.communicate(timeout=limit)
+        status = process.returncode
+    except subprocess.TimeoutExpired:
+        kill_tree(process.pid)
+        stdout, stderr = process.communicate()
         status = "timeout"
-        output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
-                         for part in (error.stdout, error.stderr))
-    return {"status": status, "seconds": time.perf_counter() - start, "output": output}
+    return {"status": status, "seconds": time.perf_counter() - start, "output": stdout + stderr}
 
 
 def gigabytes(value) -> str:
@@ -97,20 +114,26 @@ def gigabytes(value) -> str:
 
 
 def bench_rows(part: str, record_file: Path) -> list[list[str]]:
-    """The table's rows of one bench_gpu.py record: each sampling method, the GRPO step, the graph counts."""
+    """The table's rows of one bench_gpu.py record: each sampling method, the GRPO step, the graph counts
+    (the sampling process's and the trainer's); a record of the sampling part alone says the step is missing."""
     results = json.loads(record_file.read_text())["results"]
     rows = [[f"{part}: sampling, {method}", f"{r['tokens_per_s']:,.0f} tok/s, first call {r['first_call_s']:.1f} s"
              + (f" (compile {r['compile_s']:.1f})" if r["compile_s"] else ""), f"{r['seconds']:.2f}",
              gigabytes(r["peak_gb"]), gigabytes(r.get("reserved_gb"))] for method, r in results["sampling"].items()]
+    if "phase_seconds" not in results:
+        rows.append([f"{part}: GRPO step", "missing: the benchmark stopped before it ended", "", "", ""])
+        return rows
     phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in results["phase_seconds"].items())
     verdict = ""
     if part == "3" and results["step_peak_gb"] is not None:
         verdict = f"; target <= {LLAMA_TARGET_GB} GB: {'met' if results['step_peak_gb'] <= LLAMA_TARGET_GB else 'MISSED'}"
     rows.append([f"{part}: GRPO step", f"{phases}{verdict}", f"{results['step_seconds']:.2f}",
-                 gigabytes(results["step_peak_gb"]), gigabytes(results.get("step_reserved_gb"))])
-    recorded = results.get("cuda_graphs_recorded")
-    rows.append([f"{part}: compiles", f"{results.get('compiled_graphs', '-')} graphs compiled, "
-                 f"{'-' if recorded is None else recorded} CUDA graphs recorded, compile {results['step_compile_s']:.1f} s "
+                 gigabytes(results["step_peak_gb"]), gigabytes(results["step_reserved_gb"])])
+    compiled, recorded = results["compiled_graphs"], results["cuda_graphs_recorded"]
+    cuda_graphs = ("-" if recorded is None else
+                   f"sampling {recorded['sampling']}, GRPO step {recorded['grpo_step']}")
+    rows.append([f"{part}: compiles", f"graphs compiled: sampling {compiled['sampling']}, GRPO step "
+                 f"{compiled['grpo_step']}; CUDA graphs recorded: {cuda_graphs}; compile {results['step_compile_s']:.1f} s "
                  f"in the timed steps", "", "", ""])
     return rows
 
@@ -144,6 +167,7 @@ for part, name, what, arguments in benches:
                           "", "", ""])
             continue
     record_file = out_dir / f"gpu-check-{slug}-{name}.json"
+    record_file.unlink(missing_ok=True)  # an earlier check's record is not this one's
     print(f"[{part}/3] bench/bench_gpu.py: {what}", flush=True)
     run = parts[part] = run_part(["bench/bench_gpu.py", *arguments, f"--OUT_FILE={record_file}"], LIMITS[name])
     if run["status"] != 0:
@@ -151,6 +175,8 @@ for part, name, what, arguments in benches:
         last = run["output"].strip().splitlines()[-1:] or [""]
         status = f"timed out after {LIMITS[name]} s" if run["status"] == "timeout" else f"exit status {run['status']}"
         table.append([f"{part}: {what}", f"FAILED: {status}: {last[0][:120]}", f"{run['seconds']:.1f}", "", ""])
+        if record_file.exists():  # what finished before (bench_gpu.py writes its record after each part)
+            table += bench_rows(part, record_file)
         continue
     table.append([f"{part}: {what}", "ran" + ("" if cuda else " (thin body, CPU)"), f"{run['seconds']:.1f}", "", ""])
     table += bench_rows(part, record_file)

@@ -1,12 +1,14 @@
 """Every benchmark (bench/) and plot_metrics.py run for real, as subprocesses, with tiny sizes:
 they keep working and write what they promise. No timing is asserted."""
 
+import ast
 import importlib.util
 import json
+import sys
 
 import pytest
 
-from tests.conftest import TINY_MODEL_DIR, run_script
+from tests.conftest import REPO_ROOT, TINY_MODEL_DIR, run_script
 
 
 def read_results(path, benchmark: str) -> dict:
@@ -45,29 +47,88 @@ def test_bench_logprobs_tiny_sizes(tmp_path):
     assert results["max_abs_diff_grads"] < 1e-5 and results["max_abs_grad"] > 0
 
 
-def test_bench_grpo_step_on_tiny_model_with_every_phase(tmp_path):
-    """KL and two iterations, so the reference and old log-prob passes run too; then packed against padded."""
+def test_bench_grpo_step_runs_the_trainer_with_every_phase(tmp_path):
+    """KL and two iterations, so the reference and old log-prob passes run too; then packed against padded,
+    on the demo's rollouts and on forced GSM8K-like ones (40 to 96 new tokens: padding to pack away)."""
     out_file = tmp_path / "grpo_step.json"
-    result = run_script(["bench/bench_grpo_step.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--PROMPTS_PER_STEP=4",
-                         "--NUM_SAMPLES_PER_PROMPT=4", "--MAX_NEW_TOKENS=24", "--KL_COEF=0.05", "--NUM_ITERATIONS=2",
-                         "--MICRO_BATCH_SIZE=4", "--LORA_R=2", "--WARMUP_STEPS=1", "--STEPS=1", "--DEVICE=cpu",
-                         "--COMPARE_REPEATS=1", "--GSM8K_ROWS=10", "--GSM8K_MAX_NEW_TOKENS=48",
-                         f"--OUT_FILE={out_file}"])
+    result = run_script(["bench/bench_grpo_step.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--PROMPTS_PER_STEP=2",
+                         "--NUM_SAMPLES_PER_PROMPT=4", "--MAX_NEW_TOKENS=16", "--KL_COEF=0.05", "--NUM_ITERATIONS=2",
+                         "--MICRO_BATCH_SIZE=4", "--LORA_R=2", "--WARMUP_STEPS=0", "--STEPS=1", "--DEVICE=cpu",
+                         "--GSM8K_MAX_NEW_TOKENS=96", f"--OUT_FILE={out_file}"])
     assert "| whole step |" in result.stdout and "| gsm8k-like | packed |" in result.stdout
     results = read_results(out_file, "grpo_step")
-    assert len(results["steps"]) == 1
-    passes = results["phase_forward_passes"]
-    assert passes["generation"] >= 2  # the prompts, then one pass per new token
-    assert passes["reference"] >= 1 and passes["old logprobs"] >= 1
-    assert passes["policy"] == 2 * passes["old logprobs"]  # two iterations over the same micro-batches
-    assert all(results["phase_seconds"][phase] > 0 for phase in ("generation", "reference", "policy"))
-    assert results["tokens_per_step"] >= 16 and results["generation_tokens_per_s"] > 0
+    # The trainer's own metrics lines, one per timed step.
+    assert len(results["steps"]) == 1 and results["steps"][0]["step"] == 1
+    assert all(results["phase_seconds"][phase] > 0 for phase in ("generation", "reference", "old logprobs", "policy"))
+    assert results["step_seconds"] >= sum(results["phase_seconds"].values()) > 0
+    assert results["tokens_per_step"] >= 8 and results["generation_tokens_per_s"] > 0
     for layouts in results["packing_comparison"].values():
-        packed, padded = layouts["packed"], layouts["padded"]
-        assert packed["real"] == padded["real"] <= packed["computed"] <= padded["computed"]
-        assert packed["rows"] <= padded["rows"] and packed["seconds"] > 0
-    gsm8k = results["packing_comparison"]["gsm8k-like"]["padded"]
-    assert gsm8k["computed"] > gsm8k["real"]  # 40 to 48 new tokens: padding to pack away
+        for layout in layouts.values():
+            assert layout["computed"] >= layout["real"] > 0 and layout["micro_batches"] >= 1 and layout["seconds"] > 0
+            if sys.platform != "win32":  # ru_maxrss of the trainer's process: torch and a model at least
+                assert layout["peak_rss_bytes"] > 100 * 2 ** 20
+    gsm8k = results["packing_comparison"]["gsm8k-like"]
+    # The same forced completions and rewards in both runs: the same real tokens, fewer positions packed.
+    assert gsm8k["packed"]["real"] == gsm8k["padded"]["real"]
+    assert gsm8k["packed"]["computed"] < gsm8k["padded"]["computed"]
+    assert gsm8k["packed"]["real"] > 8 * (40 + 20)  # 8 rows of a prompt and at least 40 forced tokens
+
+
+# The algorithms' losses, advantages and their pieces: a benchmark runs the trainer that calls them, never
+# its own copy of the step. Every public function and class of these modules, and these names.
+LOSS_MODULES = ("grpo.loss", "grpo.advantage", "ppo.loss", "ppo.gae", "dpo.loss", "common.kl",
+                "common.policy_gradient")
+LOSS_NAMES = {"grpo_loss", "group_advantages", "zero_advantage_groups", "GRPOObjective", "normalizer",
+              "ppo_policy_loss", "ppo_value_loss", "ppo_total_loss", "compute_gae", "dpo_loss", "sft_loss"}
+
+
+def loss_names() -> set[str]:
+    names = set(LOSS_NAMES)
+    for module in LOSS_MODULES:
+        path = REPO_ROOT / f"{module.replace('.', '/')}.py"
+        if path.exists():
+            names |= {node.name for node in ast.parse(path.read_text()).body
+                      if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")}
+    return names
+
+
+def loss_uses(source: str, names: set[str]) -> list[str]:
+    """Where ``source`` imports one of LOSS_MODULES or calls one of ``names`` (a name or an attribute)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            imported = [node.module or ""] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Call):
+            called = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if called in names:
+                found.append(f"line {node.lineno}: calls {called}")
+            continue
+        else:
+            continue
+        found += [f"line {node.lineno}: imports {name}" for name in imported
+                  if any(name == module or name.startswith(f"{module}.") for module in LOSS_MODULES)]
+    return found
+
+
+def test_the_loss_scanner_finds_a_copy_of_the_step():
+    source = ("from grpo.loss import grpo_loss\nimport grpo.advantage\nfrom common import kl\nfrom ppo import gae\n"
+              "loss, _ = grpo_loss(logp, old, adv, mask, objective, objective.normalizer(4, 10))\n")
+    assert loss_uses(source, loss_names()) == [
+        "line 1: imports grpo.loss", "line 1: imports grpo.loss.grpo_loss", "line 2: imports grpo.advantage",
+        "line 3: imports common.kl", "line 4: imports ppo.gae", "line 5: calls grpo_loss", "line 5: calls normalizer"]
+
+
+def test_no_benchmark_copies_the_step():
+    """No file in bench/ imports a loss or advantage module or calls a loss, an advantage or the
+    normaliser: the GRPO benchmarks time run_train_grpo.py's own step (issue 28)."""
+    names = loss_names()
+    assert {"grpo_loss", "group_advantages", "zero_advantage_groups", "dpo_loss"} <= names
+    files = sorted((REPO_ROOT / "bench").glob("*.py"))
+    assert len(files) >= 8
+    uses = {path.name: loss_uses(path.read_text(), names) for path in files}
+    assert not any(uses.values()), {name: found for name, found in uses.items() if found}
 
 
 def write_metrics(path) -> None:

@@ -1,8 +1,10 @@
 """bench/bench_gpu.py runs for real on the CPU, thin-bodied and with tiny sizes: it builds its model,
-times the sampling methods and a GRPO step, and writes what it promises. No timing is asserted."""
+times the sampling methods, runs run_train_grpo.py's step on it, and writes what it promises. No timing
+is asserted."""
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -30,11 +32,31 @@ def test_bench_gpu_thin_body_on_the_cpu(tmp_path):
     for method in results["sampling"].values():
         assert 8 <= method["tokens"] <= 8 * 6 and method["seconds"] > 0
         assert method["peak_gb"] is None and method["reserved_gb"] is None  # measured on CUDA only
+    # The step is the trainer's: its metrics line, every group kept by the random rewards.
     step = results["steps"][0]
-    assert step["generated_tokens"] >= 8 and step["phases"]["policy"]["seconds"] > 0
-    if step["trained_tokens"]:  # unless every group drew equal random rewards
-        mismatch_mean, mismatch_max = step["logprob_mismatch_mean_max"]
-        assert mismatch_mean < 1e-5 and mismatch_max < 1e-4  # fp32 on the CPU: the two passes agree
+    assert step["step"] == 1 and step["zero_adv_groups"] == 0 and step["completion_len"] == 6
+    assert step["policy_s"] > 0 and results["phase_seconds"]["policy"] == step["policy_s"]
+    assert step["policy_positions"] >= step["policy_tokens"] == results["policy_tokens"] >= 8 * (31 + 6)
+    assert results["generated_tokens"] == 8 * 6 and results["step_seconds"] > 0
+    mismatch_mean, mismatch_max = results["logprob_mismatch_mean_max"]
+    assert mismatch_mean < 1e-5 and mismatch_max < 1e-4  # fp32 on the CPU: the sampler and the policy pass agree
+    assert results["step_peak_gb"] is None and results["trainer"]["allocated_at_first_rollout_gb"] is None
+    if sys.platform != "win32":
+        assert results["trainer"]["peak_rss_bytes"] > 100 * 2 ** 20  # the trainer's process
+
+
+def test_bench_gpu_keeps_the_sampling_results_when_the_step_fails(tmp_path):
+    """The results file is written after the sampling part: a GRPO step that fails (here run_train_grpo.py
+    refuses LOGPROB_CHUNK_SIZE=0, which the sampling part does not use) leaves it, and the exit status says so."""
+    out_file = tmp_path / "gpu.json"
+    result = run_script(["bench/bench_gpu.py", "--DEVICE=cpu", "--NUM_PROMPTS=2", "--NUM_SAMPLES_PER_PROMPT=2",
+                         "--MAX_NEW_TOKENS=4", "--METHODS=eager", "--REPEATS=1", "--LORA_R=2", "--LOGPROB_CHUNK_SIZE=0",
+                         f"--OUT_FILE={out_file}"], check=False)
+    assert result.returncode == 1
+    assert "error: run_train_grpo.py (bench_gpu) exited 2" in result.stderr
+    assert f"part 1's results are in {out_file}" in result.stderr
+    results = json.loads(out_file.read_text())["results"]
+    assert set(results["sampling"]) == {"eager"} and results["rows"] == 4 and "phase_seconds" not in results
 
 
 def test_bench_gpu_llama_8b_shapes_with_a_4bit_base_on_the_cpu(tmp_path):
@@ -56,6 +78,8 @@ def test_bench_gpu_llama_8b_shapes_with_a_4bit_base_on_the_cpu(tmp_path):
     # The plan, for the run's own settings, with its verdict for GPU_MEMORY_GB.
     assert "memory plan of a random thin-bodied Llama 3.1 8B (llama, " in out and "QUANT=nf4, float32, cpu" in out
     assert "rollout: KV cache, 8 rows x 48+6 tokens" in out and "GPU: 12.00 GB" in out
+    # The trainer's own plan, the same: it read the lengthened prompts, and GPU_MEMORY_GB.
+    assert out.count("rollout: KV cache, 8 rows x 48+6 tokens") == 2 and out.count("GPU: 12.00 GB") == 2
     assert "| sampling:" not in out and "Rows that ran to" not in out  # METHODS empty: the GRPO step alone
     for row in ("| GRPO step: generation (auto sampler) |", "| GRPO step: policy |", "| GRPO step: whole step |"):
         assert row in out
@@ -73,7 +97,7 @@ def test_bench_gpu_llama_8b_shapes_with_a_4bit_base_on_the_cpu(tmp_path):
     for what in compared:
         assert f"| {what} | {compared[what]['plan']:.2f} | - |  |" in out
     step = results["steps"][0]
-    assert step["generated_tokens"] >= 8 and step["phases"]["policy"]["seconds"] > 0
+    assert step["completion_len"] == 6 and step["policy_s"] > 0 and step["policy_tokens"] == 8 * (48 + 6)
 
 
 def test_bench_gpu_with_nf4_without_bitsandbytes_says_how_to_install_it(tmp_path, monkeypatch):

@@ -25,15 +25,25 @@ def test_gpu_check_cpu_mode_runs_the_thin_body_versions_and_writes_its_table(tmp
     assert record["results"]["thin_body"] is True and record["results"]["step_reserved_gb"] is None
 
 
+# A bench_gpu.py whose GRPO step fails after its sampling part: it writes its record of that part, then exits 1.
+FAILING_BENCH_GPU = """import json, sys
+out = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--OUT_FILE="))
+sampling = {"eager": {"tokens_per_s": 100.0, "first_call_s": 1.0, "compile_s": 0.0, "seconds": 0.5,
+                      "peak_gb": None, "reserved_gb": None}}
+open(out, "w").write(json.dumps({"results": {"sampling": sampling}}))
+sys.exit("error: run_train_grpo.py (bench_gpu) exited 1")
+"""
+
+
 def test_gpu_check_exits_non_zero_when_an_equivalence_test_fails(tmp_path):
-    """A failing CUDA case: exit status 1, FAILED in the table (simulated: the benchmark parts are not run
-    when bench_gpu.py is missing from a copy of the repository, so the table shows both failures)."""
+    """A failing CUDA case: exit status 1, FAILED in the table (simulated, in a copy of the repository with
+    a failing test), and a benchmark part whose GRPO step fails shows its sampling rows all the same."""
     import shutil
 
     copy = tmp_path / "repo"
     for name in ("bench", "common"):
         shutil.copytree(f"{name}", copy / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (copy / "bench" / "bench_gpu.py").unlink()
+    (copy / "bench" / "bench_gpu.py").write_text(FAILING_BENCH_GPU)
     (copy / "tests").mkdir()
     (copy / "tests" / "conftest.py").write_text(
         "def pytest_configure(config):\n    config.addinivalue_line('markers', 'cuda: CUDA cases')\n")
@@ -43,5 +53,8 @@ def test_gpu_check_exits_non_zero_when_an_equivalence_test_fails(tmp_path):
                         check=False, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "| 1: equivalence tests, CUDA cases | FAILED: 1 failed" in result.stdout
-    assert "| 2: Gemma 2 2B shapes | FAILED: exit status 2" in result.stdout
+    assert ("| 2: Gemma 2 2B shapes | FAILED: exit status 1: error: run_train_grpo.py (bench_gpu) exited 1 |"
+            in result.stdout)
+    assert "| 2: sampling, eager | 100 tok/s, first call 1.0 s | 0.50 | - | - |" in result.stdout
+    assert "| 2: GRPO step | missing: the benchmark stopped before it ended |" in result.stdout
     assert "an equivalence test FAILED" in result.stdout
