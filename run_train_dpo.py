@@ -127,7 +127,7 @@ from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
 from common.run_setup import (check_lora_targets, check_memory, eval_sampling, fit_to_context,  # noqa: E402
-                              load_model_for_training, questions_in_context, room_for_prompts, warn_shared_questions)
+                              load_model_for_training, questions_in_context, warn_shared_questions)
 from common.schedule import warmup_then_schedule  # noqa: E402
 from dpo.loss import dpo_loss, dpo_stats, sft_loss  # noqa: E402
 from dpo.pairs import pack_pairs, pair_logprobs, tokenize_pair  # noqa: E402
@@ -160,7 +160,7 @@ tokenized = fit_to_context(tokenized, [len(prompt) + max(len(chosen), len(reject
                            "prompt with its longer answer", SKIP_LONG_PROMPTS)
 (eval_problems,), longest_eval_prompt = questions_in_context(  # each eval prompt leaves MAX_NEW_TOKENS in the context
     tokenizer, prompt_format, [(eval_problems, EVAL_FILE if EVAL_EVERY else None)],
-    room_for_prompts(run.model_config, MAX_NEW_TOKENS), SKIP_LONG_PROMPTS)
+    run.model_config, MAX_NEW_TOKENS, SKIP_LONG_PROMPTS)
 if len(tokenized) < BATCH_SIZE:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(tokenized)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")
 longest_pair = max(2 * len(prompt) + len(chosen) + len(rejected) for prompt, chosen, rejected in tokenized)

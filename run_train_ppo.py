@@ -163,7 +163,7 @@ from common.reward import load_reward, score_batch  # noqa: E402
 from common.rollout import rollout_batch, rollout_means, rollout_summary, rollout_sums, sample_rollouts  # noqa: E402
 from common.run import TrainingRun, device_clock  # noqa: E402
 from common.run_setup import (check_lora_targets, check_memory, eval_sampling, load_model_for_training,  # noqa: E402
-                              load_questions, questions_in_context, room_for_prompts, steps_in_epoch)
+                              load_questions, questions_in_context, steps_in_epoch)
 from common.sampler import SamplingParams, even_chunk_rows, release_static_cache  # noqa: E402
 from common.schedule import warmup_then_schedule  # noqa: E402
 from ppo.critic import Critic, completion_logprobs_and_values  # noqa: E402
@@ -191,7 +191,7 @@ tokenizer = load_tokenizer(run.model_path)
 prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TEMPLATE)  # before stop_token_ids
 (problems, eval_problems), longest_prompt = questions_in_context(  # each prompt leaves MAX_NEW_TOKENS in the context
     tokenizer, prompt_format, [(problems, TRAIN_FILE), (eval_problems, EVAL_FILE if EVAL_EVERY else None)],
-    room_for_prompts(run.model_config, MAX_NEW_TOKENS), SKIP_LONG_PROMPTS)
+    run.model_config, MAX_NEW_TOKENS, SKIP_LONG_PROMPTS)
 steps_per_epoch = steps_in_epoch(len(problems), PROMPTS_PER_STEP, TRAIN_FILE)
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 # The memory plan, before the weights load. The critic's own adapter is a second LoRA of the actor's rank,

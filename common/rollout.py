@@ -136,7 +136,7 @@ class RolloutBatch:
         """Results of the passes (one tensor per micro-batch of ``passes``, rows in the layouts' order)
         as one tensor in the rollouts' order."""
         values = torch.cat(per_pass)
-        order = torch.cat([rows for rows, _ in self.passes]).to(values.device)
+        order = torch.cat([rows for rows, _ in self.passes])  # on the values' device once the batch is (to)
         return torch.empty_like(values).index_copy_(0, order, values)
 
     def logprobs(self, model, temperature: float, chunk_size: int) -> torch.Tensor:

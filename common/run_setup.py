@@ -36,15 +36,17 @@ def load_questions(train_file: str | Path, num_prompts: int, eval_file: str | Pa
     return problems, eval_problems
 
 
-def questions_in_context(tokenizer, prompt_format, files: list[tuple[list[dict], str | Path | None]],
-                         prompt_room: int, skip_long: bool) -> tuple[list[list[dict]], int]:
-    """Each file's problems whose prompts fit in ``prompt_room`` tokens (questions_that_fit: ``skip_long``
-    decides between refusing the file and skipping them; a file without questions is refused), and the
-    longest prompt kept, for the memory plan. ``files``: (problems, the file they came from, or None for
-    a file the run does not read: EVAL_FILE without evals)."""
+def questions_in_context(tokenizer, prompt_format, files: list[tuple[list[dict], str | Path | None]], model_config,
+                         max_new_tokens: int, skip_long: bool) -> tuple[list[list[dict]], int]:
+    """Each file's problems whose prompts leave ``max_new_tokens`` of room in the context of
+    ``model_config`` (room_for_prompts; questions_that_fit: ``skip_long`` decides between refusing the
+    file and skipping them; a file without questions is refused), and the longest prompt kept, for the
+    memory plan. ``files``: (problems, the file they came from, or None for a file the run does not
+    read: EVAL_FILE without evals)."""
     kept, longest = [], 0
     for problems, path in files:
         if path is not None:
+            prompt_room = room_for_prompts(model_config, max_new_tokens)
             problems, longest_here = questions_that_fit(tokenizer, prompt_format, problems, path, prompt_room, skip_long)
             longest = max(longest, longest_here)
         kept.append(problems)

@@ -148,7 +148,7 @@ def test_packing_and_token_budgets_give_the_padded_gradient(tmp_path):
 COPY_AND_READ_COUNTER = (
     "import json, runpy, sys, torch\n"
     "from torch.utils._python_dispatch import TorchDispatchMode\n"
-    "import common.rollout\n"
+    "import common.logprobs, common.rollout\n"
     "out = sys.argv.pop(1)\n"
     "counts = {'to_device': 0, 'reads': 0, 'copies_in_update': 0, 'updates': 0}\n"
     "state = {'step': False, 'update': False, 'body': False}\n"
@@ -178,7 +178,7 @@ COPY_AND_READ_COUNTER = (
     "    state['step'] = True\n"
     "    return batch\n"
     "common.rollout.rollout_batch = step_starts\n"
-    "body = common.rollout.body_hidden_states\n"
+    "body = common.logprobs.body_hidden_states\n"
     "def in_body(*args, **kwargs):\n"
     "    state['update'] = state['update'] or torch.is_grad_enabled()\n"  # from the first policy forward
     "    state['body'] = True\n"
@@ -186,7 +186,7 @@ COPY_AND_READ_COUNTER = (
     "        return body(*args, **kwargs)\n"
     "    finally:\n"
     "        state['body'] = False\n"
-    "common.rollout.body_hidden_states = in_body\n"
+    "common.logprobs.body_hidden_states = in_body\n"
     "adam_step = torch.optim.AdamW.step\n"
     "def update_ends(self, *args, **kwargs):\n"
     "    state.update(step=False, update=False)\n"
