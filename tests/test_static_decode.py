@@ -1,8 +1,8 @@
 """The static path as a GPU runs it, seen on the CPU: the decode graph reads the KV buffers without
 repeating them (GQA), one KV allocation per slot bucket and at most two compilations over a GRPO run
 with uneven chunks and evals, log-probs from the trainer's head in bf16, no host read but the stop
-checks, and the same tokens and log-probs as the eager path on every architecture (marked cuda: a
-`pytest -m cuda` run repeats them on the GPU)."""
+checks, and the same tokens and log-probs as the eager path on every architecture (their CUDA cases, marked cuda
+by DEVICES, are what a `pytest -m cuda` run repeats on the GPU)."""
 
 import functools
 import inspect
@@ -150,7 +150,6 @@ def test_the_models_own_decode_attention_repeats_the_kv_buffers(arch, attention,
     assert repeated_kv_nodes(traced_decode_graphs(model, monkeypatch, attention_switch=False), model)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", MICRO_ARCHITECTURES)
 def test_static_path_gives_the_eager_tokens_and_logprobs_in_fp32_on_every_architecture(arch, device):
@@ -170,7 +169,6 @@ def test_static_path_gives_the_eager_tokens_and_logprobs_in_fp32_on_every_archit
     assert eager.completion_lengths.min() < eager.completion_lengths.max()
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sampler", ["eager", "static"])
 def test_bf16_sampler_logprobs_are_the_trainers(sampler, device):
