@@ -219,8 +219,15 @@ class RunSettings:
 
     @property
     def cuda_graphs(self) -> bool:
-        """The compiled static path, whose decode step replays CUDA graphs (auto takes it on CUDA)."""
-        return self.device == "cuda" and self.sampler in ("compiled", "auto")
+        """The compiled static path, whose decode step replays CUDA graphs. auto takes it on CUDA where
+        Triton runs on the card (common.sampler._compiler_has_gpu_backend: torch's has_triton()), else
+        the static path uncompiled, with no graph pool (issue 29, finding 14); planned for CUDA from a
+        machine without it, the card is assumed to have Triton."""
+        if self.device != "cuda" or self.sampler not in ("compiled", "auto"):
+            return False
+        from torch.utils._triton import has_triton
+
+        return self.sampler == "compiled" or not torch.cuda.is_available() or has_triton()
 
 
 def _targets(shape: ModelShape, lora_targets) -> tuple[str, ...]:

@@ -396,6 +396,24 @@ def test_the_graph_pool_and_the_static_kv_are_counted_through_the_policy_pass():
     assert released.policy == policy_alone + pool  # the pool stays reserved; the KV is freed
 
 
+def test_auto_counts_no_graph_pool_on_a_card_without_triton(monkeypatch):
+    """On CUDA without Triton for the card (Windows; compute capability below 7.0) auto samples on the
+    static path uncompiled: its KV is counted, no graph pool (issue 29, finding 14); compiled still is."""
+    import torch.utils._triton
+
+    shape = gemma_2_2b_shape()
+    settings = dict(dtype="bfloat16", rows=128, samples_per_prompt=8, prompt_tokens=200, max_new_tokens=256,
+                    micro_batch_size=16, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    auto, static, compiled = (MemoryPlan("gemma-2-2b", shape, RunSettings(sampler=sampler, **settings))
+                              for sampler in ("auto", "static", "compiled"))
+    assert auto.graph_pool == 0 and auto.policy == static.policy and auto.kv_cache == static.kv_cache > 0
+    assert compiled.graph_pool > 0
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    assert MemoryPlan("gemma-2-2b", shape, RunSettings(sampler="auto", **settings)).graph_pool == compiled.graph_pool
+
+
 def test_the_static_kv_is_released_only_when_it_is_what_does_not_fit():
     shape = gemma_2_2b_shape()
     plan = MemoryPlan("gemma-2-2b", shape, RunSettings(dtype="bfloat16", rows=128, samples_per_prompt=8,
