@@ -692,6 +692,17 @@ def generation_batch(plan: MemoryPlan, generation_batch_size: int | str, gpu_gb:
     return plan.with_settings(rows=chunk), 0 if chunk == rows else chunk, "\n".join(lines)
 
 
+def memory_cap_gb(gpu_memory_gb: float, total_bytes: int) -> float:
+    """The cap, in GB of 2^30 bytes, that GPU_MEMORY_GB puts on a card of ``total_bytes``: at most the
+    whole card. A card sold as "12 GB" counts 10^9-byte GB: an RTX 3060 has 11.7 of ours, so
+    GPU_MEMORY_GB=12 there means the whole card (issue 29, finding 6); only a value beyond the card's
+    size in 10^9-byte GB too is refused, in one line."""
+    if gpu_memory_gb * 1e9 > total_bytes:
+        raise MemoryPlanError(f"GPU_MEMORY_GB={gpu_memory_gb:g} is more than the GPU's {total_bytes / GB:.1f} GB "
+                              f"({total_bytes / 1e9:.1f} GB of 10^9 bytes, as cards are sold)")
+    return min(gpu_memory_gb, total_bytes / GB)
+
+
 def free_gpu_memory_gb(device: torch.device) -> float | None:
     """The memory a run can still allocate on ``device``, in GB: a CUDA device's free memory; on a Mac
     (mps), Metal's recommended working set less what this process holds; None on a CPU."""

@@ -507,3 +507,14 @@ def test_a_token_budget_is_planned_as_its_tokens():
     assert activation_bytes(shape, by_tokens, False) == activation_bytes(shape, by_rows, False)
     too_small = RunSettings(device="cpu", micro_batch_tokens=10, prompt_tokens=30, max_new_tokens=70)
     assert too_small.policy_rows == 1 and too_small.policy_tokens == 100  # a longer sequence goes alone
+
+
+def test_gpu_memory_gb_12_is_the_whole_of_a_12_gb_card():
+    """A "12 GB" card (an RTX 3060: 11.7 GiB as torch counts it) takes GPU_MEMORY_GB=12 as the whole card,
+    not as more than it has (issue 29, finding 6; bench/bench_gpu.py caps its parts with it); 13 is refused."""
+    from common.memory_plan import memory_cap_gb
+
+    card = int(11.7 * GB)
+    assert memory_cap_gb(12, card) == pytest.approx(11.7) and memory_cap_gb(8, card) == 8
+    with pytest.raises(MemoryPlanError, match=r"^GPU_MEMORY_GB=13 is more than the GPU's 11\.7 GB \(12\.6 GB of 10\^9"):
+        memory_cap_gb(13, card)
