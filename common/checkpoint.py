@@ -177,7 +177,14 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None
                          numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A resume on a machine with fewer visible GPUs restores the ones present: set_rng_state_all
+        # would index past them (issue 29, finding 11).
+        present = torch.cuda.device_count()
+        for device, device_state in enumerate(state["cuda"][:present]):
+            torch.cuda.set_rng_state(device_state, device)
+        if len(state["cuda"]) > present:
+            print(f"checkpoint: random states of {len(state['cuda'])} GPUs, {present} visible here: "
+                  f"the first {present}'s restored")
     for name, generator in (generators or {}).items():
         if name not in state["generators"]:
             raise CheckpointError(f"checkpoint has no state for the random generator {name!r}")

@@ -269,3 +269,27 @@ def test_a_real_full_disk_is_named_and_the_earlier_checkpoint_kept(tmp_path):
     assert lines[0].startswith(f"No space left on device: {folder}/second.pt (")
     assert "the checkpoint needs about 1.6 MB" in lines[0]
     assert lines[1] == "['first.pt'] 100000"  # the earlier checkpoint intact, no temporary file
+
+
+def test_a_resume_on_fewer_gpus_restores_the_random_states_of_those_present(monkeypatch, capsys):
+    """Saved on 2 GPUs, resumed where 1 is visible (simulated): torch.cuda.set_rng_state_all raised
+    IndexError (issue 29, finding 11); GPU 0's state is restored and the line says so."""
+    from common.checkpoint import restore_rng_state, rng_state
+
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new_state, device="cuda": restored.update({device: new_state}))
+
+    def one_gpu(new_states):
+        for device, new_state in enumerate(new_states):
+            if device >= 1:
+                raise IndexError("list index out of range")
+            restored[device] = new_state
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", one_gpu)
+    restore_rng_state(state)
+    assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])
+    assert "random states of 2 GPUs, 1 visible here: the first 1's restored" in capsys.readouterr().out
