@@ -413,7 +413,8 @@ with tempfile.TemporaryDirectory(prefix="bench_gpu-") as folder:
                     GRADIENT_CHECKPOINTING=GRADIENT_CHECKPOINTING, MICRO_BATCH_SIZE=MICRO_BATCH_SIZE,
                     LOGPROB_CHUNK_SIZE=LOGPROB_CHUNK_SIZE, LORA_R=LORA_R, LORA_ALPHA=LORA_ALPHA,
                     LORA_TARGETS=LORA_TARGETS, LR=LR, GRAD_CLIP=GRAD_CLIP, QUANT=QUANT, DTYPE=DTYPE, DEVICE=DEVICE,
-                    GPU_MEMORY_GB=cap_gb or GPU_MEMORY_GB, SEED=SEED, MAX_STEPS=WARMUP_STEPS + STEPS, REWARD=RANDOM_REWARD)
+                    GPU_MEMORY_GB=cap_gb or GPU_MEMORY_GB, SEED=SEED, MAX_STEPS=WARMUP_STEPS + STEPS,
+                    REWARD=RANDOM_REWARD)
     try:
         trainer = run_trainer(settings, folder, "bench_gpu", {"GPU_MEMORY_CAP_GB": cap_gb or GPU_MEMORY_GB})
     except SystemExit as error:

@@ -281,7 +281,8 @@ def test_a_resume_on_fewer_gpus_restores_the_random_states_of_those_present(monk
     restored = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new_state, device="cuda": restored.update({device: new_state}))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda new_state, device="cuda": restored.update({device: new_state}))
 
     def one_gpu(new_states):
         for device, new_state in enumerate(new_states):
