@@ -121,6 +121,9 @@ if LORA_R > 0:
     check_lora_targets(run.model_path, LORA_TARGETS)  # on the model without its weights
 if QUANT != "none" and LORA_R == 0:
     raise SystemExit("error: QUANT=nf4 keeps the base's weights in 4 bits, frozen: train a LoRA on it (--LORA_R=16)")
+if DTYPE in ("float16", "fp16") and LORA_R == 0:  # issue 29, finding 7: torch's GradScaler refuses fp16 gradients
+    raise SystemExit("error: DTYPE=float16 with LORA_R=0 would train fp16 weights, their own optimizer masters, "
+                     "which the loss scaler cannot unscale: use --DTYPE=float32 (or bfloat16), or a LoRA (--LORA_R=16)")
 if BATCH_SIZE % distributed.world_size:
     raise SystemExit(f"error: BATCH_SIZE={BATCH_SIZE} does not divide between {distributed.world_size} processes; "
                      f"make it a multiple of the number of processes")

@@ -74,15 +74,23 @@ def write_results(path: str | Path, benchmark: str, config: dict, results: dict)
 def count_cuda_graphs() -> dict:
     """From now on, count the CUDA graphs this process records: torch.compile's cudagraph trees capture
     through torch.cuda.graph, which begins every capture with CUDAGraph.capture_begin (torch 2.11 and
-    2.13 alike). Returns the counter, {"recorded": n}."""
+    2.13 alike). A tree manager (one per device) begins with an empty capture that only creates its
+    memory pool: not a graph, so not counted (issue 29, finding 14). Returns the counter, {"recorded": n}."""
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+
     counter = {"recorded": 0}
-    capture_begin = torch.cuda.CUDAGraph.capture_begin
+    capture_begin, manager_init = torch.cuda.CUDAGraph.capture_begin, CUDAGraphTreeManager.__init__
 
     def counted_capture_begin(self, *args, **kwargs):
         counter["recorded"] += 1
         return capture_begin(self, *args, **kwargs)
 
+    def pool_capture_uncounted(self, *args, **kwargs):
+        manager_init(self, *args, **kwargs)
+        counter["recorded"] -= 1
+
     torch.cuda.CUDAGraph.capture_begin = counted_capture_begin
+    CUDAGraphTreeManager.__init__ = pool_capture_uncounted
     return counter
 
 

@@ -144,8 +144,8 @@ from bench import (RANDOM_REWARD, compiled_graphs, count_cuda_graphs, markdown_t
                    write_results)
 from common.data import load_problems  # noqa: E402
 from common.lora import apply_lora, disable_lora, lora_modules  # noqa: E402
-from common.memory_plan import (FP32, GB, free_gpu_memory_gb, llama_3_1_8b_config, lora_parameters,  # noqa: E402
-                                plan_memory)
+from common.memory_plan import (FP32, GB, MemoryPlanError, free_gpu_memory_gb, llama_3_1_8b_config,  # noqa: E402
+                                lora_parameters, memory_cap_gb, plan_memory)
 from common.model import get_device, get_dtype, load_model_and_tokenizer, load_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import encode_prompts  # noqa: E402
 from common.quant import QuantizationUnavailable, check_quant  # noqa: E402
@@ -275,10 +275,12 @@ def capped_memory_gb() -> float | None:
     if not GPU_MEMORY_GB or device.type != "cuda":
         return None
     total = torch.cuda.get_device_properties(device).total_memory
-    if GPU_MEMORY_GB * GB > total:
-        raise SystemExit(f"error: GPU_MEMORY_GB={GPU_MEMORY_GB} is more than the GPU's {total / GB:.1f} GB")
-    torch.cuda.set_per_process_memory_fraction(GPU_MEMORY_GB * GB / total, device)
-    return GPU_MEMORY_GB
+    try:
+        cap_gb = memory_cap_gb(GPU_MEMORY_GB, total)
+    except MemoryPlanError as error:
+        raise SystemExit(f"error: {error}") from None
+    torch.cuda.set_per_process_memory_fraction(cap_gb * GB / total, device)
+    return cap_gb
 
 
 def write_prompts(path: Path) -> list[list[int]]:
@@ -389,7 +391,7 @@ with tempfile.TemporaryDirectory(prefix="bench_gpu-") as folder:
         gc.collect()
         torch.cuda.empty_cache()
     cap_gb = capped_memory_gb()
-    print(plan.table(GPU_MEMORY_GB or free_gpu_memory_gb(device)))
+    print(plan.table(cap_gb or GPU_MEMORY_GB or free_gpu_memory_gb(device)))
     sampling = time_sampling(model_dir) if METHODS else {}
     free_part_1()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -411,9 +413,10 @@ with tempfile.TemporaryDirectory(prefix="bench_gpu-") as folder:
                     GRADIENT_CHECKPOINTING=GRADIENT_CHECKPOINTING, MICRO_BATCH_SIZE=MICRO_BATCH_SIZE,
                     LOGPROB_CHUNK_SIZE=LOGPROB_CHUNK_SIZE, LORA_R=LORA_R, LORA_ALPHA=LORA_ALPHA,
                     LORA_TARGETS=LORA_TARGETS, LR=LR, GRAD_CLIP=GRAD_CLIP, QUANT=QUANT, DTYPE=DTYPE, DEVICE=DEVICE,
-                    GPU_MEMORY_GB=GPU_MEMORY_GB, SEED=SEED, MAX_STEPS=WARMUP_STEPS + STEPS, REWARD=RANDOM_REWARD)
+                    GPU_MEMORY_GB=cap_gb or GPU_MEMORY_GB, SEED=SEED, MAX_STEPS=WARMUP_STEPS + STEPS,
+                    REWARD=RANDOM_REWARD)
     try:
-        trainer = run_trainer(settings, folder, "bench_gpu", {"GPU_MEMORY_CAP_GB": GPU_MEMORY_GB})
+        trainer = run_trainer(settings, folder, "bench_gpu", {"GPU_MEMORY_CAP_GB": cap_gb or GPU_MEMORY_GB})
     except SystemExit as error:
         raise SystemExit(f"{error}\nthe GRPO step (part 2) failed; the plan's peak for it: {plan.total_gb:.2f} GB "
                          f"(its table is above); part 1's results are in {out}") from None

@@ -4,7 +4,7 @@ A checkpoint holds
 
     lora            the lora_state_dict (adapter weights only: a few MB even for Gemma 2B)
     lora_config     r, alpha, target_modules, dropout, use_rslora
-    base_model      the MODEL_PATH it was trained on, and a fingerprint of that model's shape
+    base_model      the MODEL_PATH it was trained on, and a fingerprint of that model's shape and weights
     optimizer       optimizer state (and ``scheduler``), for an exact resume
     epoch, step     where training was
     rng             python, numpy and torch generator states (and named extra generators)
@@ -84,29 +84,75 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def weights_hash(model, values_per_tensor: int = 4096) -> str:
-    """A hash of the first values of the input embedding and of every norm weight: two bases of the
-    same shape (another seed, another fine-tune) differ there, and it costs milliseconds. The values
-    are hashed as bf16, so the same weights loaded in fp32 or bf16 give the same hash; these tensors
-    stay in the model's dtype under 4-bit quantization of the linear layers."""
-    digest = hashlib.sha256()
-    tensors = [model.get_input_embeddings().weight] + [
+def _fingerprinted_tensors(model) -> list[torch.Tensor]:
+    """The input embedding and every norm weight: two bases of the same shape (another seed, another
+    fine-tune) differ there, and these tensors stay in the model's dtype under 4-bit quantization."""
+    return [model.get_input_embeddings().weight] + [
         parameter for name, parameter in model.named_parameters() if "norm" in name.rsplit(".", 2)[-2]]
-    for tensor in tensors:
+
+
+def weights_hash(model, values_per_tensor: int = 4096) -> str:
+    """A hash of the first values of the fingerprinted tensors, as bf16: what checkpoints written
+    before weights_sample recorded, compared only with those (the same in fp32 and bf16 runs, not in
+    fp16 ones, whose rounding of the same weights differs from bf16's)."""
+    digest = hashlib.sha256()
+    for tensor in _fingerprinted_tensors(model):
         values = tensor.detach().reshape(-1)[:values_per_tensor].to("cpu", torch.bfloat16)
         digest.update(values.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
+def weights_sample(model, values_per_tensor: int = 256) -> list[float]:
+    """Evenly spaced values of each fingerprinted tensor, as floats. Compared to the dtypes' rounding
+    (same_weights), not hashed: no hash of a rounding can be the same for a bf16 and an fp16 load of
+    one base, since fp16's finer rounding lands some values on the other side of a bf16 rounding
+    boundary (issue 29, finding 3: a LoRA trained in bf16 was refused on an fp16 card)."""
+    values = []
+    for tensor in _fingerprinted_tensors(model):
+        flat = tensor.detach().reshape(-1)
+        values += flat[::max(1, flat.numel() // values_per_tensor)][:values_per_tensor].float().tolist()
+    return values
+
+
+def same_weights(ours: list[float], theirs: list[float]) -> bool:
+    """Whether two weights_samples are one base's loaded in any of fp32, bf16 and fp16: each value of
+    either is the weight rounded to at most bf16's half spacing (2^-8 relative) or fp16's (2^-11, and
+    2^-25 below fp16's normal range), so the two are within 2^-7 relative plus 2^-24."""
+    if len(ours) != len(theirs):
+        return False
+    a, b = torch.tensor(ours, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64)
+    return bool(((a - b).abs() <= 2.0 ** -7 * torch.maximum(a.abs(), b.abs()) + 2.0 ** -24).all())
+
+
 def model_fingerprint(model) -> dict:
     """What must match between the model a checkpoint was made for and the one it is loaded into:
-    the shape, and a hash of some of the weights (a different base of the same shape is refused)."""
+    the shape, and some of the weights (a different base of the same shape is refused); see
+    fingerprint_differences."""
     config = model.config
     fingerprint = {key: getattr(config, key, None)
                    for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
                                "num_attention_heads", "num_key_value_heads")}
     fingerprint["weights_hash"] = weights_hash(model)
+    fingerprint["weights_sample"] = weights_sample(model)
     return fingerprint
+
+
+def fingerprint_differences(saved: dict, current: dict, saved_is: str = "in the checkpoint",
+                            current_is: str = "in the model") -> list[str]:
+    """What differs between two model_fingerprints: the shape, then the weights, by their samples where
+    both have one (any dtype), else by the hash (a checkpoint written before the sample: the same in
+    fp32 and bf16 only), else not at all (one written before the hash)."""
+    differences = [f"{key}: {saved.get(key)!r} {saved_is}, {current.get(key)!r} {current_is}"
+                   for key in current if key not in ("weights_hash", "weights_sample")
+                   and saved.get(key) != current.get(key)]
+    if "weights_sample" in saved and "weights_sample" in current:
+        if not same_weights(saved["weights_sample"], current["weights_sample"]):
+            differences.append("weights_sample: the embedding and norm weights differ beyond dtype rounding")
+    elif "weights_hash" in saved and saved["weights_hash"] != current.get("weights_hash"):
+        differences.append(f"weights_hash: {saved['weights_hash']!r} {saved_is}, {current.get('weights_hash')!r} "
+                           f"{current_is} (a checkpoint written before weights_sample matches its base only "
+                           f"in an fp32 or bf16 DTYPE)")
+    return differences
 
 
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
@@ -131,7 +177,14 @@ def restore_rng_state(state: dict, generators: dict[str, torch.Generator] | None
                          numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A resume on a machine with fewer visible GPUs restores the ones present: set_rng_state_all
+        # would index past them (issue 29, finding 11).
+        present = torch.cuda.device_count()
+        for device, device_state in enumerate(state["cuda"][:present]):
+            torch.cuda.set_rng_state(device_state, device)
+        if len(state["cuda"]) > present:
+            print(f"checkpoint: random states of {len(state['cuda'])} GPUs, {present} visible here: "
+                  f"the first {present}'s restored")
     for name, generator in (generators or {}).items():
         if name not in state["generators"]:
             raise CheckpointError(f"checkpoint has no state for the random generator {name!r}")
@@ -243,11 +296,7 @@ def check_base_model(checkpoint: dict, model, where: str = "checkpoint") -> None
     saved = checkpoint["base_model"]["fingerprint"]
     if saved is None:
         return  # a PEFT adapter records no shape: load_lora_state_dict's strict shape check guards it
-    current = model_fingerprint(model)
-    # A checkpoint written before the weights hash existed is compared on the shape alone.
-    differences = [f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} in the model"
-                   for key in current if saved.get(key) != current.get(key)
-                   and not (key == "weights_hash" and key not in saved)]
+    differences = fingerprint_differences(saved, model_fingerprint(model))
     if differences:
         raise CheckpointError(
             f"{where} was made for another base model ({checkpoint['base_model']['path']}):\n  "

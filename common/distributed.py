@@ -70,9 +70,16 @@ def setup_distributed(device_name: str = "auto") -> DistributedContext:
                                  local_rank=int(os.environ["LOCAL_RANK"]),
                                  local_world_size=int(os.environ["LOCAL_WORLD_SIZE"]))
     device = get_device(device_name)
-    if device.type == "cuda":
+    if device.type == "cuda" and dist.is_nccl_available():
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
+    elif device.type == "cuda":
+        # PyTorch's Windows builds have no NCCL: gloo, through the host (issue 29, finding 16).
+        torch.cuda.set_device(device)
+        dist.init_process_group("gloo")
+        if context.is_main:
+            print(f"torchrun: {context.world_size} processes on CUDA through gloo (this PyTorch has no NCCL, as on "
+                  f"Windows): the gradients are summed through host memory, slower than NCCL")
     elif device.type == "cpu":
         dist.init_process_group("gloo")
         _share_cpu_threads(context)
@@ -166,6 +173,15 @@ def sum_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
         gradients.append(parameter.grad)
+    if dist.get_backend() != "nccl" and gradients and gradients[0].is_cuda:
+        # gloo without NCCL (Windows) reduces host tensors: one flat copy there and back.
+        flat = torch.cat([gradient.reshape(-1) for gradient in gradients]).cpu()
+        dist.all_reduce(flat)
+        offset = 0
+        for gradient in gradients:
+            gradient.copy_(flat[offset:offset + gradient.numel()].view_as(gradient))
+            offset += gradient.numel()
+        return
     pending = [dist.all_reduce(gradient, async_op=True) for gradient in gradients]
     for reduction in pending:
         reduction.wait()

@@ -219,8 +219,15 @@ class RunSettings:
 
     @property
     def cuda_graphs(self) -> bool:
-        """The compiled static path, whose decode step replays CUDA graphs (auto takes it on CUDA)."""
-        return self.device == "cuda" and self.sampler in ("compiled", "auto")
+        """The compiled static path, whose decode step replays CUDA graphs. auto takes it on CUDA where
+        Triton runs on the card (common.sampler._compiler_has_gpu_backend: torch's has_triton()), else
+        the static path uncompiled, with no graph pool (issue 29, finding 14); planned for CUDA from a
+        machine without it, the card is assumed to have Triton."""
+        if self.device != "cuda" or self.sampler not in ("compiled", "auto"):
+            return False
+        from torch.utils._triton import has_triton
+
+        return self.sampler == "compiled" or not torch.cuda.is_available() or has_triton()
 
 
 def _targets(shape: ModelShape, lora_targets) -> tuple[str, ...]:
@@ -683,6 +690,17 @@ def generation_batch(plan: MemoryPlan, generation_batch_size: int | str, gpu_gb:
         return plan, 0, "\n".join(lines)
     lines.append(f"GENERATION_BATCH_SIZE=auto: {chunk} of the step's {rows} rows sampled together")
     return plan.with_settings(rows=chunk), 0 if chunk == rows else chunk, "\n".join(lines)
+
+
+def memory_cap_gb(gpu_memory_gb: float, total_bytes: int) -> float:
+    """The cap, in GB of 2^30 bytes, that GPU_MEMORY_GB puts on a card of ``total_bytes``: at most the
+    whole card. A card sold as "12 GB" counts 10^9-byte GB: an RTX 3060 has 11.7 of ours, so
+    GPU_MEMORY_GB=12 there means the whole card (issue 29, finding 6); only a value beyond the card's
+    size in 10^9-byte GB too is refused, in one line."""
+    if gpu_memory_gb * 1e9 > total_bytes:
+        raise MemoryPlanError(f"GPU_MEMORY_GB={gpu_memory_gb:g} is more than the GPU's {total_bytes / GB:.1f} GB "
+                              f"({total_bytes / 1e9:.1f} GB of 10^9 bytes, as cards are sold)")
+    return min(gpu_memory_gb, total_bytes / GB)
 
 
 def free_gpu_memory_gb(device: torch.device) -> float | None:

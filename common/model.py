@@ -197,6 +197,11 @@ def load_tokenizer(path: str | Path):
 # Gemma 2 soft-caps its attention logits, which only the eager attention implements exactly (Gemma 3
 # is given it too); other models get transformers' default, sdpa.
 EAGER_ATTENTION_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text")
+# Gemma 3's activations are reported to pass fp16's range (inf and NaN in float16 on T4s, in Unsloth's
+# Gemma 3 notes); Gemma 2 has the same design,
+# the embeddings scaled by sqrt(hidden) and large residuals between its post-norms, so on an fp16 card
+# (a T4) both are warned of (issue 29, finding 10).
+FP16_OVERFLOW_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text")
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, quant: str = "none"):
@@ -214,6 +219,9 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype, quant
         raise ModelNotFoundError(missing_model_message(path))
     check_quant(quant, device)
     config = AutoConfig.from_pretrained(path)
+    if dtype is torch.float16 and config.model_type in FP16_OVERFLOW_MODEL_TYPES:
+        print(f"warning: {config.model_type} in float16 may overflow (activations past fp16's 65504): an update "
+              f"whose loss or gradients are not finite is skipped; DTYPE=float32 avoids it (twice the weights' memory)")
     kwargs = {"dtype": dtype}
     if config.model_type in EAGER_ATTENTION_MODEL_TYPES:
         kwargs["attn_implementation"] = "eager"

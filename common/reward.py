@@ -485,7 +485,12 @@ def score_batch(reward: Callable[..., RewardResult], texts: Sequence[str], rows:
                 truncated: Sequence[bool] | None = None) -> list[RewardResult]:
     """``reward(text, row, truncated)`` for each completion: the call the trainers make on a step's
     samples (``rows[i]`` is the dataset row completion i answers; ``truncated`` None: none cut off)."""
-    truncated = [False] * len(texts) if truncated is None else [bool(cut) for cut in truncated]
+    if truncated is None:
+        truncated = [False] * len(texts)
+    elif hasattr(truncated, "tolist"):  # a (device) tensor read once, not one host sync per row (issue 29, finding 12)
+        truncated = [bool(cut) for cut in truncated.tolist()]
+    else:
+        truncated = [bool(cut) for cut in truncated]
     if not len(texts) == len(rows) == len(truncated):
         raise ValueError(f"lengths differ: {len(texts)} texts, {len(rows)} rows, {len(truncated)} truncated flags")
     return [reward(text, row, cut) for text, row, cut in zip(texts, rows, truncated)]

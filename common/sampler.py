@@ -58,7 +58,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import math
 import sys
 import time
@@ -545,10 +544,15 @@ def _sample_rows_static(model, prompt_rows, settings: SamplingParams, stop_ids, 
 @functools.cache
 def _compiler_has_gpu_backend() -> bool:
     """Whether inductor can compile for the GPU here: it needs Triton, which Windows and some Linux
-    installs lack. Says once when not."""
-    if importlib.util.find_spec("triton") is not None:
+    installs lack, and a card Triton supports (compute capability 7.0 or more). torch's has_triton()
+    checks both, as common/logprobs.py does; the package alone is not enough (issue 29, finding 5).
+    Says once when not."""
+    from torch.utils._triton import has_triton
+
+    if has_triton():
         return True
-    print("sampler auto: no Triton here, so no GPU compiler: the static-cache path runs uncompiled")
+    print("sampler: no Triton for this card (not installed, or compute capability below 7.0), so no GPU "
+          "compiler: auto takes the static-cache path uncompiled")
     return False
 
 
@@ -563,7 +567,11 @@ def _sample_rows(model, prompt_rows, settings: SamplingParams, stop_ids, pad_id)
     """One chunk of rows through the path ``settings.sampler`` names; ``auto`` takes the compiled static
     path on CUDA (static without Triton) when it can run these rows (else the eager one), and the eager
     path elsewhere."""
-    path = _auto_path(next(model.parameters()).device) if settings.sampler == "auto" else settings.sampler
+    device = next(model.parameters()).device
+    if settings.sampler == "compiled" and device.type == "cuda" and not _compiler_has_gpu_backend():
+        raise ValueError("sampler='compiled' needs Triton and a card of compute capability 7.0 or more; "
+                         "use sampler='static' (the same path uncompiled)")
+    path = _auto_path(device) if settings.sampler == "auto" else settings.sampler
     if path != "eager":
         refusal = _static_path_refusal(model, max(len(row) for row in prompt_rows), settings.max_new_tokens)
         if refusal is not None and settings.sampler != "auto":

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import CheckpointError
+from common.checkpoint import CheckpointError, fingerprint_differences
 
 AVERAGES = ("delta", "factors")
 
@@ -100,7 +100,10 @@ def check_ingredients(checkpoints: dict[str, dict], average: str) -> None:
         base_checks = []
         if None not in fingerprints:
             base_checks = [("base model path", Path(first["base_model"]["path"]).resolve(),
-                            Path(checkpoint["base_model"]["path"]).resolve()), ("base model shape", *fingerprints)]
+                            Path(checkpoint["base_model"]["path"]).resolve())]
+            # Their weights compared to the dtypes' rounding: ingredients trained in bf16 and in fp16 soup.
+            differences += [f"base model {difference}" for difference in
+                            fingerprint_differences(fingerprints[1], fingerprints[0], "here", f"in {first_path}")]
         elif fingerprints == (None, None):
             base_checks = [("base model", first["base_model"]["path"], checkpoint["base_model"]["path"])]
         for name, ours, theirs in (

@@ -154,3 +154,24 @@ def test_plot_metrics_writes_a_png(tmp_path):
     result = run_script(["plot_metrics.py", f"--LOG_DIR={tmp_path}", "--SMOOTHING=2", f"--OUT_FILE={out_file}"])
     assert "from 1 metric files: run\n" in result.stdout  # the pairs file has no metrics and is left out
     assert out_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_cuda_graph_counter_leaves_out_the_pools_empty_capture(monkeypatch):
+    """Simulated (no CUDA here): a cudagraph tree manager begins with an empty capture that creates its
+    pool (torch/_inductor/cudagraph_trees.py), then records its graphs; only those count (issue 29,
+    finding 14)."""
+    import torch
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+
+    from bench import count_cuda_graphs
+
+    def capture(graph=None):
+        torch.cuda.CUDAGraph.capture_begin(graph)  # what torch.cuda.graph's __enter__ calls
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(CUDAGraphTreeManager, "__init__", lambda self, device_index: capture())  # the pool's
+    counter = count_cuda_graphs()
+    CUDAGraphTreeManager(0)
+    for _ in range(2):  # two graphs recorded
+        capture()
+    assert counter == {"recorded": 2}

@@ -149,11 +149,42 @@ def test_a_base_of_the_same_shape_with_other_weights_is_refused(tmp_path):
     model, _ = trained_lora_model()
     path = save_checkpoint(tmp_path / "a.pt", model, "m", {})
     other_base = micro_model("gemma2", seed=1)
-    with pytest.raises(CheckpointError, match="weights_hash"):
+    with pytest.raises(CheckpointError, match="weights_sample: the embedding and norm weights differ"):
         load_lora_checkpoint(other_base, path)
-    same_base_in_bf16 = micro_model("gemma2", seed=0).to(torch.bfloat16)  # hashed as bf16: the same base
+    same_base_in_bf16 = micro_model("gemma2", seed=0).to(torch.bfloat16)  # compared to bf16's rounding
     checkpoint = load_lora_checkpoint(same_base_in_bf16, path)
-    assert checkpoint["base_model"]["fingerprint"]["weights_hash"]
+    assert checkpoint["base_model"]["fingerprint"]["weights_sample"]
+
+
+@pytest.mark.parametrize("trained_in, loaded_in", [("bfloat16", "float16"), ("float16", "bfloat16"),
+                                                   ("float32", "float16")])
+def test_a_lora_trained_in_one_dtype_loads_on_the_same_base_in_another(tmp_path, trained_in, loaded_in):
+    """Issue 29, finding 3: a LoRA trained in bf16 (an H100, a 3060) is evaluated, resumed or souped on
+    an fp16 card (a T4). The tiny model from disk, as the scripts load it; another base is still refused."""
+    from common.model import load_model_and_tokenizer
+    from tests.conftest import TINY_MODEL_DIR
+
+    trained, _, _ = load_model_and_tokenizer(TINY_MODEL_DIR, "cpu", trained_in)
+    apply_lora(trained, r=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    path = save_checkpoint(tmp_path / "a.pt", trained, TINY_MODEL_DIR, {})
+    loaded, _, _ = load_model_and_tokenizer(TINY_MODEL_DIR, "cpu", loaded_in)
+    load_lora_checkpoint(loaded, path)
+    with torch.no_grad():
+        loaded.get_input_embeddings().weight.mul_(1.02)  # another fine-tune of the same base
+    with pytest.raises(CheckpointError, match="weights_sample"):
+        load_lora_checkpoint(loaded, path)
+
+
+def test_a_checkpoint_from_before_the_weights_sample_is_compared_by_its_hash(tmp_path):
+    """Its hash was taken as bf16: the same base in fp32 or bf16 matches it, another base does not."""
+    model, _ = trained_lora_model()
+    path = save_checkpoint(tmp_path / "old.pt", model, "m", {})
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["base_model"]["fingerprint"]["weights_sample"]
+    torch.save(checkpoint, path)
+    load_lora_checkpoint(micro_model("gemma2", seed=0).to(torch.bfloat16), path)
+    with pytest.raises(CheckpointError, match="weights_hash: .* only in an fp32 or bf16 DTYPE"):
+        load_lora_checkpoint(micro_model("gemma2", seed=1), path)
 
 
 def test_stale_temporary_files_of_a_killed_save_are_removed(tmp_path):
@@ -238,3 +269,28 @@ def test_a_real_full_disk_is_named_and_the_earlier_checkpoint_kept(tmp_path):
     assert lines[0].startswith(f"No space left on device: {folder}/second.pt (")
     assert "the checkpoint needs about 1.6 MB" in lines[0]
     assert lines[1] == "['first.pt'] 100000"  # the earlier checkpoint intact, no temporary file
+
+
+def test_a_resume_on_fewer_gpus_restores_the_random_states_of_those_present(monkeypatch, capsys):
+    """Saved on 2 GPUs, resumed where 1 is visible (simulated): torch.cuda.set_rng_state_all raised
+    IndexError (issue 29, finding 11); GPU 0's state is restored and the line says so."""
+    from common.checkpoint import restore_rng_state, rng_state
+
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda new_state, device="cuda": restored.update({device: new_state}))
+
+    def one_gpu(new_states):
+        for device, new_state in enumerate(new_states):
+            if device >= 1:
+                raise IndexError("list index out of range")
+            restored[device] = new_state
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", one_gpu)
+    restore_rng_state(state)
+    assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])
+    assert "random states of 2 GPUs, 1 visible here: the first 1's restored" in capsys.readouterr().out

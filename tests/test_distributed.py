@@ -55,6 +55,26 @@ def test_plain_python_is_one_process_without_a_process_group(monkeypatch):
     assert parameter.grad.tolist() == [0.5, 0.5]
 
 
+@pytest.mark.parametrize("nccl", [True, False])
+def test_torchrun_on_cuda_takes_gloo_where_pytorch_has_no_nccl(nccl, monkeypatch, capsys):
+    """PyTorch's Windows builds have no NCCL (issue 29, finding 16): torchrun on CUDA joins through gloo
+    there, saying so in one line; NCCL where it is. Simulated: a CUDA device, NCCL's availability, and
+    the process group's start recorded instead of made."""
+    import common.distributed
+
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(common.distributed, "get_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: nccl)
+    backends = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: backends.append(backend))
+    setup_distributed("auto")
+    assert backends == ["nccl" if nccl else "gloo"]
+    said = "torchrun: 2 processes on CUDA through gloo (this PyTorch has no NCCL, as on Windows)"
+    assert (said in capsys.readouterr().out) != nccl
+
+
 def test_resume_refuses_another_number_of_processes():
     two_ranks = {"rng": rng_state(), "extra": {"ranks": {"world_size": 2, "rng": [rng_state(), rng_state()]}}}
     with pytest.raises(SystemExit, match="2 process\\(es\\), this run has 1"):

@@ -6,15 +6,33 @@ import json
 
 from tests.conftest import run_script
 
+# The test files whose equivalence tests are parametrised over tests/conftest.py's DEVICES.
+DEVICES_FILES = ["tests/test_logprobs.py", "tests/test_lora.py", "tests/test_quant.py", "tests/test_static_decode.py"]
+
+
+def collected(*arguments: str) -> list[str]:
+    out = run_script(["-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *arguments, *DEVICES_FILES],
+                     timeout=300).stdout
+    return [line for line in out.splitlines() if "::" in line]
+
+
+def test_pytest_m_cuda_selects_every_cuda_case_and_only_those():
+    """Part 1's `pytest -m cuda` (issue 29, finding 1: conftest.py defined DEVICES twice, the later
+    unmarked one won, and `-m cuda` ran 11 CPU cases and 11 of the CUDA ones)."""
+    cuda_cases = [case for case in collected() if "cuda]" in case or "-cuda-" in case or "[cuda-" in case]
+    assert len(cuda_cases) >= 60  # every test parametrised over DEVICES has its CUDA case, even without CUDA
+    assert collected("-m", "cuda") == cuda_cases
+
 
 def test_gpu_check_cpu_mode_runs_the_thin_body_versions_and_writes_its_table(tmp_path):
     result = run_script(["bench/gpu_check.py", "--QUICK=true", f"--OUT_DIR={tmp_path}"], timeout=600)
     out = result.stdout
     assert "gpu-check (no CUDA: the thin-body versions on the CPU), QUICK: parts 1 and 2" in out
     table = out[out.index("| check | result |"):]
-    # Part 1 ran the cuda-marked equivalence tests: here their CPU cases pass and their CUDA cases skip.
+    # Part 1 ran the equivalence tests' CUDA cases: here they all skip (their CPU cases are make test's).
     part_1 = table.split("\n")[2]
-    assert part_1.startswith("| 1: equivalence tests, CUDA cases | ") and " passed" in part_1 and "failed" not in part_1
+    assert part_1.startswith("| 1: equivalence tests, CUDA cases | ") and " skipped" in part_1
+    assert "passed" not in part_1 and "failed" not in part_1
     for row in ("| 2: Gemma 2 2B shapes | ran (thin body, CPU) |", "| 2: sampling, eager |", "| 2: GRPO step |",
                 "| 2: compiles |"):
         assert row in table
@@ -58,3 +76,36 @@ def test_gpu_check_exits_non_zero_when_an_equivalence_test_fails(tmp_path):
     assert "| 2: sampling, eager | 100 tok/s, first call 1.0 s | 0.50 | - | - |" in result.stdout
     assert "| 2: GRPO step | missing: the benchmark stopped before it ended |" in result.stdout
     assert "an equivalence test FAILED" in result.stdout
+
+
+# Imported at every interpreter's start (on PYTHONPATH): a machine without pytest.
+NO_PYTEST = """import sys
+class NoPytest:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("pytest", "_pytest"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoPytest())
+"""
+
+
+def test_gpu_check_without_pytest_says_so_and_runs_the_other_parts(tmp_path):
+    """A bare GPU machine may lack pytest (issue 29, finding 8): part 1 is skipped in one line, not failed,
+    and part 2 runs (here a stand-in benchmark that fails after its sampling part)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "repo"
+    for name in ("bench", "common"):
+        shutil.copytree(f"{name}", copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "bench" / "bench_gpu.py").write_text(FAILING_BENCH_GPU)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(NO_PYTEST)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), TQDM_DISABLE="1")
+    result = subprocess.run([sys.executable, "bench/gpu_check.py", "--QUICK=true", f"--OUT_DIR={tmp_path / 'out'}"],
+                            cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr  # part 2's failure alone
+    assert "[1/3] skipped: pytest is not installed (pip install pytest==9.2.0" in result.stdout
+    assert "| 1: equivalence tests, CUDA cases | skipped: pytest is not installed" in result.stdout
+    assert "| 2: sampling, eager | 100 tok/s" in result.stdout and "an equivalence test FAILED" not in result.stdout

@@ -396,6 +396,24 @@ def test_the_graph_pool_and_the_static_kv_are_counted_through_the_policy_pass():
     assert released.policy == policy_alone + pool  # the pool stays reserved; the KV is freed
 
 
+def test_auto_counts_no_graph_pool_on_a_card_without_triton(monkeypatch):
+    """On CUDA without Triton for the card (Windows; compute capability below 7.0) auto samples on the
+    static path uncompiled: its KV is counted, no graph pool (issue 29, finding 14); compiled still is."""
+    import torch.utils._triton
+
+    shape = gemma_2_2b_shape()
+    settings = dict(dtype="bfloat16", rows=128, samples_per_prompt=8, prompt_tokens=200, max_new_tokens=256,
+                    micro_batch_size=16, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    auto, static, compiled = (MemoryPlan("gemma-2-2b", shape, RunSettings(sampler=sampler, **settings))
+                              for sampler in ("auto", "static", "compiled"))
+    assert auto.graph_pool == 0 and auto.policy == static.policy and auto.kv_cache == static.kv_cache > 0
+    assert compiled.graph_pool > 0
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    assert MemoryPlan("gemma-2-2b", shape, RunSettings(sampler="auto", **settings)).graph_pool == compiled.graph_pool
+
+
 def test_the_static_kv_is_released_only_when_it_is_what_does_not_fit():
     shape = gemma_2_2b_shape()
     plan = MemoryPlan("gemma-2-2b", shape, RunSettings(dtype="bfloat16", rows=128, samples_per_prompt=8,
@@ -489,3 +507,14 @@ def test_a_token_budget_is_planned_as_its_tokens():
     assert activation_bytes(shape, by_tokens, False) == activation_bytes(shape, by_rows, False)
     too_small = RunSettings(device="cpu", micro_batch_tokens=10, prompt_tokens=30, max_new_tokens=70)
     assert too_small.policy_rows == 1 and too_small.policy_tokens == 100  # a longer sequence goes alone
+
+
+def test_gpu_memory_gb_12_is_the_whole_of_a_12_gb_card():
+    """A "12 GB" card (an RTX 3060: 11.7 GiB as torch counts it) takes GPU_MEMORY_GB=12 as the whole card,
+    not as more than it has (issue 29, finding 6; bench/bench_gpu.py caps its parts with it); 13 is refused."""
+    from common.memory_plan import memory_cap_gb
+
+    card = int(11.7 * GB)
+    assert memory_cap_gb(12, card) == pytest.approx(11.7) and memory_cap_gb(8, card) == 8
+    with pytest.raises(MemoryPlanError, match=r"^GPU_MEMORY_GB=13 is more than the GPU's 11\.7 GB \(12\.6 GB of 10\^9"):
+        memory_cap_gb(13, card)

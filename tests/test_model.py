@@ -53,3 +53,19 @@ def test_tokenizer_without_pad_token_gets_eos_as_pad(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     reloaded = load_tokenizer(tmp_path)
     assert reloaded.pad_token_id == reloaded.eos_token_id
+
+
+@pytest.mark.parametrize("arch, warned", [("gemma2", True), ("llama", False)])
+def test_gemma_2_in_float16_is_warned_of(arch, warned, tmp_path, capsys):
+    """Gemma 2 in fp16 (a T4) may overflow as Gemma 3 does (issue 29, finding 10): one warning line naming
+    DTYPE; fp32 and bf16 loads and other architectures say nothing."""
+    from common.model import load_model
+    from tests.conftest import micro_model
+
+    micro_model(arch).save_pretrained(tmp_path)
+    load_model(tmp_path, torch.device("cpu"), torch.float32)
+    assert "warning" not in capsys.readouterr().out
+    load_model(tmp_path, torch.device("cpu"), torch.float16)
+    out = capsys.readouterr().out
+    assert ("warning: gemma2 in float16 may overflow" in out and "DTYPE=float32" in out) == warned
+    assert ("warning" in out) == warned

@@ -145,7 +145,7 @@ def test_weights_are_normalised_and_negative_ones_refused():
 
 
 @pytest.mark.parametrize("other, average, differences", [
-    (dict(hidden_size=32), "delta", ["base model shape", "'hidden_size': 32"]),
+    (dict(hidden_size=32), "delta", ["base model hidden_size: 32 here, 16 in a.pt"]),
     (dict(base_path="models/other"), "delta", ["base model path", "models/other"]),
     (dict(targets=("q_proj", "k_proj")), "delta", ["LoRA target_modules: ['k_proj', 'q_proj'] here"]),
     (dict(r=2), "factors", ["(AVERAGE=factors)", "LoRA r: 2 here, 4 in a.pt"]),

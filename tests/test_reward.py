@@ -430,6 +430,29 @@ def test_bad_specs_fail_at_load_time(reward_file, spec, weights, problem):
         load_reward(spec, weights)
 
 
+def test_score_batch_reads_the_truncated_flags_of_a_tensor_once():
+    """The sampler's truncated flags are a device tensor: one host read for the batch, not one per row
+    (issue 29, finding 12); bool() of each row is a scalar read (aten._local_scalar_dense), tolist is not."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    reward = load_reward("correctness")
+    rows = [{"gold_answer": "12"}] * 8
+    truncated = torch.tensor([False, True] * 4)
+    with Reads():
+        results = score_batch(reward, [CLEAN_CORRECT] * 8, rows, truncated)
+    assert len(reads) <= 1 and [r.total for r in results] == [r.total for r in score_batch(
+        reward, [CLEAN_CORRECT] * 8, rows, [False, True] * 4)]
+
+
 def test_score_batch_scores_each_completion_against_its_row():
     reward = load_reward("math")
     rows = [{"gold_answer": "12"}, {"gold_answer": "12"}, {"gold_answer": "5"}]

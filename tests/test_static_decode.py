@@ -1,13 +1,14 @@
 """The static path as a GPU runs it, seen on the CPU: the decode graph reads the KV buffers without
 repeating them (GQA), one KV allocation per slot bucket and at most two compilations over a GRPO run
 with uneven chunks and evals, log-probs from the trainer's head in bf16, no host read but the stop
-checks, and the same tokens and log-probs as the eager path on every architecture (marked cuda: a
-`pytest -m cuda` run repeats them on the GPU)."""
+checks, and the same tokens and log-probs as the eager path on every architecture (their CUDA cases, marked cuda
+by DEVICES, are what a `pytest -m cuda` run repeats on the GPU)."""
 
 import functools
 import inspect
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -150,7 +151,6 @@ def test_the_models_own_decode_attention_repeats_the_kv_buffers(arch, attention,
     assert repeated_kv_nodes(traced_decode_graphs(model, monkeypatch, attention_switch=False), model)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", MICRO_ARCHITECTURES)
 def test_static_path_gives_the_eager_tokens_and_logprobs_in_fp32_on_every_architecture(arch, device):
@@ -170,7 +170,6 @@ def test_static_path_gives_the_eager_tokens_and_logprobs_in_fp32_on_every_archit
     assert eager.completion_lengths.min() < eager.completion_lengths.max()
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sampler", ["eager", "static"])
 def test_bf16_sampler_logprobs_are_the_trainers(sampler, device):
@@ -309,17 +308,31 @@ def test_evaluate_takes_greedy_settings_and_pads_its_last_batch_alike(micro_mode
         evaluate(model, tokenizer, problems, SamplingParams(max_new_tokens=5), progress=False)
 
 
-def test_auto_takes_the_static_path_uncompiled_on_cuda_without_triton(monkeypatch, capsys):
+@pytest.mark.parametrize("triton_package", [False, True])
+def test_auto_takes_the_static_path_uncompiled_on_cuda_without_triton(triton_package, monkeypatch, capsys):
+    """Without Triton for the card: not installed (Windows), or installed and the card below compute
+    capability 7.0, where torch's has_triton() says no though the package is there (issue 29, finding 5).
+    `compiled` is then refused in one line."""
+    import importlib.machinery
     import importlib.util
 
-    from common.sampler import _auto_path, _compiler_has_gpu_backend
+    import torch.utils._triton
+
+    from common.sampler import _auto_path, _compiler_has_gpu_backend, _sample_rows
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name))
+    triton_spec = importlib.machinery.ModuleSpec("triton", None) if triton_package else None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: triton_spec if name == "triton"
+                        else find_spec(name, *args))
+    monkeypatch.setattr(torch.utils._triton, "has_triton_package", lambda: triton_package)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
     _compiler_has_gpu_backend.cache_clear()
     try:
         assert [_auto_path(torch.device("cuda")) for _ in range(2)] == ["static", "static"]
         assert capsys.readouterr().out.count("no Triton") == 1  # said once
         assert _auto_path(torch.device("cpu")) == "eager"
+        on_cuda = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device("cuda"))]))
+        with pytest.raises(ValueError, match="sampler='compiled' needs Triton .*; use sampler='static'"):
+            _sample_rows(on_cuda, PROMPTS, SamplingParams(1, 2, sampler="compiled"), [1], PAD)
     finally:
         _compiler_has_gpu_backend.cache_clear()

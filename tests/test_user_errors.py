@@ -27,7 +27,7 @@ from common.quant import QuantizationUnavailable
 from common.reward import RewardSpecError
 from common.run import RunError
 from common.run_setup import room_for_prompts
-from tests.conftest import micro_model, run_script
+from tests.conftest import TINY_MODEL_DIR, micro_model, run_script
 from tests.test_run import SMALL_GRPO
 
 
@@ -206,6 +206,15 @@ def test_run_train_grpo_says_max_new_tokens_leaves_no_room(micro_model_dir, tmp_
                          "--MAX_NEW_TOKENS=100000", f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}"],
                         check=False)
     one_error_line(result, "MAX_NEW_TOKENS=100000 leaves no room for the prompt in the model's context of 128 tokens")
+
+
+def test_run_sft_refuses_fp16_weights_in_one_line(tmp_path):
+    """DTYPE=float16 with LORA_R=0 crashed in the loss scaler, which cannot unscale fp16 gradients (issue 29,
+    finding 7); auto gives float32 there instead (common.run_setup.load_model_for_training)."""
+    result = run_script(["run_sft.py", f"--MODEL_PATH={TINY_MODEL_DIR}", f"--OUT_DIR={tmp_path / 'sft'}",
+                         "--MAX_STEPS=1", "--BATCH_SIZE=2", "--EVAL_EVERY=0", "--DEVICE=cpu", "--DTYPE=float16",
+                         "--LORA_R=0", "--TRAIN_FILE=data/synth_train.jsonl", f"--LOG_DIR={tmp_path}"], check=False)
+    one_error_line(result, "DTYPE=float16 with LORA_R=0", "use --DTYPE=float32")
 
 
 def test_eval_math_says_a_text_file_is_not_a_checkpoint(micro_model_dir, tmp_path):
