@@ -738,9 +738,10 @@ def choose_sizes(plan: MemoryPlan, requested: Sizes, fallback: Sizes, gpu_gb: fl
     naming QUANT=nf4 first where that would fit."""
     auto = {field.name for field in dataclasses.fields(Sizes) if getattr(requested, field.name) == "auto"}
     rows = plan.settings.rows
+    said = requested if evaluates else dataclasses.replace(requested, eval_batch_size=0)  # the line's: no eval, no size
     if gpu_gb is None:
         sizes = requested.or_else(fallback)
-        line = sizes.choice_line(requested, rows, "without GPU memory to fit (--GPU_MEMORY_GB=N plans for N GB)")
+        line = sizes.choice_line(said, rows, "without GPU memory to fit (--GPU_MEMORY_GB=N plans for N GB)")
         return _planned(plan, sizes, micro_batch_scale, evaluates), sizes, line
     smallest = requested.or_else(Sizes(1, True, 1 if rows else 0, 1))
     candidates = []
@@ -768,13 +769,12 @@ def choose_sizes(plan: MemoryPlan, requested: Sizes, fallback: Sizes, gpu_gb: fl
                 candidates.append(((chunks, policy_cost(chosen.settings), release, -sizes.eval_batch_size),
                                    sizes, chosen))
     if not candidates:
-        sizes = smallest
-        line = f"auto: nothing fits in {gb_text(gpu_gb)} GB, even at the smallest sizes (the plan above)" if auto else ""
-        return _planned(plan, sizes, micro_batch_scale, evaluates), sizes, line
+        line = smallest.choice_line(said, rows, f"cannot fit {gb_text(gpu_gb)} GB, even at the smallest (the plan above)")
+        return _planned(plan, smallest, micro_batch_scale, evaluates), smallest, line
     _, sizes, plan = min(candidates, key=lambda candidate: candidate[0])
     if rows and sizes.generation_batch_size >= rows:
         sizes = dataclasses.replace(sizes, generation_batch_size=0)
-    lines = [sizes.choice_line(requested, rows, f"for {gb_text(gpu_gb)} GB")]
+    lines = [sizes.choice_line(said, rows, f"for {gb_text(gpu_gb)} GB")]
     if sizes.release_static_kv:
         lines.append(f"memory plan: the static KV cache ({gb_text(plan.kv_cache / GB)} GB) does not fit beside the "
                      f"policy pass in {gb_text(gpu_gb)} GB: it is freed before each policy pass and allocated again "
