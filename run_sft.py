@@ -67,7 +67,9 @@ PACKING = True  # the training passes pack their sequences into rows without pad
 #                 with false, padded rectangles; padded anyway for an attention the packing tests do not cover
 PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the step's longest
 #                                   sequence; one row per micro-batch under flash-attention's variable-length kernels) or tokens
-GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
+GRADIENT_CHECKPOINTING: Literal["auto"] | bool = "auto"  # recompute each layer's activations in backward: less
+#                                   memory, a third slower policy pass; auto: where the memory plan finds it faster than
+#                                   smaller micro-batches (never off a GPU)
 GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): a run whose
 #                                   memory plan (printed at start) does not fit is refused before the model loads
 #                                   (differs from the other trainers: planned for a LoRA only, LORA_R > 0)
@@ -76,7 +78,9 @@ MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 64  # eval generation length limit
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # eval decoding: auto (compiled static-cache decode
 #                                   on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 #                                   (differs from GRPO and PPO: no rollouts)
-EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 128  # prompts per eval generation batch (differs from the other trainers: set for the tiny model)
+EVAL_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # prompts per eval generation batch: auto (the
+#                                   most that fit in the GPU's memory, by the memory plan, at most 128; 128 off a GPU) or a
+#                                   number (differs from the other trainers: set for the tiny model)
 EVAL_NUM_SAMPLES: Annotated[int, ">= 1"] = 1  # k: completions per held-out question at EVAL_TEMPERATURE > 0, logged as
 #                                   eval/mean@k, eval/pass@j (j = 1, 2, 4, ..., k), eval/maj@k beside eval/accuracy
 EVAL_TEMPERATURE: Annotated[float, ">= 0"] = 0.0  # 0 = the greedy eval alone; > 0 adds k samples per question at
@@ -105,11 +109,13 @@ from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gra
 from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.logprobs import body_hidden_states, enable_gradient_checkpointing, head_token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
+from common.memory_plan import Sizes  # noqa: E402
 from common.model import answer_end_token_id, get_device, load_tokenizer  # noqa: E402
 from common.packing import PassLayout, micro_batch_layouts, packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
-from common.run_setup import check_lora_targets, check_memory, eval_sampling, load_model_for_training  # noqa: E402
+from common.run_setup import (check_lora_targets, check_memory, eval_sampling, load_model_for_training,  # noqa: E402
+                              unplanned_sizes)
 from common.schedule import warmup_then_schedule  # noqa: E402
 
 # ------------------------------------------- plumbing (common/run.py, common/run_setup.py)
@@ -140,30 +146,34 @@ if TRAIN_FILE is not None:
     if not train_problems:
         raise SystemExit(f"{TRAIN_FILE}: no line has a 'solution' field to train on")
 
-# The memory plan, before the weights load, for the longest example: of TRAIN_FILE, or of 1,000 synthetic problems.
+# The memory plan, before the weights load, for the longest example: of TRAIN_FILE, or of 1,000 synthetic problems;
+# a micro-batch is the step's batch (or MICRO_BATCH_TOKENS' share). The sizes left at auto: the fastest that fit (off a
+# GPU, or without a plan: no checkpointing, 128, this trainer's sizes before auto).
+requested_sizes = Sizes(BATCH_SIZE // distributed.world_size, GRADIENT_CHECKPOINTING, 0, EVAL_BATCH_SIZE)
+sizes_before_auto = Sizes(BATCH_SIZE // distributed.world_size, False, 0, 128)
 if LORA_R > 0:
     plan_rng = random.Random(SEED + 1)
     examples = train_problems if TRAIN_FILE is not None else [synth.make_problem(plan_rng) for _ in range(1000)]
-    check_memory(
-        run.model_path, device, GPU_MEMORY_GB, quant=QUANT, dtype=DTYPE, lora_r=LORA_R, lora_targets=LORA_TARGETS,
-        gradient_checkpointing=GRADIENT_CHECKPOINTING, logprob_chunk_size=LOGPROB_CHUNK_SIZE, sampler=SAMPLER,
-        eval_rows=EVAL_BATCH_SIZE if EVAL_EVERY else 0,
+    sizes = check_memory(
+        run.model_path, device, GPU_MEMORY_GB, requested_sizes, sizes_before_auto, evaluates=EVAL_EVERY > 0,
+        quant=QUANT, dtype=DTYPE, lora_r=LORA_R, lora_targets=LORA_TARGETS, logprob_chunk_size=LOGPROB_CHUNK_SIZE,
+        sampler=SAMPLER,
         prompt_tokens=max(len(ids) for ids in encode_prompts(tokenizer, examples + eval_problems,
                                                                      prompt_format)),
         max_new_tokens=1 + max(len(ids) for ids in tokenizer([p["solution"] for p in examples],
                                                              add_special_tokens=False)["input_ids"]),
-        eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=BATCH_SIZE // distributed.world_size,
-        micro_batch_tokens=MICRO_BATCH_TOKENS,
+        eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_tokens=MICRO_BATCH_TOKENS,
         head_on_prompt=True, entropy=False, eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
 else:
     print("no memory plan: it counts a LoRA's training (LORA_R > 0), not every weight's")
+    sizes = unplanned_sizes(requested_sizes, sizes_before_auto)
 model, loss_scaler = load_model_for_training(run.model_path, device, DTYPE, QUANT, every_weight=LORA_R == 0,
                                              quiet=not distributed.is_main)
 packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 if LORA_R > 0:
     wrapped = apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
     print(f"LoRA r={LORA_R} alpha={LORA_ALPHA} on {len(wrapped)} layers")
-if GRADIENT_CHECKPOINTING:
+if sizes.gradient_checkpointing:
     enable_gradient_checkpointing(model)
 trainable = lora_parameters(model) if LORA_R > 0 else [p for p in model.parameters() if p.requires_grad]
 print(f"training {sum(p.numel() for p in trainable) / 1e6:.3f}M of "
@@ -220,7 +230,8 @@ scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, MAX_STEPS, LR_SCHEDULE
 final_eval: dict = {}  # the last eval's metrics, for sft_info.json
 
 
-eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, EVAL_BATCH_SIZE, SAMPLER, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)
+eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, sizes.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
+                                          EVAL_TEMPERATURE)
 
 
 def run_eval(step: int):

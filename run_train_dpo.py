@@ -47,7 +47,8 @@ EVAL_REWARD = "correctness"  # what the eval counts as correct: correctness (the
 SKIP_LONG_PROMPTS = False  # leave out (and count) examples too long for the context, instead of refusing the file
 EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all)
 EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at step 0 and one at the end (0 = no evaluation)
-EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts per eval generation batch
+EVAL_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # prompts per eval generation batch: auto (the
+#                                   most that fit in the GPU's memory, by the memory plan, at most 64; 64 off a GPU) or a number
 EVAL_NUM_SAMPLES: Annotated[int, ">= 1"] = 1  # k: completions per held-out question at EVAL_TEMPERATURE > 0, logged as
 #                                   eval/mean@k, eval/pass@j (j = 1, 2, 4, ..., k), eval/maj@k beside eval/accuracy
 EVAL_TEMPERATURE: Annotated[float, ">= 0"] = 0.0  # 0 = the greedy eval alone; > 0 adds k samples per question at
@@ -66,8 +67,10 @@ PRECOMPUTE_REF = True  # reference log-probs of the whole dataset once before tr
 NUM_EPOCHS: Annotated[int, ">= 1"] = 1  # passes over the training data
 MAX_STEPS: Annotated[int, ">= 0"] = 0  # stop after this many steps (0 = run the epochs)
 BATCH_SIZE: Annotated[int, ">= 1"] = 16  # pairs per step
-MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 4  # pairs per forward/backward (2 x MICRO_BATCH_SIZE rows; gradient accumulation over the step)
-#                                   (differs from GRPO and PPO: a pair is two sequences)
+MICRO_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # pairs per forward/backward (2 x
+#                                   MICRO_BATCH_SIZE rows; gradient accumulation over the step): auto (the memory plan's
+#                                   fastest that fits, at most 4; 4 off a GPU) or a number (differs from GRPO and PPO: a
+#                                   pair is two sequences)
 MICRO_BATCH_TOKENS: Annotated[int, ">= 0"] = 0  # fill each micro-batch with whole pairs (chosen and rejected) up to
 #                                   this many tokens instead (0 = off); each pair's loss stays a share of the step's mean
 #                                   (differs from GRPO and PPO: whole pairs)
@@ -83,7 +86,9 @@ PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed
 #                                   sequence; one row per micro-batch under flash-attention's variable-length kernels) or tokens
 #                                   (differs from the other trainers: DPO lays out each micro-batch's pairs apart)
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
-GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
+GRADIENT_CHECKPOINTING: Literal["auto"] | bool = "auto"  # recompute each layer's activations in backward: less
+#                                   memory, a third slower policy pass; auto: where the memory plan finds it faster than
+#                                   smaller micro-batches (never off a GPU)
 GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): a run whose
 #                                   memory plan (printed at start) does not fit is refused before the model loads
 # LoRA
@@ -121,6 +126,7 @@ from common.distributed import all_gather_objects, all_reduce_sum, setup_distrib
 from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
+from common.memory_plan import Sizes  # noqa: E402
 from common.model import answer_end_token_id, context_length, get_device, load_tokenizer  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length, token_budget_ranges  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
@@ -164,13 +170,15 @@ tokenized = fit_to_context(tokenized, [len(prompt) + max(len(chosen), len(reject
 if len(tokenized) < BATCH_SIZE:
     raise SystemExit(f"error: {TRAIN_FILE} has {len(tokenized)} pairs, fewer than BATCH_SIZE={BATCH_SIZE}")
 longest_pair = max(2 * len(prompt) + len(chosen) + len(rejected) for prompt, chosen, rejected in tokenized)
-check_memory(  # the memory plan, before the weights load: a micro-batch is its pairs' 2 x MICRO_BATCH_SIZE rows
-    run.model_path, device, GPU_MEMORY_GB, quant=QUANT, dtype=DTYPE, lora_r=LORA_R, lora_targets=LORA_TARGETS,
-    gradient_checkpointing=GRADIENT_CHECKPOINTING, logprob_chunk_size=LOGPROB_CHUNK_SIZE, sampler=SAMPLER,
-    eval_rows=EVAL_BATCH_SIZE if EVAL_EVERY else 0,
+# The memory plan, before the weights load: a micro-batch is its pairs' 2 x MICRO_BATCH_SIZE rows; the sizes left at
+# auto, the fastest that fit (off a GPU: 4 pairs, no checkpointing, 64, this trainer's sizes before auto).
+sizes = check_memory(
+    run.model_path, device, GPU_MEMORY_GB, Sizes(MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING, 0, EVAL_BATCH_SIZE),
+    Sizes(4, False, 0, 64), micro_batch_scale=2, evaluates=EVAL_EVERY > 0, quant=QUANT, dtype=DTYPE, lora_r=LORA_R,
+    lora_targets=LORA_TARGETS, logprob_chunk_size=LOGPROB_CHUNK_SIZE, sampler=SAMPLER,
     prompt_tokens=max(max(len(prompt) for prompt, _, _ in tokenized), longest_eval_prompt),
     max_new_tokens=max(max(len(chosen), len(rejected)) for _, chosen, rejected in tokenized),
-    eval_max_new_tokens=MAX_NEW_TOKENS, micro_batch_size=2 * MICRO_BATCH_SIZE,
+    eval_max_new_tokens=MAX_NEW_TOKENS,
     micro_batch_tokens=MICRO_BATCH_TOKENS and max(MICRO_BATCH_TOKENS, longest_pair),  # a longer pair goes alone
     head_on_prompt=True, entropy=False,
     pack_length=0 if PACK_LENGTH == "auto" else PACK_LENGTH,
@@ -181,12 +189,13 @@ steps_per_epoch = len(tokenized) // BATCH_SIZE
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 # The LoRA (a resumed run's, INIT_LORA's, or a fresh one of LORA_*) and its optimizer.
 start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
-if GRADIENT_CHECKPOINTING:
+if sizes.gradient_checkpointing:
     enable_gradient_checkpointing(model)
 trainable = lora_parameters(model)
 optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
 scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
-eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, EVAL_BATCH_SIZE, SAMPLER, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)
+eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, sizes.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
+                                          EVAL_TEMPERATURE)
 run.track(model, optimizer, scheduler, loss_scaler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_greedy, desc=f"eval@{step}",
                                          reward=eval_reward, prompt_format=prompt_format, sampled=eval_sampled,
@@ -201,7 +210,7 @@ def micro_batches(indices: list[int]) -> list[list[int]]:
     """The pairs ``indices`` in micro-batches: MICRO_BATCH_SIZE pairs each, or (MICRO_BATCH_TOKENS > 0) as
     many whole pairs as fit in that many tokens (a pair: its prompt twice, the chosen and the rejected answer)."""
     lengths = [2 * len(tokenized[i][0]) + len(tokenized[i][1]) + len(tokenized[i][2]) for i in indices]
-    return [indices[cut] for cut in token_budget_ranges(lengths, MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS)]
+    return [indices[cut] for cut in token_budget_ranges(lengths, sizes.micro_batch_size, MICRO_BATCH_TOKENS)]
 
 
 def micro_batch_pairs(indices: list[int]):

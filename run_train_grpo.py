@@ -46,7 +46,8 @@ NUM_PROMPTS: Annotated[int, ">= 0"] = 0  # use the first NUM_PROMPTS training qu
 SKIP_LONG_PROMPTS = False  # leave out (and count) examples too long for the context, instead of refusing the file
 EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all)
 EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at step 0 and one at the end (0 = no evaluation)
-EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts per eval generation batch
+EVAL_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # prompts per eval generation batch: auto (the
+#                                   most that fit in the GPU's memory, by the memory plan, at most 64; 64 off a GPU) or a number
 EVAL_NUM_SAMPLES: Annotated[int, ">= 1"] = 1  # k: completions per held-out question at EVAL_TEMPERATURE > 0, logged as
 #                                   eval/mean@k, eval/pass@j (j = 1, 2, 4, ..., k), eval/maj@k beside eval/accuracy
 EVAL_TEMPERATURE: Annotated[float, ">= 0"] = 0.0  # 0 = the greedy eval alone; > 0 adds k samples per question at
@@ -61,8 +62,9 @@ MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # completion length limit of the r
 TEMPERATURE: Annotated[float, "> 0"] = 1.0  # sampling temperature; the training log-probs use the same one
 TOP_P: Annotated[float, "0 < x <= 1"] = 1.0  # nucleus sampling (1.0 = off)
 TOP_K: Annotated[int, ">= 0"] = 0  # top-k sampling (0 = off)
-GENERATION_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 0"] = "auto"  # rows sampled together: auto (the most that
-#                                   fit in the GPU's memory, by the memory plan), or a number (0 = all of a step's rows at once)
+GENERATION_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 0"] = "auto"  # rows sampled together: auto (the fewest
+#                                   equal chunks that fit in the GPU's memory, by the memory plan; off a GPU all of a
+#                                   step's rows), or a number (0 = all of a step's rows at once)
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # rollouts and evals: auto (compiled static-cache
 #                                   decode on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
 REWARD = "math"  # math (correctness + format - hacks), correctness, your.py:function, or several: math,my.py:brevity
@@ -85,8 +87,10 @@ WARMUP_STEPS: Annotated[int, ">= 0"] = 5  # linear warm-up steps
 LR_SCHEDULE: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine decay to 10% of LR
 WEIGHT_DECAY: Annotated[float, ">= 0"] = 0.0  # AdamW weight decay
 GRAD_CLIP: Annotated[float, "> 0"] = 1.0  # max global gradient norm
-MICRO_BATCH_SIZE: Annotated[int, ">= 1"] = 16  # sequences per forward/backward (gradient accumulation over the step);
-#                                   packed, as many rows as MICRO_BATCH_SIZE of the longest sequence would take
+MICRO_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # sequences per forward/backward (gradient
+#                                   accumulation over the step): auto (the memory plan's fastest that fits, at most 16;
+#                                   16 off a GPU) or a number; packed, as many rows as MICRO_BATCH_SIZE of the longest
+#                                   sequence would take
 MICRO_BATCH_TOKENS: Annotated[int, ">= 0"] = 0  # fill each micro-batch with whole sequences up to this many tokens
 #                                   instead of MICRO_BATCH_SIZE sequences (0 = off); the normaliser stays the step's
 PACKING = True  # the training passes pack their sequences into rows without pads (common/packing.py);
@@ -94,7 +98,9 @@ PACKING = True  # the training passes pack their sequences into rows without pad
 PACK_LENGTH: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # longest packed row: auto (the step's longest
 #                                   sequence; one row per micro-batch under flash-attention's variable-length kernels) or tokens
 LOGPROB_CHUNK_SIZE: Annotated[int, ">= 1"] = 1024  # positions per chunk of the output head (bounds [positions, vocab] logits)
-GRADIENT_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, a slower policy pass
+GRADIENT_CHECKPOINTING: Literal["auto"] | bool = "auto"  # recompute each layer's activations in backward: less
+#                                   memory, a third slower policy pass; auto: where the memory plan finds it faster than
+#                                   smaller micro-batches (never off a GPU)
 GPU_MEMORY_GB: Annotated[float, ">= 0"] = 0.0  # memory the run may take (0 = the GPU's free memory): a run whose
 #                                   memory plan (printed at start) does not fit is refused before the model loads
 # LoRA
@@ -133,6 +139,7 @@ from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed
 from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing, layout_logprobs  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
+from common.memory_plan import Sizes  # noqa: E402
 from common.model import get_device, load_tokenizer  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
@@ -171,12 +178,15 @@ prompt_format = configure_prompts(tokenizer, INSTRUCTION, SYSTEM_PROMPT, CHAT_TE
 steps_per_epoch = steps_in_epoch(len(problems), PROMPTS_PER_STEP, TRAIN_FILE)
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 rows_per_step = PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT  # this rank's
-generation_batch_size, release_static_kv = check_memory(  # the memory plan, before the weights load
-    run.model_path, device, GPU_MEMORY_GB, GENERATION_BATCH_SIZE, quant=QUANT, dtype=DTYPE, lora_r=LORA_R,
-    lora_targets=LORA_TARGETS, gradient_checkpointing=GRADIENT_CHECKPOINTING, logprob_chunk_size=LOGPROB_CHUNK_SIZE,
-    sampler=SAMPLER, eval_rows=EVAL_BATCH_SIZE if EVAL_EVERY else 0, rows=rows_per_step,
+# The memory plan, before the weights load: the sizes left at auto, the fastest that fit (off a GPU: 16, no
+# checkpointing, all rows, 64, this trainer's sizes before auto).
+sizes = check_memory(
+    run.model_path, device, GPU_MEMORY_GB,
+    Sizes(MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING, GENERATION_BATCH_SIZE, EVAL_BATCH_SIZE), Sizes(16, False, 0, 64),
+    evaluates=EVAL_EVERY > 0, quant=QUANT, dtype=DTYPE, lora_r=LORA_R, lora_targets=LORA_TARGETS,
+    logprob_chunk_size=LOGPROB_CHUNK_SIZE, sampler=SAMPLER, rows=rows_per_step,
     samples_per_prompt=NUM_SAMPLES_PER_PROMPT, prompt_tokens=longest_prompt, max_new_tokens=MAX_NEW_TOKENS,
-    micro_batch_size=MICRO_BATCH_SIZE, micro_batch_tokens=MICRO_BATCH_TOKENS,
+    micro_batch_tokens=MICRO_BATCH_TOKENS,
     pack_length=0 if PACK_LENGTH == "auto" else PACK_LENGTH,
     eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
 model, loss_scaler = load_model_for_training(run.model_path, device, DTYPE, QUANT, quiet=not distributed.is_main)
@@ -184,12 +194,13 @@ packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 # The sampling settings, as one value: a step's rows in equal chunks of at most GENERATION_BATCH_SIZE
 # (the static path pads the last chunk, and the last eval batch, to one row count per run).
 sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
-                          chunk_rows=even_chunk_rows(rows_per_step, generation_batch_size), sampler=SAMPLER,
+                          chunk_rows=even_chunk_rows(rows_per_step, sizes.generation_batch_size), sampler=SAMPLER,
                           generator=run.random_generator("sampling", SEED + distributed.rank, device))  # each rank its own
-eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, EVAL_BATCH_SIZE, SAMPLER, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)
+eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, sizes.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
+                                          EVAL_TEMPERATURE)
 # The LoRA (a resumed run's, INIT_LORA's, or a fresh one of LORA_*) and its optimizer.
 start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
-if GRADIENT_CHECKPOINTING:
+if sizes.gradient_checkpointing:
     enable_gradient_checkpointing(model)
 trainable = lora_parameters(model)
 optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -216,7 +227,7 @@ for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_
 
     # 1. Rollouts: G completions per question in one batch; each scored by REWARD with its question's row.
     samples, sample_rows, generate_seconds = sample_rollouts(model, tokenizer, prompt_format, batch, sampling)
-    if release_static_kv:  # the memory plan: the sampler's static KV does not fit beside the policy pass
+    if sizes.release_static_kv:  # the memory plan: the sampler's static KV does not fit beside the policy pass
         release_static_cache(model)
     score_start = time.perf_counter()
     scores = score_batch(reward, samples.texts, sample_rows, samples.truncated)
@@ -230,7 +241,7 @@ for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_
     rollouts.sampler_logp = samples.logprobs[rollouts.rows]  # what each token was drawn with
     # This rank's micro-batches, packed (or padded) on the CPU (common.packing.micro_batch_rows), then the
     # batch to the device with everything the update reads, in one copy per dtype: the loops copy nothing.
-    rollouts.plan_passes(MICRO_BATCH_SIZE, MICRO_BATCH_TOKENS, packing,
+    rollouts.plan_passes(sizes.micro_batch_size, MICRO_BATCH_TOKENS, packing,
                          resolve_pack_length(pack_length, max(rollouts.sequence_lengths.tolist(), default=1)))
     rollouts = rollouts.to(device)
 

@@ -5,6 +5,7 @@
                        lora_targets="all-linear", gradient_checkpointing=True)
     print(plan.table(gpu_gb=12))        # GB per item, the peak, and what would make it fit
     plan.fits(12), plan.advice(12), largest_generation_batch(plan, 12), check_fits(plan, 12)
+    choose_sizes(plan, Sizes("auto", "auto", "auto", "auto"), Sizes(16, False, 0, 64), 12)  # MICRO_BATCH_SIZE=auto, ...
 
 Only the config is read (AutoConfig: config.json and the architecture's defaults; for a Hub id that is
 one small file, no weights). A step of an RL trainer holds, at its peak,
@@ -660,36 +661,132 @@ def largest_generation_batch(plan: MemoryPlan, gpu_gb: float) -> int:
     return plan._largest("rows", gpu_gb)
 
 
-def generation_batch(plan: MemoryPlan, generation_batch_size: int | str, gpu_gb: float | None
-                     ) -> tuple[MemoryPlan, int, str]:
-    """GENERATION_BATCH_SIZE resolved against the plan (whose rows are a whole step's): (the plan with the
-    rows sampled together, the size for the sampler, 0 = all of a step's rows at once, and the lines
-    saying what was chosen, "" when nothing was). First, when the static KV buffers kept through the
-    policy pass are what does not fit, the plan frees them before each policy pass instead
-    (release_static_kv_advice). auto: then the most rows that fit in ``gpu_gb`` (largest_generation_batch);
-    all of them when there is no memory to compare with, or when no number fits (check_fits then says
-    what would)."""
+# The cost model of choose_sizes: a step's policy pass, relative to one without checkpointing or fixed costs.
+# Checkpointing runs each layer's forward again in the backward, a third of a forward and backward's work.
+RECOMPUTE_COST = 1 / 3
+# What a micro-batch costs beyond its tokens, in tokens of work: its forward and backward each read every
+# weight (a few bytes per parameter) and launch every kernel however few its tokens, while a token costs
+# about 4 flops per parameter (forward, and the backward to the inputs of a frozen base). On the cards this
+# targets (~150 TFLOPS of bf16 against ~1 TB/s: a 4090, a 3060, a T4 alike) that is some 200-300 tokens.
+MICRO_BATCH_FIXED_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING, GENERATION_BATCH_SIZE and EVAL_BATCH_SIZE as a trainer
+    sets them (each a value, or "auto") or as choose_sizes resolves them, and whether the sampler's static
+    KV is freed before each policy pass (not a setting: the plan's choice)."""
+    micro_batch_size: int | str       # sequences per micro-batch (DPO: pairs)
+    gradient_checkpointing: bool | str
+    generation_batch_size: int | str  # rows sampled together (0 = all of a step's)
+    eval_batch_size: int | str        # prompts per eval batch
+    release_static_kv: bool = False
+
+    def or_else(self, fallback: Sizes) -> Sizes:
+        """These sizes with each auto replaced by ``fallback``'s."""
+        return Sizes(*(fallback_value if value == "auto" else value for value, fallback_value
+                       in zip(dataclasses.astuple(self), dataclasses.astuple(fallback))))
+
+    def choice_line(self, requested: Sizes, rows: int, where: str) -> str:
+        """The one line saying what the settings left at auto (in ``requested``) resolved to ("" for none),
+        ``where``: for which memory."""
+        names = ("MICRO_BATCH_SIZE", "GRADIENT_CHECKPOINTING", "GENERATION_BATCH_SIZE", "EVAL_BATCH_SIZE")
+        chosen = []
+        for name, asked, value in zip(names, dataclasses.astuple(requested), dataclasses.astuple(self)):
+            if asked != "auto":
+                continue
+            if name == "GENERATION_BATCH_SIZE":
+                chunk = value or rows
+                chunks = -(-rows // chunk) if rows else 0
+                value = f"{chunk} (the step's {rows} rows in {chunks} chunk{'s' * (chunks > 1)})" if rows else "0"
+            chosen.append(f"{name}={str(value).lower() if isinstance(value, bool) else value}")
+        return f"auto {where}: {', '.join(chosen)}" if chosen else ""
+
+
+def policy_cost(settings: RunSettings) -> float:
+    """The cost model's time of a step's policy pass per token, relative to one without checkpointing
+    or fixed costs: (1 + RECOMPUTE_COST with checkpointing) x (1 + MICRO_BATCH_FIXED_TOKENS / a
+    micro-batch's tokens)."""
+    return ((1 + RECOMPUTE_COST * settings.gradient_checkpointing)
+            * (1 + MICRO_BATCH_FIXED_TOKENS / settings.policy_tokens))
+
+
+def _planned(plan: MemoryPlan, sizes: Sizes, micro_batch_scale: int, evaluates: bool) -> MemoryPlan:
+    """``plan`` (whose rows are a whole step's) with ``sizes``, all resolved."""
     rows = plan.settings.rows
-    if generation_batch_size != "auto" and 0 < generation_batch_size < rows:
-        plan = plan.with_settings(rows=generation_batch_size)
-    released = plan.release_static_kv_advice(gpu_gb)
-    lines = []
-    if released is not None:
-        plan = released
+    return plan.with_settings(micro_batch_size=micro_batch_scale * sizes.micro_batch_size,
+                              gradient_checkpointing=sizes.gradient_checkpointing,
+                              rows=min(rows, sizes.generation_batch_size or rows),
+                              eval_rows=sizes.eval_batch_size if evaluates else 0,
+                              release_static_kv=sizes.release_static_kv)
+
+
+def choose_sizes(plan: MemoryPlan, requested: Sizes, fallback: Sizes, gpu_gb: float | None,
+                 micro_batch_scale: int = 1, evaluates: bool = True) -> tuple[MemoryPlan, Sizes, str]:
+    """The sizes a run uses: ``requested``'s, each auto resolved to the fastest that fits in ``gpu_gb``
+    (the plan's rows are a whole step's; ``micro_batch_scale``: sequences per MICRO_BATCH_SIZE unit, 2 for
+    DPO's pairs; ``evaluates``: whether the run evaluates). Returns (the plan with them, the sizes, the
+    lines saying what was chosen: "" when nothing was). No memory to compare with (``gpu_gb`` None, a
+    CPU): auto is ``fallback``'s, the trainer's sizes from before auto, so CPU runs are as they were.
+
+    The fastest, by a simple cost model, in this order (a size at auto is never above ``fallback``'s: a run
+    that fitted before runs as before):
+      1. the fewest rollout chunks (GENERATION_BATCH_SIZE): decoding is bound by reading the weights and
+         the KV cache once per token, whatever the rows, so two chunks take nearly twice one's time, and
+         the rollout is most of a GRPO step; the rows are split evenly (common.sampler.even_chunk_rows);
+      2. the cheapest policy pass (policy_cost): checkpointing costs RECOMPUTE_COST more, and each
+         micro-batch MICRO_BATCH_FIXED_TOKENS more; so no checkpointing with the largest micro-batch that
+         fits, unless checkpointing lets one so much larger fit that it is faster (e.g. at 512 tokens a
+         sequence, 1 sequence without costs 1.5, 16 with checkpointing 1.375);
+      3. the static KV kept through the policy pass rather than freed before it and allocated again
+         (release_static_kv), unless freeing it buys one of the above;
+      4. the largest eval batch: evaluations are a small part of a run.
+    When nothing fits, the plan is the smallest (checkpointing, sizes of 1), for check_fits to refuse it,
+    naming QUANT=nf4 first where that would fit."""
+    auto = {field.name for field in dataclasses.fields(Sizes) if getattr(requested, field.name) == "auto"}
+    rows = plan.settings.rows
+    said = requested if evaluates else dataclasses.replace(requested, eval_batch_size=0)  # the line's: no eval, no size
+    if gpu_gb is None:
+        sizes = requested.or_else(fallback)
+        line = sizes.choice_line(said, rows, "without GPU memory to fit (--GPU_MEMORY_GB=N plans for N GB)")
+        return _planned(plan, sizes, micro_batch_scale, evaluates), sizes, line
+    smallest = requested.or_else(Sizes(1, True, 1 if rows else 0, 1))
+    candidates = []
+    for checkpointing in (False, True) if "gradient_checkpointing" in auto else (requested.gradient_checkpointing,):
+        for release in (False, True) if plan.settings.static_kv_cache and rows else (False,):
+            sizes = dataclasses.replace(smallest, gradient_checkpointing=checkpointing, release_static_kv=release)
+            if "generation_batch_size" in auto and rows:
+                every_row = dataclasses.replace(sizes, generation_batch_size=0)
+                chunk = largest_generation_batch(_planned(plan, every_row, micro_batch_scale, evaluates), gpu_gb)
+                sizes = dataclasses.replace(sizes, generation_batch_size=-(-rows // -(-rows // chunk)) if chunk else 1)
+            if "micro_batch_size" in auto:
+                widest = _planned(plan, dataclasses.replace(sizes, micro_batch_size=fallback.micro_batch_size),
+                                  micro_batch_scale, evaluates)
+                size = widest._largest("micro_batch_size", gpu_gb) // micro_batch_scale
+                sizes = dataclasses.replace(sizes, micro_batch_size=max(1, size))
+            if "eval_batch_size" in auto and evaluates:
+                widest = _planned(plan, dataclasses.replace(sizes, eval_batch_size=fallback.eval_batch_size),
+                                  micro_batch_scale, evaluates)
+                sizes = dataclasses.replace(sizes, eval_batch_size=max(1, widest._largest("eval_rows", gpu_gb)))
+            elif "eval_batch_size" in auto:
+                sizes = dataclasses.replace(sizes, eval_batch_size=fallback.eval_batch_size)
+            chosen = _planned(plan, sizes, micro_batch_scale, evaluates)
+            if chosen.fits(gpu_gb):
+                chunks = -(-rows // (chosen.settings.rows or 1)) if rows else 0
+                candidates.append(((chunks, policy_cost(chosen.settings), release, -sizes.eval_batch_size),
+                                   sizes, chosen))
+    if not candidates:
+        line = smallest.choice_line(said, rows, f"cannot fit {gb_text(gpu_gb)} GB, even at the smallest (the plan above)")
+        return _planned(plan, smallest, micro_batch_scale, evaluates), smallest, line
+    _, sizes, plan = min(candidates, key=lambda candidate: candidate[0])
+    if rows and sizes.generation_batch_size >= rows:
+        sizes = dataclasses.replace(sizes, generation_batch_size=0)
+    lines = [sizes.choice_line(said, rows, f"for {gb_text(gpu_gb)} GB")]
+    if sizes.release_static_kv:
         lines.append(f"memory plan: the static KV cache ({gb_text(plan.kv_cache / GB)} GB) does not fit beside the "
                      f"policy pass in {gb_text(gpu_gb)} GB: it is freed before each policy pass and allocated again "
                      f"by the next rollout (with CUDA graphs, recorded again too)")
-    if generation_batch_size != "auto":
-        size = generation_batch_size if 0 < generation_batch_size < rows else 0
-        return plan, size, "\n".join(lines)
-    if gpu_gb is None:
-        return plan, 0, (f"GENERATION_BATCH_SIZE=auto: no GPU memory to fit (--GPU_MEMORY_GB=... plans for "
-                         f"one): the step's {rows} rows sampled together")
-    chunk = largest_generation_batch(plan, gpu_gb)
-    if not chunk:
-        return plan, 0, "\n".join(lines)
-    lines.append(f"GENERATION_BATCH_SIZE=auto: {chunk} of the step's {rows} rows sampled together")
-    return plan.with_settings(rows=chunk), 0 if chunk == rows else chunk, "\n".join(lines)
+    return plan, sizes, "\n".join(line for line in lines if line)
 
 
 def memory_cap_gb(gpu_memory_gb: float, total_bytes: int) -> float:

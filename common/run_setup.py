@@ -15,7 +15,7 @@ import torch
 from common.data import iter_jsonl, load_problems
 from common.evaluate import sampled_settings
 from common.lora import lora_targets
-from common.memory_plan import MemoryPlanError, check_fits, free_gpu_memory_gb, generation_batch, plan_memory
+from common.memory_plan import MemoryPlanError, Sizes, check_fits, choose_sizes, free_gpu_memory_gb, plan_memory
 from common.model import context_length, dtype_line, get_dtype, load_model, meta_model
 from common.prompts import encode_prompts
 from common.run import LossScaler, RunError
@@ -132,32 +132,44 @@ def load_model_for_training(model_path: str | Path, device: torch.device, dtype_
     return load_model(model_path, device, dtype, quant), LossScaler(dtype, device)
 
 
-def check_memory(model_path: str | Path, device: torch.device, gpu_memory_gb: float,
-                 generation_batch_size: int | str = 0, **settings) -> tuple[int, bool]:
+def check_memory(model_path: str | Path, device: torch.device, gpu_memory_gb: float, sizes: Sizes, fallback: Sizes,
+                 micro_batch_scale: int = 1, evaluates: bool = True, **settings) -> Sizes:
     """Print the run's memory plan (common/memory_plan.py, from config.json: call it before the weights
-    load) and refuse a run that will not fit in ``gpu_memory_gb`` (0: the device's free memory), naming
-    the settings that would make it fit. ``settings``: the plan's RunSettings (quant, dtype: the DTYPE
-    setting, resolved for ``device`` here, lora_r,
-    lora_targets, gradient_checkpointing, logprob_chunk_size, sampler, eval_rows, rows, samples_per_prompt,
-    prompt_tokens, max_new_tokens, micro_batch_size, ...). Returns (GENERATION_BATCH_SIZE resolved for
-    the sampler: auto, the most rows that fit; 0, all of a step's rows together; and whether the
-    sampler's static KV must be freed before each policy pass, as it does not fit beside it)."""
+    load) with the ``sizes`` left at auto resolved to the fastest that fit in ``gpu_memory_gb`` (0: the
+    device's free memory; none on a CPU, nor for an architecture the plan does not know: then auto is
+    ``fallback``'s, the trainer's sizes from before auto), the choice in one line; and refuse a run that
+    will not fit, naming the settings that would make it fit. ``micro_batch_scale``: sequences per
+    MICRO_BATCH_SIZE unit (a DPO pair is two); ``evaluates``: whether the run evaluates. ``settings``: the
+    plan's other RunSettings (quant, dtype: the DTYPE setting, resolved for ``device`` here, lora_r,
+    lora_targets, logprob_chunk_size, sampler, rows: a step's, samples_per_prompt, prompt_tokens,
+    max_new_tokens, ...). Returns the sizes to use, with whether the sampler's static KV must be freed
+    before each policy pass (it does not fit beside it)."""
     gpu_gb = gpu_memory_gb or free_gpu_memory_gb(device)
     settings["dtype"] = get_dtype(settings["dtype"], device)
     try:
         plan = plan_memory(model_path, device=device.type, **settings)
     except ValueError as error:  # an architecture the plan does not know: the run goes on without one
         print(f"no memory plan: {error}")
-        return (0 if generation_batch_size == "auto" else generation_batch_size), False
-    plan, generation_batch_size, auto_choice = generation_batch(plan, generation_batch_size, gpu_gb)
+        return unplanned_sizes(sizes, fallback, settings.get("rows", 0))
+    plan, resolved, choice = choose_sizes(plan, sizes, fallback, gpu_gb, micro_batch_scale, evaluates)
     print(plan.table(gpu_gb))
-    if auto_choice:
-        print(auto_choice)
+    if choice:
+        print(choice)
     try:
         check_fits(plan, gpu_gb)
     except MemoryPlanError as error:
         raise RunError(str(error)) from None
-    return generation_batch_size, plan.settings.release_static_kv
+    return resolved
+
+
+def unplanned_sizes(sizes: Sizes, fallback: Sizes, rows: int = 0) -> Sizes:
+    """``sizes`` with each auto ``fallback``'s, for a run without a memory plan to choose by (``rows``: a
+    step's rollout rows), said in one line."""
+    resolved = sizes.or_else(fallback)
+    line = resolved.choice_line(sizes, rows, "without a memory plan")
+    if line:
+        print(line)
+    return resolved
 
 
 def eval_sampling(max_new_tokens: int, batch_size: int, sampler: str, num_samples: int = 1,
