@@ -1,12 +1,16 @@
-"""Out-of-memory never ends a run (common/oom.py): the back-off alone, and an eval batch in process."""
+"""Out-of-memory never ends a run (common/oom.py): the back-off alone, an eval batch in process, and
+run_train_grpo.py's rollouts, eval batches, reference and policy passes with an injected CUDA
+out-of-memory error, whose run equals a run at the smaller size from the start."""
 
 import json
 
 import pytest
 import torch
 
+from common.checkpoint import load_checkpoint
 from common.oom import BatchSizes
-from tests.conftest import REPO_ROOT, TINY_MODEL_DIR
+from tests.conftest import REPO_ROOT, TINY_MODEL_DIR, run_script
+from tests.test_grpo_trainer import TINY_RUN
 
 
 def out_of_memory() -> torch.OutOfMemoryError:
@@ -86,3 +90,104 @@ def test_an_eval_batch_out_of_memory_gives_the_same_records(monkeypatch):
     assert sizes["EVAL_BATCH_SIZE"] == 2
     # Greedy: 4, then 4 failed, 2, 2; the sampled pass keeps 2 prompts (4 rows) per batch.
     assert calls == [4, 4, 2, 2] + [4] * 4
+
+
+# Runs run_train_grpo.py with torch.OutOfMemoryError raised by the Nth call of MODULE.NAME.
+OOM_AT_CALL = (
+    "import importlib, runpy, sys, torch\n"
+    "module_name, name, failing_call = sys.argv.pop(1), sys.argv.pop(1), int(sys.argv.pop(1))\n"
+    "module = importlib.import_module(module_name)\n"
+    "original, calls = getattr(module, name), [0]\n"
+    "def fails_once(*args, **kwargs):\n"
+    "    calls[0] += 1\n"
+    "    if calls[0] == failing_call:\n"
+    "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB (injected)')\n"
+    "    return original(*args, **kwargs)\n"
+    "setattr(module, name, fails_once)\n"
+    "sys.argv = ['run_train_grpo.py'] + sys.argv[1:]\n"
+    "runpy.run_path('run_train_grpo.py', run_name='__main__')\n"
+)
+
+
+def grpo(tmp_path, name: str, *settings: str, fail: tuple[str, str, int] | None = None):
+    """A GRPO run on the tiny model (the out-of-memory error ``fail``: module, function, call) and its
+    metrics lines."""
+    where = [f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", f"--RUN_NAME={name}"]
+    launcher = ["run_train_grpo.py"] if fail is None else ["-c", OOM_AT_CALL, *map(str, fail)]
+    result = run_script([*launcher, *TINY_RUN, *settings, *where])
+    return result, [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+
+def assert_same_lora(path, expected_path):
+    lora, expected = load_checkpoint(path)["lora"], load_checkpoint(expected_path)["lora"]
+    for key in expected:
+        torch.testing.assert_close(lora[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+UNTIMED = ("reward", "accuracy", "completion_len", "loss", "entropy", "kl", "grad_norm", "policy_micro_batches")
+
+
+@pytest.mark.parametrize("phase, kl_coef", [("the policy pass", "0"), ("the reference pass", "0.04")])
+def test_a_micro_batch_out_of_memory_gives_the_update_at_half_the_size(tmp_path, phase, kl_coef):
+    """The first micro-batch's log-probs (the policy pass's; with KL_COEF > 0, the reference pass's
+    first) run out of memory once at MICRO_BATCH_SIZE=4: the run goes on at 2, and its updates, metrics
+    and LoRA after each step are those of a run at 2 from the start; its checkpoints record 2, and a
+    resume from one keeps it."""
+    settings = ["--MAX_STEPS=2", "--SAVE_EVERY=1", "--EVAL_EVERY=0", f"--KL_COEF={kl_coef}"]
+    result, metrics = grpo(tmp_path, "backed_off", *settings, "--MICRO_BATCH_SIZE=4",
+                           fail=("common.logprobs", "layout_logprobs", 1))
+    _, expected = grpo(tmp_path, "at2", *settings, "--MICRO_BATCH_SIZE=2")
+    assert result.stdout.count("out of memory") == 1
+    assert (f"out of memory in {phase} at MICRO_BATCH_SIZE=4: retrying with 2 for the rest of the run"
+            in result.stdout)
+    assert all(step["zero_adv_groups"] < 1.0 for step in expected)  # each step updated
+    for step, expected_step in zip(metrics, expected, strict=True):
+        for key in UNTIMED:
+            assert step[key] == pytest.approx(expected_step[key], rel=1e-5, abs=1e-6), key
+    for step in (1, 2):
+        assert_same_lora(tmp_path / "backed_off" / f"lora_epoch0_step{step}.pt",
+                         tmp_path / "at2" / f"lora_epoch0_step{step}.pt")
+    checkpoint = load_checkpoint(tmp_path / "backed_off" / "lora_epoch0_step1.pt")
+    assert checkpoint["extra"]["batch_sizes"]["MICRO_BATCH_SIZE"] == 2
+    if kl_coef == "0":  # one resume is enough: the sizes are kept alike for every phase
+        resumed = run_script(["run_train_grpo.py", *TINY_RUN, *settings, "--MICRO_BATCH_SIZE=4",
+                              f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", "--RUN_NAME=resumed",
+                              f"--RESUME={tmp_path / 'backed_off' / 'lora_epoch0_step1.pt'}"])
+        assert "resume: MICRO_BATCH_SIZE=2" in resumed.stdout
+        resumed_step = json.loads((tmp_path / "resumed.jsonl").read_text().splitlines()[-1])
+        assert resumed_step["policy_micro_batches"] == expected[1]["policy_micro_batches"]
+        assert_same_lora(tmp_path / "resumed" / "lora_epoch0_step2.pt", tmp_path / "at2" / "lora_epoch0_step2.pt")
+
+
+def test_a_rollout_chunk_out_of_memory_samples_the_rollouts_of_half_the_size(tmp_path):
+    """The step's 16 rows in chunks of 8; the second chunk runs out of memory, after the first drew
+    its tokens: the rollouts are sampled again in chunks of 4 from the generator's state at the
+    step's start, and the step is a run's at GENERATION_BATCH_SIZE=4."""
+    result, metrics = grpo(tmp_path, "backed_off", "--MAX_STEPS=1", "--EVAL_EVERY=0", "--GENERATION_BATCH_SIZE=8",
+                           fail=("common.sampler", "_sample_rows", 2))
+    _, expected = grpo(tmp_path, "at4", "--MAX_STEPS=1", "--EVAL_EVERY=0", "--GENERATION_BATCH_SIZE=4")
+    _, unrewound = grpo(tmp_path, "at8", "--MAX_STEPS=1", "--EVAL_EVERY=0", "--GENERATION_BATCH_SIZE=8")
+    assert ("out of memory in the rollouts at GENERATION_BATCH_SIZE=8: retrying with 4 for the rest of the run"
+            in result.stdout)
+    for key in UNTIMED:
+        assert metrics[0][key] == pytest.approx(expected[0][key], rel=1e-5, abs=1e-6), key
+    assert metrics[0]["completion_len"] != unrewound[0]["completion_len"]  # the chunk size changes the draws
+    assert_same_lora(tmp_path / "backed_off" / "lora_epoch0_step1.pt", tmp_path / "at4" / "lora_epoch0_step1.pt")
+    assert load_checkpoint(tmp_path / "backed_off" / "lora_epoch0_step1.pt")["extra"]["batch_sizes"][
+        "GENERATION_BATCH_SIZE"] == 4
+
+
+def test_an_eval_batch_out_of_memory_halves_the_eval_batches_for_the_rest_of_the_run(tmp_path):
+    """The step-0 eval's second batch of 4 runs out of memory: that eval and the next go on in
+    batches of 2, with the results of a run at EVAL_BATCH_SIZE=2."""
+    settings = ["--MAX_STEPS=1", "--EVAL_EVERY=1", "--EVAL_LIMIT=8", "--MAX_NEW_TOKENS=16"]
+    result, metrics = grpo(tmp_path, "backed_off", *settings, "--EVAL_BATCH_SIZE=4",
+                           fail=("common.evaluate", "sample", 2))
+    _, expected = grpo(tmp_path, "at2", *settings, "--EVAL_BATCH_SIZE=2")
+    assert ("out of memory in an eval batch at EVAL_BATCH_SIZE=4: retrying with 2 for the rest of the run"
+            in result.stdout)
+    assert result.stdout.count("out of memory") == 1
+    for step, expected_step in zip(metrics, expected, strict=True):
+        assert step["eval/accuracy"] == expected_step["eval/accuracy"] and step["eval/total"] == 8
+    assert load_checkpoint(tmp_path / "backed_off" / "lora_epoch0_step1.pt")["extra"]["batch_sizes"][
+        "EVAL_BATCH_SIZE"] == 2
