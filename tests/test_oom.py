@@ -1,6 +1,6 @@
 """Out-of-memory never ends a run (common/oom.py): the back-off alone, an eval batch in process, and
-run_train_grpo.py's rollouts, eval batches, reference and policy passes with an injected CUDA
-out-of-memory error, whose run equals a run at the smaller size from the start."""
+run_train_grpo.py's rollouts, eval batches, reference and policy passes (run_train_ppo.py's passes)
+with an injected CUDA out-of-memory error, whose run equals a run at the smaller size from the start."""
 
 import json
 
@@ -11,6 +11,7 @@ from common.checkpoint import load_checkpoint
 from common.oom import BatchSizes
 from tests.conftest import REPO_ROOT, TINY_MODEL_DIR, run_script
 from tests.test_grpo_trainer import TINY_RUN
+from tests.test_ppo_trainer import TINY_RUN as PPO_TINY_RUN
 
 
 def out_of_memory() -> torch.OutOfMemoryError:
@@ -92,30 +93,52 @@ def test_an_eval_batch_out_of_memory_gives_the_same_records(monkeypatch):
     assert calls == [4, 4, 2, 2] + [4] * 4
 
 
-# Runs run_train_grpo.py with torch.OutOfMemoryError raised by the Nth call of MODULE.NAME.
+# Runs SCRIPT, saving the first update's gradients (just before its AdamW step) to OUT, with
+# torch.OutOfMemoryError raised by the Nth call of MODULE.NAME (none for "-"), counting every call
+# ("any") or those made with gradients enabled ("grad": an update's).
 OOM_AT_CALL = (
-    "import importlib, runpy, sys, torch\n"
-    "module_name, name, failing_call = sys.argv.pop(1), sys.argv.pop(1), int(sys.argv.pop(1))\n"
-    "module = importlib.import_module(module_name)\n"
-    "original, calls = getattr(module, name), [0]\n"
-    "def fails_once(*args, **kwargs):\n"
-    "    calls[0] += 1\n"
-    "    if calls[0] == failing_call:\n"
-    "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB (injected)')\n"
-    "    return original(*args, **kwargs)\n"
-    "setattr(module, name, fails_once)\n"
-    "sys.argv = ['run_train_grpo.py'] + sys.argv[1:]\n"
-    "runpy.run_path('run_train_grpo.py', run_name='__main__')\n"
+    "import importlib, os, runpy, sys, torch\n"
+    "out, script, module_name, name = (sys.argv.pop(1) for _ in range(4))\n"
+    "failing_call, counted = int(sys.argv.pop(1)), sys.argv.pop(1)\n"
+    "step = torch.optim.AdamW.step\n"
+    "def recording_step(self, *args, **kwargs):\n"
+    "    if not os.path.exists(out):\n"
+    "        torch.save([p.grad.clone() for group in self.param_groups for p in group['params']], out)\n"
+    "    return step(self, *args, **kwargs)\n"
+    "torch.optim.AdamW.step = recording_step\n"
+    "if module_name != '-':\n"
+    "    module = importlib.import_module(module_name)\n"
+    "    original, calls = getattr(module, name), [0]\n"
+    "    def fails_once(*args, **kwargs):\n"
+    "        if counted == 'any' or torch.is_grad_enabled():\n"
+    "            calls[0] += 1\n"
+    "            if calls[0] == failing_call:\n"
+    "                raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB (injected)')\n"
+    "        return original(*args, **kwargs)\n"
+    "    setattr(module, name, fails_once)\n"
+    "sys.argv = [script] + sys.argv[1:]\n"
+    "runpy.run_path(script, run_name='__main__')\n"
 )
 
 
-def grpo(tmp_path, name: str, *settings: str, fail: tuple[str, str, int] | None = None):
-    """A GRPO run on the tiny model (the out-of-memory error ``fail``: module, function, call) and its
-    metrics lines."""
+def train(tmp_path, name: str, *settings: str, fail: tuple[str, str, int, str] | None = None,
+          script: str = "run_train_grpo.py", tiny_run: list[str] = TINY_RUN):
+    """A run of ``script`` on the tiny model (the out-of-memory error ``fail``: module, function, call,
+    calls counted), its metrics lines, and its first update's gradients in {name}_gradients.pt."""
     where = [f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", f"--RUN_NAME={name}"]
-    launcher = ["run_train_grpo.py"] if fail is None else ["-c", OOM_AT_CALL, *map(str, fail)]
-    result = run_script([*launcher, *TINY_RUN, *settings, *where])
+    launcher = ["-c", OOM_AT_CALL, str(tmp_path / f"{name}_gradients.pt"), script,
+                *map(str, fail or ("-", "-", 0, "any"))]
+    result = run_script([*launcher, *tiny_run, *settings, *where])
     return result, [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+
+def assert_same_gradients(tmp_path, name: str, expected_name: str):
+    """The first update's gradients, to 1e-5 (test_grpo_trainer.py says why not the weights after AdamW)."""
+    gradients = torch.load(tmp_path / f"{name}_gradients.pt", weights_only=True)
+    expected = torch.load(tmp_path / f"{expected_name}_gradients.pt", weights_only=True)
+    assert any(gradient.abs().sum() > 0 for gradient in expected)
+    for gradient, expected_gradient in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-5)
 
 
 def assert_same_lora(path, expected_path):
@@ -134,9 +157,9 @@ def test_a_micro_batch_out_of_memory_gives_the_update_at_half_the_size(tmp_path,
     and LoRA after each step are those of a run at 2 from the start; its checkpoints record 2, and a
     resume from one keeps it."""
     settings = ["--MAX_STEPS=2", "--SAVE_EVERY=1", "--EVAL_EVERY=0", f"--KL_COEF={kl_coef}"]
-    result, metrics = grpo(tmp_path, "backed_off", *settings, "--MICRO_BATCH_SIZE=4",
-                           fail=("common.logprobs", "layout_logprobs", 1))
-    _, expected = grpo(tmp_path, "at2", *settings, "--MICRO_BATCH_SIZE=2")
+    result, metrics = train(tmp_path, "backed_off", *settings, "--MICRO_BATCH_SIZE=4",
+                           fail=("common.logprobs", "layout_logprobs", 1, "any"))
+    _, expected = train(tmp_path, "at2", *settings, "--MICRO_BATCH_SIZE=2")
     assert result.stdout.count("out of memory") == 1
     assert (f"out of memory in {phase} at MICRO_BATCH_SIZE=4: retrying with 2 for the rest of the run"
             in result.stdout)
@@ -144,6 +167,7 @@ def test_a_micro_batch_out_of_memory_gives_the_update_at_half_the_size(tmp_path,
     for step, expected_step in zip(metrics, expected, strict=True):
         for key in UNTIMED:
             assert step[key] == pytest.approx(expected_step[key], rel=1e-5, abs=1e-6), key
+    assert_same_gradients(tmp_path, "backed_off", "at2")
     for step in (1, 2):
         assert_same_lora(tmp_path / "backed_off" / f"lora_epoch0_step{step}.pt",
                          tmp_path / "at2" / f"lora_epoch0_step{step}.pt")
@@ -163,15 +187,16 @@ def test_a_rollout_chunk_out_of_memory_samples_the_rollouts_of_half_the_size(tmp
     """The step's 16 rows in chunks of 8; the second chunk runs out of memory, after the first drew
     its tokens: the rollouts are sampled again in chunks of 4 from the generator's state at the
     step's start, and the step is a run's at GENERATION_BATCH_SIZE=4."""
-    result, metrics = grpo(tmp_path, "backed_off", "--MAX_STEPS=1", "--EVAL_EVERY=0", "--GENERATION_BATCH_SIZE=8",
-                           fail=("common.sampler", "_sample_rows", 2))
-    _, expected = grpo(tmp_path, "at4", "--MAX_STEPS=1", "--EVAL_EVERY=0", "--GENERATION_BATCH_SIZE=4")
-    _, unrewound = grpo(tmp_path, "at8", "--MAX_STEPS=1", "--EVAL_EVERY=0", "--GENERATION_BATCH_SIZE=8")
+    result, metrics = train(tmp_path, "backed_off", "--MAX_STEPS=1", "--EVAL_EVERY=0", "--GENERATION_BATCH_SIZE=8",
+                           fail=("common.sampler", "_sample_rows", 2, "any"))
+    _, expected = train(tmp_path, "at4", "--MAX_STEPS=1", "--EVAL_EVERY=0", "--GENERATION_BATCH_SIZE=4")
+    _, unrewound = train(tmp_path, "at8", "--MAX_STEPS=1", "--EVAL_EVERY=0", "--GENERATION_BATCH_SIZE=8")
     assert ("out of memory in the rollouts at GENERATION_BATCH_SIZE=8: retrying with 4 for the rest of the run"
             in result.stdout)
     for key in UNTIMED:
         assert metrics[0][key] == pytest.approx(expected[0][key], rel=1e-5, abs=1e-6), key
     assert metrics[0]["completion_len"] != unrewound[0]["completion_len"]  # the chunk size changes the draws
+    assert_same_gradients(tmp_path, "backed_off", "at4")
     assert_same_lora(tmp_path / "backed_off" / "lora_epoch0_step1.pt", tmp_path / "at4" / "lora_epoch0_step1.pt")
     assert load_checkpoint(tmp_path / "backed_off" / "lora_epoch0_step1.pt")["extra"]["batch_sizes"][
         "GENERATION_BATCH_SIZE"] == 4
@@ -181,9 +206,9 @@ def test_an_eval_batch_out_of_memory_halves_the_eval_batches_for_the_rest_of_the
     """The step-0 eval's second batch of 4 runs out of memory: that eval and the next go on in
     batches of 2, with the results of a run at EVAL_BATCH_SIZE=2."""
     settings = ["--MAX_STEPS=1", "--EVAL_EVERY=1", "--EVAL_LIMIT=8", "--MAX_NEW_TOKENS=16"]
-    result, metrics = grpo(tmp_path, "backed_off", *settings, "--EVAL_BATCH_SIZE=4",
-                           fail=("common.evaluate", "sample", 2))
-    _, expected = grpo(tmp_path, "at2", *settings, "--EVAL_BATCH_SIZE=2")
+    result, metrics = train(tmp_path, "backed_off", *settings, "--EVAL_BATCH_SIZE=4",
+                           fail=("common.evaluate", "sample", 2, "any"))
+    _, expected = train(tmp_path, "at2", *settings, "--EVAL_BATCH_SIZE=2")
     assert ("out of memory in an eval batch at EVAL_BATCH_SIZE=4: retrying with 2 for the rest of the run"
             in result.stdout)
     assert result.stdout.count("out of memory") == 1
@@ -191,3 +216,26 @@ def test_an_eval_batch_out_of_memory_halves_the_eval_batches_for_the_rest_of_the
         assert step["eval/accuracy"] == expected_step["eval/accuracy"] and step["eval/total"] == 8
     assert load_checkpoint(tmp_path / "backed_off" / "lora_epoch0_step1.pt")["extra"]["batch_sizes"][
         "EVAL_BATCH_SIZE"] == 2
+
+
+PPO_RUN = [setting for setting in PPO_TINY_RUN if not setting.startswith("--MICRO_BATCH_SIZE=")]
+
+
+@pytest.mark.parametrize("phase, counted", [("the reference pass", "any"), ("the policy pass", "grad")])
+def test_ppo_backs_off_a_micro_batch_to_the_update_at_half_the_size(tmp_path, phase, counted):
+    """run_train_ppo.py: the first pass of the sampling policy's log-probs and values, or the first
+    micro-batch of the first mini-batch's update, runs out of memory once at MICRO_BATCH_SIZE=4: the
+    first update's gradients and the step's metrics are a run's at 2 from the start. (The weights
+    after the step's several AdamW steps are not compared: after a policy-pass back-off the old
+    log-probs and values came from passes at 4, which round differently, and Adam's first steps,
+    lr * g / (|g| + eps), turn such differences of gradients near eps into weight differences.)"""
+    settings = ["--MAX_STEPS=1", "--EVAL_EVERY=0"]
+    result, metrics = train(tmp_path, "backed_off", *settings, "--MICRO_BATCH_SIZE=4", script="run_train_ppo.py",
+                            tiny_run=PPO_RUN, fail=("ppo.critic", "completion_logprobs_and_values", 1, counted))
+    _, expected = train(tmp_path, "at2", *settings, "--MICRO_BATCH_SIZE=2", script="run_train_ppo.py",
+                        tiny_run=PPO_RUN)
+    assert (f"out of memory in {phase} at MICRO_BATCH_SIZE=4: retrying with 2 for the rest of the run"
+            in result.stdout)
+    for key in ("reward", "kl", "approx_kl", "clip_frac", "value_loss", "entropy", "grad_norm", "value_grad_norm"):
+        assert metrics[0][key] == pytest.approx(expected[0][key], rel=1e-5, abs=1e-6), key
+    assert_same_gradients(tmp_path, "backed_off", "at2")
