@@ -106,6 +106,7 @@ from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.logprobs import body_hidden_states, enable_gradient_checkpointing, head_token_logprobs  # noqa: E402
 from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.model import answer_end_token_id, get_device, load_tokenizer  # noqa: E402
+from common.oom import BatchSizes  # noqa: E402
 from common.packing import PassLayout, micro_batch_layouts, packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
@@ -218,17 +219,20 @@ final_eval: dict = {}  # the last eval's metrics, for sft_info.json
 
 
 eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, EVAL_BATCH_SIZE, SAMPLER, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)
+# An out-of-memory error in an eval batch halves EVAL_BATCH_SIZE for the rest of the run (common/oom.py).
+sizes = BatchSizes(model, EVAL_BATCH_SIZE=EVAL_BATCH_SIZE)
 
 
 def run_eval(step: int):
     result = evaluate(model, tokenizer, eval_problems, eval_greedy, desc=f"eval@{step}",
-                      prompt_format=prompt_format, sampled=eval_sampled, seed=SEED)
+                      prompt_format=prompt_format, sampled=eval_sampled, seed=SEED, sizes=sizes)
     final_eval.update(result.metrics())
     return result
 
 
 # LoRA: a checkpoint like the RL trainers' (eval_math.py --LORA_CKPT, INIT_LORA); all weights: the model itself.
-run.track(model, optimizer, scheduler, loss_scaler, evaluate=run_eval, save=None if LORA_R > 0 else save_full_model)
+run.track(model, optimizer, scheduler, loss_scaler, evaluate=run_eval, save=None if LORA_R > 0 else save_full_model,
+          sizes=sizes)
 
 # ------------------------------------------------------------ the algorithm
 train_start = time.perf_counter()

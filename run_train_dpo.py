@@ -122,6 +122,7 @@ from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
 from common.model import answer_end_token_id, context_length, get_device, load_tokenizer  # noqa: E402
+from common.oom import BatchSizes  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length, token_budget_ranges  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
@@ -187,10 +188,13 @@ trainable = lora_parameters(model)
 optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
 scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
 eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, EVAL_BATCH_SIZE, SAMPLER, EVAL_NUM_SAMPLES, EVAL_TEMPERATURE)
+# An out-of-memory error in an eval batch halves EVAL_BATCH_SIZE for the rest of the run (common/oom.py).
+sizes = BatchSizes(model, EVAL_BATCH_SIZE=EVAL_BATCH_SIZE)
 run.track(model, optimizer, scheduler, loss_scaler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_greedy, desc=f"eval@{step}",
                                          reward=eval_reward, prompt_format=prompt_format, sampled=eval_sampled,
-                                         seed=SEED))
+                                         seed=SEED, sizes=sizes),
+          sizes=sizes)
 run.restore()  # a resumed run's optimizer, schedule, loss scale and random states
 print(f"{len(tokenized)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
