@@ -111,6 +111,7 @@ from common.logprobs import body_hidden_states, enable_gradient_checkpointing, h
 from common.lora import apply_lora, lora_parameters  # noqa: E402
 from common.memory_plan import Sizes  # noqa: E402
 from common.model import answer_end_token_id, get_device, load_tokenizer  # noqa: E402
+from common.oom import BatchSizes  # noqa: E402
 from common.packing import PassLayout, micro_batch_layouts, packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.run import TrainingRun  # noqa: E402
@@ -154,7 +155,7 @@ sizes_before_auto = Sizes(BATCH_SIZE // distributed.world_size, False, 0, 128)
 if LORA_R > 0:
     plan_rng = random.Random(SEED + 1)
     examples = train_problems if TRAIN_FILE is not None else [synth.make_problem(plan_rng) for _ in range(1000)]
-    sizes = check_memory(
+    planned = check_memory(
         run.model_path, device, GPU_MEMORY_GB, requested_sizes, sizes_before_auto, evaluates=EVAL_EVERY > 0,
         quant=QUANT, dtype=DTYPE, lora_r=LORA_R, lora_targets=LORA_TARGETS, logprob_chunk_size=LOGPROB_CHUNK_SIZE,
         sampler=SAMPLER,
@@ -173,7 +174,7 @@ packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 if LORA_R > 0:
     wrapped = apply_lora(model, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
     print(f"LoRA r={LORA_R} alpha={LORA_ALPHA} on {len(wrapped)} layers")
-if sizes.gradient_checkpointing:
+if planned.gradient_checkpointing:
     enable_gradient_checkpointing(model)
 trainable = lora_parameters(model) if LORA_R > 0 else [p for p in model.parameters() if p.requires_grad]
 print(f"training {sum(p.numel() for p in trainable) / 1e6:.3f}M of "
@@ -230,19 +231,22 @@ scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, MAX_STEPS, LR_SCHEDULE
 final_eval: dict = {}  # the last eval's metrics, for sft_info.json
 
 
-eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, sizes.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
+eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, planned.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
                                           EVAL_TEMPERATURE)
+# An out-of-memory error in an eval batch halves EVAL_BATCH_SIZE for the rest of the run (common/oom.py).
+sizes = BatchSizes(model, EVAL_BATCH_SIZE=planned.eval_batch_size)
 
 
 def run_eval(step: int):
     result = evaluate(model, tokenizer, eval_problems, eval_greedy, desc=f"eval@{step}",
-                      prompt_format=prompt_format, sampled=eval_sampled, seed=SEED)
+                      prompt_format=prompt_format, sampled=eval_sampled, seed=SEED, sizes=sizes)
     final_eval.update(result.metrics())
     return result
 
 
 # LoRA: a checkpoint like the RL trainers' (eval_math.py --LORA_CKPT, INIT_LORA); all weights: the model itself.
-run.track(model, optimizer, scheduler, loss_scaler, evaluate=run_eval, save=None if LORA_R > 0 else save_full_model)
+run.track(model, optimizer, scheduler, loss_scaler, evaluate=run_eval, save=None if LORA_R > 0 else save_full_model,
+          sizes=sizes)
 
 # ------------------------------------------------------------ the algorithm
 train_start = time.perf_counter()

@@ -128,6 +128,7 @@ from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
 from common.memory_plan import Sizes  # noqa: E402
 from common.model import answer_end_token_id, context_length, get_device, load_tokenizer  # noqa: E402
+from common.oom import BatchSizes  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length, token_budget_ranges  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
@@ -172,7 +173,7 @@ if len(tokenized) < BATCH_SIZE:
 longest_pair = max(2 * len(prompt) + len(chosen) + len(rejected) for prompt, chosen, rejected in tokenized)
 # The memory plan, before the weights load: a micro-batch is its pairs' 2 x MICRO_BATCH_SIZE rows; the sizes left at
 # auto, the fastest that fit (off a GPU: 4 pairs, no checkpointing, 64, this trainer's sizes before auto).
-sizes = check_memory(
+planned = check_memory(
     run.model_path, device, GPU_MEMORY_GB, Sizes(MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING, 0, EVAL_BATCH_SIZE),
     Sizes(4, False, 0, 64), micro_batch_scale=2, evaluates=EVAL_EVERY > 0, quant=QUANT, dtype=DTYPE, lora_r=LORA_R,
     lora_targets=LORA_TARGETS, logprob_chunk_size=LOGPROB_CHUNK_SIZE, sampler=SAMPLER,
@@ -189,17 +190,20 @@ steps_per_epoch = len(tokenized) // BATCH_SIZE
 total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 # The LoRA (a resumed run's, INIT_LORA's, or a fresh one of LORA_*) and its optimizer.
 start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
-if sizes.gradient_checkpointing:
+if planned.gradient_checkpointing:
     enable_gradient_checkpointing(model)
 trainable = lora_parameters(model)
 optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
 scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDULE)
-eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, sizes.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
+eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, planned.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
                                           EVAL_TEMPERATURE)
+# An out-of-memory error in an eval batch halves EVAL_BATCH_SIZE for the rest of the run (common/oom.py).
+sizes = BatchSizes(model, EVAL_BATCH_SIZE=planned.eval_batch_size)
 run.track(model, optimizer, scheduler, loss_scaler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_greedy, desc=f"eval@{step}",
                                          reward=eval_reward, prompt_format=prompt_format, sampled=eval_sampled,
-                                         seed=SEED))
+                                         seed=SEED, sizes=sizes),
+          sizes=sizes)
 run.restore()  # a resumed run's optimizer, schedule, loss scale and random states
 print(f"{len(tokenized)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
@@ -210,7 +214,7 @@ def micro_batches(indices: list[int]) -> list[list[int]]:
     """The pairs ``indices`` in micro-batches: MICRO_BATCH_SIZE pairs each, or (MICRO_BATCH_TOKENS > 0) as
     many whole pairs as fit in that many tokens (a pair: its prompt twice, the chosen and the rejected answer)."""
     lengths = [2 * len(tokenized[i][0]) + len(tokenized[i][1]) + len(tokenized[i][2]) for i in indices]
-    return [indices[cut] for cut in token_budget_ranges(lengths, sizes.micro_batch_size, MICRO_BATCH_TOKENS)]
+    return [indices[cut] for cut in token_budget_ranges(lengths, planned.micro_batch_size, MICRO_BATCH_TOKENS)]
 
 
 def micro_batch_pairs(indices: list[int]):

@@ -15,6 +15,9 @@ One step (DeepSeekMath's GRPO, Shao et al. 2024, with the DAPO / Dr. GRPO option
      + KL_COEF x KL) -> backward; then clip the gradient and take an AdamW step on the LoRA.
 With NUM_ITERATIONS = 1 the policy's own forward, detached, is the "old" policy: ratio = 1 exactly
 and the update is the plain policy gradient (no extra forward pass).
+A CUDA out-of-memory error in the rollouts, an eval batch or a micro-batch ends no run: that phase is
+done again from its start at half its size (GENERATION_BATCH_SIZE, EVAL_BATCH_SIZE, MICRO_BATCH_SIZE or
+MICRO_BATCH_TOKENS), which the rest of the run keeps (common/oom.py).
 
 Under torchrun (torchrun --nproc_per_node=N run_train_grpo.py ...) each of the N processes samples
 PROMPTS_PER_STEP / N of the step's questions with its own seed; the normaliser is the whole step's
@@ -22,6 +25,7 @@ and the LoRA gradients are summed over the processes (common/distributed.py), so
 one process's; rank 0 alone prints, writes the metrics and saves checkpoints.
 """
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -141,6 +145,7 @@ from common.logprobs import enable_gradient_checkpointing, layout_logprobs  # no
 from common.lora import disable_lora, lora_parameters  # noqa: E402
 from common.memory_plan import Sizes  # noqa: E402
 from common.model import get_device, load_tokenizer  # noqa: E402
+from common.oom import BatchSizes  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
@@ -180,7 +185,7 @@ total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 rows_per_step = PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT  # this rank's
 # The memory plan, before the weights load: the sizes left at auto, the fastest that fit (off a GPU: 16, no
 # checkpointing, all rows, 64, this trainer's sizes before auto).
-sizes = check_memory(
+planned = check_memory(
     run.model_path, device, GPU_MEMORY_GB,
     Sizes(MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING, GENERATION_BATCH_SIZE, EVAL_BATCH_SIZE), Sizes(16, False, 0, 64),
     evaluates=EVAL_EVERY > 0, quant=QUANT, dtype=DTYPE, lora_r=LORA_R, lora_targets=LORA_TARGETS,
@@ -194,13 +199,19 @@ packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 # The sampling settings, as one value: a step's rows in equal chunks of at most GENERATION_BATCH_SIZE
 # (the static path pads the last chunk, and the last eval batch, to one row count per run).
 sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
-                          chunk_rows=even_chunk_rows(rows_per_step, sizes.generation_batch_size), sampler=SAMPLER,
+                          chunk_rows=even_chunk_rows(rows_per_step, planned.generation_batch_size), sampler=SAMPLER,
                           generator=run.random_generator("sampling", SEED + distributed.rank, device))  # each rank its own
-eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, sizes.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
+eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, planned.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
                                           EVAL_TEMPERATURE)
+# The sizes in use: an out-of-memory error in the rollouts, an eval batch or a micro-batch halves its own for
+# the rest of the run (common/oom.py); saved in every checkpoint, kept on resume. A micro-batch is cut by
+# MICRO_BATCH_TOKENS where it is set, else by MICRO_BATCH_SIZE: that is the size a micro-batch's error halves.
+sizes = BatchSizes(model, GENERATION_BATCH_SIZE=sampling.chunk_rows, EVAL_BATCH_SIZE=planned.eval_batch_size,
+                   MICRO_BATCH_SIZE=planned.micro_batch_size, MICRO_BATCH_TOKENS=MICRO_BATCH_TOKENS)
+micro_batch_limit = "MICRO_BATCH_TOKENS" if MICRO_BATCH_TOKENS else "MICRO_BATCH_SIZE"
 # The LoRA (a resumed run's, INIT_LORA's, or a fresh one of LORA_*) and its optimizer.
 start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
-if sizes.gradient_checkpointing:
+if planned.gradient_checkpointing:
     enable_gradient_checkpointing(model)
 trainable = lora_parameters(model)
 optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -208,7 +219,8 @@ scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDU
 run.track(model, optimizer, scheduler, loss_scaler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_greedy, desc=f"eval@{step}",
                                          reward=reward, prompt_format=prompt_format, sampled=eval_sampled,
-                                         seed=SEED))
+                                         seed=SEED, sizes=sizes),
+          sizes=sizes)
 run.restore()  # a resumed run's optimizer, schedule, loss scale and random states
 # The objective, as one value: what grpo_loss optimises (grpo/loss.py).
 objective = GRPOObjective(clip_eps_low=CLIP_EPS_LOW, clip_eps_high=CLIP_EPS_HIGH, kl_coef=KL_COEF,
@@ -219,6 +231,16 @@ print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {
       f"{distributed.world_size} process(es) x {PROMPTS_PER_STEP // distributed.world_size} questions per step; "
       f"{packing_line}")
 
+
+def plan_micro_batches(rollouts):
+    """This rank's micro-batches at the sizes in use, packed (or padded) on the CPU
+    (common.packing.micro_batch_rows), then the batch to the device with everything the update reads, in
+    one copy per dtype: the loops copy nothing."""
+    rollouts.plan_passes(sizes["MICRO_BATCH_SIZE"], sizes["MICRO_BATCH_TOKENS"], packing,
+                         resolve_pack_length(pack_length, max(rollouts.sequence_lengths.tolist(), default=1)))
+    return rollouts.to(device)
+
+
 # ------------------------------------------------------------ the algorithm
 for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_every=SAVE_EVERY,
                       save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS):
@@ -226,8 +248,14 @@ for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_
     batch = [problems[i] for i in shard(indices)]  # this rank's share of the step's questions
 
     # 1. Rollouts: G completions per question in one batch; each scored by REWARD with its question's row.
-    samples, sample_rows, generate_seconds = sample_rollouts(model, tokenizer, prompt_format, batch, sampling)
-    if sizes.release_static_kv:  # the memory plan: the sampler's static KV does not fit beside the policy pass
+    #    Out of memory: the same questions again in chunks of half the rows, the sampling generator rewound
+    #    to the step's start (common/oom.py): the rollouts a run at the smaller size from this step samples.
+    for attempt in sizes.attempts("GENERATION_BATCH_SIZE", "the rollouts", rewind=[sampling.generator]):
+        with attempt:
+            samples, sample_rows, generate_seconds = sample_rollouts(
+                model, tokenizer, prompt_format, batch,
+                dataclasses.replace(sampling, chunk_rows=even_chunk_rows(rows_per_step, attempt.size)))
+    if planned.release_static_kv:  # the memory plan: the sampler's static KV does not fit beside the policy pass
         release_static_cache(model)
     score_start = time.perf_counter()
     scores = score_batch(reward, samples.texts, sample_rows, samples.truncated)
@@ -239,22 +267,23 @@ for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_
     rollouts = rollout_batch(samples, informative, tokenizer.pad_token_id)
     rollouts.advantages = advantages[rollouts.rows]
     rollouts.sampler_logp = samples.logprobs[rollouts.rows]  # what each token was drawn with
-    # This rank's micro-batches, packed (or padded) on the CPU (common.packing.micro_batch_rows), then the
-    # batch to the device with everything the update reads, in one copy per dtype: the loops copy nothing.
-    rollouts.plan_passes(sizes.micro_batch_size, MICRO_BATCH_TOKENS, packing,
-                         resolve_pack_length(pack_length, max(rollouts.sequence_lengths.tolist(), default=1)))
-    rollouts = rollouts.to(device)
+    rollouts = plan_micro_batches(rollouts)
 
     # 3. Reference (adapters off) and, for several iterations, old log-probs: once, before any update.
+    #    Out of memory: both again, in micro-batches of half the size.
     reference_start = device_clock(device)
     score_seconds = reference_start - score_start
     with torch.no_grad():
-        if KL_COEF > 0 and rollouts.num_rows:
-            with disable_lora(model):
-                rollouts.ref_logp = rollouts.logprobs(model, TEMPERATURE, LOGPROB_CHUNK_SIZE)
-        old_logp_start = device_clock(device)
-        if NUM_ITERATIONS > 1 and rollouts.num_rows:
-            rollouts.old_logp = rollouts.logprobs(model, TEMPERATURE, LOGPROB_CHUNK_SIZE)
+        for attempt in sizes.attempts(micro_batch_limit, "the reference pass"):
+            with attempt:
+                if attempt.retry:
+                    rollouts = plan_micro_batches(rollouts)
+                if KL_COEF > 0 and rollouts.num_rows:
+                    with disable_lora(model):
+                        rollouts.ref_logp = rollouts.logprobs(model, TEMPERATURE, LOGPROB_CHUNK_SIZE)
+                old_logp_start = device_clock(device)
+                if NUM_ITERATIONS > 1 and rollouts.num_rows:
+                    rollouts.old_logp = rollouts.logprobs(model, TEMPERATURE, LOGPROB_CHUNK_SIZE)
     policy_start = device_clock(device)
     reference_seconds, old_logp_seconds = old_logp_start - reference_start, policy_start - old_logp_start
 
@@ -270,32 +299,43 @@ for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_
     grad_norm = None  # None when no group had an advantage
     optimizer_seconds = 0.0  # of the policy pass's time: gradient sum, clipping and the AdamW step
     for iteration in range(NUM_ITERATIONS if step_counts["rows"] else 0):
-        optimizer.zero_grad(set_to_none=True)
-        iteration_loss = torch.zeros((), device=device)
-        for micro in rollouts.micro_batches():
-            logp, entropy, _ = layout_logprobs(model, micro.layout, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
-            # The trainer's log-probs of the policy that sampled (with one iteration, the policy's own,
-            # detached: ratio = 1); the sampler's own differ by the training-inference mismatch (logged;
-            # corrected with IMPORTANCE_CORRECTION=tis).
-            old_logp = logp.detach() if micro.old_logp is None else micro.old_logp
-            correction = (truncated_importance_weights(old_logp, micro.sampler_logp, TIS_CAP)
-                          if IMPORTANCE_CORRECTION == "tis" else None)
-            loss, stats = grpo_loss(logp, old_logp, micro.advantages, micro.completion_mask, objective, normalizer,
-                                    micro.ref_logp, correction)
-            loss_scaler.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
-            iteration_loss += loss.detach()
-            update_sums["entropy"] += (entropy.detach() * micro.completion_mask).sum()
-            for key in ("kl", "clip_frac", "approx_kl"):
-                update_sums[key] += stats.get(key, 0.0) * stats["tokens"]
-            if iteration == 0:  # the sampling policy's log-probs are the same in every iteration
-                mismatch_mean, micro_max = logprob_mismatch(micro.sampler_logp, old_logp, micro.completion_mask)
-                update_sums["mismatch"] += mismatch_mean * stats["tokens"]
-                mismatch_max = torch.maximum(mismatch_max, micro_max)
-        update_sums["loss"] += iteration_loss
+        # Out of memory in a micro-batch: the update again from its start, its gradients and statistics
+        # zeroed, in micro-batches of half the size (common/oom.py): the update a run at that size makes.
+        for attempt in sizes.attempts(micro_batch_limit, "the policy pass"):
+            with attempt:
+                if attempt.retry:
+                    rollouts = plan_micro_batches(rollouts)
+                optimizer.zero_grad(set_to_none=True)
+                iteration_sums = {key: torch.zeros((), device=device) for key in update_sums}
+                iteration_mismatch_max = torch.zeros((), device=device)
+                for micro in rollouts.micro_batches():
+                    logp, entropy, _ = layout_logprobs(model, micro.layout, TEMPERATURE, LOGPROB_CHUNK_SIZE,
+                                                       with_entropy=True)
+                    # The trainer's log-probs of the policy that sampled (with one iteration, the policy's own,
+                    # detached: ratio = 1); the sampler's own differ by the training-inference mismatch (logged;
+                    # corrected with IMPORTANCE_CORRECTION=tis).
+                    old_logp = logp.detach() if micro.old_logp is None else micro.old_logp
+                    correction = (truncated_importance_weights(old_logp, micro.sampler_logp, TIS_CAP)
+                                  if IMPORTANCE_CORRECTION == "tis" else None)
+                    loss, stats = grpo_loss(logp, old_logp, micro.advantages, micro.completion_mask, objective,
+                                            normalizer, micro.ref_logp, correction)
+                    loss_scaler.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
+                    iteration_sums["loss"] += loss.detach()
+                    iteration_sums["entropy"] += (entropy.detach() * micro.completion_mask).sum()
+                    for key in ("kl", "clip_frac", "approx_kl"):
+                        iteration_sums[key] += stats.get(key, 0.0) * stats["tokens"]
+                    if iteration == 0:  # the sampling policy's log-probs are the same in every iteration
+                        mismatch_mean, micro_max = logprob_mismatch(micro.sampler_logp, old_logp,
+                                                                    micro.completion_mask)
+                        iteration_sums["mismatch"] += mismatch_mean * stats["tokens"]
+                        iteration_mismatch_max = torch.maximum(iteration_mismatch_max, micro_max)
+        update_sums = {key: update_sums[key] + iteration_sums[key] for key in update_sums}
+        mismatch_max = torch.maximum(mismatch_max, iteration_mismatch_max)
         optimizer_start = device_clock(device)
         sum_gradients(trainable)
         loss_scaler.unscale_gradients(optimizer)
         # The gradient norm and the loss in one read: the update's only host sync.
+        iteration_loss = iteration_sums["loss"]
         grad_norm, rank_loss = torch.stack([torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP).to(iteration_loss),
                                             iteration_loss]).tolist()
         # The step's loss (every rank's share) and the gradients are the same on every rank: every rank decides the same.

@@ -23,6 +23,10 @@ One step (PPO, Schulman et al. 2017, in the RLHF form of InstructGPT / TRL's PPO
 A step's rollouts (common.rollout.RolloutBatch) go to the device once, with everything the updates
 read (sampler, old and reference log-probs, values, advantages, returns, in the rollouts' order); each
 mini-batch's micro-batches take their rows from it.
+A CUDA out-of-memory error in the rollouts, an eval batch or a micro-batch ends no run: that phase (a
+mini-batch's update, for a micro-batch) is done again from its start at half its size
+(GENERATION_BATCH_SIZE, EVAL_BATCH_SIZE, MICRO_BATCH_SIZE or MICRO_BATCH_TOKENS), which the rest of the
+run keeps (common/oom.py).
 
 Under torchrun (torchrun --nproc_per_node=N run_train_ppo.py ...) each of the N processes samples
 PROMPTS_PER_STEP / N of the step's questions with its own seed and keeps its own buffer; advantages
@@ -32,6 +36,7 @@ over the processes (common/distributed.py); rank 0 alone prints, writes metrics 
 """
 
 from pathlib import Path
+import dataclasses
 from typing import Annotated, Literal
 
 import torch
@@ -163,6 +168,7 @@ from common.logprobs import enable_gradient_checkpointing  # noqa: E402
 from common.lora import disable_lora, lora_parameters  # noqa: E402
 from common.memory_plan import Sizes  # noqa: E402
 from common.model import get_device, load_tokenizer  # noqa: E402
+from common.oom import BatchSizes  # noqa: E402
 from common.packing import packing_plan, resolve_pack_length, to_device  # noqa: E402
 from common.policy_gradient import logprob_mismatch, truncated_importance_weights  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
@@ -206,7 +212,7 @@ total_steps = MAX_STEPS or NUM_EPOCHS * steps_per_epoch
 critic_passes = 2 if CRITIC_FEATURES == "adapter" else 1
 rows_per_step = PROMPTS_PER_STEP // distributed.world_size * NUM_SAMPLES_PER_PROMPT  # this rank's
 # The sizes left at auto: the fastest that fit (off a GPU: 8, no checkpointing, all rows, 64, the sizes before auto).
-sizes = check_memory(
+planned = check_memory(
     run.model_path, device, GPU_MEMORY_GB,
     Sizes(MICRO_BATCH_SIZE, GRADIENT_CHECKPOINTING, GENERATION_BATCH_SIZE, EVAL_BATCH_SIZE), Sizes(8, False, 0, 64),
     micro_batch_scale=critic_passes, evaluates=EVAL_EVERY > 0, quant=QUANT, dtype=DTYPE,
@@ -220,13 +226,19 @@ packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 # The sampling settings, as one value: a step's rows in equal chunks of at most GENERATION_BATCH_SIZE
 # (the static path pads the last chunk, and the last eval batch, to one row count per run).
 sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
-                          chunk_rows=even_chunk_rows(rows_per_step, sizes.generation_batch_size), sampler=SAMPLER,
+                          chunk_rows=even_chunk_rows(rows_per_step, planned.generation_batch_size), sampler=SAMPLER,
                           generator=run.random_generator("sampling", SEED + distributed.rank, device))  # each rank its own
-eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, sizes.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
+eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, planned.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
                                           EVAL_TEMPERATURE)
+# The sizes in use: an out-of-memory error in the rollouts, an eval batch or a micro-batch halves its own for
+# the rest of the run (common/oom.py); saved in every checkpoint, kept on resume. A micro-batch is cut by
+# MICRO_BATCH_TOKENS where it is set, else by MICRO_BATCH_SIZE: that is the size a micro-batch's error halves.
+sizes = BatchSizes(model, GENERATION_BATCH_SIZE=sampling.chunk_rows, EVAL_BATCH_SIZE=planned.eval_batch_size,
+                   MICRO_BATCH_SIZE=planned.micro_batch_size, MICRO_BATCH_TOKENS=MICRO_BATCH_TOKENS)
+micro_batch_limit = "MICRO_BATCH_TOKENS" if MICRO_BATCH_TOKENS else "MICRO_BATCH_SIZE"
 start_lora(model, run.checkpoint, RESUME, INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT)
 critic = Critic(model, CRITIC_FEATURES, CRITIC_HIDDEN).to(device)
-if sizes.gradient_checkpointing:
+if planned.gradient_checkpointing:
     enable_gradient_checkpointing(model)
 if run.checkpoint is not None:
     critic.load_state_dict(run.checkpoint["extra"]["critic"])
@@ -243,8 +255,8 @@ scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDU
 run.track(model, optimizer, scheduler, loss_scaler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_greedy, desc=f"eval@{step}",
                                          reward=reward, prompt_format=prompt_format, sampled=eval_sampled,
-                                         seed=SEED),
-          extra=lambda: {"critic": critic.state_dict(), "critic_features": CRITIC_FEATURES})
+                                         seed=SEED, sizes=sizes),
+          extra=lambda: {"critic": critic.state_dict(), "critic_features": CRITIC_FEATURES}, sizes=sizes)
 run.restore()  # a resumed run's optimizer, schedule, loss scale and random states
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in actor_parameters) / 1e6:.3f}M + critic ({CRITIC_FEATURES}) "
@@ -259,15 +271,28 @@ def mini_batch_generator(step: int) -> torch.Generator:
     return torch.Generator().manual_seed(SEED * 1_000_003 + step)
 
 
+def plan_micro_batches(rollouts, step_pack_length: int | None):
+    """The step's micro-batches at the sizes in use, then the batch to the device with everything the
+    updates read, in one copy per dtype."""
+    rollouts.plan_passes(sizes["MICRO_BATCH_SIZE"], sizes["MICRO_BATCH_TOKENS"], packing, step_pack_length)
+    return rollouts.to(device)
+
+
 # ------------------------------------------------------------ the algorithm
 for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_every=SAVE_EVERY,
                       save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS):
     epoch, indices = step_items(len(problems), SEED, step, PROMPTS_PER_STEP)  # a function of SEED and the step alone
     batch = [problems[i] for i in shard(indices)]  # this rank's share of the step's questions
 
-    # 1. Rollouts and their task rewards, each scored by REWARD with its question's row.
-    samples, sample_rows, generate_seconds = sample_rollouts(model, tokenizer, prompt_format, batch, sampling)
-    if sizes.release_static_kv:  # the memory plan: the sampler's static KV does not fit beside the policy pass
+    # 1. Rollouts and their task rewards, each scored by REWARD with its question's row. Out of memory:
+    #    the same questions again in chunks of half the rows, the sampling generator rewound to the step's
+    #    start (common/oom.py): the rollouts a run at the smaller size from this step samples.
+    for attempt in sizes.attempts("GENERATION_BATCH_SIZE", "the rollouts", rewind=[sampling.generator]):
+        with attempt:
+            samples, sample_rows, generate_seconds = sample_rollouts(
+                model, tokenizer, prompt_format, batch,
+                dataclasses.replace(sampling, chunk_rows=even_chunk_rows(rows_per_step, attempt.size)))
+    if planned.release_static_kv:  # the memory plan: the sampler's static KV does not fit beside the policy pass
         release_static_cache(model)
     scores = score_batch(reward, samples.texts, sample_rows, samples.truncated)
     task_rewards = torch.tensor([s.total for s in scores], dtype=torch.float32)
@@ -276,22 +301,26 @@ for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_
     # Each rank packs its own rows (common/packing.py), into rows of at most the step's pack length; the
     # batch then goes to the device with everything the updates read, in one copy per dtype.
     step_pack_length = resolve_pack_length(pack_length, max(rollouts.sequence_lengths.tolist(), default=1))
-    rollouts.plan_passes(sizes.micro_batch_size, MICRO_BATCH_TOKENS, packing, step_pack_length)
-    rollouts = rollouts.to(device)
+    rollouts = plan_micro_batches(rollouts, step_pack_length)
     mask = rollouts.completion_mask
 
     # 2. The sampling policy's log-probs and values, and the reference's log-probs: once, before any update.
+    #    Out of memory: all again, in micro-batches of half the size.
     reference_start = device_clock(device)
     with torch.no_grad():
-        passes = [completion_logprobs_and_values(model, critic, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE)
-                  for _, layout in rollouts.passes]
-        rollouts.old_logp, rollouts.values, bootstrap_values = (
-            rollouts.in_row_order([part[index] for part in passes]) for index in (0, 2, 3))
-        if KL_COEF > 0:
-            with disable_lora(model):
-                rollouts.ref_logp = rollouts.logprobs(model, TEMPERATURE, LOGPROB_CHUNK_SIZE)
-        else:
-            rollouts.ref_logp = rollouts.old_logp  # no reference pass: the KL term is 0
+        for attempt in sizes.attempts(micro_batch_limit, "the reference pass"):
+            with attempt:
+                if attempt.retry:
+                    rollouts = plan_micro_batches(rollouts, step_pack_length)
+                passes = [completion_logprobs_and_values(model, critic, layout, TEMPERATURE, LOGPROB_CHUNK_SIZE)
+                          for _, layout in rollouts.passes]
+                rollouts.old_logp, rollouts.values, bootstrap_values = (
+                    rollouts.in_row_order([part[index] for part in passes]) for index in (0, 2, 3))
+                if KL_COEF > 0:
+                    with disable_lora(model):
+                        rollouts.ref_logp = rollouts.logprobs(model, TEMPERATURE, LOGPROB_CHUNK_SIZE)
+                else:
+                    rollouts.ref_logp = rollouts.old_logp  # no reference pass: the KL term is 0
     reference_seconds = device_clock(device) - reference_start
     # The sampler drew each token with its own log-prob; the trainer's (old_logp) differs by the
     # training-inference mismatch (logged; corrected with IMPORTANCE_CORRECTION=tis).
@@ -317,33 +346,39 @@ for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_
         epoch_start_sums = {key: update_sums[key].clone() for key in ("approx_kl", "tokens")}
         for mini_batch in torch.randperm(rollouts.num_rows, generator=shuffle_generator).split(
                 MINI_BATCH_SIZE // distributed.world_size):
-            optimizer.zero_grad(set_to_none=True)
             normalizer = all_reduce_sum(mask[mini_batch].sum())  # the tokens of the mini-batch on every rank
-            mini_batch_loss = torch.zeros((), device=device)
-            # The mini-batch's shuffled rows packed together, its micro-batches cut from the packed rows.
-            for rows, layout in rollouts.pass_plan(mini_batch, sizes.micro_batch_size, MICRO_BATCH_TOKENS, packing,
-                                                   step_pack_length):
-                micro = rollouts.micro_batch(*to_device((rows, layout), device))
-                logp, entropy, values, _ = completion_logprobs_and_values(
-                    model, critic, micro.layout, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
-                correction = (truncated_importance_weights(micro.old_logp, micro.sampler_logp, TIS_CAP)
-                              if IMPORTANCE_CORRECTION == "tis" else None)
-                policy_loss, policy_stats = ppo_policy_loss(logp, micro.old_logp, micro.advantages,
-                                                            micro.completion_mask, CLIP_EPS, normalizer=normalizer,
-                                                            sampler_correction=correction)
-                value_loss, _ = ppo_value_loss(values, micro.values, micro.returns, micro.completion_mask, VALUE_CLIP,
-                                               normalizer=normalizer)
-                entropy_term = entropy_bonus(entropy, micro.completion_mask, normalizer=normalizer)
-                loss = ppo_total_loss(policy_loss, value_loss, entropy_term, VF_COEF, ENT_COEF)
-                loss_scaler.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
-                mini_batch_loss += loss.detach()
-                # Statistics as sums over tokens: the losses above are sums divided by the normaliser.
-                micro_tokens = micro.completion_mask.sum()
-                update_sums["tokens"] += micro_tokens
-                update_sums["entropy"] += entropy_term.detach() * normalizer
-                update_sums["value_loss"] += value_loss.detach() * normalizer
-                update_sums["approx_kl"] += policy_stats["approx_kl"] * micro_tokens
-                update_sums["clip_frac"] += policy_stats["clip_frac"] * micro_tokens
+            # Out of memory in a micro-batch: the mini-batch's update again from its start, its gradients and
+            # statistics zeroed, in micro-batches of half the size (common/oom.py).
+            for attempt in sizes.attempts(micro_batch_limit, "the policy pass"):
+                with attempt:
+                    optimizer.zero_grad(set_to_none=True)
+                    mini_batch_loss = torch.zeros((), device=device)
+                    mini_batch_sums = {key: torch.zeros((), device=device) for key in update_sums}
+                    # The mini-batch's shuffled rows packed together, its micro-batches cut from the packed rows.
+                    for rows, layout in rollouts.pass_plan(mini_batch, sizes["MICRO_BATCH_SIZE"],
+                                                           sizes["MICRO_BATCH_TOKENS"], packing, step_pack_length):
+                        micro = rollouts.micro_batch(*to_device((rows, layout), device))
+                        logp, entropy, values, _ = completion_logprobs_and_values(
+                            model, critic, micro.layout, TEMPERATURE, LOGPROB_CHUNK_SIZE, with_entropy=True)
+                        correction = (truncated_importance_weights(micro.old_logp, micro.sampler_logp, TIS_CAP)
+                                      if IMPORTANCE_CORRECTION == "tis" else None)
+                        policy_loss, policy_stats = ppo_policy_loss(logp, micro.old_logp, micro.advantages,
+                                                                    micro.completion_mask, CLIP_EPS,
+                                                                    normalizer=normalizer, sampler_correction=correction)
+                        value_loss, _ = ppo_value_loss(values, micro.values, micro.returns, micro.completion_mask,
+                                                       VALUE_CLIP, normalizer=normalizer)
+                        entropy_term = entropy_bonus(entropy, micro.completion_mask, normalizer=normalizer)
+                        loss = ppo_total_loss(policy_loss, value_loss, entropy_term, VF_COEF, ENT_COEF)
+                        loss_scaler.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
+                        mini_batch_loss += loss.detach()
+                        # Statistics as sums over tokens: the losses above are sums divided by the normaliser.
+                        micro_tokens = micro.completion_mask.sum()
+                        mini_batch_sums["tokens"] += micro_tokens
+                        mini_batch_sums["entropy"] += entropy_term.detach() * normalizer
+                        mini_batch_sums["value_loss"] += value_loss.detach() * normalizer
+                        mini_batch_sums["approx_kl"] += policy_stats["approx_kl"] * micro_tokens
+                        mini_batch_sums["clip_frac"] += policy_stats["clip_frac"] * micro_tokens
+            update_sums = {key: update_sums[key] + mini_batch_sums[key] for key in update_sums}
             sum_gradients(actor_parameters + critic_parameters)
             loss_scaler.unscale_gradients(optimizer)
             # Separately: the critic's gradient would otherwise dominate the LoRA's norm and shrink its step.

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from common.distributed import all_gather_objects, is_main_process, shard
 from common.model import stop_token_ids
+from common.oom import BatchSizes
 from common.prompts import PromptFormat, encode_prompts
 from common.reward import answers_match, extract_answer
 from common.sampled_metrics import bootstrap_intervals, interval_method, majority_vote, question_scores
@@ -178,11 +179,14 @@ def check_sampling(num_samples: int, temperature: float, names: tuple[str, str])
 
 
 def _score_samples(model, tokenizer, problems, settings: SamplingParams, progress, desc, reward, prompt_format,
-                   seed=0):
+                   seed=0, sizes: BatchSizes | None = None):
     """([for each problem, its ``settings.num_samples`` completions scored: {output, prediction, correct,
     truncated}], generated tokens, seconds): this rank's share of the problems sampled in batches of
-    ``settings.chunk_rows`` rows (0: all at once), every rank's gathered in order. At a temperature > 0
-    each row draws from its own stream, seeded by (``seed``, problem index, sample index)."""
+    ``sizes["EVAL_BATCH_SIZE"]`` problems (without ``sizes``, ``settings.chunk_rows`` rows; 0: all at
+    once), every rank's gathered in order. At a temperature > 0 each row draws from its own stream, seeded
+    by (``seed``, problem index, sample index). A batch that runs out of memory is sampled again at half
+    the size (common.oom), kept for the rest of the run (``sizes``) or of this pass: neither a greedy
+    completion nor a seeded row depends on its batch (the module docstring), so the records are the same."""
     was_training = model.training
     model.eval()
     stop_ids = stop_token_ids(model, tokenizer)
@@ -190,16 +194,24 @@ def _score_samples(model, tokenizer, problems, settings: SamplingParams, progres
     own_problems = shard(list(enumerate(problems)))  # (index, problem): the index seeds its samples
     samples, generated = [], 0
     start = time.perf_counter()
-    batch_size = max(1, settings.chunk_rows // num_samples) if settings.chunk_rows else max(1, len(own_problems))
-    batches = range(0, len(own_problems), batch_size)
-    for first in tqdm(batches, desc=desc, disable=not (progress and is_main_process()), unit="batch"):
-        batch = own_problems[first:first + batch_size]
-        batch_settings = settings
-        if settings.temperature > 0:  # each row its own stream: (seed, the problem's index, the sample's)
-            seeds = [sample_seed(seed, index, k) for index, _ in batch for k in range(num_samples)]
-            batch_settings = dataclasses.replace(settings, generator=row_generators(seeds, device))
-        out = sample(model, encode_prompts(tokenizer, [problem for _, problem in batch], prompt_format),
-                     batch_settings, tokenizer=tokenizer, eos_token_ids=stop_ids)
+    if sizes is None:
+        sizes = BatchSizes(model, EVAL_BATCH_SIZE=max(1, settings.chunk_rows // num_samples) if settings.chunk_rows
+                           else max(1, len(own_problems)))
+    first = 0
+    bar = tqdm(total=len(own_problems), desc=desc, disable=not (progress and is_main_process()), unit="question")
+    while first < len(own_problems):
+        for attempt in sizes.attempts("EVAL_BATCH_SIZE", "an eval batch"):
+            with attempt:
+                batch = own_problems[first:first + attempt.size]
+                # The static path pads every batch, the last one too, to this many rows: one shape per eval.
+                batch_settings = dataclasses.replace(settings, chunk_rows=attempt.size * num_samples)
+                if settings.temperature > 0:  # each row its own stream: (seed, the problem's index, the sample's)
+                    seeds = [sample_seed(seed, index, k) for index, _ in batch for k in range(num_samples)]
+                    batch_settings = dataclasses.replace(batch_settings, generator=row_generators(seeds, device))
+                out = sample(model, encode_prompts(tokenizer, [problem for _, problem in batch], prompt_format),
+                             batch_settings, tokenizer=tokenizer, eos_token_ids=stop_ids)
+        first += len(batch)
+        bar.update(len(batch))
         generated += int(out.completion_mask.sum())
         for row, (text, cut_off) in enumerate(zip(out.texts, out.truncated.tolist())):
             problem = batch[row // num_samples][1]
@@ -207,6 +219,7 @@ def _score_samples(model, tokenizer, problems, settings: SamplingParams, progres
             correct = (reward(text, problem, cut_off).correct if reward is not None
                        else answers_match(prediction, problem["gold_answer"]))
             samples.append({"output": text, "prediction": prediction, "correct": correct, "truncated": cut_off})
+    bar.close()
     model.train(was_training)
     every_rank = all_gather_objects((samples, generated))
     samples = [scored for rank_samples, _ in every_rank for scored in rank_samples]
@@ -217,17 +230,17 @@ def _score_samples(model, tokenizer, problems, settings: SamplingParams, progres
 @torch.no_grad()
 def evaluate_sampled(model, tokenizer, problems: list[dict], settings: SamplingParams, seed: int = 0,
                      progress: bool = True, desc: str = "eval (sampled)", reward=None,
-                     prompt_format: PromptFormat | None = None) -> SampledEvalResult:
+                     prompt_format: PromptFormat | None = None, sizes: BatchSizes | None = None) -> SampledEvalResult:
     """``settings.num_samples`` completions per problem at ``settings.temperature`` (> 0), each scored as
-    evaluate scores one; ``settings.chunk_rows`` rows (chunk_rows / num_samples prompts) per sampler call.
-    ``seed`` seeds the samples (sample_seed) and the bootstrap. Under torchrun every rank must call it;
-    each gets the whole result."""
+    evaluate scores one; ``settings.chunk_rows`` rows (chunk_rows / num_samples prompts) per sampler call,
+    or a run's ``sizes["EVAL_BATCH_SIZE"]`` prompts (see evaluate). ``seed`` seeds the samples
+    (sample_seed) and the bootstrap. Under torchrun every rank must call it; each gets the whole result."""
     if settings.temperature <= 0:
         raise ValueError(f"evaluate_sampled samples at a temperature > 0, got {settings.temperature}")
     if settings.generator is not None:
         raise ValueError("evaluate_sampled seeds every row itself (sample_seed): settings need no generator")
     per_problem, generated, seconds = _score_samples(model, tokenizer, problems, settings, progress, desc, reward,
-                                                     prompt_format, seed)
+                                                     prompt_format, seed, sizes)
     records = []
     for problem, samples in zip(problems, per_problem):
         winner = majority_vote([scored["prediction"] for scored in samples])
@@ -243,7 +256,7 @@ def evaluate_sampled(model, tokenizer, problems: list[dict], settings: SamplingP
 @torch.no_grad()
 def evaluate(model, tokenizer, problems: list[dict], settings: SamplingParams, progress: bool = True,
              desc: str = "eval", reward=None, prompt_format: PromptFormat | None = None,
-             sampled: SamplingParams | None = None, seed: int = 0) -> EvalResult:
+             sampled: SamplingParams | None = None, seed: int = 0, sizes: BatchSizes | None = None) -> EvalResult:
     """Greedy-decode every problem (prompts from common.prompts with ``prompt_format``) and score it:
     the extracted number against the gold answer, or, given a ``reward`` (common.reward.load_reward),
     the reward's ``correct``, which is how a non-numeric task is evaluated.
@@ -253,6 +266,10 @@ def evaluate(model, tokenizer, problems: list[dict], settings: SamplingParams, p
     (SamplingParams at a temperature > 0) adds a sampled pass (evaluate_sampled, seeded by ``seed``)
     as the result's ``sampled``, whose metrics join the greedy ones.
 
+    An out-of-memory error in a batch halves it and samples it again (common.oom). A trainer's
+    ``sizes`` (BatchSizes) set the prompts per batch of both passes (their EVAL_BATCH_SIZE, in place of
+    the settings' chunk_rows) and keep a halving for the rest of the run; without them it lasts the pass.
+
     Under torchrun every rank must call it (it shards ``problems`` and gathers the records); each
     gets the whole result.
     """
@@ -260,12 +277,13 @@ def evaluate(model, tokenizer, problems: list[dict], settings: SamplingParams, p
         raise ValueError("evaluate() decodes greedily: settings need temperature 0 and num_samples 1 "
                          "(SamplingParams.greedy())")
     per_problem, generated, seconds = _score_samples(model, tokenizer, problems, settings, progress, desc, reward,
-                                                     prompt_format)
+                                                     prompt_format, sizes=sizes)
     records = [{"question": problem["question"], "gold": problem["gold_answer"], **samples[0]}
                for problem, samples in zip(problems, per_problem)]
     result = EvalResult(total=len(problems), correct=sum(record["correct"] for record in records),
                         seconds=seconds, generated_tokens=generated, records=records)
     if sampled is not None:
         result.sampled = evaluate_sampled(model, tokenizer, problems, sampled, seed=seed, progress=progress,
-                                          desc=f"{desc} (sampled)", reward=reward, prompt_format=prompt_format)
+                                          desc=f"{desc} (sampled)", reward=reward, prompt_format=prompt_format,
+                                          sizes=sizes)
     return result

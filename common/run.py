@@ -32,6 +32,8 @@ lives here, once.
                      loss_scaler.unscale_gradients(optimizer) before clipping and loss_scaler.step(optimizer),
                      which are plain backward / nothing / optimizer.step() for every other dtype; the run
                      saves and restores its scale.
+  batch sizes        the sizes in use (common/oom.py's BatchSizes, which an out-of-memory error halves) are
+                     saved in every checkpoint; a resume keeps them, unless it gives their constant a new value.
 
 What a run sets up before its first step (questions, the context fit, the memory plan, the model, the
 eval settings) is common/run_setup.py's: plain functions the script calls with its constants.
@@ -65,6 +67,7 @@ from common.distributed import DistributedContext, all_reduce_max, cleanup, gath
 from common.errors import UserError
 from common.metrics_log import LoggerUnavailableError, MetricsLogger
 from common.model import check_model_dir, resolve_model_path
+from common.oom import BatchSizes
 
 # Settings that name where a run's files go, not what it computes: free on resume.
 RUN_LOCATION_SETTINGS = ("RESUME", "INIT_LORA", "RUN_NAME", "CHECKPOINT_DIR", "LOG_DIR", "OVERWRITE")
@@ -281,6 +284,7 @@ class TrainingRun:
                 signal.signal(signal_number, self._on_signal)
         self.overwritten: list[Path] = []  # an earlier run's files, removed when this run starts its steps
         self.loss_scaler = LossScaler(torch.float32, torch.device("cpu"))  # disabled until track gives the model's
+        self.sizes: BatchSizes | None = None  # the batch sizes in use, once track gives them
         # One lock for all the run writes: its folder, and its metrics file (which two runs with one RUN_NAME
         # and two CHECKPOINT_DIRs would share).
         self.lock = RunLock(self.run_dir / LOCK_FILE, self.metrics_path.with_name(f".{self.metrics_path.name}.lock"))
@@ -386,13 +390,16 @@ class TrainingRun:
                 print(f"resume: {line} (applied from step {self.checkpoint['step']} on)")
 
     def track(self, model, optimizer, scheduler, loss_scaler: LossScaler, evaluate: Callable | None = None,
-              extra: Callable[[], dict] | None = None, save: Callable[[int], Path] | None = None) -> None:
+              extra: Callable[[], dict] | None = None, save: Callable[[int], Path] | None = None,
+              sizes: BatchSizes | None = None) -> None:
         """What a save writes, a resume restores and an eval reads: the model (its LoRA), the optimizer,
         the scheduler and the loss scaler. ``evaluate(step)`` returns an EvalResult; ``extra()`` what
         the trainer adds to a checkpoint (a critic's weights, say); ``save(step)``, when given, writes
-        the run's output instead of a LoRA checkpoint (run_sft.py's full model)."""
+        the run's output instead of a LoRA checkpoint (run_sft.py's full model); ``sizes``, the batch
+        sizes in use (common.oom: smaller after an out-of-memory error), saved and kept on resume."""
         self.device = next(model.parameters()).device
         self.loss_scaler = loss_scaler
+        self.sizes = sizes
         self._state = dict(model=model, optimizer=optimizer, scheduler=scheduler, evaluate=evaluate,
                            extra=extra or dict, save=save)
 
@@ -417,6 +424,10 @@ class TrainingRun:
         if loss_scaler.enabled and self.checkpoint["extra"].get("loss_scaler"):
             loss_scaler.scaler.load_state_dict(self.checkpoint["extra"]["loss_scaler"])
         restore_rank_state(self.checkpoint, self.distributed, self.generators)
+        if self.sizes is not None:
+            saved_config = self.checkpoint["config"]
+            self.sizes.load_state_dict(self.checkpoint["extra"].get("batch_sizes", {}), unchanged=[
+                name for name in self.sizes.sizes if self.config.get(name) == saved_config.get(name)])
         for group, wanted in zip(optimizer.param_groups, hyperparameters):
             group.update(wanted)
         scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
@@ -553,6 +564,7 @@ class TrainingRun:
                                    epoch=epoch, step=step, generators=self.generators,
                                    extra={**state["extra"](), "trainer": self.trainer, "ranks": rank_states,
                                           "skipped_updates": self.skipped_updates,
+                                          "batch_sizes": {} if self.sizes is None else self.sizes.state_dict(),
                                           "loss_scaler": self.loss_scaler.scaler.state_dict()})
         except OSError as error:
             if error.errno != errno.ENOSPC:
