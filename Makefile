@@ -120,8 +120,8 @@ test: $(VENV)/.dev-installed
 	@echo ">> running the test suite"
 	$(PY) -m pytest -q tests
 
-# The CUDA equivalence tests, bench_gpu.py at Gemma 2 2B's shapes, the Llama 3.1 8B NF4 step under 12 GB:
-# at most 9 minutes on an H200 (GPU_CHECK_ARGS=--QUICK=true: parts 1 and 2, 4); thin-body versions without CUDA.
+# The CUDA equivalence tests, the Llama 3.1 8B NF4 step under 12 GB, bench_gpu.py at Gemma 2 2B's shapes: parts
+# limited to 120 + 180 + 240 s, 9 minutes (GPU_CHECK_ARGS=--QUICK=true: parts 1 and 2, 6); thin-body versions without CUDA.
 gpu-check: $(VENV)/.dev-installed
 	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 

@@ -198,11 +198,14 @@ model, loss_scaler = load_model_for_training(run.model_path, device, DTYPE, QUAN
 packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)
 # The sampling settings, as one value: a step's rows in equal chunks of at most GENERATION_BATCH_SIZE
 # (the static path pads the last chunk, and the last eval batch, to one row count per run).
+# Where the plan frees the static KV before each policy pass, its buffers come back at a new address
+# every step: the compiled decode step then runs without CUDA graphs, not recorded again each step.
 sampling = SamplingParams(NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K,
                           chunk_rows=even_chunk_rows(rows_per_step, planned.generation_batch_size), sampler=SAMPLER,
+                          cuda_graphs=not planned.release_static_kv,
                           generator=run.random_generator("sampling", SEED + distributed.rank, device))  # each rank its own
 eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, planned.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
-                                          EVAL_TEMPERATURE)
+                                          EVAL_TEMPERATURE, cuda_graphs=sampling.cuda_graphs)
 # The sizes in use: an out-of-memory error in the rollouts, an eval batch or a micro-batch halves its own for
 # the rest of the run (common/oom.py); saved in every checkpoint, kept on resume. A micro-batch is cut by
 # MICRO_BATCH_TOKENS where it is set, else by MICRO_BATCH_SIZE: that is the size a micro-batch's error halves.

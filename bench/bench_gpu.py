@@ -47,8 +47,9 @@ process (torch.cuda.set_per_process_memory_fraction) before its model loads.
    first call each (its time, compilation included, is reported apart), then the median of REPEATS
    calls. A random model almost never emits a stop token, so rows run to MAX_NEW_TOKENS: the worst
    case, and the same work for every method (the table says how many rows did). Peak GPU memory is
-   read per call, from a reset at its start. The model is then freed (and dynamo's caches with it)
-   before part 2, and the results file written: a part 2 that fails or runs out of time keeps them.
+   read per call, from a reset at its start. The results file is written before the first method and
+   again after each one, so a run stopped by a time limit keeps the methods measured. The model is then
+   freed (and dynamo's caches with it) before part 2: a part 2 that fails or runs out of time keeps them.
 2. A GRPO step: run_train_grpo.py itself, a subprocess (bench.run_trainer through
    bench/launch_trainer.py, which caps its GPU memory at GPU_MEMORY_GB), on the saved model and the
    prompts file, with this benchmark's settings as its constants (NUM_PROMPTS -> PROMPTS_PER_STEP,
@@ -295,9 +296,11 @@ def write_prompts(path: Path) -> list[list[int]]:
     return encode_prompts(tokenizer, rows)
 
 
-def time_sampling(model_dir: Path) -> dict:
+def time_sampling(model_dir: Path, sampling: dict, save) -> None:
     """Part 1: each of METHODS timed on the model of ``model_dir`` with a LoRA of random B, loaded here and
-    freed on return (dynamo's compiled code and CUDA graphs with it)."""
+    freed on return (dynamo's compiled code and CUDA graphs with it); each method's results put in
+    ``sampling`` and ``save``d as soon as they are measured, so a run stopped by a time limit (a first
+    compiled call takes minutes) keeps the methods before."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -340,7 +343,6 @@ def time_sampling(model_dir: Path) -> dict:
     runs = {"eager": lambda seed: our_sampler("eager", seed), "compiled": lambda seed: our_sampler("compiled", seed),
             "compiled_base": compiled_without_adapters, "generate": hf_generate,
             "generate_static": lambda seed: hf_generate(seed, cache_implementation="static")}
-    sampling = {}
     for method in METHODS:
         first, timed = {}, []
         with measured(first):
@@ -358,7 +360,7 @@ def time_sampling(model_dir: Path) -> dict:
                             "reserved_gb": (max(first["reserved_gb"], *(r["reserved_gb"] for r in timed))
                                             if device.type == "cuda" else None),
                             "rows_at_limit": min(r["rows_at_limit"] for r in timed)}
-    return sampling
+        save()
 
 
 def free_part_1() -> None:
@@ -392,20 +394,25 @@ with tempfile.TemporaryDirectory(prefix="bench_gpu-") as folder:
         torch.cuda.empty_cache()
     cap_gb = capped_memory_gb()
     print(plan.table(cap_gb or GPU_MEMORY_GB or free_gpu_memory_gb(device)))
-    sampling = time_sampling(model_dir) if METHODS else {}
-    free_part_1()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     prompt_lengths = sorted(len(ids) for ids in prompt_ids)
     results = {
         "device": str(device), "device_name": device_name, "model": MODEL, "quant": QUANT, "cap_gb": cap_gb,
         "dtype": str(dtype), "thin_body": thin, "parameters": parameters, "rows": num_rows,
-        "prompt_tokens": prompt_lengths, "sampling": sampling,
-        "sampling_compiled_graphs": compiled_graphs(),
-        "sampling_cuda_graphs_recorded": cuda_graphs["recorded"] if cuda_graphs else None,
+        "prompt_tokens": prompt_lengths, "sampling": {},
         "memory_plan_gb": {"weights": plan.weights / GB, "lora_state": plan.lora_state / GB,
                            "kv_cache": plan.kv_cache / GB, "graph_pool": plan.graph_pool / GB,
                            "rollout": plan.rollout / GB, "policy": plan.policy / GB, "total": plan.total_gb}}
-    out = write_results(OUT_FILE, "gpu", config, results)  # part 1's, kept if part 2 fails or runs out of time
+    # Written now and after each sampling method: what was measured is kept if a later part fails or runs
+    # out of time.
+    out = write_results(OUT_FILE, "gpu", config, results)
+    if METHODS:
+        time_sampling(model_dir, results["sampling"], lambda: write_results(OUT_FILE, "gpu", config, results))
+    sampling = results["sampling"]
+    free_part_1()
+    results.update(sampling_compiled_graphs=compiled_graphs(),
+                   sampling_cuda_graphs_recorded=cuda_graphs["recorded"] if cuda_graphs else None)
+    out = write_results(OUT_FILE, "gpu", config, results)
     # Part 2: run_train_grpo.py's step on the same model and prompts.
     settings = dict(MODEL_PATH=model_dir, TRAIN_FILE=train_file, PROMPTS_PER_STEP=len(prompt_ids),
                     NUM_SAMPLES_PER_PROMPT=NUM_SAMPLES_PER_PROMPT, MAX_NEW_TOKENS=MAX_NEW_TOKENS,

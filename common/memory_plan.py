@@ -25,7 +25,8 @@ one small file, no weights). A step of an RL trainer holds, at its peak,
   allocated after the rollout (they are reused by the next one), so they count in the policy pass too,
   and so does the compiled path's CUDA-graph pool (graph_pool_bytes), which stays reserved. When the
   kept buffers are what does not fit, the trainers free them before each policy pass instead
-  (release_static_kv: common.sampler.release_static_cache; the next rollout allocates them again).
+  (release_static_kv: common.sampler.release_static_cache; the next rollout allocates them again, at a
+  new address, so the decode step is compiled without CUDA graphs then, and there is no graph pool).
 * policy pass (common/logprobs.py token_logprobs + backward), one micro-batch of rows x (prompt + new
   tokens): the activations autograd saves, enumerated below per decoder layer and checked against
   torch.autograd.graph.saved_tensors_hooks in tests/test_memory_plan.py; with gradient checkpointing
@@ -223,8 +224,10 @@ class RunSettings:
         """The compiled static path, whose decode step replays CUDA graphs. auto takes it on CUDA where
         Triton runs on the card (common.sampler._compiler_has_gpu_backend: torch's has_triton()), else
         the static path uncompiled, with no graph pool (issue 29, finding 14); planned for CUDA from a
-        machine without it, the card is assumed to have Triton."""
-        if self.device != "cuda" or self.sampler not in ("compiled", "auto"):
+        machine without it, the card is assumed to have Triton. Not where the static KV is freed before
+        each policy pass: the trainers then compile the step without CUDA graphs (SamplingParams.cuda_graphs,
+        issue 29, finding 9), so no graph pool either."""
+        if self.device != "cuda" or self.sampler not in ("compiled", "auto") or self.release_static_kv:
             return False
         from torch.utils._triton import has_triton
 
@@ -739,7 +742,8 @@ def choose_sizes(plan: MemoryPlan, requested: Sizes, fallback: Sizes, gpu_gb: fl
          fits, unless checkpointing lets one so much larger fit that it is faster (e.g. at 512 tokens a
          sequence, 1 sequence without costs 1.5, 16 with checkpointing 1.375);
       3. the static KV kept through the policy pass rather than freed before it and allocated again
-         (release_static_kv), unless freeing it buys one of the above;
+         (release_static_kv; the compiled decode step then runs without CUDA graphs, one launch per kernel),
+         unless freeing it buys one of the above;
       4. the largest eval batch: evaluations are a small part of a run.
     When nothing fits, the plan is the smallest (checkpointing, sizes of 1), for check_fits to refuse it,
     naming QUANT=nf4 first where that would fit."""
@@ -785,7 +789,8 @@ def choose_sizes(plan: MemoryPlan, requested: Sizes, fallback: Sizes, gpu_gb: fl
     if sizes.release_static_kv:
         lines.append(f"memory plan: the static KV cache ({gb_text(plan.kv_cache / GB)} GB) does not fit beside the "
                      f"policy pass in {gb_text(gpu_gb)} GB: it is freed before each policy pass and allocated again "
-                     f"by the next rollout (with CUDA graphs, recorded again too)")
+                     f"by the next rollout; the compiled sampler then runs without CUDA graphs, which the new address "
+                     f"would record again every step")
     return plan, sizes, "\n".join(line for line in lines if line)
 
 

@@ -173,9 +173,10 @@ def unplanned_sizes(sizes: Sizes, fallback: Sizes, rows: int = 0) -> Sizes:
 
 
 def eval_sampling(max_new_tokens: int, batch_size: int, sampler: str, num_samples: int = 1,
-                  temperature: float = 0.0) -> tuple[SamplingParams, SamplingParams | None]:
+                  temperature: float = 0.0, cuda_graphs: bool = True) -> tuple[SamplingParams, SamplingParams | None]:
     """The periodic eval's SamplingParams: greedy, ``batch_size`` problems per batch (the static path pads
     the last one), and the sampled pass beside it: ``num_samples`` per problem at ``temperature`` (None
-    at 0, the greedy eval alone; common.evaluate.sampled_settings)."""
-    greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, chunk_rows=batch_size, sampler=sampler)
+    at 0, the greedy eval alone; common.evaluate.sampled_settings); ``cuda_graphs``: SamplingParams'."""
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, chunk_rows=batch_size, sampler=sampler,
+                            cuda_graphs=cuda_graphs)
     return greedy, sampled_settings(greedy, num_samples, temperature)

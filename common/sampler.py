@@ -41,10 +41,12 @@ gives the same tokens on both:
   ``torch.compile(mode="reduce-overhead")``, which on CUDA replays it as a CUDA
   graph: one launch per token instead of one per kernel.  Rows and cache length
   are marked dynamic, so one compilation serves every shape; each new shape still
-  records its own graph.  What the first two decode steps of a call take beyond
-  the third (the compilation, the graph's warm-up and recording) is returned as
-  ``SampleOutput.compile_seconds``, for a trainer to report apart from its step
-  time.
+  records its own graph.  A run that frees the KV buffers before every policy pass
+  compiles the step without CUDA graphs (``SamplingParams.cuda_graphs``): the
+  buffers' new address each step would record the graph again each step.  What
+  the first two decode steps of a call take beyond the third (the compilation,
+  the graph's warm-up and recording) is returned as ``SampleOutput.compile_seconds``,
+  for a trainer to report apart from its step time.
 
 On every path the logits come from the body's last hidden state through the
 trainer's head (common.logprobs.head_logits: fp32 output, Gemma 2's soft-cap once
@@ -93,6 +95,8 @@ class SamplingParams:
     top_k: int = 0                          # top-k sampling (0 = off)
     chunk_rows: int = 0                     # rows sampled together (0 = all); the static path pads a chunk to this
     sampler: str = "auto"                   # eager, static, compiled, or auto (see the module docstring)
+    cuda_graphs: bool = True                # the compiled path replays its decode step as CUDA graphs; False
+    #                                         where the KV buffers are freed between calls (release_static_cache)
     generator: torch.Generator | list[torch.Generator] | None = None  # the race's random source (None: the
     #                                         device's default one; a list: one per row, row_generators)
 
@@ -412,8 +416,9 @@ def _static_kv_cache(model, prefilled: Cache, width: int, slots: int) -> Cache:
 
 def release_static_cache(model) -> int:
     """Free the static path's KV buffers kept for ``model`` (the next static-path call allocates them
-    again; under CUDA graphs at a new address, so the graphs are recorded again); the bytes freed. The
-    trainers call it before the policy pass when the memory plan says the two do not fit together."""
+    again, at a new address: a CUDA graph would be recorded again, so the trainers that call it every step
+    sample with SamplingParams.cuda_graphs=False); the bytes freed. The trainers call it before the policy
+    pass when the memory plan says the two do not fit together."""
     kept = _KV_STORAGE.pop(model, None)
     if kept is None:
         return 0
@@ -435,11 +440,15 @@ def _decode_step(model, cache: Cache, input_ids: torch.Tensor, position_ids: tor
 
 
 @functools.cache
-def _compiled_decode_step():
-    """``_decode_step`` compiled once per process (created on first use: importing the compiler takes seconds).
-    mode="reduce-overhead" replays it as a CUDA graph on CUDA; fullgraph: a graph break would silently
-    split the step."""
-    return torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True)
+def _compiled_decode_step(cuda_graphs: bool):
+    """``_decode_step`` compiled once per process and mode (created on first use: importing the compiler
+    takes seconds); fullgraph: a graph break would silently split the step. mode="reduce-overhead" replays
+    it as a CUDA graph on CUDA. Without ``cuda_graphs``, the default mode: the same fused kernels, launched
+    one by one. That is for KV buffers freed before every policy pass (release_static_cache): they come
+    back at a new address each step, and the KV is marked a static address without a guard
+    (mark_static_address), so cudagraph trees would record the graph again at every step (issue 29,
+    finding 9) and keep a pool the plan then no longer has room for; kernels take the new address as is."""
+    return torch.compile(_decode_step, mode="reduce-overhead" if cuda_graphs else "default", fullgraph=True)
 
 
 def _random_source(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
@@ -487,7 +496,7 @@ def _sample_rows_static(model, prompt_rows, settings: SamplingParams, stop_ids, 
     del prefilled
     slot_mask = torch.zeros((rows, slots), dtype=torch.bool, device=device)
     slot_mask[:, :width] = prompt_mask.bool()
-    decode_step = _compiled_decode_step() if compiled else _decode_step
+    decode_step = _compiled_decode_step(settings.cuda_graphs) if compiled else _decode_step
     step_seconds = []  # of the first three decode steps of a compiled call, for _one_off_seconds
     # Per-row generators (row_generators) are the call's own: nothing to rewind for a next call.
     random_source = (_random_source(settings.generator, device)

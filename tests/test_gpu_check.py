@@ -41,6 +41,10 @@ def test_gpu_check_cpu_mode_runs_the_thin_body_versions_and_writes_its_table(tmp
     assert report.startswith("# gpu-check on cpu") and "| 2: GRPO step |" in report and "## part 2: its output" in report
     record = json.loads((tmp_path / "gpu-check-cpu-gemma.json").read_text())
     assert record["results"]["thin_body"] is True and record["results"]["step_reserved_gb"] is None
+    # The plan's predicted peak beside the measured ones (none measured on the CPU), in the last column.
+    assert table.split("\n")[0].endswith("| peak allocated GB | peak reserved GB | plan's peak GB |")
+    step = next(line for line in table.split("\n") if line.startswith("| 2: GRPO step |"))
+    assert step.endswith(f"| - | - | {record['results']['memory_plan_gb']['total']:.2f} |")
 
 
 # A bench_gpu.py whose GRPO step fails after its sampling part: it writes its record of that part, then exits 1.

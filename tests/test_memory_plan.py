@@ -401,7 +401,9 @@ def test_the_graph_pool_and_the_static_kv_are_counted_through_the_policy_pass():
     assert auto.graph_pool == pool  # auto compiles on CUDA
     assert "CUDA-graph pool" in compiled.table() and "CUDA-graph pool" not in eager.table()
     released = compiled.with_settings(release_static_kv=True)
-    assert released.policy == policy_alone + pool  # the pool stays reserved; the KV is freed
+    # The KV is freed, and the step compiled without CUDA graphs (issue 29, finding 9): no pool either.
+    assert released.graph_pool == 0 and released.policy == policy_alone
+    assert auto.with_settings(release_static_kv=True).graph_pool == 0
 
 
 def test_auto_counts_no_graph_pool_on_a_card_without_triton(monkeypatch):

@@ -106,8 +106,8 @@ def traced_decode_graphs(model, monkeypatch, attention_switch: bool = True):
 
     torch._dynamo.reset()
     monkeypatch.setattr(common.sampler, "_compiled_decode_step",
-                        functools.cache(lambda: torch.compile(common.sampler._decode_step, backend=backend,
-                                                              fullgraph=True)))
+                        functools.cache(lambda cuda_graphs: torch.compile(common.sampler._decode_step,
+                                                                          backend=backend, fullgraph=True)))
     if not attention_switch:
         monkeypatch.setattr(common.sampler, "GQA_DECODE_MODEL_TYPES", frozenset())
     sample_with(model, PROMPTS, num_samples=2, max_new_tokens=4, temperature=0.0, eos_token_ids=[-1],
@@ -246,7 +246,7 @@ def counting_backend(graph_module, example_inputs):
     return graph_module.forward
 
 sampler._compiled_decode_step = functools.cache(
-    lambda: torch.compile(sampler._decode_step, backend=counting_backend, fullgraph=True))
+    lambda cuda_graphs: torch.compile(sampler._decode_step, backend=counting_backend, fullgraph=True))
 allocate = sampler._KVStorage.__init__
 def counted_allocation(self, *args):
     counts["allocations"] += 1
@@ -336,3 +336,28 @@ def test_auto_takes_the_static_path_uncompiled_on_cuda_without_triton(triton_pac
             _sample_rows(on_cuda, PROMPTS, SamplingParams(1, 2, sampler="compiled"), [1], PAD)
     finally:
         _compiler_has_gpu_backend.cache_clear()
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_the_compiled_path_without_cuda_graphs_compiles_in_a_mode_without_them(cuda_graphs, monkeypatch):
+    """A run whose plan frees the static KV before each policy pass samples with cuda_graphs=False: its
+    buffers come back at a new address every step, which CUDA graphs would record again every step (issue
+    29, finding 9); the decode step is then compiled in the default mode, without CUDA graphs. torch.compile
+    is replaced by one that records the mode it is asked for and runs the step as it is."""
+    import common.sampler
+
+    modes = []
+
+    def recording_compile(function, mode=None, **options):
+        modes.append(mode)
+        return function
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    common.sampler._compiled_decode_step.cache_clear()
+    try:
+        settings = SamplingParams(2, 4, temperature=0.0, sampler="compiled", cuda_graphs=cuda_graphs)
+        out = sample(grouped_model("gemma2"), PROMPTS, settings, eos_token_ids=[-1], pad_token_id=PAD)
+    finally:
+        common.sampler._compiled_decode_step.cache_clear()
+    assert out.completion_ids.shape == (2 * len(PROMPTS), 4)
+    assert modes == ["reduce-overhead" if cuda_graphs else "default"]
