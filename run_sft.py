@@ -167,7 +167,7 @@ if LORA_R > 0:
         head_on_prompt=True, entropy=False, eval_samples=EVAL_NUM_SAMPLES if EVAL_TEMPERATURE > 0 else 1)
 else:
     print("no memory plan: it counts a LoRA's training (LORA_R > 0), not every weight's")
-    sizes = unplanned_sizes(requested_sizes, sizes_before_auto)
+    planned = unplanned_sizes(requested_sizes, sizes_before_auto)
 model, loss_scaler = load_model_for_training(run.model_path, device, DTYPE, QUANT, every_weight=LORA_R == 0,
                                              quiet=not distributed.is_main)
 packing, pack_length, packing_line = packing_plan(model, PACKING, PACK_LENGTH)

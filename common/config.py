@@ -141,8 +141,17 @@ def _resolve_annotation(annotation: str | None, namespace: dict) -> Any:
 
 
 def _describe(kind: Any) -> str:
+    """An annotation as a reader says it: "auto or int >= 1", not Union[Literal['auto'], Annotated[...]]."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
     if isinstance(kind, type):
         return kind.__name__
+    if origin is typing.Literal:
+        return _choices(args)
+    if origin is typing.Annotated:  # the shorthand conditions (">= 1") read after the type: "int >= 1"
+        shorthand = [condition for condition in args[1:] if isinstance(condition, str) and condition[:1] in "<>=!"]
+        return " ".join([_describe(args[0]), *shorthand])
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in args if option is not type(None))
     return str(kind).replace("typing.", "").replace("pathlib.", "")
 
 
@@ -263,7 +272,20 @@ def check_value(name: str, value: Any, kind: Any) -> None:
             except ConfigError as error:
                 errors.append(str(error))
         if errors and len(errors) == len(options):
-            raise ConfigError(errors[0])
+            # The option of the value's own type says what is wrong (MICRO_BATCH_SIZE=0 breaks its ">= 1",
+            # it is not a misspelt "auto").
+            own_type = [error for option, error in zip(options, errors) if isinstance(value, _base_types(option))]
+            raise ConfigError((own_type or errors)[0])
+
+
+def _base_types(kind: Any) -> tuple[type, ...]:
+    """The Python types an annotation's values have (a Literal's choices', an Annotated's base type)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Annotated:
+        return _base_types(args[0])
+    if origin is typing.Literal:
+        return tuple({type(choice) for choice in args})
+    return (kind,) if isinstance(kind, type) else (object,)
 
 
 def _jsonable(value: Any) -> Any:

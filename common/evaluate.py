@@ -198,28 +198,29 @@ def _score_samples(model, tokenizer, problems, settings: SamplingParams, progres
         sizes = BatchSizes(model, EVAL_BATCH_SIZE=max(1, settings.chunk_rows // num_samples) if settings.chunk_rows
                            else max(1, len(own_problems)))
     first = 0
-    bar = tqdm(total=len(own_problems), desc=desc, disable=not (progress and is_main_process()), unit="question")
-    while first < len(own_problems):
-        for attempt in sizes.attempts("EVAL_BATCH_SIZE", "an eval batch"):
-            with attempt:
-                batch = own_problems[first:first + attempt.size]
-                # The static path pads every batch, the last one too, to this many rows: one shape per eval.
-                batch_settings = dataclasses.replace(settings, chunk_rows=attempt.size * num_samples)
-                if settings.temperature > 0:  # each row its own stream: (seed, the problem's index, the sample's)
-                    seeds = [sample_seed(seed, index, k) for index, _ in batch for k in range(num_samples)]
-                    batch_settings = dataclasses.replace(batch_settings, generator=row_generators(seeds, device))
-                out = sample(model, encode_prompts(tokenizer, [problem for _, problem in batch], prompt_format),
-                             batch_settings, tokenizer=tokenizer, eos_token_ids=stop_ids)
-        first += len(batch)
-        bar.update(len(batch))
-        generated += int(out.completion_mask.sum())
-        for row, (text, cut_off) in enumerate(zip(out.texts, out.truncated.tolist())):
-            problem = batch[row // num_samples][1]
-            prediction = extract_answer(text)
-            correct = (reward(text, problem, cut_off).correct if reward is not None
-                       else answers_match(prediction, problem["gold_answer"]))
-            samples.append({"output": text, "prediction": prediction, "correct": correct, "truncated": cut_off})
-    bar.close()
+    # A context: a batch that fails (a reward that returns no number, say) closes the bar before its error line.
+    with tqdm(total=len(own_problems), desc=desc, disable=not (progress and is_main_process()),
+              unit="question") as bar:
+        while first < len(own_problems):
+            for attempt in sizes.attempts("EVAL_BATCH_SIZE", "an eval batch"):
+                with attempt:
+                    batch = own_problems[first:first + attempt.size]
+                    # The static path pads every batch, the last one too, to this many rows: one shape per eval.
+                    batch_settings = dataclasses.replace(settings, chunk_rows=attempt.size * num_samples)
+                    if settings.temperature > 0:  # each row its own stream: (seed, the problem's index, the sample's)
+                        seeds = [sample_seed(seed, index, k) for index, _ in batch for k in range(num_samples)]
+                        batch_settings = dataclasses.replace(batch_settings, generator=row_generators(seeds, device))
+                    out = sample(model, encode_prompts(tokenizer, [problem for _, problem in batch], prompt_format),
+                                 batch_settings, tokenizer=tokenizer, eos_token_ids=stop_ids)
+            first += len(batch)
+            bar.update(len(batch))
+            generated += int(out.completion_mask.sum())
+            for row, (text, cut_off) in enumerate(zip(out.texts, out.truncated.tolist())):
+                problem = batch[row // num_samples][1]
+                prediction = extract_answer(text)
+                correct = (reward(text, problem, cut_off).correct if reward is not None
+                           else answers_match(prediction, problem["gold_answer"]))
+                samples.append({"output": text, "prediction": prediction, "correct": correct, "truncated": cut_off})
     model.train(was_training)
     every_rank = all_gather_objects((samples, generated))
     samples = [scored for rank_samples, _ in every_rank for scored in rank_samples]
