@@ -198,7 +198,9 @@ scheduler = warmup_then_schedule(optimizer, WARMUP_STEPS, total_steps, LR_SCHEDU
 eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, planned.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
                                           EVAL_TEMPERATURE)
 # An out-of-memory error in an eval batch halves EVAL_BATCH_SIZE for the rest of the run (common/oom.py).
-sizes = BatchSizes(model, EVAL_BATCH_SIZE=planned.eval_batch_size)
+sizes = BatchSizes(model, EVAL_BATCH_SIZE=planned.eval_batch_size, MICRO_BATCH_SIZE=planned.micro_batch_size,
+                   MICRO_BATCH_TOKENS=MICRO_BATCH_TOKENS)
+micro_batch_limit = "MICRO_BATCH_TOKENS" if MICRO_BATCH_TOKENS else "MICRO_BATCH_SIZE"  # what cuts a micro-batch
 run.track(model, optimizer, scheduler, loss_scaler,
           evaluate=lambda step: evaluate(model, tokenizer, eval_problems, eval_greedy, desc=f"eval@{step}",
                                          reward=eval_reward, prompt_format=prompt_format, sampled=eval_sampled,
@@ -214,7 +216,7 @@ def micro_batches(indices: list[int]) -> list[list[int]]:
     """The pairs ``indices`` in micro-batches: MICRO_BATCH_SIZE pairs each, or (MICRO_BATCH_TOKENS > 0) as
     many whole pairs as fit in that many tokens (a pair: its prompt twice, the chosen and the rejected answer)."""
     lengths = [2 * len(tokenized[i][0]) + len(tokenized[i][1]) + len(tokenized[i][2]) for i in indices]
-    return [indices[cut] for cut in token_budget_ranges(lengths, planned.micro_batch_size, MICRO_BATCH_TOKENS)]
+    return [indices[cut] for cut in token_budget_ranges(lengths, sizes["MICRO_BATCH_SIZE"], sizes["MICRO_BATCH_TOKENS"])]
 
 
 def micro_batch_pairs(indices: list[int]):
@@ -259,35 +261,39 @@ for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_
     chosen_tokens = all_reduce_sum(sum(len(tokenized[i][1]) for i in batch_indices))
 
     model.train()
-    optimizer.zero_grad(set_to_none=True)
-    losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = [], [], [], [], []
-    step_loss = step_sft = torch.zeros((), device=device)
-    for micro in micro_batches(batch_indices):
-        if cached_reference is not None:
-            ref_chosen, ref_rejected = (logps[micro] for logps in cached_reference)
-        else:
-            ref_chosen, ref_rejected = reference_logprobs(micro)
-        batch = micro_batch_pairs(micro)
-        policy_chosen, policy_rejected, token_logps = pair_logprobs(model, batch, LOGPROB_CHUNK_SIZE,
-                                                                    length_normalise)
-        pair_losses, micro_chosen_rewards, micro_rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen.to(device), ref_rejected.to(device), beta=BETA,
-            loss_type=LOSS_TYPE, label_smoothing=LABEL_SMOOTHING)
-        # Each micro-batch contributes its share of the step's mean over all BATCH_SIZE pairs (every
-        # rank's), so the gradients summed over micro-batches and ranks are the whole batch's.
-        loss = pair_losses.sum() / BATCH_SIZE
-        if RPO_ALPHA:
-            chosen_mask = batch.answer_mask[:len(micro)].to(device)
-            sft = sft_loss(token_logps[:len(micro)], chosen_mask) * (chosen_mask.sum() / chosen_tokens)
-            loss = loss + RPO_ALPHA * sft
-            step_sft = step_sft + sft.detach()
-        loss_scaler.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
-        step_loss = step_loss + loss.detach()
-        losses.append(pair_losses.detach())
-        chosen_rewards.append(micro_chosen_rewards)
-        rejected_rewards.append(micro_rejected_rewards)
-        chosen_logps.append(policy_chosen.detach())
-        rejected_logps.append(policy_rejected.detach())
+    # Out of memory in a micro-batch: the update again from its start, its gradients and statistics zeroed,
+    # in micro-batches of half the size (common/oom.py): the update a run at that size makes.
+    for attempt in sizes.attempts(micro_batch_limit, "the DPO pass"):
+        with attempt:
+            optimizer.zero_grad(set_to_none=True)
+            losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = [], [], [], [], []
+            step_loss = step_sft = torch.zeros((), device=device)
+            for micro in micro_batches(batch_indices):
+                if cached_reference is not None:
+                    ref_chosen, ref_rejected = (logps[micro] for logps in cached_reference)
+                else:
+                    ref_chosen, ref_rejected = reference_logprobs(micro)
+                batch = micro_batch_pairs(micro)
+                policy_chosen, policy_rejected, token_logps = pair_logprobs(model, batch, LOGPROB_CHUNK_SIZE,
+                                                                            length_normalise)
+                pair_losses, micro_chosen_rewards, micro_rejected_rewards = dpo_loss(
+                    policy_chosen, policy_rejected, ref_chosen.to(device), ref_rejected.to(device), beta=BETA,
+                    loss_type=LOSS_TYPE, label_smoothing=LABEL_SMOOTHING)
+                # Each micro-batch contributes its share of the step's mean over all BATCH_SIZE pairs (every
+                # rank's), so the gradients summed over micro-batches and ranks are the whole batch's.
+                loss = pair_losses.sum() / BATCH_SIZE
+                if RPO_ALPHA:
+                    chosen_mask = batch.answer_mask[:len(micro)].to(device)
+                    sft = sft_loss(token_logps[:len(micro)], chosen_mask) * (chosen_mask.sum() / chosen_tokens)
+                    loss = loss + RPO_ALPHA * sft
+                    step_sft = step_sft + sft.detach()
+                loss_scaler.backward(loss)  # scaled first for an fp16 model (common.run.LossScaler)
+                step_loss = step_loss + loss.detach()
+                losses.append(pair_losses.detach())
+                chosen_rewards.append(micro_chosen_rewards)
+                rejected_rewards.append(micro_rejected_rewards)
+                chosen_logps.append(policy_chosen.detach())
+                rejected_logps.append(policy_rejected.detach())
     step_totals = all_reduce_sum({"loss": step_loss, "sft": step_sft})  # the step's: every rank's share
     sum_gradients(trainable)
     loss_scaler.unscale_gradients(optimizer)

@@ -239,3 +239,21 @@ def test_ppo_backs_off_a_micro_batch_to_the_update_at_half_the_size(tmp_path, ph
     for key in ("reward", "kl", "approx_kl", "clip_frac", "value_loss", "entropy", "grad_norm", "value_grad_norm"):
         assert metrics[0][key] == pytest.approx(expected[0][key], rel=1e-5, abs=1e-6), key
     assert_same_gradients(tmp_path, "backed_off", "at2")
+
+
+def test_dpo_backs_off_a_micro_batch_to_the_update_at_half_the_size(micro_model_dir, tmp_path):
+    """run_train_dpo.py: the first policy micro-batch (pair_logprobs with gradients; the cached reference
+    pass runs without) runs out of memory once at MICRO_BATCH_SIZE=4: the update is redone at 2 pairs per
+    micro-batch, and equals a run at 2 from the start (the RPO term included)."""
+    from tests.test_dpo_trainer import pairs_file
+    dpo_run = [f"--MODEL_PATH={micro_model_dir}", f"--TRAIN_FILE={pairs_file(tmp_path / 'pairs.jsonl', 8)}",
+               "--EVAL_FILE=data/synth_test.jsonl", "--EVAL_EVERY=0", "--BATCH_SIZE=8", "--MAX_STEPS=1",
+               "--LORA_R=2", "--RPO_ALPHA=0.5", "--DEVICE=cpu"]
+    result, metrics = train(tmp_path, "backed_off", "--MICRO_BATCH_SIZE=4", script="run_train_dpo.py",
+                            tiny_run=dpo_run, fail=("dpo.pairs", "pair_logprobs", 1, "grad"))
+    _, expected = train(tmp_path, "at2", "--MICRO_BATCH_SIZE=2", script="run_train_dpo.py", tiny_run=dpo_run)
+    assert result.stdout.count("out of memory") == 1
+    assert "out of memory in the DPO pass at MICRO_BATCH_SIZE=4: retrying with 2 for the rest of the run" in result.stdout
+    for key in ("loss", "total_loss", "sft_loss", "reward_accuracy", "grad_norm"):
+        assert metrics[-1][key] == pytest.approx(expected[-1][key], rel=1e-5, abs=1e-6), key
+    assert_same_gradients(tmp_path, "backed_off", "at2")
