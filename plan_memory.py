@@ -27,8 +27,8 @@ DTYPE: Dtype = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 
 DEVICE: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # the device the run will use (auto: this machine's, cuda > mps > cpu)
 PROMPTS_PER_STEP: Annotated[int, ">= 0"] = 16  # questions per step (0 = no rollouts: SFT, DPO)
 NUM_SAMPLES_PER_PROMPT: Annotated[int, ">= 1"] = 8  # completions sampled per question
-GENERATION_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 0"] = "auto"  # rows sampled together (0 = all of a step's;
-#                                   auto = the fewest equal chunks that fit)
+GENERATION_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 0"] = "auto"  # rows sampled together: auto, the fewest
+#                                   equal chunks that fit; 0, all of a step's rows at once
 PROMPT_TOKENS: Annotated[int, ">= 1"] = 256  # the longest prompt, in tokens
 MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # completion length limit
 MICRO_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 1"] = "auto"  # sequences per forward and backward (auto: the

@@ -69,9 +69,9 @@ out_dir = Path(OUT_DIR)
 out_dir.mkdir(parents=True, exist_ok=True)
 slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
 
-# Time limits, seconds, of each part on CUDA: 120 + 180 + 240 = 540 s, 9 minutes of a 10-minute call, the rest
-# for starting Python and torch and the table (QUICK: 120 + 240 s); the module docstring says what each covers.
-# On the CPU: generous, for a busy machine.
+# Time limits in seconds of each part on CUDA add up to 540, nine minutes of a ten-minute call; the rest
+# goes to starting Python and torch and writing the table. QUICK leaves out the Llama part. The module
+# docstring says what each part covers. On the CPU the limits are generous, for a busy machine.
 LIMITS = {True: {"tests": 120, "llama": 180, "gemma": 240}, False: {"tests": 300, "llama": 300, "gemma": 300}}[cuda]
 # bench_gpu.py's settings per part: the README's shapes (docs: GPU numbers) on CUDA, tiny ones with a thin body
 # elsewhere. Part 2 compiles once: our compiled sampler (about 2 minutes for a first call on an H200); the
