@@ -42,10 +42,13 @@ MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny mode
 LORA_CKPT: Path | None = None  # LoRA checkpoint (.pt, or a run directory: its newest) to evaluate on MODEL_PATH
 EVAL_FILE = "data/gsm8k_test.jsonl"  # JSONL problems: {"question", "gold_answer"}, raw GSM8K, or TRL's {"prompt", ...}
 GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_answer, answer, solution or ground_truth)
-INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
+INSTRUCTION = MATH_INSTRUCTION  # put before each bare question: a text, "" for none, or a preset: math (this one)
+#                                   or think (reasoning in <think>...</think>, then the answer line: docs/reasoning.md);
+#                                   a TRL "prompt" is used as given
 SYSTEM_PROMPT = ""  # a system message before every prompt ("" for none)
 CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or the path of a Jinja file
-REWARD = "correctness"  # what counts as correct: correctness (the extracted number), or your.py:function's "correct"
+REWARD = "correctness"  # what counts as correct: correctness (the extracted number), think (the number after
+#                                   a <think> block, with INSTRUCTION=think), or your.py:function's "correct"
 EVAL_LIMIT: Annotated[int, ">= 0"] = 0  # evaluate the first EVAL_LIMIT problems (0 = all)
 EVAL_BATCH_SIZE: Annotated[int, ">= 1"] = 64  # prompts generated together
 MAX_NEW_TOKENS: Annotated[int, ">= 1"] = 256  # answer length limit; an answer cut off here counts as wrong unless its number is right

@@ -33,10 +33,12 @@ NUM_SAMPLES_PER_PROMPT = 8  # K: answers sampled per question
 MAX_NEW_TOKENS = 256  # answer length limit (a cut-off answer is flagged truncated for the reward)
 TEMPERATURE = 1.0  # sampling temperature: diversity is what makes a group hold both outcomes
 BATCH_SIZE = 16  # questions per sampling batch (BATCH_SIZE x K rows sampled together)
-REWARD = "math"  # ranks the correct and the incorrect answers: math, correctness, your.py:function, or several
+REWARD = "math"  # ranks the correct and the incorrect answers: math, correctness, think, your.py:function, or several
 REWARD_WEIGHTS: tuple[float, ...] = ()  # one weight per REWARD entry (empty = all 1)
 GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_answer, answer, solution, ground_truth)
-INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
+INSTRUCTION = MATH_INSTRUCTION  # put before each bare question: a text, "" for none, or a preset: math (this one)
+#                                   or think (reasoning in <think>...</think>, then the answer line: docs/reasoning.md);
+#                                   a TRL "prompt" is used as given
 SYSTEM_PROMPT = ""  # system message of every prompt ("" for none)
 CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or a Jinja file
 OUT_FILE = "data/dpo_pairs.jsonl"  # pairs JSONL; the counts go to the same name with .summary.json

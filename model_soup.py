@@ -46,11 +46,14 @@ DEV_LIMIT = 0  # evaluate the first DEV_LIMIT dev problems (0 = all)
 TEST_LIMIT = 0  # evaluate the first TEST_LIMIT test problems (0 = all)
 BATCH_SIZE = 64  # prompts generated together
 MAX_NEW_TOKENS = 256  # answer length limit of the greedy evaluation
-INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
+INSTRUCTION = MATH_INSTRUCTION  # put before each bare question: a text, "" for none, or a preset: math (this one)
+#                                   or think (reasoning in <think>...</think>, then the answer line: docs/reasoning.md);
+#                                   a TRL "prompt" is used as given
 SYSTEM_PROMPT = ""  # system message of every prompt ("" for none)
 CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or a Jinja file
 GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_answer, answer, solution, ground_truth)
-REWARD = "correctness"  # what judges an answer correct: correctness (the number), or your.py:function
+REWARD = "correctness"  # what judges an answer correct: correctness (the number), think (the number after a
+#                                   <think> block), or your.py:function
 OUT = "checkpoints/soup/soup.pt"  # the soup checkpoint; its table goes beside it as .summary.json
 OVERWRITE = False  # replace an existing OUT (never one of the CKPTS: a training checkpoint stays resumable)
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu

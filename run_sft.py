@@ -38,7 +38,9 @@ TRAIN_FILE: Path | None = None  # JSONL with "question" and "solution"; None = a
 #                                   (differs from the other trainers: SFT learns from worked solutions)
 EVAL_FILE = "data/synth_test.jsonl"  # held-out problems for greedy eval, never in the synthetic training stream
 #                                   (differs from the other trainers: set for the tiny model)
-INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
+INSTRUCTION = MATH_INSTRUCTION  # put before each bare question: a text, "" for none, or a preset: math (this one)
+#                                   or think (reasoning in <think>...</think>, then the answer line: docs/reasoning.md);
+#                                   a TRL "prompt" is used as given
 SYSTEM_PROMPT = ""  # a system message before every prompt ("" for none)
 CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or the path of a Jinja file
 EVAL_LIMIT: Annotated[int, ">= 0"] = 500  # held-out questions per eval (0 = all) (differs from the other trainers: set for the tiny model)

@@ -40,10 +40,13 @@ TRAIN_FILE = "data/dpo_pairs.jsonl"  # preference pairs {"question" | "prompt", 
 EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval: {"question", "gold_answer"}, raw GSM8K, or TRL's {"prompt", ...}
 GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_answer, answer, solution or ground_truth)
 #                                   (differs from GRPO and PPO: EVAL_FILE's only; a pair needs none)
-INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
+INSTRUCTION = MATH_INSTRUCTION  # put before each bare question: a text, "" for none, or a preset: math (this one)
+#                                   or think (reasoning in <think>...</think>, then the answer line: docs/reasoning.md);
+#                                   a TRL "prompt" is used as given
 SYSTEM_PROMPT = ""  # a system message before every prompt ("" for none)
 CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or the path of a Jinja file
-EVAL_REWARD = "correctness"  # what the eval counts as correct: correctness (the number), or your.py:function
+EVAL_REWARD = "correctness"  # what the eval counts as correct: correctness (the number), think (the number after a
+#                                   <think> block), or your.py:function
 SKIP_LONG_PROMPTS = False  # leave out (and count) examples too long for the context, instead of refusing the file
 EVAL_LIMIT: Annotated[int, ">= 0"] = 200  # held-out questions per eval (0 = all)
 EVAL_EVERY: Annotated[int, ">= 0"] = 50  # steps between evals, plus one at step 0 and one at the end (0 = no evaluation)

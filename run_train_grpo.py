@@ -43,7 +43,9 @@ MODEL_PATH = "models/gemma-2-2b-it"  # local model directory (built-in tiny mode
 TRAIN_FILE = "data/gsm8k_train.jsonl"  # training questions: {"question", "gold_answer"}, raw GSM8K, or TRL's {"prompt", ...}
 EVAL_FILE = "data/gsm8k_test.jsonl"  # held-out questions for greedy eval: {"question", "gold_answer"}, raw GSM8K, or TRL's {"prompt", ...}
 GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_answer, answer, solution or ground_truth)
-INSTRUCTION = MATH_INSTRUCTION  # put before each bare question ("" for none); a TRL "prompt" is used as given
+INSTRUCTION = MATH_INSTRUCTION  # put before each bare question: a text, "" for none, or a preset: math (this one)
+#                                   or think (reasoning in <think>...</think>, then the answer line: docs/reasoning.md);
+#                                   a TRL "prompt" is used as given
 SYSTEM_PROMPT = ""  # a system message before every prompt ("" for none)
 CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or the path of a Jinja file
 NUM_PROMPTS: Annotated[int, ">= 0"] = 0  # use the first NUM_PROMPTS training questions (0 = all)
@@ -71,7 +73,8 @@ GENERATION_BATCH_SIZE: Literal["auto"] | Annotated[int, ">= 0"] = "auto"  # rows
 #                                   step's rows), or a number (0 = all of a step's rows at once)
 SAMPLER: Literal["auto", "eager", "static", "compiled"] = "auto"  # rollouts and evals: auto (compiled static-cache
 #                                   decode on CUDA, eager elsewhere), eager, static (static cache, not compiled) or compiled
-REWARD = "math"  # math (correctness + format - hacks), correctness, your.py:function, or several: math,my.py:brevity
+REWARD = "math"  # math (correctness + format - hacks), think (the same for reasoning in <think>...</think>, then
+#                                   the answer line: docs/reasoning.md), correctness, your.py:function, or several: math,my.py:brevity
 REWARD_WEIGHTS: tuple[float, ...] = ()  # one weight per REWARD entry (empty = all 1)
 # objective
 ADVANTAGE: Literal["mean", "std", "rank"] = "std"  # group advantage: mean (r - mean), std ((r - mean) / std), rank (centred ranks)

@@ -14,6 +14,10 @@ model) a bare question becomes "[<system>\\n\\n]<user message>\\n\\nSolution:\\n
 is refused: there is no agreed way to flatten one.  CHAT_TEMPLATE is set on the tokenizer itself
 (``configure_prompts``), where transformers keeps it: apply_chat_template, save_pretrained and the
 answer-end token (common.model.answer_end_token_id) then all see the same template.
+
+INSTRUCTION may also name a preset (``INSTRUCTION_PRESETS``): ``math`` (the default text) or ``think``,
+the visible-reasoning instruction: reasoning inside <think>...</think>, then the answer line
+(docs/reasoning.md; the "think" reward of common/reward.py pays for that shape).
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ class ChatTemplateNotFoundError(UserError, FileNotFoundError):
 
 
 INSTRUCTION = "Solve step by step. End with the line 'Answer: <number>'."
+THINK_INSTRUCTION = ("Think step by step between <think> and </think>. "
+                     "After </think>, end with the line 'Answer: <number>'.")
+
+# The instructions a script's INSTRUCTION can name instead of giving the text (--INSTRUCTION=think).
+INSTRUCTION_PRESETS = {"math": INSTRUCTION, "think": THINK_INSTRUCTION}
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,8 @@ def configure_prompts(tokenizer, instruction: str = INSTRUCTION, system_prompt: 
                       chat_template: str | Path | None = "auto") -> PromptFormat:
     """The PromptFormat of a script's INSTRUCTION and SYSTEM_PROMPT, after setting its CHAT_TEMPLATE
     on ``tokenizer``: "auto" keeps the tokenizer's own, "none" (or None) removes it (raw text
-    prompts), anything else is the path of a Jinja template file that replaces it."""
+    prompts), anything else is the path of a Jinja template file that replaces it.  An instruction
+    that names a preset (``INSTRUCTION_PRESETS``: math, think) stands for that preset's text."""
     if chat_template is None or str(chat_template) == "none":
         tokenizer.chat_template = None
     elif str(chat_template) != "auto":
@@ -57,7 +67,7 @@ def configure_prompts(tokenizer, instruction: str = INSTRUCTION, system_prompt: 
             raise ChatTemplateNotFoundError(f"CHAT_TEMPLATE {str(chat_template)!r}: no such file (give auto for the "
                                             f"tokenizer's own template, none for raw text, or a Jinja file)")
         tokenizer.chat_template = path.read_text(encoding="utf-8-sig")  # with or without a byte-order mark
-    return PromptFormat(instruction, system_prompt)
+    return PromptFormat(INSTRUCTION_PRESETS.get(instruction, instruction), system_prompt)
 
 
 def user_message(question: str, instruction: str = INSTRUCTION) -> str:

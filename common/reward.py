@@ -3,7 +3,9 @@
 A completion is scored by reading its final numeric answer and comparing it to
 the gold answer, plus a few shaping terms.  Each term is a small pure function
 so it can be tested and logged on its own; a named reward (``REWARD_FUNCTIONS``)
-combines them into one scalar and returns every term for logging.
+combines them into one scalar and returns every term for logging.  The "think" reward reads
+a completion shaped ``<think>reasoning</think>`` + the answer line (the INSTRUCTION=think preset of
+common/prompts.py; docs/reasoning.md).
 
 Extraction priority (the first that yields a number wins):
 
@@ -280,9 +282,59 @@ def math_reward(text: str, gold: str, truncated: bool = False) -> RewardResult:
     })
 
 
+# --- visible reasoning: one <think> block, then the answer ----------------------
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def think_answer_part(text: str) -> str | None:
+    """What follows ``</think>`` when the completion has the visible-reasoning shape, else None.
+
+    The shape: the completion opens with ``<think>`` (white space before it allowed), each tag
+    appears exactly once, ``</think>`` after ``<think>``, and the reasoning between them is not
+    only white space.  Reading the answer from this part alone is what keeps an answer written
+    inside the reasoning, several blocks or an empty block from being paid.
+    """
+    if text.count(THINK_OPEN) != 1 or text.count(THINK_CLOSE) != 1 or not text.lstrip().startswith(THINK_OPEN):
+        return None
+    reasoning, closed, answer_part = text.lstrip()[len(THINK_OPEN):].partition(THINK_CLOSE)
+    return answer_part if closed and reasoning.strip() else None
+
+
+def think_correctness_reward(text: str, gold: str | float) -> float:
+    """1.0 when the answer read after ``</think>`` equals the gold answer, else 0.0 (also when
+    the completion does not have the shape, so there is no "after")."""
+    answer_part = think_answer_part(text)
+    return correctness_reward(answer_part, gold) if answer_part is not None else 0.0
+
+
+def think_format_reward(text: str) -> float:
+    """1.0 when the completion has the shape and, after ``</think>``, exactly one ``Answer: <number>``
+    line that is the last non-empty line (``format_reward`` of that part): nothing after the answer."""
+    answer_part = think_answer_part(text)
+    return format_reward(answer_part) if answer_part is not None else 0.0
+
+
+def think_reward(text: str, gold: str, truncated: bool = False) -> RewardResult:
+    """The "math" reward for visible reasoning: correctness read after ``</think>``, the format bonus
+    for the whole shape, the same penalties (on the whole completion) and the same weights."""
+    terms = {
+        "correctness": think_correctness_reward(text, gold),
+        "format": think_format_reward(text),
+        "repetition": repetition_penalty(text),
+        "multiple_answers": multiple_answers_penalty(text),
+        "truncation": truncation_penalty(truncated),
+    }
+    total = (terms["correctness"] + FORMAT_WEIGHT * terms["format"] - REPETITION_WEIGHT * terms["repetition"]
+             - MULTIPLE_ANSWERS_WEIGHT * terms["multiple_answers"] - TRUNCATION_WEIGHT * terms["truncation"])
+    return RewardResult(total=total, correct=terms["correctness"] == 1.0, format_ok=terms["format"] == 1.0,
+                        terms=terms)
+
+
 REWARD_FUNCTIONS: dict[str, Callable[..., RewardResult]] = {
     "correctness": correctness_only_reward,
     "math": math_reward,
+    "think": think_reward,
 }
 
 

@@ -298,7 +298,7 @@ def test_correctness_reward_fn_ignores_shaping_but_logs_it():
 
 
 def test_registry():
-    assert set(REWARD_FUNCTIONS) == {"correctness", "math"}
+    assert set(REWARD_FUNCTIONS) == {"correctness", "math", "think"}
     assert DEFAULT_REWARD_NAME == "math"
     assert get_reward_fn("math") is math_reward
 
@@ -414,7 +414,7 @@ def test_a_module_function_reference(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("spec, weights, problem", [
-    ("nope", (), "'nope' is neither a built-in reward \\(correctness, math\\) nor"),
+    ("nope", (), "'nope' is neither a built-in reward \\(correctness, math, think\\) nor"),
     ("missing.py:f", (), "reward file missing.py not found"),
     ("my_rewards.py:absent", (), "'absent' is not defined in my_rewards.py"),
     ("my_rewards.py:CALLS", (), "'CALLS' is not callable"),
