@@ -70,7 +70,9 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": str(base_model_name_or_path),
         "r": config["r"],
-        "lora_alpha": config["alpha"],
+        # A whole alpha is written as an integer, as PEFT writes it: Ollama's adapter import reads lora_alpha
+        # into an unsigned integer and refuses 32.0 (the trainers' LORA_ALPHA is a float).
+        "lora_alpha": int(config["alpha"]) if float(config["alpha"]).is_integer() else config["alpha"],
         "lora_dropout": config["dropout"],
         "target_modules": config["target_modules"],
         "use_rslora": config["use_rslora"],

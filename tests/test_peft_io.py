@@ -39,6 +39,18 @@ def randomize_adapters(model: nn.Module, seed: int = 1, scale: float = 0.1) -> N
             module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * scale)
 
 
+@pytest.mark.parametrize("alpha, written", [(32.0, "32"), (12.5, "12.5")])
+def test_a_whole_alpha_is_written_as_an_integer(alpha, written, tmp_path):
+    """The trainers' LORA_ALPHA is a float (32.0); Ollama's adapter import reads lora_alpha into an
+    unsigned integer (ollama/ollama convert/convert.go, AdapterParameters) and refuses "32.0"."""
+    model = micro_model("gemma2")
+    apply_lora(model, r=4, alpha=alpha, target_modules=("q_proj",))
+    save_peft_adapter(model, tmp_path, "base")
+    text = (tmp_path / "adapter_config.json").read_text()
+    assert f'"lora_alpha": {written},' in text
+    assert json.loads(text)["lora_alpha"] == alpha
+
+
 @pytest.mark.parametrize("arch, targets, use_rslora, dropout", [
     ("gemma2", ALL_LINEARS, True, 0.1),
     ("llama", ("q_proj", "v_proj"), False, 0.0),
