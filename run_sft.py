@@ -199,9 +199,10 @@ def next_batch() -> list[dict]:
 
 
 def collate(problems) -> list[PassLayout]:
-    """The examples (prompt + solution + answer end) laid out for the step's passes (common/packing.py):
-    one micro-batch, or micro-batches of up to MICRO_BATCH_TOKENS tokens, packed into rows of at most
-    PACK_LENGTH tokens, or right-padded; the answers, end included, are the predicted tokens. On the device."""
+    """The examples (prompt + solution + answer end) laid out for the step's passes (common/packing.py) at
+    the sizes in use: one micro-batch (after an out-of-memory error, micro-batches of the smaller size), or
+    micro-batches of up to MICRO_BATCH_TOKENS tokens, packed into rows of at most PACK_LENGTH tokens, or
+    right-padded; the answers, end included, are the predicted tokens. On the device."""
     prompts = encode_prompts(tokenizer, problems, prompt_format)
     answers = [answer + [answer_end_id] for answer in
                tokenizer([p["solution"] for p in problems], add_special_tokens=False)["input_ids"]]
@@ -209,7 +210,7 @@ def collate(problems) -> list[PassLayout]:
     lengths = [len(answer) for answer in answers]
     longest = max(len(sequence) for sequence in sequences)
     return to_device([layout for _, layout in micro_batch_layouts(
-        sequences, lengths, max(lengths), len(sequences), MICRO_BATCH_TOKENS, packing,
+        sequences, lengths, max(lengths), sizes["MICRO_BATCH_SIZE"], sizes["MICRO_BATCH_TOKENS"], packing,
         resolve_pack_length(pack_length, longest), tokenizer.pad_token_id)], device)
 
 
@@ -235,8 +236,12 @@ final_eval: dict = {}  # the last eval's metrics, for sft_info.json
 
 eval_greedy, eval_sampled = eval_sampling(MAX_NEW_TOKENS, planned.eval_batch_size, SAMPLER, EVAL_NUM_SAMPLES,
                                           EVAL_TEMPERATURE)
-# An out-of-memory error in an eval batch halves EVAL_BATCH_SIZE for the rest of the run (common/oom.py).
-sizes = BatchSizes(model, EVAL_BATCH_SIZE=planned.eval_batch_size)
+# An out-of-memory error halves its phase's size for the rest of the run (common/oom.py): in an eval batch
+# EVAL_BATCH_SIZE; in the update MICRO_BATCH_TOKENS where it is set, else MICRO_BATCH_SIZE, the examples per
+# micro-batch (no constant of SFT's: this rank's share of BATCH_SIZE, one pass, until a back-off halves it).
+sizes = BatchSizes(model, EVAL_BATCH_SIZE=planned.eval_batch_size, MICRO_BATCH_SIZE=planned.micro_batch_size,
+                   MICRO_BATCH_TOKENS=MICRO_BATCH_TOKENS)
+micro_batch_limit = "MICRO_BATCH_TOKENS" if MICRO_BATCH_TOKENS else "MICRO_BATCH_SIZE"  # what cuts a micro-batch
 
 
 def run_eval(step: int):
@@ -256,18 +261,26 @@ for step in run.steps(MAX_STEPS, None, eval_every=EVAL_EVERY, save_every=0,  # a
                       save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS):
     step_start = time.perf_counter()
     # Every rank draws the same batch (same seed) and trains on its share of it.
-    layouts = collate(shard(next_batch()))
+    problems = shard(next_batch())
+    layouts = collate(problems)
     answer_tokens = all_reduce_sum(sum(len(layout.predicting) for layout in layouts))  # the whole batch's, every rank's
-    optimizer.zero_grad(set_to_none=True)
-    loss = torch.zeros((), device=device)
-    for layout in layouts:  # one pass, or the micro-batches of MICRO_BATCH_TOKENS: each its share of the batch's mean
-        # The log-prob of each answer token, from the position before it (the head runs on those alone).
-        hidden_states = body_hidden_states(model, layout.input_ids, layout.attention_mask, layout.position_ids)
-        answer_logp = head_token_logprobs(model, hidden_states, layout.input_ids, chunk_size=LOGPROB_CHUNK_SIZE,
-                                          from_position=layout.predicting)
-        micro_loss = -answer_logp.sum() / answer_tokens
-        loss_scaler.backward(micro_loss)  # scaled first for an fp16 model (common.run.LossScaler)
-        loss += micro_loss.detach()
+    # Out of memory in a micro-batch: the update again from its start, its gradients zeroed, in micro-batches of
+    # half the size (common/oom.py): the update a run at that size makes.
+    for attempt in sizes.attempts(micro_batch_limit, "the SFT pass"):
+        with attempt:
+            if attempt.retry:
+                layouts = collate(problems)
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=device)
+            for layout in layouts:  # one pass, or micro-batches: each its share of the batch's mean
+                # The log-prob of each answer token, from the position before it (the head runs on those alone).
+                hidden_states = body_hidden_states(model, layout.input_ids, layout.attention_mask,
+                                                   layout.position_ids)
+                answer_logp = head_token_logprobs(model, hidden_states, layout.input_ids,
+                                                  chunk_size=LOGPROB_CHUNK_SIZE, from_position=layout.predicting)
+                micro_loss = -answer_logp.sum() / answer_tokens
+                loss_scaler.backward(micro_loss)  # scaled first for an fp16 model (common.run.LossScaler)
+                loss += micro_loss.detach()
     sum_gradients(trainable)
     loss_scaler.unscale_gradients(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP))

@@ -11,7 +11,7 @@ first, each part a subprocess with its own time limit (LIMITS), set from the com
 
 | part | what it runs | limit |
 |---|---|---|
-| 1 | `pytest -m cuda tests`: the equivalence tests' CUDA cases (tests/conftest.py DEVICES: log-probs and their gradients against the naive path and fp64, the LoRA layer against its formula, the NF4-LoRA gradients against a float layer, and whatever else carries the `cuda` marker); nothing compiled | 120 s |
+| 1 | `pytest -m cuda tests`: the equivalence tests' CUDA cases (tests/conftest.py DEVICES: log-probs and their gradients against the naive path and fp64, the LoRA layer against its formula, the NF4-LoRA gradients against a float layer, and whatever else carries the `cuda` marker); nothing compiled; a row for each number a case records (the bf16 sampler-trainer log-prob gap beside its tolerance) | 120 s |
 | 3 | bench/bench_gpu.py's 12 GB check: Llama 3.1 8B's shapes with a 4-bit base, checkpointed, capped at 12 GB (the target: a peak of at most 11.5 GB), eager sampler, one untimed and one timed GRPO step; nothing compiled. Needs bitsandbytes; skipped, and said, without it. Not with QUICK | 180 s |
 | 2 | bench/bench_gpu.py at Gemma 2 2B's shapes (16 prompts x 8 samples, 128 new tokens, LoRA r16 on the seven linears): our eager and compiled samplers (one compilation) and model.generate eagerly (not with QUICK), one timed call each; then run_train_grpo.py's GRPO step phase by phase (a subprocess of the benchmark) on the static path uncompiled: a second compilation would not fit | 240 s |
 
@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 import psutil
 
@@ -149,6 +150,16 @@ def bench_rows(part: str, record_file: Path) -> list[list[str]]:
     return rows
 
 
+def measured_rows(junit_file: Path) -> list[list[str]]:
+    """A row for each number a CUDA case recorded beside its assertion (pytest's record_property, e.g. the
+    bf16 sampler-trainer log-prob gap and its tolerance), read from pytest's JUnit XML; none where pytest
+    wrote none (stopped at its limit)."""
+    if not junit_file.exists():
+        return []
+    return [[f"1: {case.get('name')}: {recorded.get('name')}", recorded.get("value"), "", "", "", ""]
+            for case in ElementTree.parse(junit_file).iter("testcase") for recorded in case.iter("property")]
+
+
 HEADERS = ["check", "result", "seconds", "peak allocated GB", "peak reserved GB", "plan's peak GB"]
 report = out_dir / f"gpu-{slug}.md"
 
@@ -180,8 +191,11 @@ except ImportError:  # a bare GPU machine (issue 29, finding 8): said in one lin
     print(f"[1/3] {no_pytest}")
     table.append(["1: equivalence tests, CUDA cases", no_pytest, "", "", "", ""])
 else:
-    tests = parts["1"] = run_part(["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
-                                  LIMITS["tests"])
+    # The numbers the tests measure come back in JUnit XML (xunit1: the family that keeps record_property's).
+    junit = out_dir / f"gpu-check-{slug}-tests.xml"
+    junit.unlink(missing_ok=True)  # an earlier check's is not this one's
+    tests = parts["1"] = run_part(["-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                                   "-o", "junit_family=xunit1", "tests"], LIMITS["tests"])
     summary = re.findall(r"^=*\s*(.*\b(?:passed|failed|skipped|deselected|error)\b.*?)\s*=*$", tests["output"], re.M)
     tests_failed = tests["status"] not in (0, 5)  # 5: nothing collected
     result = summary[-1] if summary else f"exit status {tests['status']}"
@@ -189,6 +203,7 @@ else:
         result += " (no CUDA: the cuda cases skip; make test runs their CPU cases)"
     table.append(["1: equivalence tests, CUDA cases", ("FAILED: " if tests_failed else "") + result,
                   f"{tests['seconds']:.1f}", "", "", ""])
+    table += measured_rows(junit)
 write_report(table, parts)
 
 # 3. and 2. The benchmark as the 12 GB check (nothing compiled), then at Gemma 2 2B's shapes (a compilation):

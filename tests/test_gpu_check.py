@@ -59,7 +59,8 @@ sys.exit("error: run_train_grpo.py (bench_gpu) exited 1")
 
 def test_gpu_check_exits_non_zero_when_an_equivalence_test_fails(tmp_path):
     """A failing CUDA case: exit status 1, FAILED in the table (simulated, in a copy of the repository with
-    a failing test), and a benchmark part whose GRPO step fails shows its sampling rows all the same."""
+    a failing test, and a passing one whose measured number gets its row), and a benchmark part whose GRPO
+    step fails shows its sampling rows all the same."""
     import shutil
 
     copy = tmp_path / "repo"
@@ -70,11 +71,16 @@ def test_gpu_check_exits_non_zero_when_an_equivalence_test_fails(tmp_path):
     (copy / "tests" / "conftest.py").write_text(
         "def pytest_configure(config):\n    config.addinivalue_line('markers', 'cuda: CUDA cases')\n")
     (copy / "tests" / "test_fails.py").write_text(
-        "import pytest\n\n@pytest.mark.cuda\ndef test_a_cuda_case_that_fails():\n    assert False\n")
+        "import pytest\n\n@pytest.mark.cuda\ndef test_a_cuda_case_that_fails():\n    assert False\n\n"
+        "@pytest.mark.cuda\ndef test_a_cuda_case_that_measures(record_property):\n"
+        "    record_property('largest gap', '3.10e-04 nats over 301 tokens, tolerance 6.57e-01')\n")
     result = run_script(["bench/gpu_check.py", "--QUICK=true", f"--OUT_DIR={tmp_path / 'out'}"], cwd=copy,
                         check=False, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "| 1: equivalence tests, CUDA cases | FAILED: 1 failed" in result.stdout
+    assert "| 1: equivalence tests, CUDA cases | FAILED: 1 failed, 1 passed" in result.stdout
+    # What a case measured, beside its tolerance, in a row of its own (the first card's run records it).
+    assert ("| 1: test_a_cuda_case_that_measures: largest gap | 3.10e-04 nats over 301 tokens, tolerance 6.57e-01 |"
+            in result.stdout)
     assert ("| 2: Gemma 2 2B shapes | FAILED: exit status 1: error: run_train_grpo.py (bench_gpu) exited 1 |"
             in result.stdout)
     assert "| 2: sampling, eager | 100 tok/s, first call 1.0 s | 0.50 | - | - |" in result.stdout

@@ -1,6 +1,7 @@
 """Out-of-memory never ends a run (common/oom.py): the back-off alone, an eval batch in process, and
-run_train_grpo.py's rollouts, eval batches, reference and policy passes (run_train_ppo.py's passes)
-with an injected CUDA out-of-memory error, whose run equals a run at the smaller size from the start."""
+run_train_grpo.py's rollouts, eval batches, reference and policy passes (run_train_ppo.py's passes,
+run_train_dpo.py's and run_sft.py's updates) with an injected CUDA out-of-memory error, whose run
+equals a run at the smaller size from the start."""
 
 import json
 
@@ -125,7 +126,9 @@ def train(tmp_path, name: str, *settings: str, fail: tuple[str, str, int, str] |
           script: str = "run_train_grpo.py", tiny_run: list[str] = TINY_RUN):
     """A run of ``script`` on the tiny model (the out-of-memory error ``fail``: module, function, call,
     calls counted), its metrics lines, and its first update's gradients in {name}_gradients.pt."""
-    where = [f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", f"--RUN_NAME={name}"]
+    # Checkpoints in tmp_path / name: run_sft.py's OUT_DIR, the RL trainers' CHECKPOINT_DIR / RUN_NAME.
+    folder = f"--OUT_DIR={tmp_path / name}" if script == "run_sft.py" else f"--CHECKPOINT_DIR={tmp_path}"
+    where = [folder, f"--LOG_DIR={tmp_path}", f"--RUN_NAME={name}"]
     launcher = ["-c", OOM_AT_CALL, str(tmp_path / f"{name}_gradients.pt"), script,
                 *map(str, fail or ("-", "-", 0, "any"))]
     result = run_script([*launcher, *tiny_run, *settings, *where])
@@ -257,3 +260,28 @@ def test_dpo_backs_off_a_micro_batch_to_the_update_at_half_the_size(micro_model_
     for key in ("loss", "total_loss", "sft_loss", "reward_accuracy", "grad_norm"):
         assert metrics[-1][key] == pytest.approx(expected[-1][key], rel=1e-5, abs=1e-6), key
     assert_same_gradients(tmp_path, "backed_off", "at2")
+
+
+@pytest.mark.parametrize("tokens, failing_call, name, size, expected_settings", [
+    ("0", 1, "MICRO_BATCH_SIZE", 8, []), ("200", 2, "MICRO_BATCH_TOKENS", 200, ["--MICRO_BATCH_TOKENS=100"])])
+def test_sft_backs_off_a_micro_batch_to_the_update_at_half_the_size(tmp_path, tokens, failing_call, name, size,
+                                                                     expected_settings):
+    """run_sft.py (LoRA on the tiny model, 8 examples): the update's first pass runs out of memory, the
+    batch in one pass (no MICRO_BATCH_TOKENS: 8 examples per micro-batch, 4 after), or the second of
+    its micro-batches of 200 tokens (the first one's gradients already accumulated: the retry zeroes
+    them). The update is redone at half the size and its gradients and metrics are those of a run at
+    MICRO_BATCH_TOKENS=100 from the start, or, where SFT has no constant for 4 examples, of the batch
+    in one pass (the normaliser is the batch's answer tokens, whatever the grouping); the checkpoint
+    records the smaller size."""
+    sft_run = ["--MAX_STEPS=1", "--EVAL_EVERY=0", "--BATCH_SIZE=8", "--LORA_R=2", "--DEVICE=cpu"]
+    result, metrics = train(tmp_path, "backed_off", f"--MICRO_BATCH_TOKENS={tokens}", script="run_sft.py",
+                            tiny_run=sft_run, fail=("common.logprobs", "body_hidden_states", failing_call, "grad"))
+    _, expected = train(tmp_path, "expected", *expected_settings, script="run_sft.py", tiny_run=sft_run)
+    assert result.stdout.count("out of memory") == 1
+    assert (f"out of memory in the SFT pass at {name}={size}: retrying with {size // 2} for the rest of the run"
+            in result.stdout)
+    for key in ("loss", "grad_norm", "answer_tokens"):
+        assert metrics[-1][key] == pytest.approx(expected[-1][key], rel=1e-5, abs=1e-6), key
+    assert_same_gradients(tmp_path, "backed_off", "expected")
+    checkpoint = load_checkpoint(tmp_path / "backed_off" / "lora_epoch0_step1.pt")
+    assert checkpoint["extra"]["batch_sizes"][name] == size // 2
