@@ -145,3 +145,15 @@ def test_compare_to_names_a_sampling_difference(tmp_path, name, was, now):
         assert not first.startswith("COMPARE_TO:")  # both greedy: the seed changes nothing
     else:
         assert first == "COMPARE_TO: the two evaluations differ: TEMPERATURE 0.0 -> 1.0; compared on the 2 shared problems"
+
+
+def test_plot_metrics_draws_strict_beside_lenient_accuracy(tmp_path):
+    pytest.importorskip("matplotlib")
+    lines = [{"step": 0, "eval/accuracy": 0.5, "eval/accuracy_strict": 0.25, "eval/accuracy_strict_ci_low": 0.1},
+             {"step": 1, "reward": 0.1, "accuracy": 0.05},
+             {"step": 2, "eval/accuracy": 0.6, "eval/accuracy_strict": 0.5}]
+    (tmp_path / "run.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out_file = tmp_path / "metrics.png"
+    result = run_script(["plot_metrics.py", f"--RUNS={tmp_path / 'run.jsonl'}", f"--OUT_FILE={out_file}"])
+    assert out_file.read_bytes()[:4] == b"\x89PNG"
+    assert "run: held-out eval/accuracy, eval/accuracy_strict\n" in result.stdout  # both curves, no interval bound
