@@ -157,3 +157,17 @@ def test_plot_metrics_draws_strict_beside_lenient_accuracy(tmp_path):
     result = run_script(["plot_metrics.py", f"--RUNS={tmp_path / 'run.jsonl'}", f"--OUT_FILE={out_file}"])
     assert out_file.read_bytes()[:4] == b"\x89PNG"
     assert "run: held-out eval/accuracy, eval/accuracy_strict\n" in result.stdout  # both curves, no interval bound
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("not json", "not a readable summary JSON"),
+    ('{"eval/accuracy": 0.5}', "not an eval_math.py summary (no config or eval/total)"),
+])
+def test_a_compare_to_that_is_no_summary_is_refused_in_one_line_before_the_eval(tmp_path, text, expected):
+    summary = tmp_path / "old.summary.json"
+    summary.write_text(text)
+    result = run_script(["eval_math.py", f"--MODEL_PATH={TINY_MODEL_DIR}", f"--COMPARE_TO={summary}",
+                         f"--OUT_FILE={tmp_path / 'x.jsonl'}"], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: COMPARE_TO={summary}: {expected}")
+    assert not (tmp_path / "x.jsonl").exists()  # refused before any problem was evaluated
