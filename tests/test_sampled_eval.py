@@ -80,7 +80,7 @@ def test_sampled_eval_records_and_metrics_on_the_tiny_model(tiny):
     for record, problem in zip(result.records, problems):
         assert record["question"] == problem["question"] and len(record["samples"]) == 4
         assert record["num_correct"] == sum(sample["correct"] for sample in record["samples"])
-        assert set(record["samples"][0]) == {"output", "prediction", "correct", "truncated"}
+        assert set(record["samples"][0]) == {"output", "prediction", "correct", "strict_correct", "truncated"}
     # Every metric from the records, worked out here again.
     counts = [record["num_correct"] for record in result.records]
     metrics = result.metrics()
@@ -88,6 +88,8 @@ def test_sampled_eval_records_and_metrics_on_the_tiny_model(tiny):
     assert metrics["eval/pass@2"] == pytest.approx(sum(pass_at_k(4, c, 2) for c in counts) / 10)
     assert metrics["eval/pass@4"] == pytest.approx(sum(c > 0 for c in counts) / 10)
     assert metrics["eval/maj@4"] == pytest.approx(sum(r["majority_correct"] for r in result.records) / 10)
+    assert metrics["eval/mean@4_strict"] == pytest.approx(
+        sum(sample["strict_correct"] for r in result.records for sample in r["samples"]) / 40)
     for name in ("mean@4", "pass@1", "pass@2", "pass@4", "maj@4"):
         assert metrics[f"eval/{name}_ci_low"] <= metrics[f"eval/{name}"] <= metrics[f"eval/{name}_ci_high"]
     assert 0 < metrics["eval/mean@4"] < metrics["eval/pass@4"]  # some right, some wrong: the curve rises
