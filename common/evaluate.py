@@ -154,6 +154,10 @@ class EvalResult:
         return self.correct_strict / self.total if self.total else 0.0
 
     @property
+    def confidence_interval_strict(self) -> tuple[float, float] | None:
+        return None if self.correct_strict is None else wilson_interval(self.correct_strict, self.total)
+
+    @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
@@ -161,7 +165,7 @@ class EvalResult:
         low, high = self.confidence_interval
         strict = ""
         if self.correct_strict is not None:
-            strict_low, strict_high = wilson_interval(self.correct_strict, self.total)
+            strict_low, strict_high = self.confidence_interval_strict
             strict = (f"Strict: {100 * self.accuracy_strict:.2f}%  "
                       f"(95% CI {100 * strict_low:.1f}-{100 * strict_high:.1f}%)  ")
         greedy = (f"Total: {self.total}  Correct: {self.correct}  Accuracy: {100 * self.accuracy:.2f}%  "
@@ -174,10 +178,11 @@ class EvalResult:
                    f"{prefix}/total": self.total, f"{prefix}/correct": self.correct,
                    f"{prefix}/tokens_per_s": self.tokens_per_second}
         if self.correct_strict is not None:
-            strict_low, strict_high = wilson_interval(self.correct_strict, self.total)
-            metrics.update({f"{prefix}/accuracy_strict": self.accuracy_strict, f"{prefix}/correct_strict": self.correct_strict,
+            strict_low, strict_high = self.confidence_interval_strict
+            metrics.update({f"{prefix}/accuracy_strict": self.accuracy_strict,
                             f"{prefix}/accuracy_strict_ci_low": strict_low,
-                            f"{prefix}/accuracy_strict_ci_high": strict_high})
+                            f"{prefix}/accuracy_strict_ci_high": strict_high,
+                            f"{prefix}/correct_strict": self.correct_strict})
         return metrics if self.sampled is None else {**metrics, **self.sampled.metrics(prefix)}
 
 
