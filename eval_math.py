@@ -6,8 +6,9 @@
     python eval_math.py --NUM_SAMPLES=16 --TEMPERATURE=1 --GREEDY_TOO=true    # mean@16, pass@1..16, maj@16, greedy
 
 Greedy (the default, TEMPERATURE=0) prints `Total: N  Correct: M  Accuracy: X.XX%` with a 95%
-confidence interval and tokens/s, and writes one JSONL line per question (question, gold, output,
-prediction, correct, truncated) under logs/.
+confidence interval, the strict accuracy (`Strict: Y.YY%`, the answers given in the requested format
+'Answer: <number>' as the last line; docs/evaluation.md) with its own, and tokens/s, and writes one
+JSONL line per question (question, gold, output, prediction, correct, strict_correct, truncated) under logs/.
 
 Sampled (TEMPERATURE > 0): NUM_SAMPLES = k completions per question, and for each, with a 95%
 bootstrap interval over the questions (the method is printed and stored):
@@ -15,10 +16,13 @@ bootstrap interval over the questions (the method is printed and stored):
   pass@j   for j = 1, 2, 4, ..., k: the chance that one of j samples is right (Chen et al. 2021's
            unbiased estimator from the k samples; common/sampled_metrics.py)
   maj@k    the accuracy of the majority vote of the k extracted answers (ties: the answer sampled first)
-and a JSONL line per question with its k samples (output, prediction, correct, truncated each),
+  mean@k_strict  mean@k of the answers given in the requested format
+and a JSONL line per question with its k samples (output, prediction, correct, strict_correct, truncated each),
 num_correct and the majority's answer; GREEDY_TOO=true adds the greedy completion ("greedy").
 Next to the JSONL, a .summary.json holds the config and every metric with its interval;
-COMPARE_TO= an earlier one prints before -> after for each metric both have.
+COMPARE_TO= an earlier one prints before -> after for each metric both have (lenient and strict), on the
+problems both evaluated (matched by question), after one line naming what differs between the two
+evaluations (file, number of problems, prompt, generation settings), if anything does.
 
     torchrun --standalone --nproc_per_node=4 eval_math.py ...   # the problems sharded across 4 processes
 
@@ -72,6 +76,7 @@ config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
 from common.checkpoint import load_lora_checkpoint, resolve_checkpoint  # noqa: E402
+from common.compare import comparison_lines, read_records, read_summary, records_file  # noqa: E402
 from common.data import load_problems  # noqa: E402
 from common.distributed import cleanup, setup_distributed  # noqa: E402
 from common.evaluate import check_sampling, evaluate, evaluate_sampled  # noqa: E402
@@ -85,6 +90,7 @@ from common.sampler import SamplingParams  # noqa: E402
 check_sampling(NUM_SAMPLES, TEMPERATURE, ("NUM_SAMPLES", "TEMPERATURE"))
 if COMPARE_TO is not None and not Path(COMPARE_TO).is_file():
     raise SystemExit(f"error: COMPARE_TO={COMPARE_TO}: no such summary file (an earlier eval's .summary.json)")
+before = read_summary(COMPARE_TO) if COMPARE_TO is not None else None  # read now: a bad file costs no eval
 distributed = setup_distributed(DEVICE)
 # Before the model loads: a missing model file or an unwritable OUT_FILE would otherwise cost the whole evaluation.
 run_name = Path(LORA_CKPT).stem if LORA_CKPT else Path(MODEL_PATH).name
@@ -121,7 +127,8 @@ if sampled is None:
     records = greedy.records
 else:  # the sampled record of each question, its greedy completion beside it when GREEDY_TOO
     records = sampled.records if greedy is None else [
-        {**record, "greedy": {key: greedy_record[key] for key in ("output", "prediction", "correct", "truncated")}}
+        {**record, "greedy": {key: greedy_record[key]
+                              for key in ("output", "prediction", "correct", "strict_correct", "truncated")}}
         for record, greedy_record in zip(sampled.records, greedy.records)]
 with out_file.open("w") as f:
     for record in records:
@@ -137,15 +144,7 @@ if greedy is not None:
 if sampled is not None:
     print(sampled.table())
 print(f"per-question results: {out_file}  summary: {summary_file}")
-if COMPARE_TO is not None:
-    before = json.loads(Path(COMPARE_TO).read_text())
-    names = (["accuracy"] if greedy is not None else []) + (list(sampled.values) if sampled is not None else [])
-    shared = [name for name in names if f"eval/{name}" in before]
-    source = before["config"].get("LORA_CKPT") or before["config"]["MODEL_PATH"]
-    if not shared:
-        print(f"before -> after: {COMPARE_TO} has none of this run's metrics ({', '.join(names)})")
-    for name in shared:
-        was, now = before[f"eval/{name}"], metrics[f"eval/{name}"]
-        label = "before -> after" if name == "accuracy" else f"before -> after {name}"
-        print(f"{label}: {100 * was:.2f}% ({before['eval/total']} problems, {source}) -> {100 * now:.2f}% "
-              f"({metrics['eval/total']} problems): {100 * (now - was):+.2f} points")
+if before is not None:  # matched by question: only the problems both evaluated are compared
+    for line in comparison_lines(COMPARE_TO, before, read_records(records_file(COMPARE_TO)),
+                                 {"config": config, **metrics}, records):
+        print(line)

@@ -7,16 +7,17 @@ or pass@k against k from sampled evaluations (--PASS_AT_K).
 
 The trainers write a line per step ("step", "reward": the mean reward of the step's samples,
 "accuracy": the share of them that is correct, ...) and, at every evaluation, the greedy accuracy
-on held-out questions ("eval/accuracy", from common.evaluate.EvalResult.metrics), with, when
-EVAL_TEMPERATURE > 0, the sampled metrics ("eval/mean@k", "eval/pass@j", "eval/maj@k"). Three
-panels, a curve per run: reward and sampled accuracy per step (moving averages over SMOOTHING
-steps), and held-out accuracy at each evaluation: greedy (solid), and when logged mean@k (dashed),
-pass@k for the largest k (dotted) and maj@k (dash-dot). A run without some of these (DPO logs no
-reward) is left out of that panel.
+on held-out questions ("eval/accuracy", lenient, and "eval/accuracy_strict", the answers given in the
+requested format; from common.evaluate.EvalResult.metrics), with, when EVAL_TEMPERATURE > 0, the
+sampled metrics ("eval/mean@k", "eval/pass@j", "eval/maj@k"). Three panels, a curve per run: reward
+and sampled accuracy per step (moving averages over SMOOTHING steps), and held-out accuracy at each
+evaluation: greedy lenient (solid, circles) and strict (solid, squares, labelled "strict"), and when
+logged mean@k (dashed), pass@k for the largest k (dotted) and maj@k (dash-dot). A run without some of
+these (DPO logs no reward) is left out of that panel.
 
 PASS_AT_K names the summaries eval_math.py writes with TEMPERATURE > 0 (OUT_FILE's .summary.json):
 one curve each of pass@j against j (log2 axis) with its 95% interval shaded, maj@k as a point at
-k and, when the eval had GREEDY_TOO=true, the greedy accuracy as a dashed line; e.g. the base
+k and, when the eval had GREEDY_TOO=true, the greedy accuracy as a dashed line (strict: dash-dot); e.g. the base
 model and a GRPO checkpoint on one figure. Each curve's values are printed too.
 
 matplotlib is an optional dependency (`.venv/bin/pip install matplotlib`); without it the script
@@ -54,11 +55,12 @@ PER_STEP_PANELS = {"reward": "mean reward of the step's samples", "accuracy": "a
 # A sampled eval's metric: "eval/mean@16", "eval/pass@4", "eval/maj@16" (not their _ci_low / _ci_high).
 SAMPLED_METRIC = re.compile(r"^(?P<prefix>.+)/(?P<name>mean|pass|maj)@(?P<k>\d+)$")
 SAMPLED_STYLE = {"mean": "--", "pass": ":", "maj": "-."}  # beside greedy accuracy's solid line
+GREEDY_METRIC_ENDINGS = ("/accuracy", "/accuracy_strict")  # lenient and strict greedy accuracy
 
 
 def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value), ...]} of a metric file: "reward", "accuracy", every "<prefix>/accuracy"
-    and every sampled metric ("<prefix>/mean@k", "<prefix>/pass@j", "<prefix>/maj@k"); a torn last line,
+    and "<prefix>/accuracy_strict", and every sampled metric ("<prefix>/mean@k", "<prefix>/pass@j", "<prefix>/maj@k"); a torn last line,
     a killed run's, is left out with a warning (read_metrics)."""
     curves: dict[str, list[tuple[int, float]]] = {}
     try:
@@ -67,7 +69,7 @@ def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
         raise SystemExit(f"error: {error}") from None
     for _, record in records:
         for key, value in record.items():
-            wanted = key in PER_STEP_PANELS or key.endswith("/accuracy") or SAMPLED_METRIC.match(key)
+            wanted = key in PER_STEP_PANELS or key.endswith(GREEDY_METRIC_ENDINGS) or SAMPLED_METRIC.match(key)
             if wanted and "step" in record and isinstance(value, (int, float)):
                 curves.setdefault(key, []).append((record["step"], value))
     return curves
@@ -82,11 +84,18 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return averages
 
 
-def held_out_curves(curves: dict) -> list[tuple[str, str, str]]:
-    """(metric, label suffix, line style) of a run's held-out curves: each greedy "<prefix>/accuracy",
-    then per prefix its mean@k, its pass@j of the largest j (pass@k) and its maj@k."""
-    chosen = [(key, "" if key == "eval/accuracy" else f" ({key.removesuffix('/accuracy')})", "-")
-              for key in sorted(key for key in curves if key.endswith("/accuracy"))]
+def _greedy_label(key: str) -> str:
+    """" strict" for eval/accuracy_strict, " (<prefix>)" / " (<prefix>) strict" for another prefix's."""
+    prefix, _, name = key.rpartition("/")
+    return ("" if prefix == "eval" else f" ({prefix})") + (" strict" if name == "accuracy_strict" else "")
+
+
+def held_out_curves(curves: dict) -> list[tuple[str, str, str, str]]:
+    """(metric, label suffix, line style, marker) of a run's held-out curves: each greedy "<prefix>/accuracy"
+    (circles) with its "<prefix>/accuracy_strict" (squares), then per prefix its mean@k, its pass@j of the
+    largest j (pass@k) and its maj@k."""
+    chosen = [(key, _greedy_label(key), "-", "s" if key.endswith("_strict") else "o")
+              for key in sorted(key for key in curves if key.endswith(GREEDY_METRIC_ENDINGS))]
     sampled = {}
     for key in curves:
         match = SAMPLED_METRIC.match(key)
@@ -94,7 +103,8 @@ def held_out_curves(curves: dict) -> list[tuple[str, str, str]]:
             sampled[(match["prefix"], match["name"])] = (int(match["k"]), key)
     order = list(SAMPLED_STYLE)  # mean, pass, maj
     for (prefix, name), (k, key) in sorted(sampled.items(), key=lambda item: (item[0][0], order.index(item[0][1]))):
-        chosen.append((key, f" {name}@{k}" if prefix == "eval" else f" ({prefix}) {name}@{k}", SAMPLED_STYLE[name]))
+        chosen.append((key, f" {name}@{k}" if prefix == "eval" else f" ({prefix}) {name}@{k}", SAMPLED_STYLE[name],
+                       "o"))
     return chosen
 
 
@@ -133,6 +143,11 @@ def plot_pass_at_k(paths: tuple[str, ...], out_file: str) -> None:
             greedy = 100 * summary["eval/accuracy"]
             entries.append((axis.axhline(greedy, color=color, linestyle="--", linewidth=1), "greedy accuracy (T=0)"))
             printed.append(f"greedy {greedy:.2f}%")
+        if "eval/accuracy_strict" in summary:
+            strict = 100 * summary["eval/accuracy_strict"]
+            entries.append((axis.axhline(strict, color=color, linestyle="-.", linewidth=1),
+                            "greedy accuracy, strict (T=0)"))
+            printed.append(f"greedy strict {strict:.2f}%")
         ticks.update(ks)
         print(f"{summary_label(summary, True)} [{path}]: {', '.join(printed)}")
     axis.set_xscale("log", base=2)
@@ -186,13 +201,13 @@ for axis, (metric, title) in zip(axes, PER_STEP_PANELS.items()):
 held_out_axis = axes[2]
 for name, curves in runs.items():
     held_out = held_out_curves(curves)
-    for metric, suffix, style in held_out:
+    for metric, suffix, style, marker in held_out:
         steps, values = zip(*curves[metric])
-        held_out_axis.plot(steps, [100 * value for value in values], marker="o", linestyle=style,
+        held_out_axis.plot(steps, [100 * value for value in values], marker=marker, linestyle=style,
                            color=colors[name], label=f"{name}{suffix}")
     if held_out:
-        print(f"{name}: held-out {', '.join(metric for metric, _, _ in held_out)}")
-held_out_axis.set_title("held-out accuracy (%): greedy, and sampled when logged")
+        print(f"{name}: held-out {', '.join(metric for metric, _, _, _ in held_out)}")
+held_out_axis.set_title("held-out accuracy (%): greedy (lenient, strict), and sampled when logged")
 axes[0].set_ylabel("reward")
 axes[1].set_ylabel("accuracy (%)")
 held_out_axis.set_ylabel("accuracy (%)")

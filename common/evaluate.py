@@ -1,6 +1,8 @@
 """Math evaluation, greedy and sampled: the code eval_math.py and every trainer's periodic eval share.
 
-Greedy (evaluate): one completion per problem at temperature 0, scored; accuracy with a Wilson interval.
+Greedy (evaluate): one completion per problem at temperature 0, scored; accuracy with a Wilson interval,
+lenient (the reward's reading of the answer, wherever it is) and strict (only an answer given in the
+requested format: common.reward.strict_answer), side by side.
 Sampled (evaluate_sampled, or evaluate's temperature > 0 beside the greedy pass): k completions per
 problem at a temperature, through the same sampler as training's rollouts in batches of prompts x k
 rows, scored one by one; mean@k, pass@j and maj@k with bootstrap intervals (common/sampled_metrics.py).
@@ -29,7 +31,7 @@ from common.distributed import all_gather_objects, is_main_process, shard
 from common.model import stop_token_ids
 from common.oom import BatchSizes
 from common.prompts import PromptFormat, encode_prompts
-from common.reward import answers_match, extract_answer
+from common.reward import answers_match, extract_answer, strict_correct
 from common.sampled_metrics import bootstrap_intervals, interval_method, majority_vote, question_scores
 from common.sampler import SamplingParams, row_generators, sample
 
@@ -45,11 +47,24 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, centre - half_width), min(1.0, centre + half_width)
 
 
+def sampled_per_question(records: list[dict], num_samples: int) -> dict[str, list[float]]:
+    """{metric: [its value on each problem]} of sampled records: mean@k, pass@j for j = 1, 2, 4, ..., k,
+    maj@k, and mean@k_strict (the share of the samples right in the requested format) when every gold is
+    a number."""
+    scores = [question_scores([s["correct"] for s in r["samples"]], [s["prediction"] for s in r["samples"]])
+              for r in records]
+    per_question = {name: [score[name] for score in scores] for name in scores[0]} if scores else {}
+    strict = [[s["strict_correct"] for s in r["samples"]] for r in records]
+    if scores and all(None not in samples for samples in strict):
+        per_question[f"mean@{num_samples}_strict"] = [sum(samples) / len(samples) for samples in strict]
+    return per_question
+
+
 @dataclass
 class SampledEvalResult:
     """k sampled completions per problem. A record per problem: question, gold, its samples (output,
-    prediction, correct, truncated each), num_correct, and the majority vote's prediction and
-    correctness (majority, majority_correct)."""
+    prediction, correct, strict_correct, truncated each), num_correct, and the majority vote's prediction
+    and correctness (majority, majority_correct)."""
     num_samples: int
     temperature: float
     top_p: float
@@ -65,10 +80,7 @@ class SampledEvalResult:
 
     @functools.cached_property
     def per_question(self) -> dict[str, list[float]]:
-        """{metric: [its value on each problem]}: mean@k, pass@j for j = 1, 2, 4, ..., k, maj@k."""
-        scores = [question_scores([s["correct"] for s in r["samples"]], [s["prediction"] for s in r["samples"]])
-                  for r in self.records]
-        return {name: [score[name] for score in scores] for name in scores[0]} if scores else {}
+        return sampled_per_question(self.records, self.num_samples)
 
     @property
     def values(self) -> dict[str, float]:
@@ -125,6 +137,7 @@ class EvalResult:
     generated_tokens: int
     records: list[dict] = field(default_factory=list)
     sampled: SampledEvalResult | None = None  # the sampled pass beside the greedy one (evaluate's temperature > 0)
+    correct_strict: int | None = None  # right in the requested format (strict); None: a gold that is not a number
 
     @property
     def accuracy(self) -> float:
@@ -135,13 +148,28 @@ class EvalResult:
         return wilson_interval(self.correct, self.total)
 
     @property
+    def accuracy_strict(self) -> float | None:
+        if self.correct_strict is None:
+            return None
+        return self.correct_strict / self.total if self.total else 0.0
+
+    @property
+    def confidence_interval_strict(self) -> tuple[float, float] | None:
+        return None if self.correct_strict is None else wilson_interval(self.correct_strict, self.total)
+
+    @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
         low, high = self.confidence_interval
+        strict = ""
+        if self.correct_strict is not None:
+            strict_low, strict_high = self.confidence_interval_strict
+            strict = (f"Strict: {100 * self.accuracy_strict:.2f}%  "
+                      f"(95% CI {100 * strict_low:.1f}-{100 * strict_high:.1f}%)  ")
         greedy = (f"Total: {self.total}  Correct: {self.correct}  Accuracy: {100 * self.accuracy:.2f}%  "
-                  f"(95% CI {100 * low:.1f}-{100 * high:.1f}%)  {self.tokens_per_second:.0f} tokens/s")
+                  f"(95% CI {100 * low:.1f}-{100 * high:.1f}%)  {strict}{self.tokens_per_second:.0f} tokens/s")
         return greedy if self.sampled is None else f"{greedy} | {self.sampled.summary()}"
 
     def metrics(self, prefix: str = "eval") -> dict:
@@ -149,6 +177,12 @@ class EvalResult:
         metrics = {f"{prefix}/accuracy": self.accuracy, f"{prefix}/ci_low": low, f"{prefix}/ci_high": high,
                    f"{prefix}/total": self.total, f"{prefix}/correct": self.correct,
                    f"{prefix}/tokens_per_s": self.tokens_per_second}
+        if self.correct_strict is not None:
+            strict_low, strict_high = self.confidence_interval_strict
+            metrics.update({f"{prefix}/accuracy_strict": self.accuracy_strict,
+                            f"{prefix}/accuracy_strict_ci_low": strict_low,
+                            f"{prefix}/accuracy_strict_ci_high": strict_high,
+                            f"{prefix}/correct_strict": self.correct_strict})
         return metrics if self.sampled is None else {**metrics, **self.sampled.metrics(prefix)}
 
 
@@ -181,7 +215,7 @@ def check_sampling(num_samples: int, temperature: float, names: tuple[str, str])
 def _score_samples(model, tokenizer, problems, settings: SamplingParams, progress, desc, reward, prompt_format,
                    seed=0, sizes: BatchSizes | None = None):
     """([for each problem, its ``settings.num_samples`` completions scored: {output, prediction, correct,
-    truncated}], generated tokens, seconds): this rank's share of the problems sampled in batches of
+    strict_correct, truncated}], generated tokens, seconds): this rank's share of the problems sampled in batches of
     ``sizes["EVAL_BATCH_SIZE"]`` problems (without ``sizes``, ``settings.chunk_rows`` rows; 0: all at
     once), every rank's gathered in order. At a temperature > 0 each row draws from its own stream, seeded
     by (``seed``, problem index, sample index). A batch that runs out of memory is sampled again at half
@@ -220,7 +254,8 @@ def _score_samples(model, tokenizer, problems, settings: SamplingParams, progres
                 prediction = extract_answer(text)
                 correct = (reward(text, problem, cut_off).correct if reward is not None
                            else answers_match(prediction, problem["gold_answer"]))
-                samples.append({"output": text, "prediction": prediction, "correct": correct, "truncated": cut_off})
+                samples.append({"output": text, "prediction": prediction, "correct": correct,
+                                "strict_correct": strict_correct(text, problem["gold_answer"]), "truncated": cut_off})
     model.train(was_training)
     every_rank = all_gather_objects((samples, generated))
     samples = [scored for rank_samples, _ in every_rank for scored in rank_samples]
@@ -260,7 +295,9 @@ def evaluate(model, tokenizer, problems: list[dict], settings: SamplingParams, p
              sampled: SamplingParams | None = None, seed: int = 0, sizes: BatchSizes | None = None) -> EvalResult:
     """Greedy-decode every problem (prompts from common.prompts with ``prompt_format``) and score it:
     the extracted number against the gold answer, or, given a ``reward`` (common.reward.load_reward),
-    the reward's ``correct``, which is how a non-numeric task is evaluated.
+    the reward's ``correct``, which is how a non-numeric task is evaluated (lenient), and whether the
+    answer was given in the requested format and is right (strict: common.reward.strict_correct; the
+    result's ``correct_strict`` is None when a gold answer is not a number).
 
     ``settings``: greedy SamplingParams (temperature 0, one sample); its ``chunk_rows`` problems are
     decoded together (0 = all), the static path padding the last batch to as many rows. ``sampled``
@@ -281,8 +318,10 @@ def evaluate(model, tokenizer, problems: list[dict], settings: SamplingParams, p
                                                      prompt_format, sizes=sizes)
     records = [{"question": problem["question"], "gold": problem["gold_answer"], **samples[0]}
                for problem, samples in zip(problems, per_problem)]
+    strict = [record["strict_correct"] for record in records]
     result = EvalResult(total=len(problems), correct=sum(record["correct"] for record in records),
-                        seconds=seconds, generated_tokens=generated, records=records)
+                        seconds=seconds, generated_tokens=generated, records=records,
+                        correct_strict=None if None in strict else sum(strict))
     if sampled is not None:
         result.sampled = evaluate_sampled(model, tokenizer, problems, sampled, seed=seed, progress=progress,
                                           desc=f"{desc} (sampled)", reward=reward, prompt_format=prompt_format,

@@ -20,6 +20,13 @@ Within a marked answer, the answer is the first number after the marker, so
 ``Answer: 12 apples`` reads 12.  LaTeX ``\\frac{3}{4}`` is read as 3/4, and scientific
 notation ``1.2e3`` as 1200.
 
+That is the *lenient* reading (``extract_answer``): it finds an answer wherever the model put
+one.  The *strict* reading (``strict_answer``) takes only the answer given in the format the
+prompt asks for (common.prompts.INSTRUCTION: "End with the line 'Answer: <number>'"): the
+number on the completion's only ``Answer:`` line, when that line is its last non-empty line;
+anything else reads None.  Strict accuracy beside lenient separates learning the maths from
+learning the format; ``format_reward`` pays for exactly the strict format.
+
 Rewards you bring (``load_reward``): a spec names one or more reward functions, each a
 built-in name (``REWARD_FUNCTIONS``) or a function of your own, ``path/to/file.py:function``
 (or ``package.module:function``), with weights.  Your function is called like a TRL reward
@@ -154,6 +161,28 @@ def extract_answer(text: str) -> float | None:
     return next(reversed(list(_numbers(text))), None)
 
 
+def strict_answer(text: str) -> float | None:
+    """The answer in the requested format, or None: the first number on the completion's only
+    ``Answer:`` line, when that line is its last non-empty line (the module docstring).  No fallback:
+    two answer lines, an answer line followed by more text, or a bare trailing number read None."""
+    text = _LATEX_FRAC_RE.sub(r"\1/\2", text)  # read numbers as extract_answer reads them
+    answer_lines = _answer_lines(text)
+    if len(answer_lines) != 1:
+        return None
+    non_empty_lines = [line for line in text.splitlines() if line.strip()]
+    if not _ANSWER_LINE_RE.match(non_empty_lines[-1]):
+        return None
+    return _first_number(answer_lines[0])
+
+
+def strict_correct(text: str, gold: str | float | None) -> bool | None:
+    """Whether the strict answer (strict_answer) equals the gold answer; None when the gold is not a
+    number or missing (a reward of your own judging text answers), where Answer: <number> does not apply."""
+    if gold is None or (isinstance(gold, str) and parse_number(gold) is None):
+        return None
+    return answers_match(strict_answer(text), gold)
+
+
 def answers_match(pred: float | None, gold: str | float, rel_tol: float = 1e-6,
                   abs_tol: float = 1e-6) -> bool:
     """Whether a predicted number equals the gold answer within tolerance.
@@ -188,11 +217,7 @@ def format_reward(text: str) -> float:
     Exists so the model learns one unambiguous place for its answer, which keeps
     extraction reliable and gives a small gradient even while answers are wrong.
     """
-    answer_lines = _answer_lines(text)
-    if len(answer_lines) != 1 or _first_number(answer_lines[0]) is None:
-        return 0.0
-    non_empty_lines = [line for line in text.splitlines() if line.strip()]
-    return 1.0 if _ANSWER_LINE_RE.match(non_empty_lines[-1]) else 0.0
+    return 0.0 if strict_answer(text) is None else 1.0
 
 
 def repetition_penalty(text: str) -> float:

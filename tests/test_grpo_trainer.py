@@ -31,6 +31,7 @@ def test_smoke_two_steps_on_micro_model(micro_model_dir, tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2]  # the baseline eval, then one line per step
     assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[2]
+    assert "eval/accuracy_strict" in metrics[0] and "eval/accuracy_strict_ci_high" in metrics[2]  # strict beside it
     for key in ("reward", "accuracy", "format_rate", "kl", "clip_frac", "entropy", "completion_len", "truncated",
                 "zero_adv_groups", "grad_norm", "generate_s", "reference_s", "policy_s", "tokens_per_s",
                 "logprob_mismatch_mean", "logprob_mismatch_max", "compile_s"):

@@ -25,6 +25,8 @@ from common.reward import (
     parse_number,
     repetition_penalty,
     score_batch,
+    strict_answer,
+    strict_correct,
     truncation_penalty,
 )
 
@@ -190,6 +192,44 @@ def test_correctness_reward(text, gold, expected):
 ])
 def test_format_reward(text, expected):
     assert format_reward(text) == expected
+
+
+# (completion, lenient reading, strict reading), by hand: strict takes only the number on the one
+# "Answer:" line that ends the completion (the format INSTRUCTION asks for); lenient reads on.
+STRICT_CASES = [
+    ("4 * 3 = 12\nAnswer: 12", 12.0, 12.0),  # the requested format: both agree
+    ("**Answer:** 12\n\n", 12.0, 12.0),  # markdown and trailing blank lines are still the format
+    ("Answer: 12 apples", 12.0, 12.0),  # the first number on the line
+    ("Answer: \\frac{3}{4}", 0.75, 0.75),
+    ("4 * 3 = 12", 12.0, None),  # only a trailing number: lenient's last resort, not an answer line
+    ("Answer: 3\nAnswer: 12", 12.0, None),  # two answer lines: lenient takes the last, strict neither
+    ("Answer: 12\nAnswer: 12", 12.0, None),  # even the same number twice is not "the line"
+    ("Answer: 12\nBecause 3 * 4 = 12.", 12.0, None),  # an answer line that is not the last line
+    ("The answer is 12", 12.0, None),
+    ("#### 5\nAnswer: 6", 5.0, 6.0),  # lenient: #### first; strict: the last line
+    ("Answer: twelve\n3 + 4 = 7", 7.0, None),  # an answer line without a number, then a number
+    ("", None, None),
+]
+
+
+@pytest.mark.parametrize("text, lenient, strict", STRICT_CASES)
+def test_strict_answer_beside_the_lenient_one(text, lenient, strict):
+    assert extract_answer(text) == lenient
+    assert strict_answer(text) == strict
+    assert format_reward(text) == (0.0 if strict is None else 1.0)  # the format reward pays for exactly this format
+
+
+@pytest.mark.parametrize("text, gold, expected", [
+    ("Answer: 12", "12", True),
+    ("Answer: 1,200", "1200", True),
+    ("Answer: 13", "12", False),
+    ("4 * 3 = 12", "12", False),  # right by the lenient reading, not in the format
+    ("Answer: 3\nAnswer: 12", 12, False),
+    ("Answer: yes", "yes", None),  # a gold that is not a number: the Answer: <number> format does not apply
+    ("Answer: 12", None, None),  # no gold (a reward of your own)
+])
+def test_strict_correct(text, gold, expected):
+    assert strict_correct(text, gold) is expected
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -80,7 +80,7 @@ def test_sampled_eval_records_and_metrics_on_the_tiny_model(tiny):
     for record, problem in zip(result.records, problems):
         assert record["question"] == problem["question"] and len(record["samples"]) == 4
         assert record["num_correct"] == sum(sample["correct"] for sample in record["samples"])
-        assert set(record["samples"][0]) == {"output", "prediction", "correct", "truncated"}
+        assert set(record["samples"][0]) == {"output", "prediction", "correct", "strict_correct", "truncated"}
     # Every metric from the records, worked out here again.
     counts = [record["num_correct"] for record in result.records]
     metrics = result.metrics()
@@ -88,6 +88,8 @@ def test_sampled_eval_records_and_metrics_on_the_tiny_model(tiny):
     assert metrics["eval/pass@2"] == pytest.approx(sum(pass_at_k(4, c, 2) for c in counts) / 10)
     assert metrics["eval/pass@4"] == pytest.approx(sum(c > 0 for c in counts) / 10)
     assert metrics["eval/maj@4"] == pytest.approx(sum(r["majority_correct"] for r in result.records) / 10)
+    assert metrics["eval/mean@4_strict"] == pytest.approx(
+        sum(sample["strict_correct"] for r in result.records for sample in r["samples"]) / 40)
     for name in ("mean@4", "pass@1", "pass@2", "pass@4", "maj@4"):
         assert metrics[f"eval/{name}_ci_low"] <= metrics[f"eval/{name}"] <= metrics[f"eval/{name}_ci_high"]
     assert 0 < metrics["eval/mean@4"] < metrics["eval/pass@4"]  # some right, some wrong: the curve rises
@@ -124,11 +126,19 @@ def run_eval(tmp_path: Path, name: str, *args: str, check: bool = True):
     return result, out_file
 
 
+def without_strict(record: dict) -> dict:
+    """A record as eval_math.py wrote it before strict accuracy: without strict_correct."""
+    return {key: value for key, value in record.items() if key != "strict_correct"}
+
+
 def test_eval_math_defaults_write_the_greedy_records_byte_for_byte(tmp_path):
     """k = 1 at temperature 0: the per-question records eval_math.py wrote before sampling existed
-    (the fixture, written by it then with these settings), byte for byte."""
+    (the fixture, written by it then with these settings), byte for byte, beside each one's strict_correct
+    (checked in tests/test_compare_to.py)."""
     result, out_file = run_eval(tmp_path, "greedy", "--EVAL_LIMIT=12", "--EVAL_BATCH_SIZE=5", "--MAX_NEW_TOKENS=20")
-    assert out_file.read_bytes() == GREEDY_FIXTURE.read_bytes()
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert all(isinstance(record["strict_correct"], bool) for record in records)
+    assert "".join(json.dumps(without_strict(r)) + "\n" for r in records).encode() == GREEDY_FIXTURE.read_bytes()
     summary = json.loads(out_file.with_suffix(".summary.json").read_text())
     assert summary["eval/correct"] == 4 and not any("@" in key for key in summary)
     assert "Sampled" not in result.stdout
@@ -142,8 +152,9 @@ def test_eval_math_sampled_with_greedy_too_and_compare_to(tmp_path):
                                 f"--COMPARE_TO={base.with_suffix('.summary.json')}")
     records = [json.loads(line) for line in out_file.read_text().splitlines()]
     greedy_records = [json.loads(line) for line in GREEDY_FIXTURE.read_text().splitlines()]
-    assert [r["greedy"] for r in records] == [{key: g[key] for key in ("output", "prediction", "correct", "truncated")}
-                                               for g in greedy_records]
+    assert [without_strict(r["greedy"]) for r in records] == [
+        {key: g[key] for key in ("output", "prediction", "correct", "truncated")} for g in greedy_records]
+    assert all("strict_correct" in r["greedy"] for r in records)
     base_records = [json.loads(line) for line in base.read_text().splitlines()]
     assert [r["samples"] for r in records] == [r["samples"] for r in base_records]  # SEED alone decides them
     summary = json.loads(out_file.with_suffix(".summary.json").read_text())
@@ -155,6 +166,10 @@ def test_eval_math_sampled_with_greedy_too_and_compare_to(tmp_path):
         assert f"  {name:<9} {100 * value:6.2f}%  (95% CI {100 * low:.1f}-{100 * high:.1f}%)" in result.stdout
         assert f"before -> after {name}: {100 * value:.2f}% (12 problems, " in result.stdout  # the same samples
     assert "intervals: 95% percentile bootstrap over the 12 questions" in result.stdout
+    # mean@4 of the samples in the requested format: each sample's strict_correct, averaged by hand here.
+    assert summary["eval/mean@4_strict"] == pytest.approx(
+        sum(sample["strict_correct"] for r in records for sample in r["samples"]) / 48)
+    assert "before -> after mean@4_strict: " in result.stdout
     assert "Total: 12  Correct: 4  Accuracy: 33.33%" in result.stdout
     assert "before -> after: " not in result.stdout  # the base summary has no greedy accuracy to compare
 

@@ -7,7 +7,8 @@ import pytest
 
 from tests.conftest import TINY_MODEL_DIR, run_script
 
-ACCURACY_LINE = re.compile(r"Total: (\d+)  Correct: (\d+)  Accuracy: ([\d.]+)%  \(95% CI [\d.]+-[\d.]+%\)  \d+ tokens/s")
+ACCURACY_LINE = re.compile(r"Total: (\d+)  Correct: (\d+)  Accuracy: ([\d.]+)%  \(95% CI [\d.]+-[\d.]+%\)  "
+                           r"Strict: ([\d.]+)%  \(95% CI [\d.]+-[\d.]+%\)  \d+ tokens/s")
 
 
 def check_eval_output(stdout: str, out_file, expected_total: int) -> None:
@@ -18,6 +19,7 @@ def check_eval_output(stdout: str, out_file, expected_total: int) -> None:
     assert total == expected_total == len(records)
     assert correct == sum(r["correct"] for r in records)
     assert accuracy == round(100 * correct / total, 2)
+    assert float(match[4]) == round(100 * sum(r["strict_correct"] for r in records) / total, 2)
     assert set(records[0]) >= {"question", "gold", "output", "prediction", "correct"}
 
 
