@@ -552,7 +552,7 @@ class TrainingRun:
 
     def save(self, step: int) -> Path | None:
         """Rank 0 writes the checkpoint, with every rank's random state (gathered: every rank calls this),
-        once the weights are checked (_refuse_exploded)."""
+        once the weights are checked (_stop_if_exploded)."""
         state = self._state
         self._stop_if_exploded(step)
         rank_states = gather_rank_states(self.distributed, self.generators)

@@ -13,6 +13,7 @@ from common.lora import apply_lora, lora_state_dict
 from common.peft_io import PEFT_WEIGHTS_FILE, save_peft_adapter
 from common.run import RunError, TrainingRun
 from tests.conftest import TINY_MODEL_DIR, micro_model, run_script
+from tests.test_distributed import launch
 
 LAYER = "model.layers.0.self_attn.q_proj"
 
@@ -36,7 +37,8 @@ def test_a_nan_an_inf_and_an_entry_over_the_bound_are_named_with_their_tensor():
     assert exploded_weights(weights_to_check(lora_with(float("nan")), {})) == f"a NaN in LoRA B of {LAYER}"
     assert exploded_weights(weights_to_check(lora_with(float("-inf"), "lora_A"), {})) == f"an inf in LoRA A of {LAYER}"
     assert exploded_weights(weights_to_check(lora_with(-3e29), {})) == f"an entry of size 3e+29 in LoRA B of {LAYER}"
-    assert exploded_weights(weights_to_check(lora_with(4.0), {}), bound=3.0) == f"an entry of size 4 in LoRA B of {LAYER}"
+    over_three = exploded_weights(weights_to_check(lora_with(4.0), {}), bound=3.0)
+    assert over_three == f"an entry of size 4 in LoRA B of {LAYER}"
 
 
 def test_the_nan_is_reported_before_a_larger_entry_and_the_others_are_counted():
@@ -147,7 +149,8 @@ def test_a_run_whose_weights_explode_stops_in_one_line_naming_lr_and_keeps_the_g
     assert f"in LoRA B of {LAYER}" in errors[0] and "lower LR (LR=1e+30" in errors[0]
     assert errors[0].endswith(f"the last good checkpoint, {out / 'boom' / 'lora_epoch0_step1.pt'}, is kept")
     assert sorted(path.name for path in (out / "boom").iterdir()) == ["lora_epoch0_step1.pt"]  # no temporary, no lock
-    assert exploded_weights(weights_to_check(load_checkpoint(out / "boom" / "lora_epoch0_step1.pt")["lora"], {})) is None
+    kept = load_checkpoint(out / "boom" / "lora_epoch0_step1.pt")  # loads: its weights pass the check
+    assert exploded_weights(weights_to_check(kept["lora"], {})) is None
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +200,23 @@ def test_a_trainer_refuses_to_resume_or_start_from_a_nan_checkpoint(nan_checkpoi
                          "--EVAL_FILE=data/synth_test.jsonl", "--DEVICE=cpu", f"--{setting}={path}",
                          f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", "--RUN_NAME=again"], check=False)
     assert_refused_in_one_line(result, path)
+
+
+def test_under_torchrun_every_rank_stops_at_the_same_save_and_nothing_is_written(tmp_path):
+    """Two ranks (gloo): each checks its copy of the weights, the verdicts are reduced, and both stop with
+    the line, at the first save after the explosion, rather than one rank waiting on the other's collective."""
+    with pytest.raises(AssertionError) as failed:
+        launch(["run_train_grpo.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--TRAIN_FILE=data/synth_train.jsonl",
+                "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=8", "--PROMPTS_PER_STEP=2",
+                "--NUM_SAMPLES_PER_PROMPT=4", "--MAX_NEW_TOKENS=16", "--MAX_STEPS=3", "--EVAL_EVERY=0",
+                "--DEVICE=cpu", "--LR=1e30", "--SAVE_EVERY=1", f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}",
+                "--RUN_NAME=boom"], processes=2)
+    stderr = str(failed.value).split("--- stderr\n", 1)[1]
+    # torchrun prefixes "[rank1]: ", and ends the other rank once one has exited: one line or two, the same.
+    errors = {line.split("error: ", 1)[1] for line in stderr.splitlines() if "error: " in line}
+    assert len(errors) == 1
+    error = errors.pop()
+    assert ": not saved: the weights exploded (" in error and "lower LR (LR=1e+30" in error
+    stopped_at = int(error.split()[1].rstrip(":"))
+    assert sorted(path.name for path in (tmp_path / "boom").iterdir()) == [
+        f"lora_epoch0_step{step}.pt" for step in range(1, stopped_at)]
