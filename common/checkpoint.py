@@ -14,13 +14,15 @@ A checkpoint holds
 It is written to a temporary file in the same directory, flushed, fsync'ed and
 renamed into place, so a crash mid-write leaves the previous checkpoint intact.
 It is read with ``torch.load(weights_only=True)``: a file that would run code
-when unpickled is refused.
+when unpickled is refused. A save and a load both check the weights (exploded_weights): an adapter
+or critic with a NaN, an inf or an entry over WEIGHT_BOUND is never written, and is refused when read.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import pickle
 import random
@@ -34,11 +36,17 @@ import torch
 
 from common.errors import UserError
 from common.lora import apply_lora, load_lora_state_dict, lora_config, lora_modules, lora_state_dict
-from common.peft_io import is_peft_adapter_dir, read_peft_adapter
+from common.peft_io import PEFT_WEIGHTS_FILE, is_peft_adapter_dir, read_peft_adapter
 
 CHECKPOINT_KEYS = ("lora", "lora_config", "base_model", "optimizer", "scheduler", "epoch", "step", "rng",
                    "config", "extra")
 _NAME = re.compile(r"lora_epoch(\d+)_step(\d+)\.pt$")
+# The largest |entry| a saved or loaded adapter (or critic) may hold. A healthy run's stay far below it: the
+# demo checkpoints (GRPO, PPO, DPO; r=16, LR 1e-4 to 2e-4, up to 150 steps) hold at most 0.15 in LoRA A, 0.075 in
+# LoRA B and 0.16 in PPO's critic, A starts below 1/sqrt(in_features), and AdamW moves an entry by about LR a
+# step, so 1e4 is ~5e7 steps away at LR=2e-4. An exploded run is far above: LR=1e30 puts 4e29 in LoRA B in one
+# update, and the model's logits are then not finite (eval, resume and soup end there).
+WEIGHT_BOUND = 1e4
 
 
 class CheckpointError(UserError, ValueError):
@@ -47,6 +55,41 @@ class CheckpointError(UserError, ValueError):
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
     """A checkpoint path that does not exist, or a run folder without checkpoints."""
+
+
+def weights_to_check(lora: dict, extra: dict) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds, by the names exploded_weights reports: each LoRA factor
+    (``<module>.lora_B`` as "LoRA B of <module>") and the tensors of each state a trainer adds in
+    ``extra`` (PPO's ``critic``, as "critic's <name>")."""
+    tensors = {}
+    for name, tensor in lora.items():
+        module, _, kind = name.rpartition(".")
+        tensors[f"LoRA {kind.removeprefix('lora_')} of {module}"] = tensor
+    for key, state in extra.items():
+        if isinstance(state, dict):
+            tensors.update({f"{key}'s {name}": tensor for name, tensor in state.items()
+                            if isinstance(tensor, torch.Tensor)})
+    return tensors
+
+
+def exploded_weights(tensors: dict[str, torch.Tensor], bound: float = WEIGHT_BOUND) -> str | None:
+    """What is wrong with ``tensors`` (name -> tensor; the floating-point ones are read), or None: the worst
+    tensor's NaN, inf or largest |entry| over ``bound``, as "an entry of size 4e+29 in LoRA B of <module>".
+    One pass: each tensor's max |entry| where it lies, stacked, and one copy to the host (NaN propagates
+    through amax, and fails ``<= bound``)."""
+    named = [(name, tensor) for name, tensor in tensors.items()
+             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel()]
+    if not named:
+        return None
+    device = named[0][1].device
+    peaks = torch.stack([tensor.detach().abs().amax().float().to(device) for _, tensor in named]).tolist()
+    bad = [(name, peak) for (name, _), peak in zip(named, peaks) if not peak <= bound]
+    if not bad:
+        return None
+    name, peak = next(((name, peak) for name, peak in bad if math.isnan(peak)), max(bad, key=lambda item: item[1]))
+    found = ("a NaN" if math.isnan(peak) else "an inf" if math.isinf(peak) else f"an entry of size {peak:.2g}")
+    more = f" (and {len(bad) - 1} more tensor(s) likewise)" if len(bad) > 1 else ""
+    return f"{found} in {name}{more}"
 
 
 def checkpoint_path(run_dir: str | Path, epoch: int, step: int) -> Path:
@@ -269,7 +312,9 @@ def load_checkpoint(path: str | Path) -> dict:
     tensors and plain data; a PEFT adapter directory is read as one (common.peft_io.read_peft_adapter)."""
     path = resolve_checkpoint(path)
     if is_peft_adapter_dir(path):
-        return read_peft_adapter(path)
+        checkpoint = read_peft_adapter(path)
+        _refuse_exploded(path / PEFT_WEIGHTS_FILE, checkpoint)
+        return checkpoint
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: anything else is some other file
@@ -283,12 +328,18 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from None
     if not isinstance(checkpoint, dict) or "lora" not in checkpoint or "lora_config" not in checkpoint:
         raise CheckpointError(f"{path}: not a LoRA checkpoint of this project (expected keys {CHECKPOINT_KEYS})")
-    not_finite = [name for name, tensor in checkpoint["lora"].items()
-                  if isinstance(tensor, torch.Tensor) and not torch.isfinite(tensor).all()]
-    if not_finite:
-        raise CheckpointError(f"{path}: {len(not_finite)} LoRA tensor(s) hold NaN or inf values "
-                              f"({', '.join(not_finite[:3])}{', ...' if len(not_finite) > 3 else ''})")
+    _refuse_exploded(path, checkpoint)
     return checkpoint
+
+
+def _refuse_exploded(path: Path, checkpoint: dict) -> None:
+    """Refuse a checkpoint whose adapter (or critic) holds a NaN, an inf or an entry over WEIGHT_BOUND: the
+    model's logits would not be finite, and every script reading it would end there."""
+    problem = exploded_weights(weights_to_check(checkpoint["lora"], checkpoint.get("extra") or {}))
+    if problem:
+        raise CheckpointError(f"{path}: refused: its weights exploded in training ({problem}; a healthy "
+                              f"adapter's entries stay far below {WEIGHT_BOUND:.0e}): use an earlier checkpoint "
+                              f"of its run, or train again with a lower LR")
 
 
 def check_base_model(checkpoint: dict, model, where: str = "checkpoint") -> None:

@@ -21,7 +21,9 @@ lives here, once.
                      writes its first step (a resume that fails its checks leaves the file as it was).
   cadence            an eval at step 0, every EVAL_EVERY steps and at the end; a checkpoint every
                      SAVE_EVERY steps, SAVE_EVERY_MINUTES after the last, at the end of each epoch and of
-                     the run; only the newest KEEP_CHECKPOINTS kept (0: all).
+                     the run; only the newest KEEP_CHECKPOINTS kept (0: all). Weights that exploded (a NaN, an
+                     inf, an entry over common.checkpoint.WEIGHT_BOUND) are never saved: the run stops there,
+                     one line naming LR, the last good checkpoint kept.
   stop signals       SIGINT (Ctrl-C), SIGTERM, SIGBREAK: the step in flight ends, is saved, one line names
                      the checkpoint and the command that continues it, and the run exits 128 + the signal's
                      number; every rank stops at the same step (end_step). A second signal ends it at once.
@@ -61,10 +63,12 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from common.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
-                               remove_stale_temporary_files, restore_training_state, save_checkpoint)
+from common.checkpoint import (WEIGHT_BOUND, CheckpointError, checkpoint_path, exploded_weights, list_checkpoints,
+                               load_checkpoint, remove_stale_temporary_files, restore_training_state, save_checkpoint,
+                               weights_to_check)
 from common.distributed import DistributedContext, all_reduce_max, cleanup, gather_rank_states, restore_rank_state
 from common.errors import UserError
+from common.lora import lora_modules
 from common.metrics_log import LoggerUnavailableError, MetricsLogger
 from common.model import check_model_dir, resolve_model_path
 from common.oom import BatchSizes
@@ -547,8 +551,10 @@ class TrainingRun:
         return result.metrics()
 
     def save(self, step: int) -> Path | None:
-        """Rank 0 writes the checkpoint, with every rank's random state (gathered: every rank calls this)."""
+        """Rank 0 writes the checkpoint, with every rank's random state (gathered: every rank calls this),
+        once the weights are checked (_stop_if_exploded)."""
         state = self._state
+        self._stop_if_exploded(step)
         rank_states = gather_rank_states(self.distributed, self.generators)
         if not self.distributed.is_main:
             return None
@@ -577,6 +583,31 @@ class TrainingRun:
             for older in others[:max(0, len(others) - (self.keep_checkpoints - 1))]:
                 older.unlink()
         return path
+
+    def _stop_if_exploded(self, step: int) -> None:
+        """Stop the run, writing nothing, when the weights a save would write hold a NaN, an inf or an entry
+        over WEIGHT_BOUND (common.checkpoint.exploded_weights): the LoRA and what the trainer adds (PPO's
+        critic), or the whole model where the trainer saves one (run_sft.py). The last good checkpoint stays
+        as it was, and KEEP_CHECKPOINTS removes none. Every rank checks its copy, and the ranks' verdicts are
+        reduced (as end_step's decisions), so that all stop together."""
+        model = self._state["model"]
+        if self._state["save"] is not None:
+            tensors = dict(model.named_parameters())
+        else:
+            lora = {f"{name}.{kind}": getattr(module, kind)
+                    for name, module in lora_modules(model).items() for kind in ("lora_A", "lora_B")}
+            tensors = weights_to_check(lora, self._state["extra"]())
+        problem = exploded_weights(tensors)
+        if not all_reduce_max({"exploded": problem is not None})["exploded"]:
+            return
+        earlier = list_checkpoints(self.run_dir) if self._state["save"] is None else [
+            self.run_dir] * (self.run_dir / "sft_info.json").is_file()  # a whole model saved there
+        kept = f"the last good checkpoint, {earlier[-1]}, is kept" if earlier else "no checkpoint of it was written"
+        rates = "LR" + (" or CRITIC_LR" if problem and "critic" in problem and "CRITIC_LR" in self.config else "")
+        raise RunError(f"step {step}: not saved: the weights exploded ({problem or 'on another rank'}; a healthy "
+                       f"run's stay far below {WEIGHT_BOUND:.0e}); lower {rates} (LR={self.config.get('LR')}: AdamW "
+                       f"moves each weight by about LR a step, whatever GRAD_CLIP={self.config.get('GRAD_CLIP')}); "
+                       f"{kept}")
 
     def finish(self) -> None:
         self.metrics.close()
