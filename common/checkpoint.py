@@ -66,8 +66,14 @@ def remove_stale_temporary_files(run_dir: str | Path) -> list[Path]:
     return stale
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a checkpoint's name (lora_epoch0_step40.pt: 40)."""
+    return int(_NAME.search(Path(path).name)[2])
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The run's checkpoints, oldest first (by step, then epoch)."""
+    """The run's checkpoints, oldest first (by step, then epoch): those in ``run_dir`` itself, never in a
+    folder below it (the abandoned-* folders where a resume with OVERWRITE=true moves later steps aside)."""
     found = [(int(m[2]), int(m[1]), p) for p in Path(run_dir).glob("lora_epoch*_step*.pt")
              if (m := _NAME.search(p.name))]
     return [p for _, _, p in sorted(found)]
