@@ -329,6 +329,24 @@ def restore_lora(model, checkpoint: dict, where: str = "checkpoint") -> list[str
     return wrapped
 
 
+def init_lora_settings(init_lora: str | Path, r: int, alpha: float, target_modules, dropout: float, *,
+                       say: bool = True) -> tuple[int, float, tuple[str, ...], float]:
+    """The LoRA settings (r, alpha, target modules, dropout) of a run started from ``init_lora``: the checkpoint's,
+    which start_lora applies (its weights have its shape), in place of the LORA_* settings given; one line says
+    which differed (``say``), so that the script can plan and record the values it trains with."""
+    saved = load_checkpoint(init_lora)["lora_config"]
+    targets = tuple(target_modules) if sorted(target_modules) == sorted(saved["target_modules"]) else tuple(
+        saved["target_modules"])
+    used = (saved["r"], saved["alpha"], targets, saved["dropout"])
+    differ = [f"{name}={given!r} -> {value!r}" for name, given, value in zip(
+        ("LORA_R", "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT"), (r, alpha, tuple(target_modules), dropout), used)
+        if given != value]
+    if differ and say:
+        print(f"INIT_LORA={init_lora}: the LoRA's own layout replaces {', '.join(differ)} (its weights have that "
+              f"shape; the run's checkpoints record it)")
+    return used
+
+
 def start_lora(model, resume_checkpoint: dict | None, resume_path, init_lora, r: int, alpha: float,
                target_modules, dropout: float) -> None:
     """The LoRA a trainer starts from: a resumed run's (RESUME wins), else the one of INIT_LORA (a

@@ -21,6 +21,7 @@ from common.metrics_log import MetricsFileError, MetricsLogger, read_metrics
 from common.run import RunError, RunLock, check_writable
 from common.run_setup import fit_to_context
 from tests.conftest import REPO_ROOT, run_script
+from tests.test_dpo_trainer import pairs_file
 
 SMALL_GRPO = ["--TRAIN_FILE=data/synth_train.jsonl", "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=8",
               "--PROMPTS_PER_STEP=2", "--NUM_SAMPLES_PER_PROMPT=3", "--MAX_NEW_TOKENS=6", "--EVAL_EVERY=0",
@@ -127,6 +128,30 @@ def test_resume_refuses_another_trainers_checkpoint(three_step_run, micro_model_
                          f"--RESUME={three_step_run / 'ck' / 'base' / 'lora_epoch0_step2.pt'}",
                          f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}"], check=False)
     refused(result, "is a checkpoint of a grpo run: a dpo run cannot continue it")
+
+
+@pytest.mark.parametrize("trainer", ["run_train_grpo.py", "run_train_ppo.py", "run_train_dpo.py"])
+def test_init_lora_trains_the_checkpoints_layout_says_so_and_records_it(three_step_run, micro_model_dir, tmp_path,
+                                                                         trainer):
+    """Issue 31, item 7: LORA_* settings that differ from INIT_LORA's are replaced by its own, in one line, and the
+    new run's checkpoints record the values it trained with (they recorded the replaced ones)."""
+    init = three_step_run / "ck" / "base" / "lora_epoch0_step3.pt"  # r=2, alpha 32, every projection
+    data = ([f"--TRAIN_FILE={pairs_file(tmp_path / 'pairs.jsonl', 4)}", "--BATCH_SIZE=2", "--MICRO_BATCH_SIZE=1"]
+            if trainer == "run_train_dpo.py" else SMALL_GRPO[:6])
+    result = run_script([trainer, f"--MODEL_PATH={micro_model_dir}", *data, "--EVAL_FILE=data/synth_test.jsonl",
+                         "--EVAL_EVERY=0", "--DEVICE=cpu", "--MAX_STEPS=1", f"--CHECKPOINT_DIR={tmp_path}",
+                         f"--LOG_DIR={tmp_path}", "--RUN_NAME=from-init", f"--INIT_LORA={init}", "--LORA_R=8",
+                         "--LORA_ALPHA=16", "--LORA_TARGETS=v_proj,q_proj"])
+    every = sorted(load_checkpoint(init)["lora_config"]["target_modules"])
+    assert len(every) == 7
+    lines = [line for line in result.stdout.splitlines() if line.startswith(f"INIT_LORA={init}")]
+    assert lines == [f"INIT_LORA={init}: the LoRA's own layout replaces LORA_R=8 -> 2, LORA_ALPHA=16.0 -> 32.0, "
+                     f"LORA_TARGETS=('v_proj', 'q_proj') -> {tuple(every)!r} (its weights have that shape; the run's "
+                     f"checkpoints record it)"]
+    checkpoint = load_checkpoint(tmp_path / "from-init")
+    assert checkpoint["lora_config"]["r"] == 2 and checkpoint["lora_config"]["target_modules"] == every
+    config = checkpoint["config"]
+    assert (config["LORA_R"], config["LORA_ALPHA"], config["LORA_TARGETS"]) == (2, 32.0, every)
 
 
 # ---------------------------------------------- resuming an older checkpoint: one line of history
