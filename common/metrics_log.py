@@ -94,11 +94,11 @@ class MetricsLogger:
         self.run_name, self.config = run_name or self.path.stem, config or {}
         self.file = self.tensorboard = self.wandb = None
         self.is_main = is_main
+        self.kept, self.dropped = None, 0  # the lines kept, and how many of the history's are past start_step
         if not is_main:
             return
         # A resumed run keeps the lines up to its step; the file is only rewritten at the first record (start):
         # a run that stops before its first step (a check failing) leaves it as it was.
-        self.kept, self.dropped = None, 0  # the lines kept, and how many of the history's are past start_step
         history = Path(history) if history is not None else self.path
         if start_step > 0 and history.exists():
             try:
