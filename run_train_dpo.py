@@ -123,7 +123,7 @@ QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
-from common.checkpoint import start_lora  # noqa: E402
+from common.checkpoint import init_lora_settings, start_lora  # noqa: E402
 from common.data import load_pairs, load_problems, step_items  # noqa: E402
 from common.distributed import all_gather_objects, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import check_sampling, evaluate  # noqa: E402
@@ -150,6 +150,10 @@ run = TrainingRun("dpo", config, distributed, model_path=MODEL_PATH, run_name=RU
                   fixed_on_resume=("LORA_R", "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT", "SEED", "BATCH_SIZE"))
 if RESUME is None and INIT_LORA is None:
     check_lora_targets(run.model_path, LORA_TARGETS)  # on the model without its weights
+elif INIT_LORA is not None:  # its layout replaces LORA_* (one line says so), in the memory plan and the checkpoints
+    LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT = init_lora_settings(INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS,
+                                                                        LORA_DROPOUT, say=distributed.is_main)
+    config.update(LORA_R=LORA_R, LORA_ALPHA=LORA_ALPHA, LORA_TARGETS=list(LORA_TARGETS), LORA_DROPOUT=LORA_DROPOUT)
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA initialisation
 eval_reward = load_reward(EVAL_REWARD)
 pairs = load_pairs(TRAIN_FILE)

@@ -162,7 +162,7 @@ QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
-from common.checkpoint import start_lora  # noqa: E402
+from common.checkpoint import init_lora_settings, start_lora  # noqa: E402
 from common.data import step_items  # noqa: E402
 from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import check_sampling, evaluate  # noqa: E402
@@ -195,6 +195,10 @@ run = TrainingRun("ppo", config, distributed, model_path=MODEL_PATH, run_name=RU
                                    "PROMPTS_PER_STEP", "NUM_SAMPLES_PER_PROMPT", "CRITIC_FEATURES", "CRITIC_HIDDEN"))
 if RESUME is None and INIT_LORA is None:
     check_lora_targets(run.model_path, LORA_TARGETS)  # on the model without its weights
+elif INIT_LORA is not None:  # its layout replaces LORA_* (one line says so), in the memory plan and the checkpoints
+    LORA_R, LORA_ALPHA, LORA_TARGETS, LORA_DROPOUT = init_lora_settings(INIT_LORA, LORA_R, LORA_ALPHA, LORA_TARGETS,
+                                                                        LORA_DROPOUT, say=distributed.is_main)
+    config.update(LORA_R=LORA_R, LORA_ALPHA=LORA_ALPHA, LORA_TARGETS=list(LORA_TARGETS), LORA_DROPOUT=LORA_DROPOUT)
 torch.manual_seed(SEED)  # the same on every rank: the same LoRA and critic initialisation
 reward = load_reward(REWARD, REWARD_WEIGHTS)
 problems, eval_problems = load_questions(TRAIN_FILE, NUM_PROMPTS, EVAL_FILE if EVAL_EVERY else None, EVAL_LIMIT,

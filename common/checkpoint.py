@@ -109,8 +109,14 @@ def remove_stale_temporary_files(run_dir: str | Path) -> list[Path]:
     return stale
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a checkpoint's name (lora_epoch0_step40.pt: 40)."""
+    return int(_NAME.search(Path(path).name)[2])
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The run's checkpoints, oldest first (by step, then epoch)."""
+    """The run's checkpoints, oldest first (by step, then epoch): those in ``run_dir`` itself, never in a
+    folder below it (the abandoned-* folders where a resume with OVERWRITE=true moves later steps aside)."""
     found = [(int(m[2]), int(m[1]), p) for p in Path(run_dir).glob("lora_epoch*_step*.pt")
              if (m := _NAME.search(p.name))]
     return [p for _, _, p in sorted(found)]
@@ -372,6 +378,24 @@ def restore_lora(model, checkpoint: dict, where: str = "checkpoint") -> list[str
                              use_rslora=settings["use_rslora"])
     load_lora_state_dict(model, checkpoint["lora"])
     return wrapped
+
+
+def init_lora_settings(init_lora: str | Path, r: int, alpha: float, target_modules, dropout: float, *,
+                       say: bool = True) -> tuple[int, float, tuple[str, ...], float]:
+    """The LoRA settings (r, alpha, target modules, dropout) of a run started from ``init_lora``: the checkpoint's,
+    which start_lora applies (its weights have its shape), in place of the LORA_* settings given; one line says
+    which differed (``say``), so that the script can plan and record the values it trains with."""
+    saved = load_checkpoint(init_lora)["lora_config"]
+    targets = tuple(target_modules) if sorted(target_modules) == sorted(saved["target_modules"]) else tuple(
+        saved["target_modules"])
+    used = (saved["r"], saved["alpha"], targets, saved["dropout"])
+    differ = [f"{name}={given!r} -> {value!r}" for name, given, value in zip(
+        ("LORA_R", "LORA_ALPHA", "LORA_TARGETS", "LORA_DROPOUT"), (r, alpha, tuple(target_modules), dropout), used)
+        if given != value]
+    if differ and say:
+        print(f"INIT_LORA={init_lora}: the LoRA's own layout replaces {', '.join(differ)} (its weights have that "
+              f"shape; the run's checkpoints record it)")
+    return used
 
 
 def start_lora(model, resume_checkpoint: dict | None, resume_path, init_lora, r: int, alpha: float,

@@ -12,8 +12,9 @@ and then calls ``configure(globals())``:
 ``python script.py --LR=1e-4 --LORA_TARGETS=q_proj,k_proj`` then overrides them.
 The type of a value comes from the annotation when there is one, else from the
 default (nanoGPT's trick, made strict): int, float, bool, str, Path, None and
-tuples of those.  An unknown name is an error that lists the valid ones; a value
-that does not convert names the constant and the type it wanted.
+tuples of those.  An unknown name is an error that names the closest valid ones (``--lr``:
+``did you mean --LR?``; ``--help`` lists them all); a value that does not convert names the
+constant and the type it wanted.
 
 What a value may be is declared in the annotation, next to the constant, so that
 ``--help`` shows it and a wrong value (the default too) is refused at start-up,
@@ -36,6 +37,7 @@ indented (``#`` then two or more spaces) continues the constant above it;
 from __future__ import annotations
 
 import ast
+import difflib
 import io
 import json
 import re
@@ -296,6 +298,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def closest_names(name: str, names, count: int = 3) -> list[str]:
+    """The valid names a misspelt ``name`` most likely meant: the same name in another case, the nearest
+    by difflib's similarity (lora_rank: LORA_R), then the name its words' initials spell (LEARNING_RATE: LR)."""
+    names = list(names)
+    upper = name.upper()
+    initials = "".join(word[0] for word in upper.replace("-", "_").split("_") if word)
+    found = [valid for valid in names if valid == upper]
+    found += [valid for valid in difflib.get_close_matches(upper, names, n=count, cutoff=0.6) if valid not in found]
+    found += [valid for valid in names if len(initials) > 1 and valid == initials and valid not in found]
+    return found[:count]
+
+
 def help_text(script: str, declarations: dict, namespace: dict) -> str:
     width = max((len(n) for n in declarations), default=0)
     lines = [f"usage: python {script} [--NAME=value ...]", "",
@@ -349,8 +363,10 @@ def _configure(namespace: dict, argv: list[str], source_file: str | None, quiet:
             raise ConfigError(f"{script}: arguments are --NAME=value, got {arg!r} (try --help)")
         name, raw = arg[2:].split("=", 1)
         if name not in declarations:
-            valid = ", ".join(declarations)
-            raise ConfigError(f"{script}: unknown constant {name!r}; valid names: {valid}")
+            guesses = [f"--{guess}" for guess in closest_names(name, declarations)]
+            guesses = " or ".join(filter(None, [", ".join(guesses[:-1]), guesses[-1]])) if guesses else ""
+            raise ConfigError(f"{script}: unknown constant --{name}" + (f": did you mean {guesses}?" if guesses else "")
+                              + " (--help lists them all)")
         kind = _resolve_annotation(declarations[name]["annotation"], namespace)
         namespace[name] = convert(raw, kind, namespace[name], name)
         given.add(name)

@@ -83,25 +83,30 @@ class MetricsLogger:
     """``log(record)`` writes a metrics record everywhere LOGGER says; ``close()`` ends the run.
 
     On ranks other than 0 nothing is written anywhere: their metrics are the same reduced
-    numbers, and rank 0 alone logs them. ``start_step`` > 0: a resumed run (see _open_jsonl)."""
+    numbers, and rank 0 alone logs them. ``start_step`` > 0: a resumed run, which keeps the lines up to its
+    step of ``history`` (its own file, or for a branch under a new RUN_NAME the run it branches from; see _start)."""
 
     def __init__(self, path: str | Path, loggers: str | tuple[str, ...] = "jsonl", run_name: str | None = None,
-                 config: dict | None = None, start_step: int = 0, is_main: bool = True):
+                 config: dict | None = None, start_step: int = 0, is_main: bool = True,
+                 history: str | Path | None = None):
         self.path = Path(path)
         self.loggers = parse_loggers(loggers)
         self.run_name, self.config = run_name or self.path.stem, config or {}
         self.file = self.tensorboard = self.wandb = None
         self.is_main = is_main
+        self.kept, self.dropped = None, 0  # the lines kept, and how many of the history's are past start_step
         if not is_main:
             return
         # A resumed run keeps the lines up to its step; the file is only rewritten at the first record (start):
         # a run that stops before its first step (a check failing) leaves it as it was.
-        self.kept = None
-        if start_step > 0 and self.path.exists():
+        history = Path(history) if history is not None else self.path
+        if start_step > 0 and history.exists():
             try:
-                self.kept = [line for line, record in read_metrics(self.path) if record.get("step", 0) <= start_step]
+                records = read_metrics(history)
             except MetricsFileError as error:
                 raise LoggerUnavailableError(str(error)) from None
+            self.kept = [line for line, record in records if record.get("step", 0) <= start_step]
+            self.dropped = len(records) - len(self.kept)
         if "tensorboard" in self.loggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401

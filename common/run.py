@@ -10,20 +10,30 @@ lives here, once.
                      steps start); a second process on a running run is refused (a lock file beside the run
                      folder and the metrics file, holding host and PID; the lock of a dead process of this
                      host is taken over, another host's never); the temporary files of a killed save are removed.
+                     A lock file that cannot be removed (a folder turned read-only) is said, never raised.
   preflight          before the model loads: the folders are writable, the model directory is complete,
                      RESUME and INIT_LORA are not both given.
+  history            a run folder holds one line of history. RESUME of a checkpoint older than the folder's
+                     newest is refused, offering a branch under a new RUN_NAME (--RUN_NAME=<name>-from-step<N>:
+                     a new folder and metrics file, which starts with the lines up to step N copied from the
+                     resumed run's) or OVERWRITE=true, which moves the later checkpoints and metrics lines into
+                     RUN_NAME/abandoned-<time>/ when the steps start, never deletes them; a resume under another
+                     RUN_NAME is a branch, whose folder must be new as a new run's.
   resume             settings the restored state would override (the optimizer's learning rates and weight
                      decay, the schedule) follow this run's constants; settings a resume cannot change (the
                      LoRA layout, the group size, ...) are refused, one line each; every other change is
                      applied and printed.
   metrics log        common.metrics_log.MetricsLogger (LOGGER): one JSON object per line, non-finite
                      numbers as null; a resumed run drops the lines past its checkpoint's step when it
-                     writes its first step (a resume that fails its checks leaves the file as it was).
+                     writes its first step (a resume that fails its checks leaves the file as it was): with no
+                     later checkpoint these are steps no checkpoint kept, done again, and a line says so.
   cadence            an eval at step 0, every EVAL_EVERY steps and at the end; a checkpoint every
                      SAVE_EVERY steps, SAVE_EVERY_MINUTES after the last, at the end of each epoch and of
                      the run; only the newest KEEP_CHECKPOINTS kept (0: all). Weights that exploded (a NaN, an
                      inf, an entry over common.checkpoint.WEIGHT_BOUND) are never saved: the run stops there,
-                     one line naming LR, the last good checkpoint kept.
+                     one line naming LR, the last good checkpoint kept. A save that fails (a full disk,
+                     a folder turned read-only) is one line: what failed, that the earlier checkpoints are
+                     intact, the command that continues, and a lock file that could not be removed.
   stop signals       SIGINT (Ctrl-C), SIGTERM, SIGBREAK: the step in flight ends, is saved, one line names
                      the checkpoint and the command that continues it, and the run exits 128 + the signal's
                      number; every rank stops at the same step (end_step). A second signal ends it at once.
@@ -63,22 +73,23 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from common.checkpoint import (WEIGHT_BOUND, CheckpointError, checkpoint_path, exploded_weights, list_checkpoints,
-                               load_checkpoint, remove_stale_temporary_files, restore_training_state, save_checkpoint,
-                               weights_to_check)
+from common.checkpoint import (WEIGHT_BOUND, CheckpointError, checkpoint_path, checkpoint_step, exploded_weights,
+                               list_checkpoints, load_checkpoint, remove_stale_temporary_files,
+                               resolve_checkpoint, restore_training_state, save_checkpoint, weights_to_check)
 from common.distributed import DistributedContext, all_reduce_max, cleanup, gather_rank_states, restore_rank_state
 from common.errors import UserError
 from common.lora import lora_modules
-from common.metrics_log import LoggerUnavailableError, MetricsLogger
+from common.metrics_log import LoggerUnavailableError, MetricsFileError, MetricsLogger, read_metrics
 from common.model import check_model_dir, resolve_model_path
 from common.oom import BatchSizes
 
 # Settings that name where a run's files go, not what it computes: free on resume.
 RUN_LOCATION_SETTINGS = ("RESUME", "INIT_LORA", "RUN_NAME", "CHECKPOINT_DIR", "LOG_DIR", "OVERWRITE")
 LOCK_FILE = ".lock"
-# What a run writes in its folder: its checkpoints, their temporary files (common.checkpoint), its lock and
-# check_writable's probe. OVERWRITE=true removes these, and never anything else.
-RUN_FILES = ("lora_epoch*_step*.pt", ".*.tmp", LOCK_FILE, ".write-probe-*")
+# What a run writes in its folder: its checkpoints, their temporary files (common.checkpoint), its lock,
+# check_writable's probe and the steps a resume with OVERWRITE=true moved aside. OVERWRITE=true removes these,
+# and never anything else.
+RUN_FILES = ("lora_epoch*_step*.pt", ".*.tmp", LOCK_FILE, ".write-probe-*", "abandoned-*")
 # The signals that ask a run to stop: Ctrl-C, `kill`, `docker stop`, a scheduler's preemption, and Ctrl-Break.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ())
 # A second signal this soon after the first is the same interruption: a Ctrl-C reaches every process of the
@@ -216,9 +227,17 @@ class RunLock:
             return
         raise RunError(f"could not take the lock {path}")
 
-    def release(self) -> None:
+    def release(self) -> list[str]:
+        """Remove the lock files held. One that cannot be removed (its folder turned read-only) is returned
+        as "path (why)", never raised: the caller says it in its own line, and atexit stays quiet."""
+        failed = []
         while self.held:
-            self.held.pop().unlink(missing_ok=True)
+            path = self.held.pop()
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as error:
+                failed.append(f"{path} ({error.strerror or error})")
+        return failed
 
 
 class LossScaler:
@@ -278,7 +297,6 @@ class TrainingRun:
         if run_dir is None:
             _refuse_outside(self.run_dir, checkpoint_dir, "CHECKPOINT_DIR")
         _refuse_outside(self.metrics_path, log_dir, "LOG_DIR")
-        self.resume_path = resume
         self.overwrite = overwrite
         self.skipped_updates = 0
         self.stop_signal = 0  # the signal that asked the run to stop (0: none yet)
@@ -287,6 +305,8 @@ class TrainingRun:
             for signal_number in STOP_SIGNALS:
                 signal.signal(signal_number, self._on_signal)
         self.overwritten: list[Path] = []  # an earlier run's files, removed when this run starts its steps
+        # (folder, checkpoints, metrics lines) of the steps after a resumed older checkpoint, moved there at the start
+        self.abandoned: tuple[Path, list[Path], list[str]] | None = None
         self.loss_scaler = LossScaler(torch.float32, torch.device("cpu"))  # disabled until track gives the model's
         self.sizes: BatchSizes | None = None  # the batch sizes in use, once track gives them
         # One lock for all the run writes: its folder, and its metrics file (which two runs with one RUN_NAME
@@ -296,6 +316,7 @@ class TrainingRun:
             raise RunError("RESUME continues a run, INIT_LORA starts a new one from a LoRA: give one of them")
         try:
             self.checkpoint = load_checkpoint(resume) if resume is not None else None
+            self.resume_path = resolve_checkpoint(resume) if resume is not None else None  # a folder's newest
         except (CheckpointError, FileNotFoundError) as error:
             raise RunError(str(error)) from None
         if self.checkpoint is not None:
@@ -309,16 +330,35 @@ class TrainingRun:
             self._refuse_fixed_settings(fixed_on_resume)
             self.skipped_updates = self.checkpoint["extra"].get("skipped_updates", 0)
         self.start_step = self.checkpoint["step"] if self.checkpoint is not None else 0
+        # A checkpoint resumed into another run folder (another RUN_NAME or CHECKPOINT_DIR) starts a branch: a new
+        # run, whose metrics file starts with the resumed run's lines up to the checkpoint's step: its metrics
+        # file in this run's LOG_DIR, else where the resumed run wrote it (its LOG_DIR as it recorded it).
+        self.branch = (self.checkpoint is not None and self.resume_path.parent.resolve() != self.run_dir.resolve())
+        history = self.metrics_path
+        if self.branch:
+            saved = self.checkpoint["config"]
+            name = f"{saved.get('RUN_NAME', self.resume_path.parent.name)}.jsonl"
+            history = next((path for path in (self.metrics_path.parent / name, Path(saved.get("LOG_DIR", ".")) / name)
+                            if path.is_file()), self.metrics_path.parent / name)
         if distributed.is_main:
             self._claim()
+            if self.branch:
+                print(f"resume: a branch of {self.resume_path.parent} at step {self.start_step}, as the new run "
+                      f"{self.name!r}: " + (f"{self.metrics_path} starts with the lines up to step {self.start_step} "
+                                            f"of {history}" if history.is_file() else
+                                            f"{history} not found, {self.metrics_path} starts at step "
+                                            f"{self.start_step + 1}"))
         self.model_path = preflight_model(model_path)
         self.model_config = AutoConfig.from_pretrained(self.model_path)
         self.generators: dict[str, torch.Generator] = {}  # the run's random generators (random_generator)
         try:
-            self.metrics = MetricsLogger(self.metrics_path, logger, self.name, config,
-                                         start_step=self.start_step, is_main=distributed.is_main)
+            self.metrics = MetricsLogger(self.metrics_path, logger, self.name, config, start_step=self.start_step,
+                                         is_main=distributed.is_main, history=history)
         except LoggerUnavailableError as error:
             raise RunError(str(error)) from None
+        if self.metrics.dropped and not self.branch and self.abandoned is None:
+            print(f"resume: {self.metrics.dropped} line(s) of {self.metrics_path} come after step {self.start_step}, "
+                  f"the run's newest checkpoint: steps no checkpoint kept, which this run does again and logs anew")
         self._state: dict = {}
 
     # ----------------------------------------------------------------- start
@@ -345,9 +385,10 @@ class TrainingRun:
         if removed:
             print(f"removed {len(removed)} temporary file(s) of a killed save in {self.run_dir}")
         check_writable(self.run_dir, "the run folder")
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and not self.branch:
+            self._check_history()
             return
-        ours, others = self._files()
+        ours, others = self._files()  # a new run, or a branch: its name must be free
         if others:
             self.lock.release()
             shown = ", ".join(path.name for path in others[:3]) + (f", ... ({len(others)} in all)"
@@ -379,6 +420,52 @@ class TrainingRun:
         if self.overwritten:
             print(f"OVERWRITE=true: removed {len(self.overwritten)} file(s) of the earlier run {self.name!r}")
         self.overwritten = []
+
+    def _check_history(self) -> None:
+        """A resume in its own run folder continues the run's one line of history: a checkpoint with later
+        ones beside it is refused (before any work), offering a branch under a new RUN_NAME, or with
+        OVERWRITE=true its later checkpoints and metrics lines are moved aside when the steps start."""
+        step = self.start_step
+        later = [path for path in list_checkpoints(self.run_dir) if checkpoint_step(path) > step]
+        if not later:
+            return
+        newest = checkpoint_step(later[-1])
+        if not self.overwrite:
+            self.lock.release()
+            raise RunError(f"{self.resume_path} is step {step} of run {self.name!r}, which went on to step {newest} "
+                           f"({len(later)} later checkpoint(s)): resuming it here would mix two histories. Continue "
+                           f"it as a branch with --RUN_NAME={self.name}-from-step{step}, or move steps "
+                           f"{step + 1}-{newest} aside with --OVERWRITE=true")
+        try:
+            lines = [line for line, record in read_metrics(self.metrics_path) if record.get("step", 0) > step
+                     ] if self.metrics_path.is_file() else []
+        except MetricsFileError as error:
+            self.lock.release()
+            raise RunError(str(error)) from None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.run_dir / f"abandoned-{stamp}"
+        for number in range(1, 1000):  # a second resume within the same second
+            if not aside.exists():
+                break
+            aside = self.run_dir / f"abandoned-{stamp}-{number}"
+        self.abandoned = (aside, later, lines)  # moved when the steps start: a check that fails before loses nothing
+        print(f"OVERWRITE=true: steps {step + 1}-{newest} of run {self.name!r} ({len(later)} checkpoint(s), "
+              f"{len(lines)} metrics line(s)) will be moved to {aside} when this run starts, not deleted")
+
+    def _move_abandoned(self) -> None:
+        """The later checkpoints and the metrics lines past the resumed step go to the abandoned-* folder, out
+        of --RESUME's and --LORA_CKPT's reach (common.checkpoint.list_checkpoints looks in the run folder only)."""
+        if self.abandoned is None:
+            return
+        aside, later, lines = self.abandoned
+        aside.mkdir()
+        for path in later:
+            os.replace(path, aside / path.name)
+        if lines:
+            (aside / self.metrics_path.name).write_text("".join(line + "\n" for line in lines))
+        print(f"OVERWRITE=true: moved {len(later)} checkpoint(s) and {len(lines)} metrics line(s) of the "
+              f"abandoned steps to {aside}")
+        self.abandoned = None
 
     def _refuse_fixed_settings(self, fixed: tuple[str, ...]) -> None:
         saved = self.checkpoint["config"]
@@ -454,6 +541,7 @@ class TrainingRun:
         self.save_every_minutes, self.keep_checkpoints = save_every_minutes, keep_checkpoints
         self.started = self.last_save = time.perf_counter()
         self._remove_overwritten()
+        self._move_abandoned()
         self.in_steps = True
         if self.eval_every and self.start_step == 0:
             self.metrics.log({"step": 0, **self.evaluate(0)})
@@ -573,9 +661,7 @@ class TrainingRun:
                                           "batch_sizes": {} if self.sizes is None else self.sizes.state_dict(),
                                           "loss_scaler": self.loss_scaler.scaler.state_dict()})
         except OSError as error:
-            if error.errno != errno.ENOSPC:
-                raise
-            raise RunError(error.strerror) from None
+            raise RunError(self._save_failed(step, error)) from None
         self.last_save = time.perf_counter()
         tqdm.write(f"saved {path}")
         if self.keep_checkpoints:  # the newest KEEP_CHECKPOINTS by step, the one just written always among them
@@ -608,6 +694,26 @@ class TrainingRun:
                        f"run's stay far below {WEIGHT_BOUND:.0e}); lower {rates} (LR={self.config.get('LR')}: AdamW "
                        f"moves each weight by about LR a step, whatever GRAD_CLIP={self.config.get('GRAD_CLIP')}); "
                        f"{kept}")
+
+    def _save_failed(self, step: int, error: OSError) -> str:
+        """The one line of a save that failed (a full disk; a run folder turned read-only, removed or replaced
+        by a file): what failed, that the earlier checkpoints are intact, how to continue; the run ends
+        here, so its lock is released, and a lock file that cannot be removed is said in the same line."""
+        if error.errno == errno.ENOSPC:
+            line = error.strerror  # names the file, the free space, the size, and the intact checkpoints
+        else:
+            line = (f"cannot write the checkpoint of step {step} in the run folder {self.run_dir}: "
+                    f"{error.strerror or error}; not written, the earlier checkpoints are intact")
+        saved = list_checkpoints(self.run_dir) if self.run_dir.is_dir() else []
+        if saved:
+            fix = "free some space" if error.errno == errno.ENOSPC else f"make {self.run_dir} writable"
+            line += f"; {fix}, then continue with --RESUME={saved[-1]}"
+        self.metrics.close()
+        stuck = self.lock.release()
+        if stuck:
+            line += (f"; the lock file {', '.join(stuck)} could not be removed: delete it, or let the next run on "
+                     f"this host take it over (its process is gone)")
+        return line
 
     def finish(self) -> None:
         self.metrics.close()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, configure, read_declarations
+from common.config import ConfigError, closest_names, configure, read_declarations
 from tests.conftest import REPO_ROOT
 
 SCRIPT = '''\
@@ -75,14 +75,14 @@ def test_override_updates_namespace_and_dict(script):
     assert config["CKPT"] == "a.pt"
 
 
-def test_unknown_name_lists_valid_names(script):
+def test_unknown_name_names_the_closest_valid_one(script):
     _, namespace = script
     with pytest.raises(ConfigError) as error:
         configure(namespace, argv=["--LEARNING_RATE=1"], quiet=True)
     message = str(error.value)
-    assert "LEARNING_RATE" in message
-    for valid in ("MODEL_PATH", "LR", "MAX_STEPS", "LORA_TARGETS", "CKPT"):
-        assert valid in message
+    assert "unknown constant --LEARNING_RATE: did you mean --LR?" in message
+    for other in ("MODEL_PATH", "MAX_STEPS", "LORA_TARGETS", "CKPT"):
+        assert other not in message
 
 
 @pytest.mark.parametrize("arg, words", [
@@ -135,9 +135,28 @@ def test_script_exits_with_message_not_traceback():
     result = subprocess.run([sys.executable, "eval_math.py", "--NOT_A_SETTING=1"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "unknown constant 'NOT_A_SETTING'" in result.stderr
-    assert "MODEL_PATH" in result.stderr
+    assert "unknown constant --NOT_A_SETTING" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argument, meant", [("--lr=1e-4", "--LR"), ("--LEARNING_RATE=1e-4", "--LR"),
+                                             ("--max_step=3", "--MAX_STEPS"), ("--lora_rank=8", "--LORA_R")])
+def test_misspelt_constant_gets_the_closest_names_in_one_short_line(argument, meant):
+    """Issue 31, item 6: the closest names (case, edit distance, initials), not the list of every name."""
+    result = subprocess.run([sys.executable, "run_train_grpo.py", argument], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 160, lines
+    name = argument[2:].split("=")[0]
+    assert lines[0].startswith(f"error: run_train_grpo.py: unknown constant --{name}: did you mean {meant}")
+    assert lines[0].endswith("(--help lists them all)")
+    assert "SAMPLE_EVERY" not in lines[0]  # not the list of every valid name
+
+
+def test_closest_names_offers_nothing_for_a_name_like_none():
+    assert closest_names("ZZZQ", ["LR", "MAX_STEPS"]) == []
+    assert closest_names("seed", ["SEED", "SAMPLE_EVERY"])[0] == "SEED"
 
 
 def test_secret_values_are_not_printed_or_returned(tmp_path, capsys):

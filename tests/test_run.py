@@ -11,15 +11,17 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from common.checkpoint import load_checkpoint
+from common.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from common.metrics_log import MetricsFileError, MetricsLogger, read_metrics
 from common.run import RunError, RunLock, check_writable
 from common.run_setup import fit_to_context
-from tests.conftest import run_script
+from tests.conftest import REPO_ROOT, run_script
+from tests.test_dpo_trainer import pairs_file
 
 SMALL_GRPO = ["--TRAIN_FILE=data/synth_train.jsonl", "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=8",
               "--PROMPTS_PER_STEP=2", "--NUM_SAMPLES_PER_PROMPT=3", "--MAX_NEW_TOKENS=6", "--EVAL_EVERY=0",
@@ -93,9 +95,12 @@ def three_step_run(micro_model_dir, tmp_path_factory):
 def test_resume_applies_a_new_learning_rate_and_records_it(micro_model_dir, three_step_run, tmp_path):
     shutil.copytree(three_step_run / "ck", tmp_path / "ck")
     shutil.copytree(three_step_run / "logs", tmp_path / "logs")
+    (tmp_path / "ck" / "base" / "lora_epoch0_step3.pt").unlink()  # step 2 the newest: a run killed in step 3
     result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=base", "--MAX_STEPS=4", "--LR=1e-3",
                   f"--RESUME={tmp_path / 'ck' / 'base' / 'lora_epoch0_step2.pt'}")
     assert "resume: LR: 0.0002 -> 0.001 (applied from step 2 on)" in result.stdout
+    assert (f"resume: 1 line(s) of {tmp_path / 'logs' / 'base.jsonl'} come after step 2, the run's newest "
+            f"checkpoint: steps no checkpoint kept, which this run does again and logs anew") in result.stdout
     assert "warning" not in result.stdout
     checkpoint = load_checkpoint(tmp_path / "ck" / "base")  # its newest: step 4 (lora_epoch1_step4.pt)
     assert checkpoint["step"] == 4
@@ -123,6 +128,161 @@ def test_resume_refuses_another_trainers_checkpoint(three_step_run, micro_model_
                          f"--RESUME={three_step_run / 'ck' / 'base' / 'lora_epoch0_step2.pt'}",
                          f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}"], check=False)
     refused(result, "is a checkpoint of a grpo run: a dpo run cannot continue it")
+
+
+@pytest.mark.parametrize("trainer", ["run_train_grpo.py", "run_train_ppo.py", "run_train_dpo.py"])
+def test_init_lora_trains_the_checkpoints_layout_says_so_and_records_it(three_step_run, micro_model_dir, tmp_path,
+                                                                         trainer):
+    """Issue 31, item 7: LORA_* settings that differ from INIT_LORA's are replaced by its own, in one line, and the
+    new run's checkpoints record the values it trained with (they recorded the replaced ones)."""
+    init = three_step_run / "ck" / "base" / "lora_epoch0_step3.pt"  # r=2, alpha 32, every projection
+    data = ([f"--TRAIN_FILE={pairs_file(tmp_path / 'pairs.jsonl', 4)}", "--BATCH_SIZE=2", "--MICRO_BATCH_SIZE=1"]
+            if trainer == "run_train_dpo.py" else SMALL_GRPO[:6])
+    result = run_script([trainer, f"--MODEL_PATH={micro_model_dir}", *data, "--EVAL_FILE=data/synth_test.jsonl",
+                         "--EVAL_EVERY=0", "--DEVICE=cpu", "--MAX_STEPS=1", f"--CHECKPOINT_DIR={tmp_path}",
+                         f"--LOG_DIR={tmp_path}", "--RUN_NAME=from-init", f"--INIT_LORA={init}", "--LORA_R=8",
+                         "--LORA_ALPHA=16", "--LORA_TARGETS=v_proj,q_proj"])
+    every = sorted(load_checkpoint(init)["lora_config"]["target_modules"])
+    assert len(every) == 7
+    lines = [line for line in result.stdout.splitlines() if line.startswith(f"INIT_LORA={init}")]
+    assert lines == [f"INIT_LORA={init}: the LoRA's own layout replaces LORA_R=8 -> 2, LORA_ALPHA=16.0 -> 32.0, "
+                     f"LORA_TARGETS=('v_proj', 'q_proj') -> {tuple(every)!r} (its weights have that shape; the run's "
+                     f"checkpoints record it)"]
+    checkpoint = load_checkpoint(tmp_path / "from-init")
+    assert checkpoint["lora_config"]["r"] == 2 and checkpoint["lora_config"]["target_modules"] == every
+    config = checkpoint["config"]
+    assert (config["LORA_R"], config["LORA_ALPHA"], config["LORA_TARGETS"]) == (2, 32.0, every)
+
+
+# ---------------------------------------------- resuming an older checkpoint: one line of history
+
+@pytest.fixture(scope="module")
+def four_step_run(micro_model_dir, tmp_path_factory):
+    """Checkpoints at steps 2 and 4, metrics of steps 1-4."""
+    tmp_path = tmp_path_factory.mktemp("history")
+    grpo(micro_model_dir, tmp_path, "--RUN_NAME=base", "--MAX_STEPS=4", "--SAVE_EVERY=2", "--LR=2e-4")
+    return tmp_path
+
+
+def untimed(line: str) -> dict:
+    """A metrics record without its wall-clock times (the keys ending in _s), which no two runs share."""
+    return {key: value for key, value in json.loads(line).items() if not key.endswith("_s")}
+
+
+def test_resuming_an_older_checkpoint_is_refused_and_its_branch_continues_it_exactly(micro_model_dir, four_step_run,
+                                                                                     tmp_path):
+    """Issue 31, item 1: steps 3-4 of the run are never lost, and the suggested branch is the resume of step 2."""
+    shutil.copytree(four_step_run / "ck", tmp_path / "ck")
+    shutil.copytree(four_step_run / "logs", tmp_path / "logs")
+    run_dir, metrics_file = tmp_path / "ck" / "base", tmp_path / "logs" / "base.jsonl"
+    before = {path.name: path.read_bytes() for path in (*run_dir.iterdir(), metrics_file)}
+    step2 = run_dir / "lora_epoch0_step2.pt"
+    result = grpo("models/not-there", tmp_path, "--RUN_NAME=base", "--MAX_STEPS=3", f"--RESUME={step2}", check=False)
+    refused(result, f"error: {step2} is step 2 of run 'base', which went on to step 4",
+            "Continue it as a branch with --RUN_NAME=base-from-step2", "move steps 3-4 aside with --OVERWRITE=true")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert {path.name: path.read_bytes() for path in (*run_dir.iterdir(), metrics_file)} == before
+
+    result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=base-from-step2", "--MAX_STEPS=4", "--SAVE_EVERY=2",
+                  "--LR=2e-4", f"--RESUME={step2}")
+    branch = tmp_path / "logs" / "base-from-step2.jsonl"
+    assert (f"resume: a branch of {run_dir} at step 2, as the new run 'base-from-step2': {branch} starts with the "
+            f"lines up to step 2 of {metrics_file}") in result.stdout
+    assert {path.name: path.read_bytes() for path in (*run_dir.iterdir(), metrics_file)} == before  # untouched
+    original, branched = metrics_file.read_text().splitlines(), branch.read_text().splitlines()
+    assert branched[:2] == original[:2]  # the history up to step 2, copied as it was
+    assert [untimed(line) for line in branched[2:]] == [untimed(line) for line in original[2:]]  # steps 3-4 again
+    assert [path.name for path in (tmp_path / "ck" / "base-from-step2").iterdir()] == ["lora_epoch1_step4.pt"]
+    resumed = load_checkpoint(tmp_path / "ck" / "base-from-step2")  # the folder's newest: the branch's step 4
+    straight = load_checkpoint(run_dir / "lora_epoch1_step4.pt")
+    assert resumed["step"] == 4 and resumed["config"]["RUN_NAME"] == "base-from-step2"
+    for key in straight["lora"]:
+        torch.testing.assert_close(resumed["lora"][key], straight["lora"][key], atol=1e-6, rtol=0)
+
+
+def test_overwrite_moves_the_later_steps_aside_and_the_folder_picks_the_new_line(micro_model_dir, four_step_run,
+                                                                                 tmp_path):
+    shutil.copytree(four_step_run / "ck", tmp_path / "ck")
+    shutil.copytree(four_step_run / "logs", tmp_path / "logs")
+    run_dir, metrics_file = tmp_path / "ck" / "base", tmp_path / "logs" / "base.jsonl"
+    original = metrics_file.read_text().splitlines()
+    old_step4 = (run_dir / "lora_epoch1_step4.pt").read_bytes()
+    result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=base", "--MAX_STEPS=3", "--SAVE_EVERY=2", "--LR=2e-4",
+                  "--OVERWRITE=true", f"--RESUME={run_dir / 'lora_epoch0_step2.pt'}")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("OVERWRITE=true: steps 3-4")]
+    assert len(lines) == 1 and "(1 checkpoint(s), 2 metrics line(s)) will be moved to" in lines[0], result.stdout
+    aside = Path(lines[0].split(" will be moved to ")[1].split(" when ")[0])
+    assert aside.parent == run_dir and aside.name.startswith("abandoned-")
+    assert sorted(path.name for path in aside.iterdir()) == ["base.jsonl", "lora_epoch1_step4.pt"]
+    assert (aside / "lora_epoch1_step4.pt").read_bytes() == old_step4  # moved, not rewritten
+    assert (aside / "base.jsonl").read_text().splitlines() == original[2:]  # the abandoned steps 3-4
+    kept = metrics_file.read_text().splitlines()
+    assert kept[:2] == original[:2] and [json.loads(line)["step"] for line in kept] == [1, 2, 3]
+    assert [path.name for path in list_checkpoints(run_dir)] == ["lora_epoch0_step2.pt", "lora_epoch0_step3.pt"]
+    assert resolve_checkpoint(run_dir) == run_dir / "lora_epoch0_step3.pt"  # --RESUME= and --LORA_CKPT= the folder
+    assert untimed(kept[2]) == untimed(original[2])  # step 3 done again, as the first time
+
+
+READ_ONLY_AFTER_FIRST_SAVE = '''
+import subprocess
+from pathlib import Path
+
+FOLDER = Path({folder!r})
+turned = []
+
+
+def reward(completion, **row):
+    """0 for every answer; once the run's first checkpoint is written, its folder turns read-only: a read-only
+    bind mount as root (in the test's own mount namespace: root writes through a chmod), else a chmod."""
+    if not turned and list(FOLDER.glob("lora_*.pt")):
+        if {as_root}:
+            subprocess.run(["mount", "--bind", str(FOLDER), str(FOLDER)], check=True)
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(FOLDER)], check=True)
+        else:
+            FOLDER.chmod(0o555)
+        turned.append(True)
+    return 0.0
+'''
+
+
+def can_mount_privately() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or (os.geteuid() == 0 and not can_mount_privately()),
+                    reason="a folder read-only to this user: POSIX, and as root an unprivileged mount namespace")
+def test_a_checkpoint_folder_turned_read_only_mid_run_is_one_line_and_the_earlier_checkpoints_stay(
+        micro_model_dir, tmp_path):
+    """Issue 31, item 5: the failed save is one line naming the folder, what is intact and what would work (and
+    the lock file the read-only folder keeps), never a traceback; that advice then works."""
+    as_root = os.geteuid() == 0
+    run_dir = tmp_path / "ck" / "ro"
+    (tmp_path / "ro.py").write_text(READ_ONLY_AFTER_FIRST_SAVE.format(folder=str(run_dir), as_root=as_root))
+    arguments = [f"--MODEL_PATH={micro_model_dir}", *SMALL_GRPO, f"--CHECKPOINT_DIR={tmp_path / 'ck'}",
+                 f"--LOG_DIR={tmp_path / 'logs'}", "--RUN_NAME=ro", "--LR=2e-4", "--MAX_STEPS=3"]
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", TQDM_DISABLE="1")
+    try:
+        result = subprocess.run([*(["unshare", "-rm"] if as_root else []), sys.executable, "run_train_grpo.py",
+                                 *arguments, "--SAVE_EVERY=1", f"--REWARD={tmp_path / 'ro.py'}:reward"],
+                                cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    finally:
+        run_dir.chmod(0o755)
+    step1 = run_dir / "lora_epoch0_step1.pt"
+    assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and result.stderr.strip().endswith(lines[0]), result.stderr[-3000:]
+    assert lines[0].startswith(f"error: cannot write the checkpoint of step 2 in the run folder {run_dir}: "), lines
+    assert (f"not written, the earlier checkpoints are intact; make {run_dir} writable, then continue with "
+            f"--RESUME={step1}; the lock file {run_dir / '.lock'} (") in lines[0]
+    assert sorted(path.name for path in run_dir.iterdir()) == [".lock", step1.name]  # no temporary file
+    assert load_checkpoint(step1)["step"] == 1
+    assert not (tmp_path / "logs" / ".ro.jsonl.lock").exists()  # the lock beside the metrics file is released
+    result = grpo(micro_model_dir, tmp_path, *arguments[len(SMALL_GRPO) + 1:], f"--RESUME={step1}")
+    assert f"taking over the stale lock {run_dir / '.lock'}" in result.stdout
+    assert load_checkpoint(run_dir)["step"] == 3
+    assert not (run_dir / ".lock").exists()
 
 
 # ---------------------------------------------------------------------------------- preflight
@@ -335,8 +495,8 @@ def test_a_resume_that_fails_its_checks_leaves_the_metrics_file_as_it_was(micro_
     shutil.copytree(three_step_run / "logs", tmp_path / "logs")
     before = (tmp_path / "logs" / "base.jsonl").read_bytes()
     result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=base", "--MAX_STEPS=4", "--TRAIN_FILE=data/typo.jsonl",
-                  f"--RESUME={tmp_path / 'ck' / 'base' / 'lora_epoch0_step1.pt'}", check=False)
-    assert result.returncode != 0
+                  f"--RESUME={tmp_path / 'ck' / 'base' / 'lora_epoch0_step3.pt'}", check=False)
+    assert result.returncode != 0 and "data/typo.jsonl" in result.stderr
     assert (tmp_path / "logs" / "base.jsonl").read_bytes() == before
 
 
@@ -359,6 +519,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(micro_model_dir, thr
     metrics_file.write_text("\n".join(whole[:2]) + "\n" + whole[2][:25])  # step 3's line cut by a kill
     result = run_script(["plot_metrics.py", f"--RUNS={metrics_file}", f"--OUT_FILE={tmp_path / 'm.png'}"])
     assert f"warning: {metrics_file}:3: the last line is cut short" in result.stdout
+    (tmp_path / "ck" / "base" / "lora_epoch0_step3.pt").unlink()  # killed in step 3's save: step 2 the newest
     result = grpo(micro_model_dir, tmp_path, "--RUN_NAME=base", "--MAX_STEPS=3", "--LR=2e-4",
                   f"--RESUME={tmp_path / 'ck' / 'base' / 'lora_epoch0_step2.pt'}")
     assert f"warning: {metrics_file}:3: the last line is cut short" in result.stdout
