@@ -19,7 +19,7 @@ DEMO_SOUP := --MODEL_PATH=$(TINY) --MAX_NEW_TOKENS=40 \
 
 # The DPO demo: on-policy pairs from the tiny model, then DPO with an SFT term on the chosen answers (RPO).
 DEMO_PAIRS := --MODEL_PATH=$(TINY) $(SYNTH) --NUM_PROMPTS=1500 --MAX_NEW_TOKENS=40 --BATCH_SIZE=32 \
-              --OUT_FILE=logs/demo/dpo_pairs.jsonl
+              --OUT_FILE=logs/demo/dpo_pairs.jsonl --OVERWRITE=true
 DEMO_DPO := --MODEL_PATH=$(TINY) --TRAIN_FILE=logs/demo/dpo_pairs.jsonl --EVAL_FILE=data/synth_test.jsonl \
             --EVAL_LIMIT=0 --EVAL_EVERY=20 --MAX_NEW_TOKENS=40 --NUM_EPOCHS=2 --LR=1e-4 --RPO_ALPHA=1.0 \
             --MICRO_BATCH_SIZE=16 --RUN_NAME=demo-dpo --OVERWRITE=true
@@ -55,44 +55,44 @@ tiny-model: $(VENV)/.runtime-installed
 demo: tiny-model
 	@echo ">> [1/3] baseline: greedy accuracy of the tiny model on the 500 held-out synthetic problems"
 	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --EVAL_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 \
-	    --OUT_FILE=logs/demo/base.jsonl
+	    --OUT_FILE=logs/demo/base.jsonl --OVERWRITE=true
 	@echo ">> [2/3] GRPO with a LoRA on the tiny model (checkpoints/demo-grpo/, metrics logs/demo-grpo.jsonl)"
 	$(PY) run_train_grpo.py $(DEMO_GRPO)
 	@echo ">> [3/3] the trained LoRA on the same held-out problems, before -> after"
 	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-grpo --EVAL_FILE=data/synth_test.jsonl \
-	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/grpo.jsonl --COMPARE_TO=logs/demo/base.summary.json
+	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/grpo.jsonl --OVERWRITE=true --COMPARE_TO=logs/demo/base.summary.json
 
 demo-qlora: tiny-model $(VENV)/.dev-installed
 	@echo ">> [1/3] baseline with the base in 4-bit NF4 (QUANT=nf4, bitsandbytes from requirements-dev.txt)"
 	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --EVAL_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 --QUANT=nf4 \
-	    --OUT_FILE=logs/demo/base-nf4.jsonl
+	    --OUT_FILE=logs/demo/base-nf4.jsonl --OVERWRITE=true
 	@echo ">> [2/3] GRPO with a LoRA on the 4-bit base: the demo's settings (checkpoints/demo-qlora/)"
 	$(PY) run_train_grpo.py $(DEMO_GRPO) --QUANT=nf4 --RUN_NAME=demo-qlora
 	@echo ">> [3/3] the trained LoRA on the 4-bit base, before -> after"
 	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-qlora --EVAL_FILE=data/synth_test.jsonl \
-	    --MAX_NEW_TOKENS=40 --QUANT=nf4 --OUT_FILE=logs/demo/qlora.jsonl --COMPARE_TO=logs/demo/base-nf4.summary.json
+	    --MAX_NEW_TOKENS=40 --QUANT=nf4 --OUT_FILE=logs/demo/qlora.jsonl --OVERWRITE=true --COMPARE_TO=logs/demo/base-nf4.summary.json
 
 demo-dpo: tiny-model
 	@echo ">> [1/4] baseline: greedy accuracy of the tiny model on the 500 held-out synthetic problems"
 	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --EVAL_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 \
-	    --OUT_FILE=logs/demo/base.jsonl
+	    --OUT_FILE=logs/demo/base.jsonl --OVERWRITE=true
 	@echo ">> [2/4] preference pairs sampled from the tiny model itself (logs/demo/dpo_pairs.jsonl)"
 	$(PY) make_dpo_pairs.py $(DEMO_PAIRS)
 	@echo ">> [3/4] DPO with a LoRA on those pairs (checkpoints/demo-dpo/, metrics logs/demo-dpo.jsonl)"
 	$(PY) run_train_dpo.py $(DEMO_DPO)
 	@echo ">> [4/4] the trained LoRA on the same held-out problems, before -> after"
 	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-dpo --EVAL_FILE=data/synth_test.jsonl \
-	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/dpo.jsonl --COMPARE_TO=logs/demo/base.summary.json
+	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/dpo.jsonl --OVERWRITE=true --COMPARE_TO=logs/demo/base.summary.json
 
 demo-ppo: tiny-model
 	@echo ">> [1/3] baseline: greedy accuracy of the tiny model on the 500 held-out synthetic problems"
 	$(PY) eval_math_base.py --MODEL_PATH=$(TINY) --EVAL_FILE=data/synth_test.jsonl --MAX_NEW_TOKENS=40 \
-	    --OUT_FILE=logs/demo/base.jsonl
+	    --OUT_FILE=logs/demo/base.jsonl --OVERWRITE=true
 	@echo ">> [2/3] PPO with a LoRA actor and a value-head critic (checkpoints/demo-ppo/, metrics logs/demo-ppo.jsonl)"
 	$(PY) run_train_ppo.py $(DEMO_PPO)
 	@echo ">> [3/3] the trained LoRA on the same held-out problems, before -> after"
 	$(PY) eval_math.py --MODEL_PATH=$(TINY) --LORA_CKPT=checkpoints/demo-ppo --EVAL_FILE=data/synth_test.jsonl \
-	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/ppo.jsonl --COMPARE_TO=logs/demo/base.summary.json
+	    --MAX_NEW_TOKENS=40 --OUT_FILE=logs/demo/ppo.jsonl --OVERWRITE=true --COMPARE_TO=logs/demo/base.summary.json
 
 demo-soup: tiny-model
 	@test -f $(DEMO_SOUP_RUN)/lora_epoch0_step50.pt || { \
@@ -108,13 +108,13 @@ demo-passk: tiny-model $(VENV)/.dev-installed
 	    echo ">> [0/3] no checkpoint of the GRPO demo yet: running it ($(DEMO_SOUP_RUN)/)"; \
 	    $(PY) run_train_grpo.py $(DEMO_GRPO); }
 	@echo ">> [1/3] the tiny model: 16 samples per held-out problem at T=1: mean@16, pass@1..16, maj@16 (and greedy)"
-	$(PY) eval_math_base.py $(DEMO_PASSK) --OUT_FILE=logs/demo/passk-base.jsonl
+	$(PY) eval_math_base.py $(DEMO_PASSK) --OUT_FILE=logs/demo/passk-base.jsonl --OVERWRITE=true
 	@echo ">> [2/3] the GRPO demo's LoRA, the same settings and seed, before -> after"
-	$(PY) eval_math.py $(DEMO_PASSK) --LORA_CKPT=$(DEMO_SOUP_RUN) --OUT_FILE=logs/demo/passk-grpo.jsonl \
+	$(PY) eval_math.py $(DEMO_PASSK) --LORA_CKPT=$(DEMO_SOUP_RUN) --OUT_FILE=logs/demo/passk-grpo.jsonl --OVERWRITE=true \
 	    --COMPARE_TO=logs/demo/passk-base.summary.json
 	@echo ">> [3/3] pass@k against k for both (matplotlib from requirements-dev.txt): logs/demo/passk.png"
 	$(PY) plot_metrics.py --PASS_AT_K=logs/demo/passk-base.summary.json,logs/demo/passk-grpo.summary.json \
-	    --OUT_FILE=logs/demo/passk.png
+	    --OUT_FILE=logs/demo/passk.png --OVERWRITE=true
 
 test: $(VENV)/.dev-installed
 	@echo ">> running the test suite"

@@ -71,19 +71,20 @@ DTYPE: Dtype = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
 OUT_FILE: Path | None = None  # per-question JSONL (None = logs/eval_<model>_<time>_<process id>.jsonl)
 COMPARE_TO: Path | None = None  # summary JSON of an earlier eval (e.g. the base model's) to print before -> after
+OVERWRITE = False  # replace existing outputs (else an existing one is refused, before any work)
 
 config = configure(globals(), quiet=not is_main_process())
 # ---------------------------------------------------------------------------
 
 from common.checkpoint import load_lora_checkpoint, resolve_checkpoint  # noqa: E402
 from common.compare import comparison_lines, read_records, read_summary, records_file  # noqa: E402
-from common.data import load_problems  # noqa: E402
+from common.data import load_problems, write_jsonl  # noqa: E402
 from common.distributed import cleanup, setup_distributed  # noqa: E402
 from common.evaluate import check_sampling, evaluate, evaluate_sampled  # noqa: E402
 from common.model import load_model_and_tokenizer  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
-from common.run import check_writable, preflight_model  # noqa: E402
+from common.run import check_output, preflight_model, stop_quietly_on_signal  # noqa: E402
 from common.run_setup import questions_that_fit, room_for_prompts  # noqa: E402
 from common.sampler import SamplingParams  # noqa: E402
 
@@ -96,8 +97,11 @@ distributed = setup_distributed(DEVICE)
 run_name = Path(LORA_CKPT).stem if LORA_CKPT else Path(MODEL_PATH).name
 # The process id makes the default unique: two evals started in the same second write two files.
 out_file = Path(OUT_FILE or repo_path(f"logs/eval_{run_name}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.jsonl"))
+summary_file = out_file.with_suffix(".summary.json")
+written: list[Path] = []  # what a stop signal leaves behind, said in its line
+stop_quietly_on_signal(written, [out_file, summary_file])
 if distributed.is_main:
-    check_writable(out_file.parent, "the folder of OUT_FILE")
+    check_output(out_file, "OUT_FILE", OVERWRITE, companions=(summary_file,))
 preflight_model(MODEL_PATH)
 reward = load_reward(REWARD)
 problems = load_problems(EVAL_FILE, EVAL_LIMIT or None, GOLD_FIELD, reward.needs_numeric_gold)
@@ -130,15 +134,14 @@ else:  # the sampled record of each question, its greedy completion beside it wh
         {**record, "greedy": {key: greedy_record[key]
                               for key in ("output", "prediction", "correct", "strict_correct", "truncated")}}
         for record, greedy_record in zip(sampled.records, greedy.records)]
-with out_file.open("w") as f:
-    for record in records:
-        f.write(json.dumps(record) + "\n")
+write_jsonl(out_file, records)  # atomic: a stop signal mid-write leaves no half file
+written.append(out_file)
 metrics = greedy.metrics() if greedy is not None else {}
 if sampled is not None:
     metrics.update(sampled.metrics())
     metrics["eval/interval"] = sampled.interval_method  # how the *_ci_low, *_ci_high were made
-summary_file = out_file.with_suffix(".summary.json")
 summary_file.write_text(json.dumps({"config": config, **metrics}, indent=2))
+written.append(summary_file)
 if greedy is not None:
     print(greedy.summary())
 if sampled is not None:

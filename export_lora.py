@@ -37,6 +37,7 @@ MERGED_DIR: Path | None = None  # write the merged model here (None = skip)
 DEVICE = "cpu"  # device for merging (the CPU is enough and keeps GPU memory free)
 DTYPE = "auto"  # dtype of the merged model (auto = the dtype the base's weights are stored in)
 QUANT: Quant = "none"  # none, or nf4: the base's linear layers in 4 bits (PEFT export only: a merge needs none)
+OVERWRITE = False  # replace existing outputs (else an existing one is refused, before any work)
 
 config = configure(globals())
 # ---------------------------------------------------------------------------
@@ -55,7 +56,11 @@ from common.checkpoint import load_checkpoint, restore_lora  # noqa: E402
 from common.lora import merge_and_unload  # noqa: E402
 from common.model import base_model_name, get_device, get_dtype, load_model, resolve_model_path, saved_dtype  # noqa: E402
 from common.peft_io import give_usual_mode, save_peft_adapter  # noqa: E402
+from common.run import check_output  # noqa: E402
 
+for name, folder in (("PEFT_DIR", PEFT_DIR), ("MERGED_DIR", MERGED_DIR)):
+    if folder is not None:  # before the model loads: an export it cannot write would be lost
+        check_output(folder, name, OVERWRITE, folder=True)
 checkpoint = load_checkpoint(LORA_CKPT)
 base_path = resolve_model_path(MODEL_PATH or checkpoint["base_model"]["path"])
 device = get_device(DEVICE)

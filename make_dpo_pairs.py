@@ -42,6 +42,7 @@ INSTRUCTION = MATH_INSTRUCTION  # put before each bare question: a text, "" for 
 SYSTEM_PROMPT = ""  # system message of every prompt ("" for none)
 CHAT_TEMPLATE = "auto"  # auto (the tokenizer's own), none (raw text) or a Jinja file
 OUT_FILE = "data/dpo_pairs.jsonl"  # pairs JSONL; the counts go to the same name with .summary.json
+OVERWRITE = False  # replace existing outputs (else an existing one is refused, before any work)
 SEED = 0  # sampling seed
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 DTYPE = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
@@ -54,9 +55,14 @@ from common.data import load_problems, write_jsonl  # noqa: E402
 from common.model import load_model_and_tokenizer, stop_token_ids  # noqa: E402
 from common.prompts import configure_prompts, encode_prompts  # noqa: E402
 from common.reward import load_reward, score_batch  # noqa: E402
+from common.run import check_output, stop_quietly_on_signal  # noqa: E402
 from common.sampler import SamplingParams, sample  # noqa: E402
 from dpo.pairs import build_pairs, exclude_eval_questions  # noqa: E402
 
+out_path, summary_path = Path(OUT_FILE), Path(OUT_FILE).with_suffix(".summary.json")
+check_output(out_path, "OUT_FILE", OVERWRITE, companions=(summary_path,))  # before the sampling, not after it
+written: list[Path] = []  # what a stop signal leaves behind, said in its line
+stop_quietly_on_signal(written, [out_path, summary_path])
 torch.manual_seed(SEED)
 reward = load_reward(REWARD, REWARD_WEIGHTS)
 problems, excluded = exclude_eval_questions(load_problems(TRAIN_FILE, None, GOLD_FIELD, reward.needs_numeric_gold),
@@ -90,10 +96,10 @@ for first in tqdm(range(0, len(problems), BATCH_SIZE), desc="sampling", unit="ba
 
 pairs, counts = build_pairs(problems, texts_per_question, correct_per_question, rewards_per_question)
 counts["excluded_eval_questions"] = excluded
-out_path = Path(OUT_FILE)
 write_jsonl(out_path, pairs)
-summary_path = out_path.with_suffix(".summary.json")
+written.append(out_path)
 summary_path.write_text(json.dumps({**counts, "config": config}, indent=2) + "\n")
+written.append(summary_path)
 print(f"{counts['pairs']} pairs from {counts['questions']} questions: {counts['skipped_all_correct']} all correct, "
       f"{counts['skipped_all_wrong']} all wrong skipped; {excluded} eval questions excluded")
 print(f"wrote {out_path} and {summary_path}")

@@ -55,7 +55,7 @@ GOLD_FIELD: str | None = None  # the field holding the gold answer (None = gold_
 REWARD = "correctness"  # what judges an answer correct: correctness (the number), think (the number after a
 #                                   <think> block), or your.py:function
 OUT = "checkpoints/soup/soup.pt"  # the soup checkpoint; its table goes beside it as .summary.json
-OVERWRITE = False  # replace an existing OUT (never one of the CKPTS: a training checkpoint stays resumable)
+OVERWRITE = False  # replace existing outputs (else an existing one is refused, before any work)
 DEVICE = "auto"  # auto (cuda > mps > cpu), cuda, mps or cpu
 DTYPE = "auto"  # auto (bf16 where the card has it natively; V100/T4/RTX 20xx: fp16, loss scaled; else fp32), float32, bfloat16, float16
 QUANT: Literal["none", "nf4"] = "none"  # none, or nf4: the base's linear layers in 4-bit NF4 (QLoRA; needs bitsandbytes)
@@ -81,6 +81,7 @@ from common.sampler import SamplingParams  # noqa: E402
 from common.model import get_device, get_dtype, load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from common.prompts import configure_prompts  # noqa: E402
 from common.reward import load_reward  # noqa: E402
+from common.run import check_output, stop_quietly_on_signal  # noqa: E402
 from common.soup import check_ingredients, normalise_weights, soup_lora  # noqa: E402
 
 paths = [str(resolve_checkpoint(path)) for path in CKPTS]
@@ -89,8 +90,11 @@ if repeated:
     raise SystemExit(f"error: CKPTS lists {', '.join(repeated)} more than once (use RECIPE=weighted to weight it)")
 if Path(OUT).resolve() in {Path(path).resolve() for path in paths}:
     raise SystemExit(f"error: OUT={OUT} is one of the CKPTS: the soup would replace an ingredient; give another --OUT")
-if Path(OUT).exists() and not OVERWRITE:
-    raise SystemExit(f"error: OUT={OUT} exists; give another --OUT, or replace it with --OVERWRITE=true")
+# Before any evaluation: the greedy recipe on a real model takes hours, which an unwritable OUT would waste.
+out_path, summary_file = Path(OUT), Path(OUT).with_suffix(".summary.json")
+check_output(out_path, "OUT", OVERWRITE, companions=(summary_file,))
+written: list[Path] = []  # what a stop signal leaves behind, said in its line
+stop_quietly_on_signal(written, [out_path, summary_file])
 try:
     checkpoints = {path: load_checkpoint(path) for path in paths}
     check_ingredients(checkpoints, AVERAGE)
@@ -166,8 +170,9 @@ model = with_lora(soup, "soup")
 if soup_dev_accuracy is None:
     soup_dev_accuracy = accuracy(model, "dev", "soup")
 soup_test_accuracy = accuracy(model, "test", "soup")
-out_path = save_checkpoint(OUT, model, base_path, config,
+save_checkpoint(out_path, model, base_path, config,
                 extra={"soup": {"ingredients": paths, "weights": weights, "recipe": RECIPE, "average": AVERAGE}})
+written.append(out_path)
 
 soup_label = f"soup ({RECIPE}, {AVERAGE}, r={soup['lora_config']['r']})"
 rows = [(path, dev_accuracy[path], test_accuracy[path], weight) for path, weight in zip(paths, weights)]
@@ -178,7 +183,6 @@ for label, dev, test, weight in rows:
     dev_text, test_text = (f"{100 * value:.2f}%" if value is not None else "-" for value in (dev, test))
     print(f"{label:<{width}}  {dev_text:>8}  {test_text:>8}  {weight:>6.3f}")
 
-summary_file = out_path.with_suffix(".summary.json")
 summary_file.write_text(json.dumps({
     "config": config,
     "ingredients": [{"path": path, "step": checkpoints[path]["step"], "dev_accuracy": dev, "test_accuracy": test,
@@ -187,4 +191,5 @@ summary_file.write_text(json.dumps({
     "soup": {"path": str(out_path), "rank": soup["lora_config"]["r"], "dev_accuracy": soup_dev_accuracy,
              "test_accuracy": soup_test_accuracy},
 }, indent=2) + "\n")
+written.append(summary_file)
 print(f"soup written to {out_path}  summary: {summary_file}")

@@ -35,6 +35,7 @@ RUNS: tuple[str, ...] = ()  # metric files to plot (empty: every LOG_DIR/*.jsonl
 LOG_DIR = "logs"  # where the trainers write their metric files
 SMOOTHING = 10  # steps per moving average of the per-step curves (1 = raw values)
 OUT_FILE = "logs/metrics.png"  # the PNG written
+OVERWRITE = False  # replace existing outputs (else an existing one is refused, before any work)
 PASS_AT_K: tuple[str, ...] = ()  # summaries of sampled evals (eval_math.py --TEMPERATURE > 0: its .summary.json) to
 #                                   draw as pass@k against k instead of the training curves
 
@@ -50,6 +51,9 @@ matplotlib.use("Agg")  # writes files; needs no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.metrics_log import MetricsFileError, read_metrics  # noqa: E402
+from common.run import check_output  # noqa: E402
+
+check_output(OUT_FILE, "OUT_FILE", OVERWRITE)  # before the files are read: a figure it cannot write is lost
 
 PER_STEP_PANELS = {"reward": "mean reward of the step's samples", "accuracy": "accuracy of the step's samples (%)"}
 # A sampled eval's metric: "eval/mean@16", "eval/pass@4", "eval/maj@16" (not their _ci_low / _ci_high).
@@ -164,7 +168,6 @@ def plot_pass_at_k(paths: tuple[str, ...], out_file: str) -> None:
     axis.legend(*zip(*entries), fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13),
                 ncol=min(len(paths), 2))
     figure.tight_layout()
-    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_file, dpi=120)
     print(f"wrote {out_file} from {len(paths)} summaries")
 
@@ -217,6 +220,5 @@ for axis in axes:
     if axis.has_data():
         axis.legend(fontsize="small")
 figure.tight_layout()
-Path(OUT_FILE).parent.mkdir(parents=True, exist_ok=True)
 figure.savefig(OUT_FILE, dpi=120)
 print(f"wrote {OUT_FILE} from {len(runs)} metric files: {', '.join(runs)}")

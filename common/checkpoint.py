@@ -36,7 +36,7 @@ import torch
 
 from common.errors import UserError
 from common.lora import apply_lora, load_lora_state_dict, lora_config, lora_modules, lora_state_dict
-from common.peft_io import PEFT_WEIGHTS_FILE, is_peft_adapter_dir, read_peft_adapter
+from common.peft_io import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, is_peft_adapter_dir, read_peft_adapter
 
 CHECKPOINT_KEYS = ("lora", "lora_config", "base_model", "optimizer", "scheduler", "epoch", "step", "rng",
                    "config", "extra")
@@ -127,8 +127,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir() and not is_peft_adapter_dir(path):
         found = list_checkpoints(path)
+        if not found and (path / PEFT_WEIGHTS_FILE).is_file():
+            raise CheckpointNotFoundError(f"{path} holds {PEFT_WEIGHTS_FILE} but no {PEFT_CONFIG_FILE}: a PEFT "
+                                          f"adapter folder needs both; copy the adapter's {PEFT_CONFIG_FILE} beside it")
         if not found:
-            raise CheckpointNotFoundError(f"no lora_epoch*_step*.pt checkpoint in {path}")
+            raise CheckpointNotFoundError(f"no lora_epoch*_step*.pt checkpoint in {path}, and it is no PEFT adapter "
+                                          f"folder (those hold {PEFT_CONFIG_FILE} and {PEFT_WEIGHTS_FILE})")
         return found[-1]
     return path
 

@@ -98,6 +98,8 @@ def _valid_rows(path: str | Path, limit: int | None, row_of) -> list[dict]:
     rows: list[dict] = []
     bad: list[str] = []
     for lines_read, (line_number, record) in enumerate(_parsed_lines(Path(path)), start=1):
+        if lines_read == 1 and isinstance(record, DataError):
+            raise _not_json_lines(Path(path), line_number, record)
         try:
             if isinstance(record, DataError):
                 raise record
@@ -114,6 +116,17 @@ def _valid_rows(path: str | Path, limit: int | None, row_of) -> list[dict]:
     if bad:
         raise DataError("\n".join(bad))
     return rows
+
+
+def _not_json_lines(path: Path, line_number: int, error: DataError) -> DataError:
+    """A file whose first line is no JSON object (a JSON array, a CSV file, ...): one line saying what is
+    expected, rather than the same complaint about each of its first lines."""
+    with path.open(encoding="utf-8-sig") as lines:
+        first = next(line for number, line in enumerate(lines, start=1) if number == line_number).strip()
+    looks_like = ("; it looks like a JSON array: write each element on a line of its own" if first.startswith("[")
+                  else "; it looks like CSV or plain text: write each row as a JSON object"
+                  if not first.startswith("{") else "")
+    return DataError(f"{error}: {path} must be JSON Lines, one JSON object per line{looks_like}")
 
 
 def _require_text(record: dict, field: str, where: str) -> str:
@@ -207,19 +220,24 @@ def _gold(record: dict, where: str, gold_field: str | None, numeric: bool) -> st
     """The row's normalised gold answer (see normalise_gold), or None when it has none and none is needed."""
     fields = (gold_field,) if gold_field else GOLD_FIELDS
     field = next((name for name in fields if name in record), None)
+    has = f"the line's fields are {', '.join(record)}"
     if field is None:
         if not numeric:
             return None
         if gold_field:
-            raise DataError(f"{where}: missing field {gold_field!r} (the GOLD_FIELD)")
+            raise DataError(f"{where}: missing field {gold_field!r} (the GOLD_FIELD); {has}")
         hint = f"; {_GSM8K_HINT}" if "question" in record else ""
         raise DataError(f"{where}: no gold answer: none of the fields {', '.join(GOLD_FIELDS)} "
-                        f"(name yours with GOLD_FIELD){hint}")
+                        f"({has}; name yours with GOLD_FIELD){hint}")
     try:
         return normalise_gold(record[field], field, where, numeric)
     except DataError as exc:
         if field == "answer" and "question" in record and "####" not in str(record[field]):
             raise DataError(f"{exc} ({_GSM8K_HINT})") from None  # a raw GSM8K answer without its final line
+        if field not in ("gold_answer", "answer") and not gold_field:  # a fallback: a worked solution, say
+            raise DataError(f"{where}: no 'gold_answer' or 'answer' field, and the next gold field it has, {field!r}, "
+                            f"holds {str(record[field])[:60]!r}, not a number; {has}: name the one that holds "
+                            f"the gold answer with GOLD_FIELD") from None
         raise
 
 

@@ -651,9 +651,16 @@ def check_fits(plan: MemoryPlan, gpu_gb: float | None) -> None:
 
 def plan_memory(model_path: str | Path, **settings) -> MemoryPlan:
     """The MemoryPlan of a run of ``model_path`` (a model directory, or a Hub id: only its config.json is
-    fetched) with ``settings``, the fields of RunSettings."""
+    fetched) with ``settings``, the fields of RunSettings. A missing directory is the trainers' error, with
+    the download command (transformers would take it for a Hub id: "Repo id must be in the form ...")."""
     from transformers import AutoConfig
 
+    from common.model import IncompleteModelError, ModelNotFoundError, looks_like_hub_id, missing_model_message
+
+    if not Path(model_path).is_dir() and not looks_like_hub_id(model_path):
+        raise ModelNotFoundError(missing_model_message(model_path))
+    if Path(model_path).is_dir() and not (Path(model_path) / "config.json").is_file():
+        raise IncompleteModelError(f"model directory {model_path} has no config.json")
     return MemoryPlan(str(model_path), model_shape(AutoConfig.from_pretrained(model_path)), RunSettings(**settings))
 
 

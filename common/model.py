@@ -128,7 +128,7 @@ class IncompleteModelError(UserError, FileNotFoundError):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-def _safetensors_problem(path: Path) -> str | None:
+def safetensors_problem(path: Path) -> str | None:
     """Why a .safetensors file is unreadable (cut short, a bad header), or None. A safetensors file is
     an 8-byte little-endian header length, a JSON header giving each tensor's byte range, then the
     data: its size must be 8 + header + the end of the last range. Reads the header only."""
@@ -172,7 +172,7 @@ def check_model_dir(path: str | Path) -> None:
             raise IncompleteModelError(f"model directory {path} has no weights (model.safetensors, or shards "
                                        f"with their model.safetensors.index.json)")
     for file in weight_files:
-        problem = _safetensors_problem(file)
+        problem = safetensors_problem(file)
         if problem:
             raise IncompleteModelError(f"{file}: {problem}; download it again")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):

@@ -25,6 +25,7 @@ from torch import nn
 
 from common.errors import UserError
 from common.lora import lora_config, lora_state_dict
+from common.model import safetensors_problem
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -112,6 +113,9 @@ def read_peft_adapter(path: str | Path) -> dict:
     if not weights_file.is_file():
         raise PeftAdapterError(f"{path}: no {PEFT_WEIGHTS_FILE} (an adapter saved with safe_serialization=False "
                                f"loads in PEFT and saves again as safetensors)")
+    problem = safetensors_problem(weights_file)
+    if problem:  # safetensors' own SafetensorError is a traceback ("incomplete metadata")
+        raise PeftAdapterError(f"{weights_file}: {problem}; export or copy the adapter again")
     state = {}
     for key, tensor in load_file(str(weights_file)).items():
         if not (key.startswith(PEFT_KEY_PREFIX) and key.endswith(_FACTOR_SUFFIXES)):

@@ -145,6 +145,50 @@ def check_writable(directory: str | Path, what: str) -> Path:
     return directory
 
 
+def check_output(path: str | Path, name: str, overwrite: bool, *, folder: bool = False,
+                 companions: tuple[Path, ...] = ()) -> Path:
+    """Before any work: the output of a script's constant ``name``, ``path`` (a file, or with ``folder`` a
+    folder) and the files written beside it (``companions``: its .summary.json), can be written: the folder
+    is writable (check_writable, which creates it) and, unless ``overwrite``, nothing is there yet (an
+    empty folder is nothing). One line naming the constant, the path and what would work, rather than a
+    traceback once the work is done, or a silent replacement."""
+    path = Path(path)
+    try:
+        check_writable(path if folder else path.parent, f"{name}={path}: the folder")
+    except RunError as error:
+        raise RunError(f"{error}; give --{name} a path you can write") from None
+    for output in (path, *companions):
+        what = f"{name}={path}" if output == path else f"{name}={path}: the file beside it, {output},"
+        wants_folder = folder and output == path
+        if output.exists() and output.is_dir() != wants_folder:
+            raise RunError(f"{what} is a {'folder' if output.is_dir() else 'file'}, where a "
+                           f"{'folder' if wants_folder else 'file'} is written; give another --{name}")
+        if not overwrite and output.exists() and (not output.is_dir() or any(output.iterdir())):
+            raise RunError(f"{what} exists; give another --{name}, or replace it with --OVERWRITE=true")
+        if output.is_file() and not os.access(output, os.W_OK):
+            raise RunError(f"{what} exists and is not writable; give another --{name}")
+    return path
+
+
+def stop_quietly_on_signal(written: list[Path], outputs: list[Path]) -> None:
+    """A script that is not a training run (an eval, the DPO pairs, a soup), which writes ``outputs``
+    at its end and appends each to ``written`` once written: a stop signal (STOP_SIGNALS) ends it at once
+    with one line, the signal and what it kept, and the exit status 128 + the signal's number. The
+    exception unwinds the script, so a file in mid-write is removed where its writer cleans up
+    (write_jsonl, atomic_torch_save)."""
+
+    def stop(signal_number: int, frame) -> None:
+        missing = [str(path) for path in outputs if path not in written]
+        kept = "nothing written" if not written else f"kept {', '.join(map(str, written))}"
+        kept += f" ({', '.join(missing)} not written)" if written and missing else ""
+        # os.write, not print: a handler that prints while the script is printing raises a reentrant-call error.
+        os.write(2, f"\n{signal.Signals(signal_number).name}: stopped; {kept}\n".encode())
+        raise SystemExit(128 + signal_number)
+
+    for signal_number in STOP_SIGNALS:
+        signal.signal(signal_number, stop)
+
+
 def preflight_model(path: str | Path) -> Path:
     """The model directory (a Hub id is downloaded first: common.model.resolve_model_path), once checked
     complete (check_model_dir); else the run stops here with the message alone: what is missing, how to

@@ -49,7 +49,7 @@ def test_blank_lines_are_skipped_and_line_numbers_still_count_them(tmp_path):
     path = write_lines(tmp_path, [GOOD_PROBLEM, "", "   ", GOOD_PROBLEM, '{"question": "x?"}'])
     message = error_for(load_problems, path)
     assert message.startswith(f"{path}:5: no gold answer: none of the fields gold_answer, answer, solution, "
-                              f"ground_truth (name yours with GOLD_FIELD)")
+                              f"ground_truth (the line's fields are question; name yours with GOLD_FIELD)")
 
     path = write_lines(tmp_path, ["", GOOD_PROBLEM, "", GOOD_PROBLEM, ""])
     assert len(load_problems(path)) == 2
@@ -171,7 +171,8 @@ def test_gold_fields_are_read_in_order_or_as_named(tmp_path):
     assert load_problems(path)[0]["gold_answer"] == "3"
     assert load_problems(path, gold_field="label")[0]["gold_answer"] == "6"
     message = error_for(lambda p: load_problems(p, gold_field="target"), path)
-    assert message == f"{path}:1: missing field 'target' (the GOLD_FIELD)"
+    assert message == (f"{path}:1: missing field 'target' (the GOLD_FIELD); the line's fields are question, answer, "
+                       f"solution, ground_truth, label")
 
 
 def test_raw_gsm8k_loads_with_the_number_after_the_hashes(tmp_path):
@@ -206,8 +207,8 @@ def test_a_gold_is_optional_and_may_be_text_for_a_reward_of_your_own(tmp_path):
     assert [p["gold_answer"] for p in load_problems(path, numeric_gold=False)] == ["Paris", None, "7"]
     assert error_for(load_problems, path).splitlines() == [
         f"{path}:1: answer 'Paris' is not a number",
-        f"{path}:2: no gold answer: none of the fields gold_answer, answer, solution, ground_truth (name yours "
-        f"with GOLD_FIELD)"]
+        f"{path}:2: no gold answer: none of the fields gold_answer, answer, solution, ground_truth (the line's "
+        f"fields are prompt; name yours with GOLD_FIELD)"]
 
 
 @pytest.mark.parametrize("prompt, problem", [

@@ -279,3 +279,30 @@ def test_every_make_target_is_written_out():
 def test_written_out_recipe_equals_the_makefile(target):
     printed = subprocess.run(["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True, check=True)
     assert runs_of(documented_recipes()[target]) == runs_of(logical_lines(printed.stdout))
+
+
+# ------------------------------------------------ the README's commands in a fresh shell
+# Installed into .venv (by make, or by the set-up's pip): bare, they need the virtualenv activated.
+VENV_COMMANDS = {"python", "hf", "torchrun", "pip", "pytest"}
+
+
+def commands_needing_the_venv(text: str) -> list[str]:
+    """The bash commands of ``text`` that run a program of .venv by its bare name, in a block that has not
+    activated the virtualenv before them (a fresh shell: ModuleNotFoundError, or command not found)."""
+    found = []
+    for language, body in code_blocks(text):
+        if language != "bash":
+            continue
+        activated = False
+        for line in logical_lines(body):
+            for command in commands_of(line):
+                activated |= command[:2] in (["source", ".venv/bin/activate"], [".", ".venv/bin/activate"])
+                if command[0] in VENV_COMMANDS and not activated:
+                    found.append(" ".join(command))
+    return found
+
+
+def test_the_readme_runs_as_written_in_a_fresh_shell():
+    assert commands_needing_the_venv((REPO / "README.md").read_text(encoding="utf-8")) == []
+    assert commands_needing_the_venv("```bash\npython eval_math.py\n```\n") == ["python eval_math.py"]
+    assert commands_needing_the_venv("```bash\nsource .venv/bin/activate\npython eval_math.py\n```\n") == []

@@ -307,7 +307,8 @@ def test_eval_math_refuses_an_unwritable_out_file_before_evaluating(micro_model_
     (tmp_path / "file").write_text("")
     result = run_script(["eval_math.py", "--MODEL_PATH=models/not-there", "--EVAL_FILE=data/synth_test.jsonl",
                          f"--OUT_FILE={tmp_path / 'file' / 'eval.jsonl'}"], check=False)
-    refused(result, f"the folder of OUT_FILE {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder")
+    refused(result, f"OUT_FILE={tmp_path / 'file' / 'eval.jsonl'}: the folder {tmp_path / 'file'}: {tmp_path / 'file'} "
+                    f"is a file, not a folder; give --OUT_FILE a path you can write")
 
 
 @pytest.mark.parametrize("setting, message", [

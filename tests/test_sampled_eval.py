@@ -292,7 +292,8 @@ def test_plot_metrics_draws_pass_at_k_of_several_summaries(tmp_path):
     greedy_only = tmp_path / "greedy.summary.json"
     greedy_only.write_text(json.dumps({"config": {"MODEL_PATH": "m", "TEMPERATURE": 0.0}, "eval/total": 5,
                                        "eval/accuracy": 0.5}))
-    refused = run_script(["plot_metrics.py", f"--PASS_AT_K={greedy_only}", f"--OUT_FILE={out_file}"], check=False)
+    refused = run_script(["plot_metrics.py", f"--PASS_AT_K={greedy_only}", f"--OUT_FILE={out_file}", "--OVERWRITE=true"],
+                         check=False)
     assert refused.returncode != 0 and "holds no pass@k" in refused.stderr and "Traceback" not in refused.stderr
 
 
