@@ -11,8 +11,9 @@ import math
 import pytest
 
 from common import health
+from common.checkpoint import load_checkpoint
 from common.health import HealthMonitor
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, TINY_MODEL_DIR, run_script
 
 
 def step_metrics(step: int, **changes) -> dict:
@@ -279,3 +280,64 @@ def test_a_check_whose_metrics_are_absent_does_not_run():
     """DPO logs no rollouts and SFT no adapter metrics when every weight trains: those checks say nothing."""
     sft = [{"step": step, "loss": 1.0, "grad_norm": 0.5, "lr": 1e-3, "skipped_updates": 0} for step in range(1, 30)]
     assert replay(sft)[0] == []
+
+
+# ----------------------------------------------------------------------------- the symptoms provoked in real runs
+TINY_GRPO = ["run_train_grpo.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--TRAIN_FILE=data/synth_train.jsonl",
+             "--EVAL_FILE=data/synth_test.jsonl", "--EVAL_LIMIT=16", "--EVAL_EVERY=0", "--PROMPTS_PER_STEP=4",
+             "--NUM_SAMPLES_PER_PROMPT=4", "--MAX_NEW_TOKENS=40", "--DEVICE=cpu", "--SAMPLE_EVERY=0"]
+
+
+def health_lines(result) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.startswith("health:")]
+
+
+def tiny_grpo(tmp_path, *settings, check=True):
+    return run_script([*TINY_GRPO, f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", "--RUN_NAME=sick",
+                       *settings], check=check)
+
+
+def test_a_learning_rate_far_too_large_is_named_at_the_first_step(tmp_path):
+    result = tiny_grpo(tmp_path, "--LR=1e3", "--MAX_STEPS=1")
+    lines = health_lines(result)
+    # The first step (at LR / WARMUP_STEPS = 200) moves the fresh adapter by about its whole norm.
+    assert lines[0].startswith("health: exploding updates: step 1 moved the LoRA by ")
+    assert lines[0].endswith("change LR (lower it), GRAD_CLIP (lower it)")
+    assert lines[-1] == "health: 1 symptom seen: exploding updates (step 1)"  # after the done: line
+    assert result.stdout.splitlines()[-2].startswith("done: 1 steps")
+
+
+def test_max_new_tokens_too_small_is_named_and_summed_up(tmp_path):
+    result = tiny_grpo(tmp_path, "--MAX_NEW_TOKENS=6", "--MAX_STEPS=4")
+    lines = health_lines(result)
+    # Every completion is cut at 6 tokens: the mean over TRUNCATION_STEPS = 3 steps says so at step 3.
+    assert lines == ["health: truncation: 100% of the completions cut at MAX_NEW_TOKENS over steps 1-3; likely cause: "
+                     "the answers need more tokens than the limit, and a cut answer is scored unfinished; change "
+                     "MAX_NEW_TOKENS (raise it)",
+                     "health: 1 symptom seen: truncation (steps 3-4)"]
+    assert result.stdout.index("step 3/4") < result.stdout.index(lines[0]) < result.stdout.index("step 4/4")
+
+
+def test_health_stop_saves_the_step_and_stops_with_status_3(tmp_path):
+    result = tiny_grpo(tmp_path, "--MAX_NEW_TOKENS=6", "--MAX_STEPS=6", "--HEALTH=stop", check=False)
+    assert result.returncode == 3, result.stderr[-2000:]
+    checkpoint = tmp_path / "sick" / "lora_epoch0_step3.pt"
+    assert health_lines(result)[0].startswith("health: truncation: 100% of the completions cut")
+    assert (f"HEALTH=stop: stopped after step 3 of 6, saved {checkpoint}; change what the health line above names, "
+            f"then continue it with: python run_train_grpo.py") in result.stdout
+    assert load_checkpoint(checkpoint)["step"] == 3 and "step 4/6" not in result.stdout
+    assert [json.loads(line)["step"] for line in (tmp_path / "sick.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_health_off_says_nothing(tmp_path):
+    result = tiny_grpo(tmp_path, "--MAX_NEW_TOKENS=6", "--MAX_STEPS=3", "--HEALTH=off")
+    assert health_lines(result) == [] and "step 3/3" in result.stdout
+
+
+def test_a_reward_that_never_varies_is_no_learning_signal(tmp_path):
+    (tmp_path / "same.py").write_text("def same(completion):\n    return 1.0\n")
+    result = tiny_grpo(tmp_path, f"--REWARD={tmp_path / 'same.py'}:same", f"--MAX_STEPS={health.NO_SIGNAL_STEPS}")
+    lines = health_lines(result)
+    assert lines[0].startswith("health: no learning signal: 100% of the groups scored alike (zero advantage, "
+                               "no gradient) over steps 1-5")
+    assert "NUM_SAMPLES_PER_PROMPT" in lines[0] and "TEMPERATURE" in lines[0]
