@@ -38,20 +38,21 @@ TRUNCATION_STEPS = 3  # the truncated share is read over the last 3 steps
 TRUNCATION_SHARE = 0.2  # one completion in 5 cut at MAX_NEW_TOKENS: their rewards judge unfinished answers
 #                         (the healthy demos cut under 1%)
 NO_SIGNAL_STEPS = 5  # "for a while": 5 steps in a row
+NO_SIGNAL_SPREAD = 1e-9  # a step's reward spread below this is rounding: every completion scored the same (PPO)
 NO_SIGNAL_SHARE = 0.75  # 3 groups in 4 with every answer scored alike give no gradient: the step learns from the
 #                         rest (the healthy GRPO demo's 5-step mean peaks at 48%)
 COLLAPSE_FRACTION = 0.5  # accuracy or format rate below half of where the run started is a collapse, not noise
-#                          (the demos' 5-step means never fall 15% below their start)
+#                          (the demos' 5-step means never fall more than 13% below their start)
 COLLAPSE_REWARD_STDS = 1.0  # the mean reward a whole standard deviation of the start's rewards below the start
 ENTROPY_COLLAPSE_FRACTION = 0.1  # the policy's entropy at a tenth of its start: it samples one answer, no longer
-#                                  explores (the demos' entropy stays within 25% of its start)
+#                                  explores (the demos' 5-step entropy stays above two thirds of its start)
 GRAD_JUMP = 10.0  # a gradient norm 10x the median of the last steps' (the demos' largest jump is 4.5x)
 GRAD_JUMP_HISTORY = 20  # the median over the last 20 steps' gradient norms ...
 GRAD_JUMP_MIN_HISTORY = 3  # ... once there are 3 of them
-UPDATE_RATIO_LIMIT = 0.5  # one step moved the adapter by half its size: the learning rate is far too large (healthy
-#                           steps move it by a few thousandths; the tiny model's demo by under 1%)
-ADAPTER_GROWTH = 3.0  # the adapter's norm x3 within ADAPTER_GROWTH_STEPS: growing without bound (the demo
-#                       grows by under 10% over its whole run)
+UPDATE_RATIO_LIMIT = 0.5  # one step moved the adapter by half its size: the learning rate is far too large (the
+#                           GRPO demo's first steps move it by 0.1-0.3%; LR=1e3 by 100%)
+ADAPTER_GROWTH = 3.0  # the adapter's norm x3 within ADAPTER_GROWTH_STEPS: growing without bound (a fresh adapter's
+#                       norm is its random A's; the GRPO demo's first 4 steps add 0.01% to it)
 ADAPTER_GROWTH_STEPS = 10
 STILL_STEPS = 5  # "after several steps with a signal": 5 steps whose gradient was not zero
 STILL_UPDATE_RATIO = 1e-6  # steps moving the adapter by under a millionth of its size: a thousand of them move it by
@@ -59,17 +60,17 @@ STILL_UPDATE_RATIO = 1e-6  # steps moving the adapter by under a millionth of it
 KL_LIMIT = 0.25  # nats per answer token, over RECENT_STEPS: a 100-token answer e^25 times likelier under the policy
 #                  than under the reference, far beyond what a working KL penalty allows (the PPO demo: under 0.05)
 MISMATCH_GROWTH = 10.0  # the sampler/trainer log-prob gap 10x what it was at the start ...
-MISMATCH_FLOOR = 0.01  # ... and above 0.01 per token (fp32 on a CPU: 1e-6; bf16 on a GPU: ~1e-3)
+MISMATCH_FLOOR = 0.01  # ... and above 0.01 per token, each token's probability 1% off (fp32 on the CPU: 6e-7)
 FP16_CALIBRATION_STEPS = 10  # the loss scale starts at 2^16 and halves at each overflow until gradients fit:
 #                              falls in the first 10 steps are that calibration, not a symptom
 FP16_SCALE_FALLS = 3  # 3 falls of the loss scale within HISTORY_STEPS after calibration (once calibrated, it
 #                       falls about once per 2,000 steps, when it tries doubling)
 FP16_SKIPPED_IN_A_ROW = 5  # 5 steps in a row with a skipped update: fp16 cannot hold these gradients at any scale
 HACK_REWARD_RISE = 0.1  # "the reward rose": by a tenth of the start's spread of rewards, more than a step's noise
-HACK_ACCURACY_DROP = 0.1  # the reward up while the accuracy is 10 points below the start (the demos: never 6)
+HACK_ACCURACY_DROP = 0.1  # the reward up while the accuracy is 10 points below the start (the demos: at most 5)
 HACK_REPETITION_RISE = 0.2  # the reward up while a fifth more of the lines repeat an earlier line than at the start
 HACK_LENGTH_GROWTH = 2.0  # the reward up, the accuracy not, and the answers twice as long as at the start
-#                           (the demos' length stays within 15%)
+#                           (the demos' 5-step length stays within 7% of its start)
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def no_learning_signal(history: History) -> Symptom | None:
         seen = f"{_mean(zero):.0%} of the groups scored alike (zero advantage, no gradient) over {_steps(zero)}"
     else:  # no groups (PPO): every completion of the step scored alike
         spread = _last(history.recent, "reward_std", NO_SIGNAL_STEPS)
-        if spread is None or any(value > 1e-9 for _, value in spread):
+        if spread is None or any(value > NO_SIGNAL_SPREAD for _, value in spread):
             return None
         seen = f"every completion got the same reward over {_steps(spread)}"
     return Symptom("no learning signal", seen,
@@ -178,13 +179,13 @@ def collapse(history: History) -> Symptom | None:
         if windows and not reward_rose(history) and _mean(windows[1]) < COLLAPSE_FRACTION * _mean(windows[0]):
             start, now = windows
             return Symptom("collapse", f"the {what} fell from {_mean(start):.2f} ({_steps(start)}) to "
-                                       f"{_mean(now):.2f} ({_steps(now)})", cause, "LR (lower it), TEMPERATURE")
+                                       f"{_mean(now):.2f} ({_steps(now)})", cause, "LR (lower it), TEMPERATURE (lower it)")
     reward, spread = start_and_now(history, "reward"), series(history.start, "reward_std")
     if reward and spread:
         start, now = reward
         if _mean(now) < _mean(start) - COLLAPSE_REWARD_STDS * _mean(spread):
             return Symptom("collapse", f"the mean reward fell from {_mean(start):.3f} ({_steps(start)}) to "
-                                       f"{_mean(now):.3f} ({_steps(now)})", cause, "LR (lower it), TEMPERATURE")
+                                       f"{_mean(now):.3f} ({_steps(now)})", cause, "LR (lower it), TEMPERATURE (lower it)")
     windows = start_and_now(history, "entropy")
     if windows and _mean(windows[1]) < ENTROPY_COLLAPSE_FRACTION * _mean(windows[0]):
         start, now = windows

@@ -14,6 +14,7 @@ from common import health
 from common.checkpoint import load_checkpoint
 from common.health import HealthMonitor
 from tests.conftest import REPO_ROOT, TINY_MODEL_DIR, run_script
+from tests.test_dpo_trainer import pairs_file
 
 
 def step_metrics(step: int, **changes) -> dict:
@@ -293,8 +294,11 @@ def health_lines(result) -> list[str]:
 
 
 def tiny_grpo(tmp_path, *settings, check=True):
-    return run_script([*TINY_GRPO, f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", "--RUN_NAME=sick",
-                       *settings], check=check)
+    """run_train_grpo.py on the tiny model: TINY_GRPO with ``settings`` (--NAME=value) in place of its own."""
+    names = {setting.split("=")[0] for setting in settings}
+    base = [argument for argument in TINY_GRPO if argument.split("=")[0] not in names]
+    return run_script([*base, f"--CHECKPOINT_DIR={tmp_path}", f"--LOG_DIR={tmp_path}", "--RUN_NAME=sick", *settings],
+                      check=check)
 
 
 def test_a_learning_rate_far_too_large_is_named_at_the_first_step(tmp_path):
@@ -341,3 +345,40 @@ def test_a_reward_that_never_varies_is_no_learning_signal(tmp_path):
     assert lines[0].startswith("health: no learning signal: 100% of the groups scored alike (zero advantage, "
                                "no gradient) over steps 1-5")
     assert "NUM_SAMPLES_PER_PROMPT" in lines[0] and "TEMPERATURE" in lines[0]
+
+
+def test_a_reward_for_repeated_answer_lines_is_reward_hacking(tmp_path):
+    """A reward of one point per "Answer:" line. At TEMPERATURE=2 some answers have two, and a large LR
+    learns to repeat the line within a few steps (0.02 of the lines repeated in steps 1-3, half by steps
+    4-8), the reward rising with it: the line appears at step 8, the first that compares RECENT_STEPS
+    steps after the START_STEPS."""
+    (tmp_path / "hack.py").write_text("def answer_lines(completion):\n"
+                                      "    return float(sum(line.strip().startswith('Answer:') for line in "
+                                      "completion.splitlines()))\n")
+    result = tiny_grpo(tmp_path, f"--REWARD={tmp_path / 'hack.py'}:answer_lines", "--NUM_SAMPLES_PER_PROMPT=8",
+                       "--TEMPERATURE=2.0", "--LR=2e-2", "--WARMUP_STEPS=1", "--MAX_STEPS=8")
+    hacking = [line for line in health_lines(result) if line.startswith("health: reward hacking:")]
+    assert len(hacking) == 1 and "while the share of repeated lines rose from" in hacking[0]
+    assert hacking[0].endswith("change REWARD")
+    assert result.stdout.index("step 8/8") < result.stdout.index(hacking[0])
+
+
+@pytest.mark.parametrize("trainer", ["run_train_ppo.py", "run_train_dpo.py", "run_sft.py"])
+def test_every_trainer_names_a_learning_rate_far_too_large(trainer, tmp_path):
+    """The other trainers run the same checks (HEALTH, through TrainingRun): LR=1e3 moves a fresh LoRA by
+    about its whole norm at the first step."""
+    settings = {
+        "run_train_ppo.py": ["--TRAIN_FILE=data/synth_train.jsonl", "--PROMPTS_PER_STEP=4", "--NUM_SAMPLES_PER_PROMPT=4",
+                             "--MAX_NEW_TOKENS=40", "--MINI_BATCH_SIZE=8", "--MICRO_BATCH_SIZE=4", "--CRITIC_HIDDEN=16",
+                             f"--CHECKPOINT_DIR={tmp_path}", "--SAMPLE_EVERY=0"],
+        "run_train_dpo.py": [f"--TRAIN_FILE={pairs_file(tmp_path / 'pairs.jsonl', 4)}", "--BATCH_SIZE=2",
+                             f"--CHECKPOINT_DIR={tmp_path}"],
+        "run_sft.py": ["--BATCH_SIZE=4", f"--OUT_DIR={tmp_path / 'sft'}"],
+    }[trainer]
+    result = run_script([trainer, f"--MODEL_PATH={TINY_MODEL_DIR}", "--EVAL_FILE=data/synth_test.jsonl", "--EVAL_EVERY=0",
+                         "--LORA_R=4", "--LR=1e3", "--MAX_STEPS=1", "--DEVICE=cpu", f"--LOG_DIR={tmp_path}",
+                         "--RUN_NAME=sick", *settings])
+    lines = health_lines(result)
+    assert lines[0].startswith("health: exploding updates: step 1 moved the LoRA by ")
+    assert lines[0].endswith("change LR (lower it), GRAD_CLIP (lower it)")
+    assert lines[-1] == "health: 1 symptom seen: exploding updates (step 1)"
