@@ -91,6 +91,9 @@ RUN_NAME: RunName = "sft"  # name of the run: its metrics file LOG_DIR/RUN_NAME.
 #                                   the trainer's name; its output is OUT_DIR)
 LOG_DIR = "logs"  # where the metrics JSONL goes
 LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
+HEALTH: Literal["warn", "stop", "off"] = "warn"  # a run going wrong (common/health.py): warn (one health: line per
+#                                   symptom, naming the constant to change), stop (that line, then save the step and
+#                                   exit with status 3) or off (no checks)
 OVERWRITE = False  # replace an earlier run's OUT_DIR and metrics (else a new run on them is refused)
 #                                   (differs from the other trainers: SFT writes to OUT_DIR, not a run folder)
 SAVE_EVERY_MINUTES: Annotated[float, ">= 0"] = 30.0  # also save when this many minutes have passed since the last save
@@ -110,7 +113,7 @@ from common.data import load_problems  # noqa: E402
 from common.distributed import all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.logprobs import body_hidden_states, enable_gradient_checkpointing, head_token_logprobs  # noqa: E402
-from common.lora import apply_lora, lora_parameters  # noqa: E402
+from common.lora import LoRAMotion, apply_lora, lora_parameters  # noqa: E402
 from common.memory_plan import Sizes  # noqa: E402
 from common.model import answer_end_token_id, get_device, load_tokenizer  # noqa: E402
 from common.oom import BatchSizes  # noqa: E402
@@ -254,11 +257,13 @@ def run_eval(step: int):
 # LoRA: a checkpoint like the RL trainers' (eval_math.py --LORA_CKPT, INIT_LORA); all weights: the model itself.
 run.track(model, optimizer, scheduler, loss_scaler, evaluate=run_eval, save=None if LORA_R > 0 else save_full_model,
           sizes=sizes)
+# The adapter's norm and each step's update, for the health checks (none when every weight trains).
+lora_motion = LoRAMotion(model) if LORA_R > 0 else None
 
 # ------------------------------------------------------------ the algorithm
 train_start = time.perf_counter()
 for step in run.steps(MAX_STEPS, None, eval_every=EVAL_EVERY, save_every=0,  # a stream of problems: no epochs
-                      save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS):
+                      save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS, health=HEALTH):
     step_start = time.perf_counter()
     # Every rank draws the same batch (same seed) and trains on its share of it.
     problems = shard(next_batch())
@@ -291,6 +296,8 @@ for step in run.steps(MAX_STEPS, None, eval_every=EVAL_EVERY, save_every=0,  # a
     seconds = time.perf_counter() - step_start
     metrics = {"step": step + 1, "loss": totals["loss"], "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                "answer_tokens": int(answer_tokens), "step_s": seconds, "tokens_per_s": totals["tokens"] / seconds}
+    if lora_motion is not None:
+        metrics.update(lora_motion.metrics())
     run.bar.set_postfix(loss=f"{metrics['loss']:.3f}", gnorm=f"{metrics['grad_norm']:.2f}")
     run.end_step(step + 1, metrics)
 if MAX_STEPS == 0:  # nothing to train (bench/learning_table.py's base row): saved as it is, after the step-0 eval

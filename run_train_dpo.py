@@ -109,6 +109,9 @@ RUN_NAME: RunName = "dpo"  # name of the run: its checkpoint folder and its metr
 #                                   (differs from the other trainers: the trainer's name)
 LOG_DIR = "logs"  # where the metrics JSONL goes
 LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
+HEALTH: Literal["warn", "stop", "off"] = "warn"  # a run going wrong (common/health.py): warn (one health: line per
+#                                   symptom, naming the constant to change), stop (that line, then save the step and
+#                                   exit with status 3) or off (no checks)
 OVERWRITE = False  # replace an earlier run of the same RUN_NAME, its own files only (else a new run on its name is refused)
 RESUME: Path | None = None  # checkpoint (or run folder: its newest) of a run to continue: LR and the schedule may
 #                             change, the LoRA layout, pairs per step and seed may not
@@ -128,7 +131,7 @@ from common.data import load_pairs, load_problems, step_items  # noqa: E402
 from common.distributed import all_gather_objects, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing  # noqa: E402
-from common.lora import disable_lora, lora_parameters  # noqa: E402
+from common.lora import LoRAMotion, disable_lora, lora_parameters  # noqa: E402
 from common.memory_plan import Sizes  # noqa: E402
 from common.model import answer_end_token_id, context_length, get_device, load_tokenizer  # noqa: E402
 from common.oom import BatchSizes  # noqa: E402
@@ -214,6 +217,7 @@ run.track(model, optimizer, scheduler, loss_scaler,
                                          seed=SEED, sizes=sizes),
           sizes=sizes)
 run.restore()  # a resumed run's optimizer, schedule, loss scale and random states
+lora_motion = LoRAMotion(model)  # the adapter's norm and each step's update, for the health checks
 print(f"{len(tokenized)} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in trainable) / 1e6:.3f}M trainable parameters on {device}; "
       f"{distributed.world_size} process(es) x {BATCH_SIZE // distributed.world_size} pairs per step; {packing_line}")
@@ -260,7 +264,7 @@ if PRECOMPUTE_REF:
 
 # ------------------------------------------------------------ the algorithm
 for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_every=SAVE_EVERY,
-                      save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS):
+                      save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS, health=HEALTH):
     epoch, indices = step_items(len(tokenized), SEED, step, BATCH_SIZE)  # a function of SEED and the step alone
     batch_indices = shard(indices)  # this rank's share of the step's pairs
     # RPO's per-token mean is over the whole step's chosen tokens (every rank's), so neither
@@ -322,7 +326,7 @@ for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_
     metrics = {
         "step": step + 1, "epoch": epoch, **stats, "total_loss": step_totals["loss"], "sft_loss": step_totals["sft"],
         "chosen_logp": float(chosen_logps.mean()), "rejected_logp": float(rejected_logps.mean()),
-        "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "step_s": step_seconds,
+        "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "step_s": step_seconds, **lora_motion.metrics(),
     }
     run.bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['reward_accuracy']:.2f}")
     tqdm.write(f"step {step + 1}/{total_steps} loss {metrics['loss']:.4f} acc {metrics['reward_accuracy']:.3f} "

@@ -125,6 +125,9 @@ RUN_NAME: RunName = "grpo"  # name of the run: its checkpoint folder and its met
 #                                   (differs from the other trainers: the trainer's name)
 LOG_DIR = "logs"  # where the metrics JSONL goes
 LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
+HEALTH: Literal["warn", "stop", "off"] = "warn"  # a run going wrong (common/health.py): warn (one health: line per
+#                                   symptom, naming the constant to change), stop (that line, then save the step and
+#                                   exit with status 3) or off (no checks)
 OVERWRITE = False  # replace an earlier run of the same RUN_NAME, its own files only (else a new run on its name is refused)
 RESUME: Path | None = None  # checkpoint (or run folder: its newest) of a run to continue: LR and the schedule may
 #                             change, the LoRA layout, group size, questions per step and seed may not
@@ -145,7 +148,7 @@ from common.data import step_items  # noqa: E402
 from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed, shard, sum_gradients  # noqa: E402
 from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing, layout_logprobs  # noqa: E402
-from common.lora import disable_lora, lora_parameters  # noqa: E402
+from common.lora import LoRAMotion, disable_lora, lora_parameters  # noqa: E402
 from common.memory_plan import Sizes  # noqa: E402
 from common.model import get_device, load_tokenizer  # noqa: E402
 from common.oom import BatchSizes  # noqa: E402
@@ -232,6 +235,7 @@ run.track(model, optimizer, scheduler, loss_scaler,
                                          seed=SEED, sizes=sizes),
           sizes=sizes)
 run.restore()  # a resumed run's optimizer, schedule, loss scale and random states
+lora_motion = LoRAMotion(model)  # the adapter's norm and each step's update, for the health checks
 # The objective, as one value: what grpo_loss optimises (grpo/loss.py).
 objective = GRPOObjective(clip_eps_low=CLIP_EPS_LOW, clip_eps_high=CLIP_EPS_HIGH, kl_coef=KL_COEF,
                           kl_estimator=KL_ESTIMATOR, loss_agg=LOSS_AGG, importance_level=IMPORTANCE_LEVEL,
@@ -253,7 +257,7 @@ def plan_micro_batches(rollouts):
 
 # ------------------------------------------------------------ the algorithm
 for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_every=SAVE_EVERY,
-                      save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS):
+                      save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS, health=HEALTH):
     epoch, indices = step_items(len(problems), SEED, step, PROMPTS_PER_STEP)  # a function of SEED and the step alone
     batch = [problems[i] for i in shard(indices)]  # this rank's share of the step's questions
 
@@ -371,7 +375,7 @@ for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_
         "logprob_mismatch_mean": totals["mismatch"] / max(1.0, step_counts["tokens"]),
         "logprob_mismatch_max": all_reduce_max(mismatch_max),
         "zero_adv_groups": totals["zero_adv_groups"] / totals["groups"],
-        "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], **lora_motion.metrics(),
         "policy_micro_batches": len(layouts),  # per iteration: positions computed and real tokens of the
         "policy_positions": sum(layout.computed_positions for layout in layouts),  # packed or padded layout
         "policy_tokens": sum(layout.real_tokens for layout in layouts),

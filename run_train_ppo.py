@@ -147,6 +147,9 @@ RUN_NAME: RunName = "ppo"  # name of the run: its checkpoint folder and its metr
 #                                   (differs from the other trainers: the trainer's name)
 LOG_DIR = "logs"  # where the metrics JSONL goes
 LOGGER = "jsonl"  # jsonl (always), plus tensorboard and/or wandb: e.g. jsonl,tensorboard
+HEALTH: Literal["warn", "stop", "off"] = "warn"  # a run going wrong (common/health.py): warn (one health: line per
+#                                   symptom, naming the constant to change), stop (that line, then save the step and
+#                                   exit with status 3) or off (no checks)
 OVERWRITE = False  # replace an earlier run of the same RUN_NAME, its own files only (else a new run on its name is refused)
 RESUME: Path | None = None  # checkpoint (or run folder: its newest) of a run to continue: LR and the schedule may
 #                             change, the LoRA layout, critic, samples and questions per step and seed may not
@@ -168,7 +171,7 @@ from common.distributed import all_reduce_max, all_reduce_sum, setup_distributed
 from common.evaluate import check_sampling, evaluate  # noqa: E402
 from common.kl import kl_estimate  # noqa: E402
 from common.logprobs import enable_gradient_checkpointing  # noqa: E402
-from common.lora import disable_lora, lora_parameters  # noqa: E402
+from common.lora import LoRAMotion, disable_lora, lora_parameters  # noqa: E402
 from common.memory_plan import Sizes  # noqa: E402
 from common.model import get_device, load_tokenizer  # noqa: E402
 from common.oom import BatchSizes  # noqa: E402
@@ -268,6 +271,7 @@ run.track(model, optimizer, scheduler, loss_scaler,
                                          seed=SEED, sizes=sizes),
           extra=lambda: {"critic": critic.state_dict(), "critic_features": CRITIC_FEATURES}, sizes=sizes)
 run.restore()  # a resumed run's optimizer, schedule, loss scale and random states
+lora_motion = LoRAMotion(model)  # the adapter's norm and each step's update, for the health checks
 print(f"{len(problems)} training questions, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"LoRA {sum(p.numel() for p in actor_parameters) / 1e6:.3f}M + critic ({CRITIC_FEATURES}) "
       f"{sum(p.numel() for p in critic_parameters) / 1e6:.3f}M trainable parameters on {device}; "
@@ -290,7 +294,7 @@ def plan_micro_batches(rollouts, step_pack_length: int | None):
 
 # ------------------------------------------------------------ the algorithm
 for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_every=SAVE_EVERY,
-                      save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS):
+                      save_every_minutes=SAVE_EVERY_MINUTES, keep_checkpoints=KEEP_CHECKPOINTS, health=HEALTH):
     epoch, indices = step_items(len(problems), SEED, step, PROMPTS_PER_STEP)  # a function of SEED and the step alone
     batch = [problems[i] for i in shard(indices)]  # this rank's share of the step's questions
 
@@ -429,6 +433,7 @@ for step in run.steps(total_steps, steps_per_epoch, eval_every=EVAL_EVERY, save_
         "grad_norm": sum(lora_grad_norms) / len(lora_grad_norms) if lora_grad_norms else None,
         "value_grad_norm": sum(value_grad_norms) / len(value_grad_norms) if value_grad_norms else None,
         "ppo_epochs": epochs_run, "lr": scheduler.get_last_lr()[0], "critic_lr": scheduler.get_last_lr()[1],
+        **lora_motion.metrics(),
         "generate_s": generate_seconds, "reference_s": reference_seconds, "policy_s": policy_seconds,
         "step_s": step_seconds, "compile_s": samples.compile_seconds,
     }

@@ -409,3 +409,28 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], stric
     with torch.no_grad():
         for key, parameter in parameters.items():
             parameter.copy_(state[key])
+
+
+class LoRAMotion:
+    """The adapter's size and its last step, as step metrics for the health monitor (common/health.py):
+    ``lora_norm``, the L2 norm of every A and B; ``lora_b_norm``, of the Bs alone (0 for a fresh adapter
+    until its first update moves it); ``lora_update_norm``, of the change since the previous call (the
+    step's update). Holds a copy of the factors (the adapter's size once more) and reads the three
+    numbers in one host sync per call. The factors are the model's own (a PPO critic's, switched in by
+    use_lora_weights, are not)."""
+
+    def __init__(self, model: nn.Module):
+        modules = _require_lora_modules(model).values()
+        self.factors = [module.lora_A for module in modules] + [module.lora_B for module in modules]
+        self.first_b = len(modules)  # self.factors[first_b:] are the Bs
+        self.previous = [factor.detach().clone() for factor in self.factors]
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, float]:
+        squares = torch.stack([factor.detach().float().square().sum() for factor in self.factors])
+        moved = torch.stack([(factor.detach() - previous).float().square().sum()
+                             for factor, previous in zip(self.factors, self.previous)])
+        norm, b_norm, update = torch.stack([squares.sum(), squares[self.first_b:].sum(), moved.sum()]).sqrt().tolist()
+        for factor, previous in zip(self.factors, self.previous):
+            previous.copy_(factor.detach())
+        return {"lora_norm": norm, "lora_b_norm": b_norm, "lora_update_norm": update}

@@ -37,6 +37,7 @@ from common.policy_gradient import check_completion_mask
 from common.model import stop_token_ids
 from common.packing import PassLayout, micro_batch_layouts, to_device
 from common.prompts import encode_prompts
+from common.reward import repetition_penalty
 from common.sampler import SampleOutput, SamplingParams, left_pad, sample
 
 
@@ -171,24 +172,27 @@ def rollout_batch(samples: SampleOutput, keep: torch.Tensor | None, pad_token_id
 
 def rollout_sums(scores: list, samples: SampleOutput) -> dict:
     """Sums over this rank's completions of what every RL trainer logs about its rollouts; add them
-    over the ranks (all_reduce_sum), then rollout_means gives the step's numbers."""
+    over the ranks (all_reduce_sum), then rollout_means gives the step's numbers. ``repetition``: each
+    completion's share of lines that repeat an earlier line (common.reward.repetition_penalty, whatever
+    REWARD is), which the health monitor watches for reward hacking."""
     rewards = torch.tensor([score.total for score in scores], dtype=torch.float64)
     return {"completions": len(scores), "reward": rewards.sum(), "reward_sq": rewards.square().sum(),
             "correct": sum(score.correct for score in scores), "format_ok": sum(score.format_ok for score in scores),
-            "length": samples.completion_lengths.sum(), "truncated": samples.truncated.sum()}
+            "length": samples.completion_lengths.sum(), "truncated": samples.truncated.sum(),
+            "repetition": sum(repetition_penalty(text) for text in samples.texts)}
 
 
 def rollout_means(totals: dict, generate_seconds: float) -> dict:
     """The step's rollout metrics from the summed rollout_sums: reward mean and (unbiased, as
-    torch.std) standard deviation, accuracy, format rate, mean completion length, truncated share and
-    sampling throughput."""
+    torch.std) standard deviation, accuracy, format rate, mean completion length, truncated share, share
+    of repeated lines and sampling throughput."""
     completions = totals["completions"]
     reward_mean = totals["reward"] / completions
     reward_variance = max(0.0, totals["reward_sq"] - completions * reward_mean ** 2) / max(1.0, completions - 1)
     return {"reward": reward_mean, "reward_std": math.sqrt(reward_variance),
             "accuracy": totals["correct"] / completions, "format_rate": totals["format_ok"] / completions,
             "completion_len": totals["length"] / completions, "truncated": totals["truncated"] / completions,
-            "tokens_per_s": totals["length"] / generate_seconds}
+            "repetition": totals["repetition"] / completions, "tokens_per_s": totals["length"] / generate_seconds}
 
 
 def sample_rollouts(model, tokenizer, prompt_format, batch: list[dict], settings: SamplingParams

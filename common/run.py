@@ -39,6 +39,10 @@ lives here, once.
                      number; every rank stops at the same step (end_step). A second signal ends it at once.
   non-finite guard   an update whose loss or gradient norm is not finite never reaches the weights; it
                      is skipped and counted (skipped_updates, kept across a resume).
+  health             each step's metrics (and each eval's) go to common.health.HealthMonitor: a symptom of a
+                     run going wrong is printed as one `health:` line per episode (rank 0), naming the
+                     constant to change; HEALTH=stop also ends the run at that step, saved, with exit status
+                     3 (every rank at the same step, end_step); the end of the run lists the symptoms seen.
   loss scaling       an fp16 model (DTYPE=auto on a V100, T4, RTX 20xx) scales the loss before backward
                      (LossScaler: torch.amp.GradScaler); the trainers call loss_scaler.backward(loss),
                      loss_scaler.unscale_gradients(optimizer) before clipping and loss_scaler.step(optimizer),
@@ -78,6 +82,7 @@ from common.checkpoint import (WEIGHT_BOUND, CheckpointError, checkpoint_path, c
                                resolve_checkpoint, restore_training_state, save_checkpoint, weights_to_check)
 from common.distributed import DistributedContext, all_reduce_max, cleanup, gather_rank_states, restore_rank_state
 from common.errors import UserError
+from common.health import HEALTH_EXIT_STATUS, HealthMonitor
 from common.lora import lora_modules
 from common.metrics_log import LoggerUnavailableError, MetricsFileError, MetricsLogger, read_metrics
 from common.model import check_model_dir, resolve_model_path
@@ -318,6 +323,10 @@ class LossScaler:
         self.scaler.update()
         return f"; fp16 loss scale now {self.scaler.get_scale():g}"
 
+    def metrics(self) -> dict:
+        """The loss scale, a metric of every step while scaling (one host sync); nothing when disabled."""
+        return {"loss_scale": self.scaler.get_scale()} if self.enabled else {}
+
 
 class TrainingRun:
     """The bookkeeping of one trainer run; see the module docstring. Constructed right after
@@ -344,6 +353,7 @@ class TrainingRun:
         self.overwrite = overwrite
         self.skipped_updates = 0
         self.stop_signal = 0  # the signal that asked the run to stop (0: none yet)
+        self.health = HealthMonitor("off")  # steps() gives the script's HEALTH
         self.in_steps = False
         if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
             for signal_number in STOP_SIGNALS:
@@ -573,22 +583,27 @@ class TrainingRun:
 
     # ----------------------------------------------------------------- loop
     def steps(self, total_steps: int, steps_per_epoch: int | None, *, eval_every: int, save_every: int,
-              save_every_minutes: float, keep_checkpoints: int) -> Iterator[int]:
+              save_every_minutes: float, keep_checkpoints: int, health: str) -> Iterator[int]:
         """The steps still to run (0-based), under a tqdm bar; an eval at step 0 of a new run first. From
         here on, an earlier run OVERWRITE replaces is gone, and a stop signal ends the run at the end of
         the step in flight, saved (end_step). The cadence: an eval every ``eval_every`` steps and at the
         end (0: none), a checkpoint every ``save_every`` steps (0: at the ends of epochs and of the run),
         ``save_every_minutes`` after the last save (0: by steps only), the newest ``keep_checkpoints``
-        kept (0: all). ``steps_per_epoch`` None: a stream without epochs (run_sft.py's synthetic problems)."""
+        kept (0: all). ``steps_per_epoch`` None: a stream without epochs (run_sft.py's synthetic problems).
+        ``health``: HEALTH, what end_step does with a symptom of the run going wrong (common/health.py):
+        warn (print its line), stop (print it, save and stop) or off (no checks)."""
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.eval_every, self.save_every = eval_every, save_every
         self.save_every_minutes, self.keep_checkpoints = save_every_minutes, keep_checkpoints
+        self.health = HealthMonitor(health)
         self.started = self.last_save = time.perf_counter()
         self._remove_overwritten()
         self._move_abandoned()
         self.in_steps = True
         if self.eval_every and self.start_step == 0:
-            self.metrics.log({"step": 0, **self.evaluate(0)})
+            baseline = {"step": 0, **self.evaluate(0)}
+            self.metrics.log(baseline)
+            self.health.observe(baseline)  # where the eval accuracy starts
         bar = tqdm(range(self.start_step, total_steps), desc=self.trainer, unit="step", initial=self.start_step,
                    total=total_steps, disable=not self.distributed.is_main)
         self.bar = bar
@@ -639,34 +654,46 @@ class TrainingRun:
         SAVE_EVERY steps, at the end of an epoch and of the run, SAVE_EVERY_MINUTES after the last save,
         and when a stop signal came on any rank. Every rank decides alike: the clock and the signals are
         reduced over the ranks (one all-reduce, where the step already meets); a stop saves and exits
-        with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as the signal would have."""
+        with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as the signal would have.
+        The metrics (the eval's included) go to the health monitor: its lines are printed by rank 0,
+        and under HEALTH=stop a new symptom on any rank saves this step and exits with HEALTH_EXIT_STATUS."""
         metrics["skipped_updates"] = self.skipped_updates
+        metrics.update(self.loss_scaler.metrics())  # the fp16 loss scale, when scaling
         metrics.update(peak_memory_gb(self.device))  # the step's, before the eval's
         if self.eval_every and (step % self.eval_every == 0 or step == self.total_steps):
             metrics.update(self.evaluate(step))
         metrics["elapsed_s"] = time.perf_counter() - self.started  # wall clock of the run so far, evals included
         self.metrics.log(metrics)
+        symptoms = self.health.observe(metrics)
+        if self.distributed.is_main:
+            for line in symptoms:
+                tqdm.write(line)
         clock_due = bool(self.save_every_minutes) and (time.perf_counter() - self.last_save
                                                        >= 60 * self.save_every_minutes)
-        decided = all_reduce_max({"signal": self.stop_signal, "clock": clock_due})
+        decided = all_reduce_max({"signal": self.stop_signal, "clock": clock_due,
+                                  "health": bool(symptoms) and self.health.mode == "stop"})
         end_of_epoch = self.steps_per_epoch is not None and step % self.steps_per_epoch == 0
         if ((self.save_every and step % self.save_every == 0) or end_of_epoch or step == self.total_steps
-                or decided["clock"] or decided["signal"]):
+                or decided["clock"] or decided["signal"] or decided["health"]):
             path = self.save(step)
             if decided["signal"]:
-                self._stop(step, int(decided["signal"]), path)
+                self._stop(step, signal.Signals(int(decided["signal"])).name, 128 + int(decided["signal"]), path,
+                           "continue it with")
+            if decided["health"]:
+                self._stop(step, "HEALTH=stop", HEALTH_EXIT_STATUS, path,
+                           "change what the health line above names, then continue it with")
         return metrics
 
-    def _stop(self, step: int, signal_number: int, path: Path | None) -> None:
-        """End a run a signal stopped, saved at ``step``: one line naming the checkpoint and the command
-        that continues it, then the exit status the signal would have given."""
+    def _stop(self, step: int, reason: str, status: int, path: Path | None, advice: str) -> None:
+        """End a run stopped at ``step``, saved there (by a signal, or HEALTH=stop): one line naming the
+        checkpoint and, after ``advice``, the command that continues it; then exit with ``status``."""
         if self.distributed.is_main:
-            line = f"{signal.Signals(signal_number).name}: stopped after step {step} of {self.total_steps}"
+            line = f"{reason}: stopped after step {step} of {self.total_steps}"
             if path is not None and path.suffix == ".pt":
                 arguments = [arg for arg in sys.argv[1:] if not arg.startswith(("--RESUME=", "--OVERWRITE="))]
                 launcher = (["torchrun", f"--nproc_per_node={self.distributed.world_size}"]
                             if self.distributed.world_size > 1 else ["python"])
-                line += (f", saved {path}; continue it with: "
+                line += (f", saved {path}; {advice}: "
                          f"{shlex.join(launcher + [Path(sys.argv[0]).name, *arguments, f'--RESUME={path}'])}")
             elif path is not None:
                 line += f", saved {path}"
@@ -675,7 +702,7 @@ class TrainingRun:
         self.metrics.close()
         self.lock.release()
         cleanup()
-        raise SystemExit(128 + signal_number)
+        raise SystemExit(status)
 
     def evaluate(self, step: int) -> dict:
         result = self._state["evaluate"](step)
@@ -760,9 +787,13 @@ class TrainingRun:
         return line
 
     def finish(self) -> None:
+        """The end of a run: its ``done:`` line, then the health monitor's list of the symptoms seen (a
+        healthy run, or HEALTH=off, adds nothing)."""
         self.metrics.close()
         self.lock.release()
         if self.distributed.is_main:
             print(f"done: {self.total_steps} steps, {self.skipped_updates} updates skipped; "
                   f"metrics in {self.metrics_path}")
+            if self.health.summary():
+                print(self.health.summary())
         cleanup()
