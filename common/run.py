@@ -156,10 +156,11 @@ def check_output(path: str | Path, name: str, overwrite: bool, *, folder: bool =
     folder) and the files written beside it (``companions``: its .summary.json), can be written: the folder
     is writable (check_writable, which creates it) and, unless ``overwrite``, nothing is there yet (an
     empty folder is nothing). One line naming the constant, the path and what would work, rather than a
-    traceback once the work is done, or a silent replacement."""
+    traceback once the work is done, or a silent replacement. An output folder itself is left to its writer,
+    so that a script refused later (a bad checkpoint) leaves no empty folder behind."""
     path = Path(path)
     try:
-        check_writable(path if folder else path.parent, f"{name}={path}: the folder")
+        check_writable(path.parent, f"{name}={path}: the folder")
     except RunError as error:
         raise RunError(f"{error}; give --{name} a path you can write") from None
     for output in (path, *companions):
