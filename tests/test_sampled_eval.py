@@ -219,7 +219,8 @@ def test_sharded_sampled_eval_equals_single_process(tmp_path):
     assert {key: sharded_summary[key] for key in untimed} == {key: single_summary[key] for key in untimed}
     assert 0 < single_summary["eval/mean@4"] < single_summary["eval/pass@4"]  # not a degenerate case
     table = lambda stdout: [line for line in stdout.splitlines() if line.startswith(("  mean@", "  pass@", "  maj@"))]  # noqa: E731
-    assert table(sharded.stdout) == table(single.stdout) and len(table(single.stdout)) == 5
+    # mean@4, pass@1, pass@2, pass@4, maj@4 and mean@4_strict
+    assert table(sharded.stdout) == table(single.stdout) and len(table(single.stdout)) == 6
 
 
 def trainer_args(trainer: str, model_dir, tmp_path) -> list[str]:
