@@ -29,6 +29,7 @@ from pathlib import Path
 
 from common.config import configure
 from common.data import DataError, iter_jsonl, write_jsonl
+from common.run import check_output
 from common.synth import normalise_question
 
 OUT_DIR = "data"  # directory that receives gsm8k_train.jsonl and gsm8k_test.jsonl
@@ -36,6 +37,7 @@ SOURCE = "openai/gsm8k"  # Hugging Face dataset repository to download from
 CONFIG_NAME = "main"  # dataset configuration (folder in the repository): main or socratic
 TRAIN_FILE: Path | None = None  # raw GSM8K train jsonl on disk (None = download)
 TEST_FILE: Path | None = None  # raw GSM8K test jsonl on disk (None = download)
+OVERWRITE = False  # replace existing outputs (else an existing one is refused, before any work)
 
 _ANNOTATION = re.compile(r"<<[^>]*>>")
 _RAW_FILES_URL = "https://github.com/openai/grade-school-math/tree/master/grade_school_math/data"
@@ -108,6 +110,9 @@ def _load_split(split: str, local_file: Path | None) -> list[dict]:
 
 
 def main() -> None:
+    paths = {split: Path(OUT_DIR) / f"gsm8k_{split}.jsonl" for split in ("train", "test")}
+    for path in paths.values():  # before the download: both, or neither
+        check_output(path, "OUT_DIR", OVERWRITE)
     try:
         test = _load_split("test", TEST_FILE)
         train, dropped = split_without_leakage(_load_split("train", TRAIN_FILE), test)
@@ -115,9 +120,8 @@ def main() -> None:
         raise SystemExit(f"error: {exc}") from None
     print(f"dropped {dropped} train problems whose question is also in the test split")
     for split, problems in (("train", train), ("test", test)):
-        path = Path(OUT_DIR) / f"gsm8k_{split}.jsonl"
-        write_jsonl(path, problems)
-        print(f"wrote {len(problems)} problems to {path}")
+        write_jsonl(paths[split], problems)
+        print(f"wrote {len(problems)} problems to {paths[split]}")
 
 
 if __name__ == "__main__":

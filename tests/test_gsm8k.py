@@ -123,7 +123,23 @@ def test_script_names_the_broken_record(tmp_path):
                         f"--OUT_DIR={tmp_path / 'out'}")
     assert result.returncode != 0
     assert f"{broken} record 2: answer has no '####" in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # the folder checked, nothing written
+
+
+def test_existing_outputs_are_refused_before_any_work_unless_overwrite(tmp_path):
+    local = [f"--TRAIN_FILE={FIXTURES / 'gsm8k_train_sample.jsonl'}", f"--TEST_FILE={FIXTURES / 'gsm8k_test_sample.jsonl'}"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gsm8k_test.jsonl").write_text("my own test split\n")  # the second output only: both are checked first
+    result = run_script(*local, f"--OUT_DIR={out}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: OUT_DIR={out / 'gsm8k_test.jsonl'} exists; give another --OUT_DIR, or replace it with --OVERWRITE=true"]
+    assert sorted(path.name for path in out.iterdir()) == ["gsm8k_test.jsonl"]  # nothing written, nothing replaced
+    assert (out / "gsm8k_test.jsonl").read_text() == "my own test split\n"
+    result = run_script(*local, f"--OUT_DIR={out}", "--OVERWRITE=true")
+    assert result.returncode == 0, result.stderr
+    assert len(load_problems(out / "gsm8k_test.jsonl")) == 2
 
 
 def test_help_works_offline():

@@ -123,4 +123,20 @@ def test_shipped_data_files_match_the_generator(tmp_path):
                    cwd=REPO_ROOT, check=True, capture_output=True)
     for name in ("synth_train.jsonl", "synth_test.jsonl"):
         assert (tmp_path / name).read_bytes() == (REPO_ROOT / "data" / name).read_bytes(), (
-            f"data/{name} is stale: run `python make_synth_data.py`")
+            f"data/{name} is stale: run `python make_synth_data.py --OVERWRITE=true`")
+
+
+def test_existing_splits_are_refused_before_any_work_unless_overwrite(tmp_path):
+    sizes = ["--TRAIN_SIZE=20", "--TEST_SIZE=5", "--DEV_SIZE=5", f"--OUT_DIR={tmp_path}"]
+    (tmp_path / "synth_dev.jsonl").write_text("my own dev split\n")  # the last split written: all are checked first
+    result = subprocess.run([sys.executable, "make_synth_data.py", *sizes], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: OUT_DIR={tmp_path / 'synth_dev.jsonl'} exists; give another --OUT_DIR, or replace it with --OVERWRITE=true"]
+    assert [path.name for path in tmp_path.iterdir()] == ["synth_dev.jsonl"]
+    assert (tmp_path / "synth_dev.jsonl").read_text() == "my own dev split\n"
+    result = subprocess.run([sys.executable, "make_synth_data.py", *sizes, "--OVERWRITE=true"], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["synth_dev.jsonl", "synth_test.jsonl", "synth_train.jsonl"]
+
