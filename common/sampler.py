@@ -70,7 +70,18 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, StaticLayer
 
+from common.errors import UserError
 from common.logprobs import head_logits
+
+# What a NaN or inf in the logits means in practice: weights that exploded (a learning rate far too large), or
+# an fp16 model overflowing; one line a user can act on (common.errors), not a traceback.
+NON_FINITE_LOGITS = ("the model's logits are not finite (NaN or inf) at some sampled position: its weights have "
+                     "exploded (lower LR, and continue from the last good checkpoint) or fp16 overflows (DTYPE=float32)")
+
+
+class NonFiniteLogitsError(UserError, ValueError):
+    pass
+
 
 SAMPLERS = ("auto", "eager", "static", "compiled")
 # Prompts are left-padded to a multiple of this many tokens on the static path, so a run meets a few
@@ -311,7 +322,7 @@ def _sample_rows_eager(model, prompt_rows, settings: SamplingParams, stop_ids, p
     # A token drawn from NaN or +inf logits has a NaN log-prob; torch.multinomial refused such
     # distributions, and so does this, once at the end rather than with a host sync at every step.
     if torch.isnan(logprobs).any():
-        raise ValueError("the model's logits are not finite (NaN or inf) at some sampled position")
+        raise NonFiniteLogitsError(NON_FINITE_LOGITS)
     return (completion_ids[:, :steps_taken], completion_mask[:, :steps_taken], logprobs[:, :steps_taken],
             truncated, 0.0)
 
@@ -540,7 +551,7 @@ def _sample_rows_static(model, prompt_rows, settings: SamplingParams, stop_ids, 
     steps_taken, not_finite = torch.stack([completion_mask.sum(dim=1).max(),
                                            torch.isnan(logprobs).any().float()]).tolist()
     if not_finite:
-        raise ValueError("the model's logits are not finite (NaN or inf) at some sampled position")
+        raise NonFiniteLogitsError(NON_FINITE_LOGITS)
     steps_taken = int(steps_taken)
     if random_source is not None and steps_run > steps_taken:
         # The eager path draws no more once every row has stopped: rewind the generator to that point,

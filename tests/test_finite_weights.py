@@ -202,6 +202,22 @@ def test_a_trainer_refuses_to_resume_or_start_from_a_nan_checkpoint(nan_checkpoi
     assert_refused_in_one_line(result, path)
 
 
+def test_weights_that_explode_between_saves_end_the_run_in_one_line_at_the_next_sampling(tmp_path):
+    """No save between: step 2's update explodes the weights, step 3's rollouts meet NaN logits. One line
+    naming LR (common.sampler.NonFiniteLogitsError, a UserError), after the health line, no traceback."""
+    result = run_script(["run_train_grpo.py", f"--MODEL_PATH={TINY_MODEL_DIR}", "--TRAIN_FILE=data/synth_train.jsonl",
+                         "--EVAL_FILE=data/synth_test.jsonl", "--NUM_PROMPTS=8", "--PROMPTS_PER_STEP=2",
+                         "--NUM_SAMPLES_PER_PROMPT=4", "--MAX_NEW_TOKENS=16", "--MAX_STEPS=4", "--EVAL_EVERY=0",
+                         "--DEVICE=cpu", "--LR=1e30", "--SAVE_EVERY_MINUTES=0", f"--CHECKPOINT_DIR={tmp_path}",
+                         f"--LOG_DIR={tmp_path}", "--RUN_NAME=boom"], check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: the model's logits are not finite (NaN or inf) at some sampled position: its weights "
+                      "have exploded (lower LR, and continue from the last good checkpoint) or fp16 overflows "
+                      "(DTYPE=float32)"]
+    assert any(line.startswith("health: exploding updates") and "LR" in line for line in result.stdout.splitlines())
+
+
 def test_under_torchrun_every_rank_stops_at_the_same_save_and_nothing_is_written(tmp_path):
     """Two ranks (gloo): each checks its copy of the weights, the verdicts are reduced, and both stop with
     the line, at the first save after the explosion, rather than one rank waiting on the other's collective."""
