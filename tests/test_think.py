@@ -32,10 +32,10 @@ def test_math_preset_is_the_default_and_other_text_is_kept():
 
 
 # ---------------------------------------------------------------- the reward, worked by hand
-# Each case: the completion, then the terms worked out by hand (correctness read after </think> only,
-# format = the shape + one "Answer: <number>" line, last, after </think>; repetition = repeated
-# non-empty lines / non-empty lines; multiple_answers = 0.5 per Answer: line beyond one), and the total
-# 1 * correctness + 0.2 * format - 0.5 * repetition - 0.5 * multiple_answers (- 0.5 when truncated).
+# Each case: the completion, then the terms worked out by hand, and the total. Correctness is read after
+# </think> only. Format pays the shape with one "Answer: <number>" line, the last, after </think>. Repetition
+# is the share of non-empty lines that repeat an earlier one. Multiple answers costs 0.5 per Answer: line
+# beyond one. The total weighs them 1, 0.2, -0.5 and -0.5 (and -0.5 more when truncated).
 CLEAN = "<think>\nMia has 3 apples and buys 4 more: 3 + 4 = 7.\n</think>\nAnswer: 7"
 CASES = {
     # the shape, right: paid 1 + 0.2
